@@ -1,0 +1,12 @@
+"""grpo_fast: fused GRPO loss kernels (CPU C++, Triton, CUDA) with an eager PyTorch reference.
+
+    loss, metrics = grpo_fast.grpo_loss(logits, completion_ids, rewards=rewards, group_size=8)
+
+See SPEC.md for the math; ``grpo_fast.reference`` is that math in eager PyTorch.
+"""
+from .api import GRPOLoss, group_advantages, grpo_loss, token_logprobs
+from .backends import describe_backends
+
+__version__ = "0.1.0"
+
+__all__ = ["grpo_loss", "GRPOLoss", "group_advantages", "token_logprobs", "describe_backends", "__version__"]

@@ -1,0 +1,249 @@
+"""The public functions: validation, backend dispatch and autograd.
+
+The kernel backends compute the gradient in the forward pass (every aggregation weight depends only
+on the mask, so ∂loss/∂logits is known as soon as a row's logits have been read). The autograd
+Function keeps that gradient and, in backward, only scales it by grad_output — no second pass over
+the logits unless grad_output != 1.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends as _backends
+from ._config import METRIC_STAT_INDEX, STAT_LOSS, metric_names
+from .reference import grpo_loss_reference, group_advantages_reference
+from .validation import (
+    LossInputs,
+    _choice,
+    _float_tensor,
+    _number,
+    check_backend,
+    check_ids,
+    check_logits,
+    validate_loss_args,
+)
+from ._config import SCALE_REWARDS
+
+__all__ = ["grpo_loss", "GRPOLoss", "group_advantages", "token_logprobs"]
+
+
+class _FusedGRPOLoss(torch.autograd.Function):
+    """logits -> (loss, stats) through a kernel backend; the gradient is produced in forward."""
+
+    @staticmethod
+    def forward(ctx, logits, inp: LossInputs, backend, inplace: bool):
+        grad = None
+        if ctx.needs_input_grad[0]:
+            if inplace:
+                grad = inp.logits  # the kernel overwrites each row with its gradient after reading it
+            else:
+                grad = torch.empty(inp.logits.shape, dtype=inp.logits.dtype, device=inp.logits.device)
+        stats, _ = backend.fused_loss(inp, grad)
+        # Kept as an attribute, not save_for_backward: with inplace=True the buffer is the (already
+        # overwritten) input, which the version-counter check would otherwise reject or copy.
+        ctx.grad = grad
+        loss = stats[STAT_LOSS].clone()
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad = ctx.grad
+        if grad is None:
+            return None, None, None, None
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "grpo_loss: backward ran twice through the same loss; the fused kernels precompute the "
+                "gradient in forward and scale it in place, so call grpo_loss again instead of retain_graph=True"
+            )
+        ctx.consumed = True
+        ctx.grad = None  # release the (B, T, V) buffer as soon as autograd takes it
+        if not bool(grad_loss == 1):
+            grad.mul_(grad_loss.to(torch.float32))
+        return grad, None, None, None
+
+
+def metrics_from_sums(stats: torch.Tensor, inp: LossInputs) -> dict:
+    """Turn a backend's stats (sums, see _config.STAT_*) into the metric means of SPEC.md."""
+    n_tok = inp.mask.sum().clamp(min=1.0)
+    # Sequence level with a per-row advantage: ratio and advantage are the row's, so the clip flags
+    # are counted once per row and averaged over the B rows (TRL's masked_batch_mean does the same).
+    row_flags = inp.cfg.level == 1 and (inp.advantages is None or inp.advantages.dim() == 1)
+    n_flag = float(inp.mask.shape[0]) if row_flags else n_tok
+    out = {}
+    for name in metric_names(inp.loss_type, inp.cfg.beta):
+        denom = n_tok if name in ("entropy", "kl") else n_flag
+        out[name] = (stats[METRIC_STAT_INDEX[name]] / denom).float()
+    return out
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    advantages: Optional[torch.Tensor] = None,
+    *,
+    rewards: Optional[torch.Tensor] = None,
+    group_size: Optional[int] = None,
+    scale_rewards: str = "group",
+    adv_eps: float = 1e-4,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    completion_mask: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    delta: Optional[float] = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    temperature: float = 1.0,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch=None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    importance_sampling_ratio: Optional[torch.Tensor] = None,
+    use_bias_correction_kl: bool = False,
+    inplace: bool = False,
+    backend: str = "auto",
+):
+    """The GRPO loss from completion logits in one fused pass (SPEC.md).
+
+    Args:
+        logits: (B, T, V) float32 | bfloat16 | float16 — the completion positions' logits, already
+            shifted so that ``logits[b, t]`` scores ``completion_ids[b, t]``. Any B/T strides.
+        completion_ids: (B, T) int64 | int32, each in [0, V).
+        advantages: (B,) or (B, T); or pass ``rewards`` (B,) with ``group_size`` instead and the
+            group-relative advantage is computed inside the kernel.
+        old_logp, ref_logp: (B, T) log-probs of the sampling and the reference policy (float32).
+            ``old_logp=None`` is on-policy (ratio 1, gradient still flows).
+        completion_mask: (B, T) 1 for real tokens, 0 for padding (bool/int/float); None = all ones.
+        inplace: let the kernel write the gradient into the logits' storage (do not read the
+            logits afterwards). Saves a (B, T, V) allocation.
+        backend: "auto" | "cpu" | "triton" | "cuda" | "torch".
+        The other options are TRL's GRPOConfig options of the same name; see SPEC.md.
+
+    Returns:
+        (loss, metrics): a float32 scalar with a gradient for ``logits``, and a dict of detached
+        float32 scalars (``entropy``, ``kl`` when beta != 0, ``clip_ratio_low``/``_high``/``clip_ratio``
+        for the clip family, ``cispo_clip_ratio`` for cispo).
+
+    Example:
+        >>> loss, metrics = grpo_fast.grpo_loss(logits, completion_ids, rewards=rewards, group_size=8,
+        ...                                     completion_mask=mask, loss_type="dapo")
+        >>> loss.backward()
+    """
+    backend = check_backend(backend)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    inp = validate_loss_args(
+        logits, completion_ids, advantages, rewards=rewards, group_size=group_size,
+        scale_rewards=scale_rewards, adv_eps=adv_eps, old_logp=old_logp, ref_logp=ref_logp,
+        completion_mask=completion_mask, beta=beta, kl_estimator=kl_estimator,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, temperature=temperature,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        importance_sampling_ratio=importance_sampling_ratio, use_bias_correction_kl=use_bias_correction_kl,
+    )
+    impl = _backends.resolve(backend, logits.device)
+    if impl is None:
+        return _reference_from_inputs(logits, inp)
+    loss, stats = _FusedGRPOLoss.apply(logits, inp, impl, inplace)
+    return loss, metrics_from_sums(stats, inp)
+
+
+def _reference_from_inputs(logits: torch.Tensor, inp: LossInputs):
+    """backend="torch": the eager reference on the validated inputs."""
+    return grpo_loss_reference(
+        logits, inp.ids, inp.advantages, rewards=inp.rewards, group_size=inp.cfg.group_size or None,
+        scale_rewards=inp.scale_rewards, adv_eps=inp.cfg.adv_eps, old_logp=inp.old_logp,
+        ref_logp=inp.ref_logp, completion_mask=inp.mask, beta=inp.cfg.beta, kl_estimator=inp.kl_estimator,
+        epsilon_low=inp.cfg.eps_low, epsilon_high=inp.epsilon_high, delta=inp.delta, loss_type=inp.loss_type,
+        importance_sampling_level=inp.level, temperature=inp.cfg.temperature,
+        max_completion_length=inp.max_completion_length, num_items_in_batch=inp.num_items_in_batch,
+        sapo_temperature_pos=inp.cfg.sapo_temp_pos, sapo_temperature_neg=inp.cfg.sapo_temp_neg,
+        importance_sampling_ratio=inp.isr, use_bias_correction_kl=inp.cfg.bias_correction_kl,
+    )
+
+
+class GRPOLoss(torch.nn.Module):
+    """``grpo_loss`` as a module: options fixed at construction, tensors per call.
+
+    Example:
+        >>> crit = grpo_fast.GRPOLoss(loss_type="grpo", beta=0.04, group_size=8)
+        >>> loss, metrics = crit(logits, completion_ids, rewards=rewards, ref_logp=ref, completion_mask=mask)
+    """
+
+    _PER_CALL = ("rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio", "num_items_in_batch")
+
+    def __init__(self, **options):
+        super().__init__()
+        bad = sorted(set(options) & set(self._PER_CALL))
+        if bad:
+            raise ValueError(f"{bad} are per-call tensors: pass them to forward(), not to GRPOLoss()")
+        self.options = options
+        # Fail at construction, not at the first step, on unknown names or bad option values.
+        import inspect
+
+        known = set(inspect.signature(grpo_loss).parameters) - {"logits", "completion_ids", "advantages"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"GRPOLoss got unknown options {unknown}; known: {sorted(known - set(self._PER_CALL))}")
+
+    def forward(self, logits, completion_ids, advantages=None, **per_call):
+        return grpo_loss(logits, completion_ids, advantages, **{**self.options, **per_call})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group", adv_eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (B,) float32 from rewards (B,): rows [k·G, (k+1)·G) are prompt k's G completions.
+
+    ``scale_rewards``: "group" (divide by the group's unbiased std + adv_eps; TRL's default),
+    "batch" (by the std of all B rewards), "none" (Dr. GRPO). A group of equal rewards gets 0.
+    """
+    _choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    adv_eps = _number("adv_eps", adv_eps)
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        raise ValueError(f"rewards must be a 1-D tensor (B,), got {getattr(rewards, 'shape', type(rewards).__name__)}")
+    B = rewards.shape[0]
+    # Reuse the loss's checks of rewards and group_size.
+    r = _float_tensor("rewards", rewards, [(B,)], rewards.device, finite=True)
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    if B % group_size != 0:
+        raise ValueError(f"group_size must divide the batch size B = {B}, got group_size={group_size}")
+    return group_advantages_reference(r, group_size, scale_rewards, adv_eps)
+
+
+@torch.no_grad()
+def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0, *, return_entropy: bool = False, backend: str = "auto"):
+    """Per-token log-probs (B, T) float32 of ``completion_ids`` under softmax(logits / temperature).
+
+    No gradient: this is for the old-policy and reference log-probs. With ``return_entropy=True``
+    also returns the per-token entropy (B, T) float32.
+    """
+    backend = check_backend(backend)
+    logits = check_logits(logits)
+    B, T, V = logits.shape
+    ids = check_ids(completion_ids, B, T, V, logits.device)
+    temperature = _number("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    impl = _backends.resolve(backend, logits.device)
+    if impl is None:
+        from .reference import token_logprobs_reference
+
+        out = token_logprobs_reference(logits, ids, temperature, return_entropy=return_entropy)
+        if return_entropy:
+            return out[0].float(), out[1].float()
+        return out.float()
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    logp, entropy = impl.token_logprobs(logits, ids, temperature, return_entropy)
+    return (logp, entropy) if return_entropy else logp

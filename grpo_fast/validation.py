@@ -1,0 +1,298 @@
+"""The one place where arguments are checked (SPEC.md, "Bad input").
+
+``validate_loss_args`` runs before any backend, raises ``ValueError`` (``TypeError`` for a wrong
+dtype or type) whose message names the argument, what was expected and what was given, and never
+modifies the caller's tensors. It returns the arguments normalized for the kernels: small (B, T)
+tensors made contiguous float32 / int64, strings turned into ``KernelConfig`` codes. The (B, T, V)
+logits are never copied here unless their last dimension is strided.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ._config import (
+    BACKENDS,
+    CLIP_FAMILY,
+    KL_ESTIMATORS,
+    LEVELS,
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    KernelConfig,
+)
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ID_DTYPES = (torch.int64, torch.int32)
+
+
+def _fmt_shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _choice(name: str, value, choices) -> int:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return choices[value]
+
+
+def _number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_logits(logits, name: str = "logits") -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, T, V), got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"{name} must have shape (B, T, V), got {logits.dim()} dims {_fmt_shape(logits)}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {logits.dtype}")
+    B, T, V = logits.shape
+    if V == 0:
+        raise ValueError(f"{name} must have a vocabulary dimension V > 0, got shape {_fmt_shape(logits)}")
+    if B * T == 0:
+        raise ValueError(f"{name} must have B·T > 0 tokens, got shape {_fmt_shape(logits)}")
+    return logits
+
+
+def check_ids(ids, B: int, T: int, V: int, device: torch.device, name: str = "completion_ids") -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({B}, {T}), got {type(ids).__name__}")
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(f"{name} must be int64 or int32, got {ids.dtype}")
+    if tuple(ids.shape) != (B, T):
+        raise ValueError(f"{name} must have shape ({B}, {T}) to match logits, got {_fmt_shape(ids)}")
+    _same_device(name, ids, device)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= V:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} must lie in [0, V) = [0, {V}), got a value {bad}")
+    return ids.to(torch.int64).contiguous()
+
+
+def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
+
+
+def _float_tensor(name, t, shapes, device, *, finite: bool = False) -> Optional[torch.Tensor]:
+    """A small float tensor of one of ``shapes`` (tuples), returned as contiguous float32."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (t.is_floating_point() or t.dtype in (torch.bool, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
+        raise TypeError(f"{name} must be a real-valued tensor, got {t.dtype}")
+    if tuple(t.shape) not in shapes:
+        want = " or ".join("(" + ", ".join(map(str, s)) + ")" for s in shapes)
+        raise ValueError(f"{name} must have shape {want}, got {_fmt_shape(t)}")
+    _same_device(name, t, device)
+    out = t.detach().to(torch.float32).contiguous()
+    if finite and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{name} must be finite, got a non-finite value (NaN or inf)")
+    return out
+
+
+@dataclass
+class LossInputs:
+    """Validated, normalized arguments of ``grpo_loss``."""
+
+    logits: torch.Tensor  # (B, T, V), stride(-1) == 1
+    ids: torch.Tensor  # (B, T) int64
+    mask: torch.Tensor  # (B, T) float32 0/1
+    advantages: Optional[torch.Tensor]  # (B,) or (B, T) float32
+    rewards: Optional[torch.Tensor]  # (B,) float32
+    old_logp: Optional[torch.Tensor]
+    ref_logp: Optional[torch.Tensor]
+    isr: Optional[torch.Tensor]  # (B,) or (B, T) float32
+    weight: torch.Tensor  # (B, T) float32: aggregation weight of each token, m·c_b (0 on padding)
+    cfg: KernelConfig
+    # the string options, for the reference and the metric names
+    loss_type: str
+    kl_estimator: str
+    level: str
+    scale_rewards: str
+    epsilon_high: float
+    delta: Optional[float]
+    max_completion_length: int
+    num_items_in_batch: Optional[float]
+
+
+def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_length: int, num_items_in_batch: Optional[float]) -> torch.Tensor:
+    """w[b, t] such that loss = Σ_{b,t} w·L[b, t] (SPEC.md, Aggregation); w = 0 on padding.
+
+    Computed once here, in float64 then rounded, so that every kernel only multiplies, and so that a
+    chunk of tokens (the fused-linear path) carries the batch's normalization with it.
+    """
+    m = mask.to(torch.float64)
+    B = m.shape[0]
+    if loss_type in ("grpo", "sapo"):
+        c = 1.0 / (m.sum(-1, keepdim=True).clamp(min=1.0) * B)
+    elif loss_type == "bnpo":
+        c = 1.0 / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        c = torch.tensor(1.0 / (B * max_completion_length), dtype=torch.float64)
+    elif loss_type == "luspo":
+        c = torch.tensor(1.0 / B, dtype=torch.float64)
+    else:  # dapo, cispo: the global token count across ranks / accumulation steps when given
+        n = m.sum() if num_items_in_batch is None else torch.tensor(float(num_items_in_batch), dtype=torch.float64)
+        c = 1.0 / n.clamp(min=1.0)
+    return (m * c).to(torch.float32)
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        from .backends import describe_backends
+
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}.\n{describe_backends()}")
+    return backend
+
+
+def validate_loss_args(
+    logits,
+    completion_ids,
+    advantages=None,
+    *,
+    rewards=None,
+    group_size=None,
+    scale_rewards="group",
+    adv_eps=1e-4,
+    old_logp=None,
+    ref_logp=None,
+    completion_mask=None,
+    beta=0.0,
+    kl_estimator="k3",
+    epsilon_low=0.2,
+    epsilon_high=None,
+    delta=None,
+    loss_type="dapo",
+    importance_sampling_level="token",
+    temperature=1.0,
+    max_completion_length=None,
+    num_items_in_batch=None,
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    importance_sampling_ratio=None,
+    use_bias_correction_kl=False,
+) -> LossInputs:
+    # -- options (no tensor touched yet)
+    lt = _choice("loss_type", loss_type, LOSS_TYPES)
+    kl = _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    lvl = _choice("importance_sampling_level", importance_sampling_level, LEVELS)
+    sr = _choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    temperature = _number("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    epsilon_low = _number("epsilon_low", epsilon_low)
+    if not 0.0 <= epsilon_low < 1.0:
+        raise ValueError(f"epsilon_low must lie in [0, 1), got {epsilon_low}")
+    epsilon_high = epsilon_low if epsilon_high is None else _number("epsilon_high", epsilon_high)
+    if epsilon_high < 0:
+        raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
+    delta = _number("delta", delta, allow_none=True)
+    if delta is not None:
+        if loss_type in ("cispo", "sapo"):
+            raise ValueError(f"delta is only defined for the clip-family losses {list(CLIP_FAMILY)}, got delta={delta} with loss_type={loss_type!r}")
+        if delta <= 1.0 + epsilon_high:
+            raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + epsilon_high}, got {delta}")
+    beta = _number("beta", beta)
+    adv_eps = _number("adv_eps", adv_eps)
+    if adv_eps < 0:
+        raise ValueError(f"adv_eps must be >= 0, got {adv_eps}")
+    sapo_pos = _number("sapo_temperature_pos", sapo_temperature_pos)
+    sapo_neg = _number("sapo_temperature_neg", sapo_temperature_neg)
+    if loss_type == "sapo" and (sapo_pos <= 0 or sapo_neg <= 0):
+        raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got {sapo_pos} and {sapo_neg}")
+    if not isinstance(use_bias_correction_kl, bool):
+        raise TypeError(f"use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")
+
+    # -- logits and ids
+    logits = check_logits(logits)
+    B, T, V = logits.shape
+    device = logits.device
+    ids = check_ids(completion_ids, B, T, V, device)
+
+    # -- advantages xor rewards
+    if (advantages is None) == (rewards is None):
+        given = "both" if advantages is not None else "neither"
+        raise ValueError(f"exactly one of advantages and rewards must be given, got {given}")
+    if advantages is not None:
+        if group_size is not None:
+            raise ValueError(f"group_size is only used with rewards, got group_size={group_size} with advantages")
+        adv = _float_tensor("advantages", advantages, [(B,), (B, T)], device, finite=True)
+        rew = None
+        G = 0
+    else:
+        adv = None
+        rew = _float_tensor("rewards", rewards, [(B,)], device, finite=True)
+        if group_size is None:
+            raise ValueError("rewards need group_size (the number G of completions per prompt), got group_size=None")
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+        G = int(group_size)
+        if G < 2:
+            raise ValueError(f"group_size must be >= 2 (a group needs two completions to compare), got {G}")
+        if B % G != 0:
+            raise ValueError(f"group_size must divide the batch size B = {B}, got group_size={G} (B % G = {B % G})")
+
+    # -- per-token side inputs
+    old = _float_tensor("old_logp", old_logp, [(B, T)], device)
+    ref = _float_tensor("ref_logp", ref_logp, [(B, T)], device)
+    if beta != 0.0 and ref is None:
+        raise ValueError(f"ref_logp is required when beta != 0 (the KL penalty needs the reference log-probs), got beta={beta} and ref_logp=None")
+    if completion_mask is None:
+        mask = torch.ones((B, T), dtype=torch.float32, device=device)
+    else:
+        mask = _float_tensor("completion_mask", completion_mask, [(B, T)], device)
+    isr = _float_tensor("importance_sampling_ratio", importance_sampling_ratio, [(B,), (B, T)], device)
+
+    if max_completion_length is None:
+        mcl = T
+    else:
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral) or max_completion_length <= 0:
+            raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+        mcl = int(max_completion_length)
+    n_items = _number("num_items_in_batch", num_items_in_batch, allow_none=True)
+    if n_items is not None and n_items < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0, got {n_items}")
+
+    if logits.stride(-1) != 1:  # the kernels walk V with unit stride; B and T strides are free
+        logits = logits.contiguous()
+
+    cfg = KernelConfig(
+        loss_type=lt,
+        kl_estimator=kl,
+        level=lvl,
+        has_delta=delta is not None,
+        bias_correction_kl=use_bias_correction_kl,
+        scale_rewards=sr,
+        group_size=G,
+        temperature=temperature,
+        eps_low=epsilon_low,
+        eps_high=epsilon_high,
+        delta=0.0 if delta is None else delta,
+        beta=beta,
+        sapo_temp_pos=sapo_pos,
+        sapo_temp_neg=sapo_neg,
+        adv_eps=adv_eps,
+        max_completion_length=float(mcl),
+        num_items=-1.0 if n_items is None else n_items,
+    )
+    return LossInputs(
+        logits=logits, ids=ids, mask=mask, advantages=adv, rewards=rew, old_logp=old, ref_logp=ref,
+        isr=isr, weight=aggregation_weights(mask, loss_type, mcl, n_items), cfg=cfg, loss_type=loss_type, kl_estimator=kl_estimator, level=importance_sampling_level,
+        scale_rewards=scale_rewards, epsilon_high=epsilon_high, delta=delta, max_completion_length=mcl,
+        num_items_in_batch=n_items,
+    )
