@@ -29,8 +29,9 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int64, torch.int32)
 
 
-def _fmt_shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+def _fmt_shape(t) -> str:
+    """(4,) / (4, 3): a shape as Python writes a tuple."""
+    return str(tuple(t.shape if isinstance(t, torch.Tensor) else t))
 
 
 def _choice(name: str, value, choices) -> int:
@@ -96,7 +97,7 @@ def _float_tensor(name, t, shapes, device, *, finite: bool = False) -> Optional[
     if not (t.is_floating_point() or t.dtype in (torch.bool, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
         raise TypeError(f"{name} must be a real-valued tensor, got {t.dtype}")
     if tuple(t.shape) not in shapes:
-        want = " or ".join("(" + ", ".join(map(str, s)) + ")" for s in shapes)
+        want = " or ".join(_fmt_shape(s) for s in shapes)
         raise ValueError(f"{name} must have shape {want}, got {_fmt_shape(t)}")
     _same_device(name, t, device)
     out = t.detach().to(torch.float32).contiguous()

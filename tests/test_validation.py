@@ -1,0 +1,137 @@
+"""Every bad input of SPEC.md raises before any kernel runs, naming the argument; tensors untouched."""
+import pytest
+import torch
+
+import grpo_fast
+
+B, T, V = 4, 3, 11
+
+
+def _good(**over):
+    g = torch.Generator().manual_seed(0)
+    kw = dict(
+        logits=torch.randn(B, T, V, generator=g),
+        completion_ids=torch.randint(0, V, (B, T), generator=g),
+        rewards=torch.randn(B, generator=g),
+        group_size=2,
+    )
+    kw.update(over)
+    return kw
+
+
+def call(**over):
+    kw = _good(**over)
+    logits = kw.pop("logits")
+    ids = kw.pop("completion_ids")
+    return grpo_fast.grpo_loss(logits, ids, **kw)
+
+
+BAD = [
+    # (id, overrides, exception, words the message must contain)
+    ("ids-shape", dict(completion_ids=torch.zeros(B, T + 1, dtype=torch.long)), ValueError, ["completion_ids", f"({B}, {T})"]),
+    ("ids-range-high", dict(completion_ids=torch.full((B, T), V)), ValueError, ["completion_ids", "[0, V)", str(V)]),
+    ("ids-range-neg", dict(completion_ids=torch.full((B, T), -1)), ValueError, ["completion_ids", "-1"]),
+    ("ids-float", dict(completion_ids=torch.zeros(B, T)), TypeError, ["completion_ids", "int64", "float32"]),
+    ("both-adv-rewards", dict(advantages=torch.randn(B)), ValueError, ["advantages", "rewards", "both"]),
+    ("neither", dict(rewards=None, group_size=None), ValueError, ["advantages", "rewards", "neither"]),
+    ("rewards-no-G", dict(group_size=None), ValueError, ["group_size", "rewards"]),
+    ("B%G", dict(group_size=3), ValueError, ["group_size", "B = 4"]),
+    ("G<2", dict(group_size=1), ValueError, ["group_size", ">= 2", "1"]),
+    ("rewards-nan", dict(rewards=torch.tensor([1.0, float("nan"), 0.0, 1.0])), ValueError, ["rewards", "finite"]),
+    ("rewards-shape", dict(rewards=torch.randn(B, 1)), ValueError, ["rewards", f"({B},)"]),
+    ("adv-inf", dict(rewards=None, group_size=None, advantages=torch.tensor([1.0, float("inf"), 0.0, 1.0])), ValueError, ["advantages", "finite"]),
+    ("adv-shape", dict(rewards=None, group_size=None, advantages=torch.randn(B, T + 2)), ValueError, ["advantages", f"({B}, {T})"]),
+    ("beta-no-ref", dict(beta=0.1), ValueError, ["ref_logp", "beta"]),
+    ("temperature-0", dict(temperature=0.0), ValueError, ["temperature", "> 0"]),
+    ("temperature-neg", dict(temperature=-1.0), ValueError, ["temperature", "-1.0"]),
+    ("eps-low-1", dict(epsilon_low=1.0), ValueError, ["epsilon_low", "[0, 1)"]),
+    ("eps-low-neg", dict(epsilon_low=-0.1), ValueError, ["epsilon_low", "-0.1"]),
+    ("eps-high-neg", dict(epsilon_high=-0.5), ValueError, ["epsilon_high", ">= 0"]),
+    ("delta-small", dict(delta=1.1, epsilon_high=0.2), ValueError, ["delta", "1.2", "1.1"]),
+    ("unknown-loss", dict(loss_type="ppo"), ValueError, ["loss_type", "ppo"]),
+    ("unknown-kl", dict(kl_estimator="k4"), ValueError, ["kl_estimator", "k4"]),
+    ("unknown-level", dict(importance_sampling_level="sentence"), ValueError, ["importance_sampling_level", "sentence"]),
+    ("unknown-scale", dict(scale_rewards="std"), ValueError, ["scale_rewards", "std"]),
+    ("cispo-delta", dict(loss_type="cispo", delta=5.0), ValueError, ["delta", "cispo"]),
+    ("sapo-delta", dict(loss_type="sapo", delta=5.0), ValueError, ["delta", "sapo"]),
+    ("logits-f64", dict(logits=torch.randn(B, T, V, dtype=torch.float64)), TypeError, ["logits", "float64"]),
+    ("logits-int", dict(logits=torch.zeros(B, T, V, dtype=torch.int32)), TypeError, ["logits", "int32"]),
+    ("logits-2d", dict(logits=torch.randn(B, V)), ValueError, ["logits", "(B, T, V)"]),
+    ("V=0", dict(logits=torch.randn(B, T, 0)), ValueError, ["logits", "V > 0"]),
+    ("BT=0", dict(logits=torch.randn(B, 0, V), completion_ids=torch.zeros(B, 0, dtype=torch.long)), ValueError, ["logits", "B·T > 0"]),
+    ("old-shape", dict(old_logp=torch.randn(B, T + 1)), ValueError, ["old_logp", f"({B}, {T})"]),
+    ("ref-shape", dict(ref_logp=torch.randn(T, B), beta=0.1), ValueError, ["ref_logp"]),
+    ("mask-shape", dict(completion_mask=torch.ones(B)), ValueError, ["completion_mask"]),
+    ("isr-shape", dict(importance_sampling_ratio=torch.ones(B + 1)), ValueError, ["importance_sampling_ratio"]),
+    ("backend", dict(backend="jax"), ValueError, ["backend", "jax", "cpu", "triton"]),
+    ("temperature-str", dict(temperature="1"), TypeError, ["temperature"]),
+    ("max-len", dict(max_completion_length=0), ValueError, ["max_completion_length"]),
+    ("num-items-neg", dict(num_items_in_batch=-3), ValueError, ["num_items_in_batch"]),
+]
+
+
+@pytest.mark.parametrize("over,exc,words", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_raises_naming_the_argument(over, exc, words):
+    kw = _good(**over)
+    snapshot = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    logits = kw.pop("logits")
+    ids = kw.pop("completion_ids")
+    with pytest.raises(exc) as info:
+        grpo_fast.grpo_loss(logits, ids, inplace=True, **kw)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"message {msg!r} lacks {w!r}"
+    kw["logits"], kw["completion_ids"] = logits, ids
+    for k, v in snapshot.items():  # nothing written before the error (inplace=True asked for)
+        assert torch.equal(kw[k], v) or (v.isnan().any() and torch.equal(kw[k].isnan(), v.isnan())), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put one tensor elsewhere")
+def test_tensors_on_different_devices():
+    with pytest.raises(ValueError, match="completion_ids must be on the logits' device"):
+        call(completion_ids=torch.zeros(B, T, dtype=torch.long, device="cuda"))
+
+
+def test_device_mismatch_reported_with_meta_tensor():
+    # Without a GPU, a meta tensor stands in for "another device".
+    with pytest.raises(ValueError, match="old_logp must be on the logits' device"):
+        call(old_logp=torch.empty(B, T, device="meta"))
+
+
+def test_good_input_passes_and_accepts_int32_ids_and_bool_masks():
+    loss, met = call(completion_ids=torch.randint(0, V, (B, T), dtype=torch.int32),
+                     completion_mask=torch.rand(B, T) > 0.2, backend="torch")
+    assert torch.isfinite(loss)
+
+
+def test_non_contiguous_inputs_are_accepted():
+    big = torch.randn(B, T + 2, V + 3)
+    logits = big[:, 1:-1, :V]  # strided in B and T, and in V's slice
+    loss, _ = call(logits=logits, backend="torch")
+    loss2, _ = call(logits=logits.contiguous(), backend="torch")
+    assert torch.equal(loss, loss2)
+
+
+def test_unavailable_backend_named_explicitly_says_why():
+    for name in ("cpu", "triton", "cuda"):
+        why = grpo_fast.backends.unavailable_reason(name, torch.device("cpu"))
+        if why is None:
+            continue
+        with pytest.raises(RuntimeError, match=f'backend="{name}" is not available'):
+            call(backend=name)
+
+
+def test_token_logprobs_validates():
+    with pytest.raises(ValueError, match="temperature"):
+        grpo_fast.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), temperature=0)
+    with pytest.raises(ValueError, match="completion_ids"):
+        grpo_fast.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T + 1, dtype=torch.long))
+
+
+def test_group_advantages_validates():
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_fast.group_advantages(torch.randn(6), 4)
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        grpo_fast.group_advantages(torch.tensor([0.0, float("nan")]), 2)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo_fast.group_advantages(torch.randn(4), 2, scale_rewards="z")
