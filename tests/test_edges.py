@@ -43,7 +43,11 @@ def _close(got, want, rtol=1e-5, what=""):
     atol = rtol * max(want.abs().max().item(), 1e-30) + 1e-12
     err = (got - want).abs()
     bad = err > atol + rtol * want.abs()
-    assert not bad.any(), f"{what}: {bad.sum().item()} mismatches, worst at {tuple(err.argmax().tolist() if err.dim() == 0 else [i.item() for i in torch.unravel_index(err.argmax(), err.shape)])}: got {got.flatten()[err.argmax()].item()} want {want.flatten()[err.argmax()].item()}"
+    if bad.any():
+        i = int(err.flatten().argmax())
+        where = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape)) if err.dim() else ()
+        raise AssertionError(f"{what}: {int(bad.sum())} mismatches; worst at {where}: got {got.flatten()[i].item()}, "
+                             f"want {want.flatten()[i].item()} (rtol {rtol})")
 
 
 def _check_all(backend, z, y, rtol=1e-5, **kw):
@@ -131,11 +135,20 @@ def test_single_token_and_single_vocab(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [1e-3, 100.0])
 def test_extreme_temperatures(backend, temperature):
+    # At τ = 1e-3 the log-probs are ≈ -4000, where float32 itself is only ~1e-4 relative: the bar is
+    # the flash-attention rule, at most twice the error of PyTorch's own float32 computation.
     z, y, r, m = _case(seed=6)
-    lp = grpo_fast.token_logprobs(z, y, temperature, backend="torch")  # ≈ -4000 at τ = 1e-3
+    lp = grpo_fast.token_logprobs(z, y, temperature, backend="torch")
     old = lp + torch.randn(4, 3) * 0.05
-    _check_all(backend, z, y, rtol=2e-5, rewards=r, group_size=2, temperature=temperature, old_logp=old,
-               loss_type="dapo", beta=0.05, ref_logp=old - 0.1)
+    kw = dict(rewards=r, group_size=2, temperature=temperature, old_logp=old, loss_type="dapo", beta=0.05, ref_logp=old - 0.1)
+    loss, met, grad = _run(backend, z, y, **kw)
+    tl, tm, tg = _run("torch", z, y, **kw)
+    wl, wm, wg = _ref(z, y, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    for got, fp32, want in [(loss, tl, wl), (grad, tg, wg)] + [(met[k], tm[k], wm[k]) for k in wm]:
+        err = (got.double() - want).abs().max().item()
+        err32 = (fp32.double() - want).abs().max().item()
+        assert err <= 2 * err32 + 1e-6 * want.abs().max().item() + 1e-9, (err, err32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
