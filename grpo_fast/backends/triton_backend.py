@@ -1,0 +1,262 @@
+"""The Triton backend: launchers for the kernels of ``grpo_fast.kernels`` (source folder ``kernels/``).
+
+What runs (N = B·T token rows, one program per row on grid axis 0):
+
+    token level      _grpo_token_fwd_kernel       one sweep of z for lse/entropy, then (with a
+                                                  gradient) a second sweep of the same row writing
+                                                  dL/dz — the row is usually still in L2.
+    sequence level   _token_logprobs_kernel       pass 1: logp, entropy, lse per token
+                     _grpo_seq_row_kernel         per sequence: the row's ratio, loss, stats, dL/dlogp
+                     _grpo_grad_kernel            pass 2 over z: writes dL/dz
+    token_logprobs   _token_logprobs_kernel
+
+The stats are written per token (or per sequence) and summed here with torch: deterministic, no
+atomics. Works natively on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how CI tests
+it without a GPU). See grpo_fast/backends/__init__.py for the interface this module implements.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .._config import NUM_STATS
+
+# Set before Triton is imported (tests/conftest.py does it without a GPU): the kernels then run in
+# Triton's NumPy interpreter, on CPU tensors.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
+
+# Tests set this to force a block size (e.g. 16 with V = 53: several blocks, a ragged tail); it
+# bypasses autotuning on a GPU too.
+BLOCK_V_OVERRIDE: Optional[int] = None
+
+_KERNELS = None  # the loaded kernels module, or the ImportError that prevented loading it
+
+
+def load_kernels():
+    """The ``grpo_fast.kernels`` module: installed, or from the source tree's ``kernels/`` folder.
+
+    pyproject maps ``grpo_fast.kernels`` to the top-level ``kernels/`` folder at install time. In a
+    source checkout (tests run from the repository root) there is no ``grpo_fast/kernels``, so the
+    folder is loaded under that same name from the file system — one name, however it got there.
+    Raises ImportError when Triton (or the folder) is missing.
+    """
+    name = "grpo_fast.kernels"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:  # the package exists but Triton (or a dependency) is missing
+            raise
+    init = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
+    if not init.is_file():
+        raise ImportError(f"{name} is neither installed nor found in the source tree at {init.parent}")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    setattr(sys.modules["grpo_fast"], "kernels", mod)
+    return mod
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            _KERNELS = load_kernels()
+        except ImportError as e:
+            _KERNELS = e
+    return _KERNELS
+
+
+def unavailable_reason() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed; install it with `pip install triton` (or `pip install grpo_fast[triton]`)"
+    k = _kernels()
+    if isinstance(k, ImportError):
+        return f"the Triton kernels could not be imported ({k}); reinstall grpo_fast and triton"
+    if not INTERPRET and not torch.cuda.is_available():
+        return ("no CUDA device is visible to torch; run on a GPU, or set TRITON_INTERPRET=1 before "
+                "importing grpo_fast to run the kernels (slowly) in Triton's CPU interpreter")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configurations
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+# (BLOCK_V, num_warps, num_stages) tried by the autotuner, per distinct V. The kernels stream V
+# (memory bound); wider blocks and more warps keep more bytes in flight. All are checked for zero
+# register spills on sm_80 and sm_90 by `python -m grpo_fast kernels`.
+AUTOTUNE_CONFIGS = (
+    (1024, 4, 1),
+    (2048, 8, 1),
+    (4096, 8, 1),
+    (4096, 16, 1),
+    (8192, 16, 1),
+    (2048, 4, 2),
+)
+# What the interpreter (and kernel-report's "default" rows) use: one config, no tuning.
+DEFAULT_BLOCK_V = 1024
+DEFAULT_WARPS = 4
+
+
+def _prune(configs, named_args, **kwargs):
+    # a block wider than the (rounded-up) vocabulary is pure waste; keep at least one config
+    V = named_args["V"]
+    keep = [c for c in configs if c.kwargs["BLOCK_V"] <= max(_next_pow2(V), 1024)]
+    return keep or list(configs)[:1]
+
+
+_TUNED = {}
+
+
+def _tuned(kernel_name: str, restore: tuple = ()):
+    """The autotuned wrapper of a V-streaming kernel (built lazily, once per (kernel, restore)).
+
+    ``restore`` names pointer arguments the kernel overwrites in a way that changes its inputs
+    (inplace gradients): the autotuner restores them between trial runs.
+    """
+    key = (kernel_name, restore)
+    if key not in _TUNED:
+        import triton
+
+        fn = getattr(_kernels(), kernel_name)
+        configs = [triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=ns) for bv, nw, ns in AUTOTUNE_CONFIGS]
+        _TUNED[key] = triton.autotune(configs=configs, key=["V"], prune_configs_by={"early_config_prune": _prune},
+                                      restore_value=list(restore))(fn)
+    return _TUNED[key]
+
+
+def _launch_v(kernel_name: str, grid, args: dict, restore: tuple = ()):
+    """Launch a kernel that streams V: fixed config under the interpreter or an override, else autotuned."""
+    if INTERPRET or BLOCK_V_OVERRIDE is not None:
+        bv = BLOCK_V_OVERRIDE or min(DEFAULT_BLOCK_V, _next_pow2(args["V"]))
+        getattr(_kernels(), kernel_name)[grid](**args, BLOCK_V=bv, num_warps=DEFAULT_WARPS)
+    else:
+        _tuned(kernel_name, restore)[grid](**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface (grpo_fast/backends/__init__.py)
+
+
+def _row_strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1)
+
+
+def _common_args(inp, dummy):
+    """Pointers, sizes, floats and flags the two loss kernels share."""
+    cfg = inp.cfg
+    if inp.advantages is not None:
+        adv_mode = 1 if inp.advantages.dim() == 2 else 0
+    else:
+        adv_mode = 2
+    if adv_mode == 2 and cfg.scale_rewards == 2:
+        # std of all B rewards as a device scalar: read by pointer, no host synchronization
+        batch_std = inp.rewards.to(torch.float64).std().reshape(1)
+    else:
+        batch_std = dummy
+    isr_mode = 0 if inp.isr is None else (1 if inp.isr.dim() == 1 else 2)
+    ptrs = dict(
+        mask_ptr=inp.mask, weight_ptr=inp.weight,
+        adv_ptr=inp.advantages if inp.advantages is not None else dummy,
+        rewards_ptr=inp.rewards if inp.rewards is not None else dummy,
+        batch_std_ptr=batch_std,
+        old_ptr=inp.old_logp if inp.old_logp is not None else dummy,
+        ref_ptr=inp.ref_logp if (inp.ref_logp is not None and cfg.beta != 0.0) else dummy,
+        isr_ptr=inp.isr if inp.isr is not None else dummy,
+    )
+    floats = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
+                  sapo_pos=cfg.sapo_temp_pos, sapo_neg=cfg.sapo_temp_neg, adv_eps=cfg.adv_eps)
+    flags = dict(LOSS_TYPE=cfg.loss_type, KL_EST=cfg.kl_estimator, HAS_DELTA=cfg.has_delta,
+                 HAS_KL=cfg.beta != 0.0, BIAS_KL=cfg.bias_correction_kl, HAS_OLD=inp.old_logp is not None,
+                 ADV_MODE=adv_mode, SCALE=cfg.scale_rewards, ISR_MODE=isr_mode,
+                 BLOCK_G=_next_pow2(max(cfg.group_size, 2)))
+    return ptrs, floats, flags
+
+
+def fused_loss(inp, grad: Optional[torch.Tensor]):
+    """One fused pass over inp.logits (B, T, V): (stats (NUM_STATS,) f32 of sums, logp (B, T) f32).
+
+    When ``grad`` is given ((B, T, V), the logits' dtype, stride(-1) == 1; may be the logits
+    themselves) it receives ∂loss/∂logits for grad_output = 1.
+    """
+    z = inp.logits
+    B, T, V = z.shape
+    N = B * T
+    dev = z.device
+    assert z.stride(-1) == 1 and (grad is None or grad.stride(-1) == 1)
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)  # stands for absent optional tensors
+    ptrs, floats, flags = _common_args(inp, dummy)
+    cfg = inp.cfg
+    logp = torch.empty((B, T), dtype=torch.float32, device=dev)
+    inplace = grad is not None and grad.data_ptr() == z.data_ptr()
+    restore = ("grad_ptr",) if inplace else ()
+    g_strides = _row_strides(grad) if grad is not None else (0, 0)
+
+    if cfg.level == 0:
+        stats = torch.empty((N, NUM_STATS), dtype=torch.float32, device=dev)
+        _launch_v("_grpo_token_fwd_kernel", (N,), dict(
+            logits_ptr=z, ids_ptr=inp.ids, **ptrs,
+            grad_ptr=grad if grad is not None else dummy, logp_ptr=logp, stats_ptr=stats,
+            T=T, V=V, G=max(cfg.group_size, 1), stride_lb=z.stride(0), stride_lt=z.stride(1),
+            stride_gb=g_strides[0], stride_gt=g_strides[1],
+            temperature=cfg.temperature, **floats, **flags, HAS_GRAD=grad is not None,
+        ), restore)
+        return stats.sum(0), logp
+
+    # sequence level: pass 1 over z, the per-sequence pass, pass 2 over z (gradient only)
+    entropy = torch.empty((B, T), dtype=torch.float32, device=dev)
+    lse = torch.empty((B, T), dtype=torch.float32, device=dev) if grad is not None else dummy
+    _launch_v("_token_logprobs_kernel", (N,), dict(
+        logits_ptr=z, ids_ptr=inp.ids, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse,
+        T=T, V=V, stride_lb=z.stride(0), stride_lt=z.stride(1), temperature=cfg.temperature,
+        STORE_ENTROPY=True, STORE_LSE=grad is not None,
+    ))
+    stats = torch.empty((B, NUM_STATS), dtype=torch.float32, device=dev)
+    g = torch.empty((B, T), dtype=torch.float32, device=dev) if grad is not None else dummy
+    _kernels()._grpo_seq_row_kernel[(B,)](
+        logp_ptr=logp, entropy_ptr=entropy, **ptrs, g_ptr=g, stats_ptr=stats,
+        T=T, G=max(cfg.group_size, 1), **floats, **flags, HAS_GRAD=grad is not None,
+        BLOCK_T=min(_next_pow2(T), 1024), num_warps=4,
+    )
+    if grad is not None:
+        _launch_v("_grpo_grad_kernel", (N,), dict(
+            logits_ptr=z, ids_ptr=inp.ids, lse_ptr=lse, g_ptr=g, grad_ptr=grad,
+            T=T, V=V, stride_lb=z.stride(0), stride_lt=z.stride(1),
+            stride_gb=g_strides[0], stride_gt=g_strides[1], temperature=cfg.temperature,
+        ), restore)
+    return stats.sum(0), logp
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool):
+    """logp (B, T) float32 of ids under softmax(logits / temperature), and the entropy (or None)."""
+    B, T, V = logits.shape
+    assert logits.stride(-1) == 1
+    dev = logits.device
+    ids = ids.to(torch.int64).contiguous()
+    logp = torch.empty((B, T), dtype=torch.float32, device=dev)
+    entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    _launch_v("_token_logprobs_kernel", (B * T,), dict(
+        logits_ptr=logits, ids_ptr=ids, logp_ptr=logp, entropy_ptr=entropy if return_entropy else dummy,
+        lse_ptr=dummy, T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1),
+        temperature=float(temperature), STORE_ENTROPY=return_entropy, STORE_LSE=False,
+    ))
+    return logp, entropy

@@ -1,0 +1,13 @@
+"""Triton kernels of grpo_fast (shipped as ``grpo_fast.kernels``; the source folder is ``kernels/``).
+
+Only ``@triton.jit`` code lives here; the launchers, autotuning and the torch side are in
+``grpo_fast/backends/triton_backend.py``. Importing this package needs Triton.
+"""
+from .grpo import (  # noqa: F401
+    _grpo_grad_kernel,
+    _grpo_seq_row_kernel,
+    _grpo_token_fwd_kernel,
+    _token_logprobs_kernel,
+)
+
+KERNELS = ("_token_logprobs_kernel", "_grpo_token_fwd_kernel", "_grpo_seq_row_kernel", "_grpo_grad_kernel")

@@ -1,0 +1,488 @@
+"""Triton kernels of the fused GRPO loss (the math only; launchers live in grpo_fast/backends/triton_backend.py).
+
+One program handles one token row z[b, t, :] (B·T flattened into grid axis 0) and walks its V
+logits in blocks of BLOCK_V with an online logsumexp, so a row is never held in full and any V
+works. Per-token results (log-prob, loss terms, metric contributions) go to small (N,) / (N, 8)
+buffers that the launcher sums with torch: no atomics, so the stats are bitwise reproducible.
+
+Kernels:
+  _token_logprobs_kernel   no-grad pass: logp (and entropy, lse) per token; pass 1 of the
+                           sequence-level loss, and the public token_logprobs.
+  _grpo_token_fwd_kernel   token-level loss: online lse + entropy, gathered logit, per-token loss,
+                           KL and clip flags, and, when a gradient is wanted, the row's gradient
+                           written by the same program (a second sweep of the row it just read,
+                           which the caches mostly still hold).
+  _grpo_seq_row_kernel     sequence level (GSPO), pass 2: one program per sequence computes the
+                           row's ratio, the per-token terms, the row's stats and each token's dL/dlogp.
+  _grpo_grad_kernel        sequence level, pass 3: writes dL/dz = g·(onehot(y) − p)/τ from the lse of pass 1.
+
+Conventions: row offsets in int64 (B·T·V passes 2^31 at real sizes); every float option is a
+run-time argument (a new epsilon or beta never recompiles); loss type and flags are tl.constexpr.
+All math in float32 whatever the logits' dtype; group statistics of rewards in float64, like
+csrc/common/grpo_math.h whose token_terms() `_token_terms` ports line by line.
+"""
+import triton
+import triton.language as tl
+
+# Loss-type codes (grpo_fast/_config.py LOSS_TYPES, grpo_math.h enum LossType).
+LUSPO = tl.constexpr(4)  # codes <= LUSPO are the clip family
+CISPO = tl.constexpr(5)
+# KL estimators (grpo_math.h enum KlEstimator).
+K3 = tl.constexpr(0)
+K1 = tl.constexpr(1)
+# scale_rewards codes (grpo_math.h enum ScaleRewards).
+SCALE_GROUP = tl.constexpr(1)
+SCALE_BATCH = tl.constexpr(2)
+# Advantage sources (ADV_MODE): a (B,) tensor, a (B, T) tensor, or rewards + group size.
+ADV_ROW = tl.constexpr(0)
+ADV_TOKEN = tl.constexpr(1)
+ADV_REWARDS = tl.constexpr(2)
+# importance_sampling_ratio layouts (ISR_MODE): absent, (B,), (B, T).
+ISR_ROW = tl.constexpr(1)
+ISR_TOKEN = tl.constexpr(2)
+# Width of a row of the per-token stats buffer (grpo_fast/_config.py NUM_STATS).
+NUM_STATS = tl.constexpr(8)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@triton.jit
+def _online_lse_entropy(z_row, V, inv_tau, BLOCK_V: tl.constexpr):
+    """(lse, entropy) of x = z_row[0:V] * inv_tau in one sweep (float32 accumulation).
+
+    Running max m, running Σ exp(x − m) and Σ exp(x − m)·x, rescaled whenever m grows. A block
+    (or a whole prefix) of −inf logits is legal: the max used for shifting is replaced by 0 while
+    it is −inf so that exp(−inf − m) stays 0 instead of NaN, and p·x is taken as 0 where p == 0.
+    """
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), tl.float32)
+    d = tl.zeros((), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_tau
+        m_new = tl.maximum(m, tl.max(x, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        e = tl.exp(x - shift)
+        d = d * alpha + tl.sum(e, 0)
+        # p·x with p = 0 where x = −inf: select x first, so 0·(−inf) is never formed
+        s = s * alpha + tl.sum(e * tl.where(e > 0.0, x, 0.0), 0)
+        m = m_new
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    lse = shift + tl.log(d)
+    entropy = lse - s / d
+    return lse, entropy
+
+
+@triton.jit
+def _write_row_grad(z_row, g_row, y, lse, gs, V, inv_tau, BLOCK_V: tl.constexpr):
+    """g_row[j] = gs·(1[j == y] − exp(x_j − lse)) for j < V, with gs = dL/dlogp / τ.
+
+    z_row and g_row may be the same memory (inplace): each block is read before it is written,
+    and no other program touches this row.
+    """
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        valid = cols < V
+        x = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_tau
+        p = tl.exp(x - lse)
+        grad = gs * (tl.where(cols == y, 1.0, 0.0) - p)
+        tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Advantage of sequence b from its group's G rewards (float64 statistics, as grpo_math.h).
+
+    A group of equal rewards gets exactly 0. For scale_rewards="batch", batch_std_ptr holds the
+    unbiased std of all B rewards as a device scalar (no host synchronization).
+    """
+    start = (b // G) * G
+    offs = tl.arange(0, BLOCK_G)
+    valid = offs < G
+    rw = tl.load(rewards_ptr + start + offs, mask=valid, other=0.0).to(tl.float64)
+    n = G.to(tl.float64)
+    mean = tl.sum(rw, 0) / n
+    lo = tl.min(tl.where(valid, rw, float("inf")), 0)
+    hi = tl.max(tl.where(valid, rw, float("-inf")), 0)
+    dev = tl.where(valid, rw - mean, 0.0)
+    std = tl.sqrt(tl.sum(dev * dev, 0) / (n - 1.0))
+    centered = tl.load(rewards_ptr + b).to(tl.float64) - mean
+    if SCALE == SCALE_GROUP:
+        adv = centered / (std + adv_eps.to(tl.float64))
+    elif SCALE == SCALE_BATCH:
+        adv = centered / (tl.load(batch_std_ptr).to(tl.float64) + adv_eps.to(tl.float64))
+    else:  # "none" (Dr. GRPO): centered only
+        adv = centered
+    return tl.where(lo == hi, 0.0, adv).to(tl.float32)
+
+
+@triton.jit
+def _clip_flags(r, A, eps_low, eps_high, LOSS_TYPE: tl.constexpr):
+    """(clip_low, clip_high, cispo_clip) as float 0/1 (SPEC.md, Metrics)."""
+    zero = tl.zeros_like(r + A)
+    low = zero
+    high = zero
+    cispo = zero
+    if LOSS_TYPE <= LUSPO:
+        low = tl.where((r < 1.0 - eps_low) & (A < 0.0), 1.0, 0.0) + zero
+        high = tl.where((r > 1.0 + eps_high) & (A > 0.0), 1.0, 0.0) + zero
+    elif LOSS_TYPE == CISPO:
+        cispo = tl.where((r > eps_high) & (A > 0.0), 1.0, 0.0) + zero
+    return low, high, cispo
+
+
+@triton.jit
+def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
+                 LOSS_TYPE: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr,
+                 HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr):
+    """grpo_math.h token_terms() in Triton; works on scalars and on blocks alike.
+
+    Returns (loss, kl, d_logp, d_ratio, clip_low, clip_high, cispo_clip), flags as float 0/1:
+      loss    = isr·L + beta·kl
+      d_logp  = ∂loss/∂logp with r held fixed;  d_ratio = ∂loss/∂r with logp held fixed.
+    """
+    zero = tl.zeros_like(logp + r + A)
+    if LOSS_TYPE <= LUSPO:
+        # L = −min(r1·A, r2·A). Derivative as torch autograd takes it through the reference:
+        # min() splits a tie half/half, clamp passes the gradient on [lo, hi] inclusive.
+        lo = 1.0 - eps_low
+        hi = 1.0 + eps_high
+        r2 = tl.minimum(tl.maximum(r, lo), hi)
+        if HAS_DELTA:
+            r1 = tl.minimum(r, delta)
+            d1 = tl.where(r <= delta, 1.0, 0.0)
+        else:
+            r1 = r
+            d1 = 1.0
+        d2 = tl.where((r >= lo) & (r <= hi), 1.0, 0.0)
+        v1 = r1 * A
+        v2 = r2 * A
+        dmin = tl.where(v1 < v2, A * d1, tl.where(v2 < v1, A * d2, 0.5 * A * (d1 + d2)))
+        L = -tl.minimum(v1, v2)
+        dL_dr = -dmin + zero
+        dL_dlogp = zero
+        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, LOSS_TYPE)
+        clip_low += zero
+        clip_high += zero
+        cispo_clip += zero
+    elif LOSS_TYPE == CISPO:
+        # L = −stopgrad(min(r, ε_high))·A·logp: no gradient through the ratio (MiniMax-M1).
+        c = tl.minimum(r, eps_high)
+        L = -c * A * logp
+        dL_dr = zero
+        dL_dlogp = -c * A + zero
+        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, LOSS_TYPE)
+        clip_low += zero
+        clip_high += zero
+        cispo_clip += zero
+    else:
+        # SAPO: L = −(4/τs)·σ(τs(r − 1))·A, dL/dr = −4·σ(1 − σ)·A.
+        ts = tl.where(A > 0.0, sapo_pos, sapo_neg)
+        sg = 1.0 / (1.0 + tl.exp(-(ts * (r - 1.0))))
+        L = -(4.0 / ts) * sg * A
+        dL_dr = -4.0 * sg * (1.0 - sg) * A + zero
+        dL_dlogp = zero
+        clip_low = zero
+        clip_high = zero
+        cispo_clip = zero
+    loss = isr * L
+    d_ratio = isr * dL_dr
+    d_logp = isr * dL_dlogp
+    kl = zero
+    if HAS_KL:
+        # d = ref − logp; k3 = e^d − d − 1 (DeepSeekMath, TRL, verl low_var_kl), k1 = −d, k2 = d²/2.
+        dd = ref - logp
+        if KL_EST == K3:
+            ed = tl.exp(dd)
+            kl = ed - dd - 1.0
+            dkl = 1.0 - ed
+        elif KL_EST == K1:
+            kl = -dd
+            dkl = 1.0 + zero
+        else:
+            kl = 0.5 * dd * dd
+            dkl = -dd
+        if BIAS_KL:
+            d_ratio += beta * kl  # ∂(r·kl)/∂r
+            kl = kl * r
+            dkl = dkl * r
+        loss += beta * kl
+        d_logp += beta * dkl
+    return loss, kl, d_logp, d_ratio, clip_low, clip_high, cispo_clip
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _token_logprobs_kernel(
+    # pointers
+    logits_ptr, ids_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    # sizes and strides (elements)
+    T, V, stride_lb, stride_lt,
+    # run-time floats
+    temperature,
+    # meta-parameters
+    STORE_ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """logp[row] = x[y] − lse (and entropy, lse) of token row = b·T + t; no gradient."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    z_row = logits_ptr + b * stride_lb + t * stride_lt
+    inv_tau = 1.0 / temperature
+    lse, entropy = _online_lse_entropy(z_row, V, inv_tau, BLOCK_V)
+    y = tl.load(ids_ptr + row)
+    logp = tl.load(z_row + y).to(tl.float32) * inv_tau - lse
+    tl.store(logp_ptr + row, logp)
+    if STORE_ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
+    if STORE_LSE:
+        tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _grpo_token_fwd_kernel(
+    # pointers: inputs
+    logits_ptr, ids_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr, ref_ptr, isr_ptr,
+    # pointers: outputs
+    grad_ptr, logp_ptr, stats_ptr,
+    # sizes and strides (elements)
+    T, V, G, stride_lb, stride_lt, stride_gb, stride_gt,
+    # run-time floats
+    temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
+    # meta-parameters
+    LOSS_TYPE: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
+    BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
+    ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Token-level loss of token row = b·T + t, and its gradient row when HAS_GRAD.
+
+    stats_ptr[row, :] = [w·loss, m·entropy, m·kl, m·low, m·high, m·(low|high), m·cispo, 0];
+    logp_ptr[row] = logp. Multiplying by w and m (instead of skipping masked tokens) keeps a NaN
+    in the logits visible in the loss, as in the eager reference.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    z_row = logits_ptr + b * stride_lb + t * stride_lt
+    inv_tau = 1.0 / temperature
+
+    # the sweep over V: lse and entropy; then the gathered logit
+    lse, entropy = _online_lse_entropy(z_row, V, inv_tau, BLOCK_V)
+    y = tl.load(ids_ptr + row)
+    logp = tl.load(z_row + y).to(tl.float32) * inv_tau - lse
+    tl.store(logp_ptr + row, logp)
+
+    # per-token side inputs
+    m = tl.load(mask_ptr + row)
+    w = tl.load(weight_ptr + row)
+    if ADV_MODE == ADV_ROW:
+        A = tl.load(adv_ptr + b)
+    elif ADV_MODE == ADV_TOKEN:
+        A = tl.load(adv_ptr + row)
+    else:
+        A = _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE, BLOCK_G)
+    if HAS_OLD:
+        r = tl.exp(logp - tl.load(old_ptr + row))
+    else:
+        # on-policy: old = logp.detach(), r = exp(logp − logp) (1, or NaN exactly where the
+        # reference's is), and dr/dlogp = r still holds
+        r = tl.exp(logp - logp)
+    if ISR_MODE == ISR_ROW:
+        isr = tl.load(isr_ptr + b)
+    elif ISR_MODE == ISR_TOKEN:
+        isr = tl.load(isr_ptr + row)
+    else:
+        isr = 1.0
+    if HAS_KL:
+        ref = tl.load(ref_ptr + row)
+    else:
+        ref = logp
+
+    loss, kl, d_logp, d_ratio, low, high, cispo = _token_terms(
+        logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
+        LOSS_TYPE, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+
+    out = stats_ptr + row * NUM_STATS
+    tl.store(out + 0, w * loss)
+    tl.store(out + 1, m * entropy)
+    tl.store(out + 2, m * kl)
+    tl.store(out + 3, m * low)
+    tl.store(out + 4, m * high)
+    tl.store(out + 5, m * (low + high))  # low needs A < 0, high A > 0: never both
+    tl.store(out + 6, m * cispo)
+    tl.store(out + 7, 0.0)
+
+    if HAS_GRAD:
+        # token level: dr/dlogp = r, so dL/dlogp = w·(d_logp + r·d_ratio); zero on padding (w = 0)
+        g = w * (d_logp + r * d_ratio)
+        g_row = grad_ptr + b * stride_gb + t * stride_gt
+        _write_row_grad(z_row, g_row, y, lse, g * inv_tau, V, inv_tau, BLOCK_V)
+
+
+@triton.jit
+def _grpo_seq_row_kernel(
+    # pointers: inputs (all (B, T) or (B,), contiguous)
+    logp_ptr, entropy_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr, ref_ptr, isr_ptr,
+    # pointers: outputs
+    g_ptr, stats_ptr,
+    # sizes
+    T, G,
+    # run-time floats
+    eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
+    # meta-parameters
+    LOSS_TYPE: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
+    BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
+    ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Sequence-level (GSPO) pass 2 for sequence b = program_id: needs only the (B, T) log-probs.
+
+    s = Σ_t m·(logp − old) / max(Σ m, 1), r = exp(s) for the whole row. Writes the row's stats
+    (sums; clip flags once per row when the advantage is per row, else per valid token) and, when
+    HAS_GRAD, g[t] = w·d_logp + (Σ_t' w·d_ratio)·r·m[t]/max(Σ m, 1) = ∂loss/∂logp[b, t].
+    """
+    b = tl.program_id(0).to(tl.int64)
+    base = b * T
+    offs = tl.arange(0, BLOCK_T)
+
+    # the row's ratio
+    acc_s = tl.zeros((BLOCK_T,), tl.float32)
+    acc_m = tl.zeros((BLOCK_T,), tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offs
+        valid = cols < T
+        lp = tl.load(logp_ptr + base + cols, mask=valid, other=0.0)
+        m = tl.load(mask_ptr + base + cols, mask=valid, other=0.0)
+        if HAS_OLD:
+            old = tl.load(old_ptr + base + cols, mask=valid, other=0.0)
+        else:
+            old = lp
+        acc_s += m * (lp - old)
+        acc_m += m
+    n = tl.maximum(tl.sum(acc_m, 0), 1.0)
+    r = tl.exp(tl.sum(acc_s, 0) / n)
+
+    if ADV_MODE == ADV_ROW:
+        A_row = tl.load(adv_ptr + b)
+    elif ADV_MODE == ADV_REWARDS:
+        A_row = _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE, BLOCK_G)
+    else:
+        A_row = 0.0
+    if ISR_MODE == ISR_ROW:
+        isr_row = tl.load(isr_ptr + b)
+    else:
+        isr_row = 1.0
+
+    # per-token terms, the row's stats and Σ w·d_ratio
+    acc_loss = tl.zeros((BLOCK_T,), tl.float32)
+    acc_ent = tl.zeros((BLOCK_T,), tl.float32)
+    acc_kl = tl.zeros((BLOCK_T,), tl.float32)
+    acc_low = tl.zeros((BLOCK_T,), tl.float32)
+    acc_high = tl.zeros((BLOCK_T,), tl.float32)
+    acc_cispo = tl.zeros((BLOCK_T,), tl.float32)
+    acc_dr = tl.zeros((BLOCK_T,), tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offs
+        valid = cols < T
+        lp = tl.load(logp_ptr + base + cols, mask=valid, other=0.0)
+        m = tl.load(mask_ptr + base + cols, mask=valid, other=0.0)
+        w = tl.load(weight_ptr + base + cols, mask=valid, other=0.0)
+        ent = tl.load(entropy_ptr + base + cols, mask=valid, other=0.0)
+        if ADV_MODE == ADV_TOKEN:
+            A = tl.load(adv_ptr + base + cols, mask=valid, other=0.0)
+        else:
+            A = A_row
+        if ISR_MODE == ISR_TOKEN:
+            isr = tl.load(isr_ptr + base + cols, mask=valid, other=0.0)
+        else:
+            isr = isr_row
+        if HAS_KL:
+            ref = tl.load(ref_ptr + base + cols, mask=valid, other=0.0)
+        else:
+            ref = lp
+        loss, kl, d_logp, d_ratio, low, high, cispo = _token_terms(
+            lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
+            LOSS_TYPE, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+        # tl.where on `valid`, not a product: lanes past T load zeros, but a non-finite row
+        # ratio would still make 0·x NaN there
+        acc_loss += tl.where(valid, w * loss, 0.0)
+        acc_ent += tl.where(valid, m * ent, 0.0)
+        acc_kl += tl.where(valid, m * kl, 0.0)
+        acc_low += tl.where(valid, m * low, 0.0)
+        acc_high += tl.where(valid, m * high, 0.0)
+        acc_cispo += tl.where(valid, m * cispo, 0.0)
+        acc_dr += tl.where(valid, w * d_ratio, 0.0)
+
+    if ADV_MODE == ADV_TOKEN:
+        low_n = tl.sum(acc_low, 0)
+        high_n = tl.sum(acc_high, 0)
+        cispo_n = tl.sum(acc_cispo, 0)
+    else:
+        # ratio and advantage are the row's: its flags count once, padding or not (TRL and the
+        # reference average such (B, 1) flags over the B rows)
+        low_n, high_n, cispo_n = _clip_flags(r, A_row, eps_low, eps_high, LOSS_TYPE)
+    out = stats_ptr + b * NUM_STATS
+    tl.store(out + 0, tl.sum(acc_loss, 0))
+    tl.store(out + 1, tl.sum(acc_ent, 0))
+    tl.store(out + 2, tl.sum(acc_kl, 0))
+    tl.store(out + 3, low_n)
+    tl.store(out + 4, high_n)
+    tl.store(out + 5, low_n + high_n)  # low needs A < 0, high A > 0: never both, so |low ∪ high| = low + high
+    tl.store(out + 6, cispo_n)
+    tl.store(out + 7, 0.0)
+
+    if HAS_GRAD:
+        row_dr = tl.sum(acc_dr, 0) * r / n  # ∂loss/∂s of the row, times ds/dlogp's 1/n
+        for start in range(0, T, BLOCK_T):
+            cols = start + offs
+            valid = cols < T
+            lp = tl.load(logp_ptr + base + cols, mask=valid, other=0.0)
+            m = tl.load(mask_ptr + base + cols, mask=valid, other=0.0)
+            w = tl.load(weight_ptr + base + cols, mask=valid, other=0.0)
+            if ADV_MODE == ADV_TOKEN:
+                A = tl.load(adv_ptr + base + cols, mask=valid, other=0.0)
+            else:
+                A = A_row
+            if ISR_MODE == ISR_TOKEN:
+                isr = tl.load(isr_ptr + base + cols, mask=valid, other=0.0)
+            else:
+                isr = isr_row
+            if HAS_KL:
+                ref = tl.load(ref_ptr + base + cols, mask=valid, other=0.0)
+            else:
+                ref = lp
+            _l, _k, d_logp, _dr, _lo, _hi, _ci = _token_terms(
+                lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
+                LOSS_TYPE, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+            g = w * d_logp + row_dr * m
+            tl.store(g_ptr + base + cols, g, mask=valid)
+
+
+@triton.jit
+def _grpo_grad_kernel(
+    # pointers
+    logits_ptr, ids_ptr, lse_ptr, g_ptr, grad_ptr,
+    # sizes and strides (elements)
+    T, V, stride_lb, stride_lt, stride_gb, stride_gt,
+    # run-time floats
+    temperature,
+    # meta-parameters
+    BLOCK_V: tl.constexpr,
+):
+    """Sequence level, pass 3: grad[b, t, :] = g·(onehot(y) − softmax(x))/τ with pass 1's lse."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    inv_tau = 1.0 / temperature
+    g = tl.load(g_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    y = tl.load(ids_ptr + row)
+    _write_row_grad(logits_ptr + b * stride_lb + t * stride_lt, grad_ptr + b * stride_gb + t * stride_gt,
+                    y, lse, g * inv_tau, V, inv_tau, BLOCK_V)
