@@ -1,0 +1,72 @@
+"""`grpo-fast bench`: the benchmark tables.
+
+    grpo-fast bench [all] [--quick] [--device cpu|cuda] [...]   the loss table, then the fused-linear one
+    grpo-fast bench loss [options]                             the loss from logits (grpo_fast.bench.loss)
+    grpo-fast bench fused-linear [options]                     hidden states -> loss (grpo_fast.bench.fused_linear)
+
+`grpo-fast bench loss --help` lists each table's options. With `all`, the options every table knows
+(--quick, --device, --repeats, --out-dir, --no-save) are passed to both.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+TABLES = {"loss": "grpo_fast.bench.loss", "fused-linear": "grpo_fast.bench.fused_linear"}
+# Options shared by the tables: name -> takes a value.
+_COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def _common_args(argv):
+    """The shared options of ``argv`` (for `all`); the others are rejected with a hint."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        key = a.split("=", 1)[0]
+        if key not in _COMMON:
+            raise SystemExit(f"grpo-fast bench all: {a!r} is not an option every table takes; "
+                             f"run `grpo-fast bench loss {a}` or `grpo-fast bench fused-linear {a}`")
+        out.append(a)
+        if _COMMON[key] and "=" not in a:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"grpo-fast bench: {a} needs a value")
+            out.append(argv[i + 1])
+            i += 1
+        i += 1
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    which = "all"
+    if argv and not argv[0].startswith("-"):
+        which, argv = argv[0], argv[1:]
+    if which != "all" and which not in TABLES:
+        print(__doc__.strip())
+        print(f"\nunknown table {which!r}; choose one of: all, {', '.join(TABLES)}")
+        return 2
+    if which != "all":
+        if not _available(TABLES[which]):
+            print(f"the {which} benchmark ({TABLES[which]}) is not part of this installation")
+            return 2
+        return int(importlib.import_module(TABLES[which]).main(argv) or 0)
+    common = _common_args(argv)
+    rc = 0
+    for name, module in TABLES.items():
+        if not _available(module):
+            print(f"\n[{name}] skipped: {module} is not part of this installation")
+            continue
+        print(f"\n===== {name} =====")
+        rc = max(rc, int(importlib.import_module(module).main(list(common)) or 0))
+    return rc
