@@ -137,6 +137,7 @@ def grpo_loss(
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    compiling = torch.compiler.is_compiling()
     inp = validate_loss_args(
         logits, completion_ids, advantages, rewards=rewards, group_size=group_size,
         scale_rewards=scale_rewards, adv_eps=adv_eps, old_logp=old_logp, ref_logp=ref_logp,
@@ -146,12 +147,33 @@ def grpo_loss(
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
         importance_sampling_ratio=importance_sampling_ratio, use_bias_correction_kl=use_bias_correction_kl,
+        check_values=not compiling,
     )
     impl = _backends.resolve(backend, logits.device)
+    if compiling:
+        return _compiled_path(logits, inp, impl, backend)
     if impl is None:
         return _reference_from_inputs(logits, inp)
     loss, stats = _FusedGRPOLoss.apply(logits, inp, impl, inplace)
     return loss, metrics_from_sums(stats, inp)
+
+
+def _compiled_path(logits: torch.Tensor, inp: LossInputs, impl, backend: str):
+    """Under torch.compile: the value checks and the kernel as custom ops (grpo_fast/_ops.py).
+
+    The checked mask feeds everything after it, so the checks cannot be dropped as dead code and
+    always run before the kernel. ``inplace`` is a permission, not a promise: it is not used here.
+    """
+    from . import _ops
+
+    inp.mask = _ops.check_values(inp.ids, logits.shape[-1], inp.mask, inp.rewards, inp.advantages)
+    if impl is None:
+        return _reference_from_inputs(logits, inp)
+    resolved = impl.__name__.rsplit(".", 1)[-1].replace("triton_backend", "triton")
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
+    stats, _ = _ops.fused_loss(inp.logits, inp.ids, inp.mask, inp.weight, inp.advantages, inp.rewards, inp.old_logp,
+                               inp.ref_logp, inp.isr, _ops.pack_config(inp.cfg), resolved, need_grad)
+    return stats[STAT_LOSS], metrics_from_sums(stats.detach(), inp)
 
 
 def _reference_from_inputs(logits: torch.Tensor, inp: LossInputs):

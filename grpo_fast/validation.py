@@ -68,7 +68,7 @@ def check_logits(logits, name: str = "logits") -> torch.Tensor:
     return logits
 
 
-def check_ids(ids, B: int, T: int, V: int, device: torch.device, name: str = "completion_ids") -> torch.Tensor:
+def check_ids(ids, B: int, T: int, V: int, device: torch.device, name: str = "completion_ids", check_values: bool = True) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape ({B}, {T}), got {type(ids).__name__}")
     if ids.dtype not in ID_DTYPES:
@@ -76,11 +76,26 @@ def check_ids(ids, B: int, T: int, V: int, device: torch.device, name: str = "co
     if tuple(ids.shape) != (B, T):
         raise ValueError(f"{name} must have shape ({B}, {T}) to match logits, got {_fmt_shape(ids)}")
     _same_device(name, ids, device)
+    if check_values:
+        check_token_values(ids, V, None, None, name=name)
+    return ids.to(torch.int64).contiguous()
+
+
+def _all_finite(name: str, t: Optional[torch.Tensor]) -> None:
+    if t is not None and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got a non-finite value (NaN or inf)")
+
+
+def check_token_values(ids: torch.Tensor, V: int, rewards: Optional[torch.Tensor], advantages: Optional[torch.Tensor],
+                       name: str = "completion_ids") -> None:
+    """The checks that read tensor data (one device sync). Under torch.compile they run inside the
+    custom op grpo_fast::check_values instead (see _ops.py)."""
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= V:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} must lie in [0, V) = [0, {V}), got a value {bad}")
-    return ids.to(torch.int64).contiguous()
+    _all_finite("rewards", rewards)
+    _all_finite("advantages", advantages)
 
 
 def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -101,8 +116,8 @@ def _float_tensor(name, t, shapes, device, *, finite: bool = False) -> Optional[
         raise ValueError(f"{name} must have shape {want}, got {_fmt_shape(t)}")
     _same_device(name, t, device)
     out = t.detach().to(torch.float32).contiguous()
-    if finite and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"{name} must be finite, got a non-finite value (NaN or inf)")
+    if finite:
+        _all_finite(name, out)
     return out
 
 
@@ -187,7 +202,10 @@ def validate_loss_args(
     sapo_temperature_neg=1.05,
     importance_sampling_ratio=None,
     use_bias_correction_kl=False,
+    check_values=True,
 ) -> LossInputs:
+    """Checks and normalizes grpo_loss's arguments. ``check_values=False`` skips the checks that
+    read tensor data (ids range, finiteness): the compiled path runs those in a custom op."""
     # -- options (no tensor touched yet)
     lt = _choice("loss_type", loss_type, LOSS_TYPES)
     kl = _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
@@ -223,7 +241,7 @@ def validate_loss_args(
     logits = check_logits(logits)
     B, T, V = logits.shape
     device = logits.device
-    ids = check_ids(completion_ids, B, T, V, device)
+    ids = check_ids(completion_ids, B, T, V, device, check_values=check_values)
 
     # -- advantages xor rewards
     if (advantages is None) == (rewards is None):
@@ -232,12 +250,12 @@ def validate_loss_args(
     if advantages is not None:
         if group_size is not None:
             raise ValueError(f"group_size is only used with rewards, got group_size={group_size} with advantages")
-        adv = _float_tensor("advantages", advantages, [(B,), (B, T)], device, finite=True)
+        adv = _float_tensor("advantages", advantages, [(B,), (B, T)], device, finite=check_values)
         rew = None
         G = 0
     else:
         adv = None
-        rew = _float_tensor("rewards", rewards, [(B,)], device, finite=True)
+        rew = _float_tensor("rewards", rewards, [(B,)], device, finite=check_values)
         if group_size is None:
             raise ValueError("rewards need group_size (the number G of completions per prompt), got group_size=None")
         if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
