@@ -1,0 +1,455 @@
+"""A drop-in for TRL's ``GRPOTrainer`` whose loss is computed by grpo_fast.
+
+Change one import and keep the rest of the script:
+
+    - from trl import GRPOTrainer
+    + from grpo_fast.integrations.trl import GRPOTrainer
+
+(or call ``patch_trl()`` once, before ``trl.GRPOTrainer`` is looked up). Generation, rewards,
+advantages, logging and the optimizer are TRL's; only ``_compute_loss`` changes. Where TRL runs
+the backbone, projects every completion position through the LM head in tiles to get the per-token
+log-probs, and then evaluates the loss eagerly on (B, T) tensors, the drop-in runs the backbone and
+hands the completion positions' hidden states (B, T, H) and the LM head's weight (V, H) to
+``grpo_fast.fused_linear_grpo_loss``: log-probs, ratio, clipping, KL, aggregation and the gradient
+of the hidden states and the head come out of one fused pass that never holds the (B, T, V) logits.
+
+The batch layout and every scaling are TRL 1.16's ``GRPOTrainer._compute_loss``:
+``prompt_ids``/``prompt_mask`` + ``completion_ids``/``completion_mask`` (times ``tool_mask``),
+``advantages`` (B,) or (B, T), ``old_per_token_logps`` (None = on-policy), ``ref_per_token_logps``,
+``importance_sampling_ratio`` (vLLM correction, (B, T) or (B, 1)), ``num_items_in_batch`` (the
+generation batch's global token count, rescaled to one accumulation window for dapo/cispo) and the
+division by the gradient-accumulation steps for the other loss types. The metrics are logged under
+TRL's names (``entropy``, ``kl``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+``clip_ratio/region_mean``, ``cispo_clip_ratio``), averaged over processes as TRL does.
+
+TRL options and what they map to (all read from ``GRPOConfig`` / the trainer, as TRL reads them):
+
+    loss_type                    loss_type (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo)
+    beta                         beta, with kl_estimator="k3" (TRL's only estimator)
+    epsilon / epsilon_high       epsilon_low / epsilon_high
+    delta                        delta (clip family; TRL ignores it for cispo and sapo, so do we)
+    importance_sampling_level    importance_sampling_level
+    temperature                  temperature
+    use_bias_correction_kl       use_bias_correction_kl
+    vllm_importance_sampling_*   importance_sampling_ratio (TRL computes the ratio; it is passed on)
+    max_completion_length        max_completion_length (dr_grpo's normalizer)
+    sapo_temperature_pos/neg     sapo_temperature_pos/neg
+    top_entropy_quantile         a no-grad entropy pass over the same hidden states, TRL's own
+                                 quantile mask, folded into the per-token ratio (it multiplies the
+                                 policy term before the KL is added, exactly where TRL applies it)
+
+Options grpo_fast does not implement raise ``ValueError`` when the trainer is built, never a silent
+fallback: loss_type="vespo", the entropy bonus (entropy_coef != 0 or use_adaptive_entropy),
+off_policy_mask_threshold, use_liger_kernel, a Mixture-of-Experts router auxiliary loss,
+vision-language models, and a subclass that overrides ``_compute_loss``, ``compute_loss`` or
+``_get_per_token_logps_and_entropies`` (its loss would otherwise be replaced without notice).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import types
+import warnings
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import trl
+    from trl import GRPOConfig
+    from trl import GRPOTrainer as _TRLGRPOTrainer
+except ImportError as _e:  # an optional extra: say how to get it
+    raise ImportError(
+        "grpo_fast.integrations.trl needs TRL: install it with `pip install 'grpo_fast[trl]'` "
+        f"(tested with trl 1.16). Import failed with: {_e}"
+    ) from _e
+
+import grpo_fast
+from grpo_fast._config import CLIP_FAMILY, LOSS_TYPES
+from grpo_fast.validation import validate_loss_args
+
+__all__ = ["GRPOTrainer", "GRPOConfig", "patch_trl", "unpatch_trl", "TRL_METRIC_NAMES", "TESTED_TRL"]
+
+# The TRL release whose _compute_loss this module reproduces line for line. Another minor release may
+# change the loss (TRL changes it often), so it is refused below 1.16 and warned about above.
+TESTED_TRL = (1, 16)
+
+# grpo_fast metric name -> the name TRL logs the same quantity under.
+TRL_METRIC_NAMES = {
+    "entropy": "entropy",
+    "kl": "kl",
+    "clip_ratio_low": "clip_ratio/low_mean",
+    "clip_ratio_high": "clip_ratio/high_mean",
+    "clip_ratio": "clip_ratio/region_mean",
+    "cispo_clip_ratio": "cispo_clip_ratio",
+}
+
+# Methods whose override in a subclass would change the policy loss that the drop-in replaces.
+_LOSS_METHODS = ("_compute_loss", "compute_loss", "_get_per_token_logps_and_entropies")
+
+
+def _trl_version() -> tuple:
+    parts = []
+    for p in trl.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+if _trl_version() < TESTED_TRL:
+    raise ImportError(
+        f"grpo_fast.integrations.trl reproduces the loss of trl {TESTED_TRL[0]}.{TESTED_TRL[1]}, got trl "
+        f"{trl.__version__}; upgrade with `pip install 'trl>={TESTED_TRL[0]}.{TESTED_TRL[1]}'`"
+    )
+
+
+def unsupported_options(args) -> list:
+    """The options of a ``GRPOConfig`` that grpo_fast cannot reproduce, each as a sentence (empty: all fine)."""
+    out = []
+    loss_type = getattr(args, "loss_type", "dapo")
+    if loss_type not in LOSS_TYPES:
+        out.append(f"loss_type={loss_type!r} is not implemented by grpo_fast (it implements {sorted(LOSS_TYPES)})")
+    if getattr(args, "entropy_coef", 0.0) != 0.0 or getattr(args, "use_adaptive_entropy", False):
+        out.append(
+            f"the entropy bonus (entropy_coef={args.entropy_coef}, use_adaptive_entropy={args.use_adaptive_entropy}) "
+            "is not implemented by grpo_fast; set entropy_coef=0.0 and use_adaptive_entropy=False"
+        )
+    if getattr(args, "off_policy_mask_threshold", None) is not None:
+        out.append(
+            f"off_policy_mask_threshold={args.off_policy_mask_threshold} (off-policy sequence masking) is not "
+            "implemented by grpo_fast; set it to None"
+        )
+    if getattr(args, "use_liger_kernel", False):
+        out.append(
+            "use_liger_kernel=True: Liger and grpo_fast are alternative kernels for the same model; the drop-in is "
+            "not tested with Liger's patches, so use one or the other (set use_liger_kernel=False)"
+        )
+    if loss_type == "dr_grpo" and getattr(args, "max_completion_length", 1) is None:
+        out.append("loss_type='dr_grpo' normalizes by max_completion_length, which is None")
+    return out
+
+
+def _logit_scale(text_config) -> float:
+    """The multiplier some architectures apply to the logits before any softcap (TRL's add_fused_lm_head reads the same fields)."""
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide by logits_scaling, HyperCLOVA X multiplies by it.
+        s = text_config.logits_scaling
+        scale = s if text_config.model_type == "hyperclovax" else 1.0 / s
+    return 1.0 if scale is None else float(scale)
+
+
+def _linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, *, logit_scale, logit_softcap, chunk_size, fused_linear, **options):
+    """(loss, metrics) from hidden (B, T, H) and the LM head weight (V, H) / bias (V,).
+
+    The fused-linear path never materializes the (B, T, V) logits; the logits path (fused_linear=False,
+    or a grpo_fast without fused_linear_grpo_loss) projects first, then runs grpo_loss's one fused pass
+    in place on the fresh logits (nothing else reads them).
+    """
+    fl = getattr(grpo_fast, "fused_linear_grpo_loss", None)
+    if fused_linear and fl is not None:
+        return fl(hidden, weight, completion_ids, advantages, bias=bias, logit_scale=logit_scale,
+                  logit_softcap=logit_softcap, chunk_size=chunk_size, **options)
+    logits = F.linear(hidden, weight, bias)
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    inplace = True
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+        inplace = False  # tanh's backward reads its output: do not overwrite it
+    return grpo_fast.grpo_loss(logits, completion_ids, advantages, inplace=inplace, **options)
+
+
+@torch.no_grad()
+def _linear_entropy(hidden, weight, bias, completion_ids, *, temperature, logit_scale, logit_softcap, backend, fused_linear):
+    """Per-token entropy (B, T) float32 at ``temperature``, without gradient."""
+    fl = getattr(grpo_fast, "fused_linear_token_logprobs", None)
+    if fused_linear and fl is not None:
+        _, ent = fl(hidden, weight, completion_ids, bias=bias, temperature=temperature, logit_scale=logit_scale,
+                    logit_softcap=logit_softcap, return_entropy=True, backend=backend)
+        return ent
+    logits = F.linear(hidden, weight, bias)
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    _, ent = grpo_fast.token_logprobs(logits, completion_ids, temperature, return_entropy=True, backend=backend)
+    return ent
+
+
+def _install_hidden_forward(model) -> None:
+    """Wrap ``model.forward`` so that ``model(..., grpo_fast_loss=fn)`` returns ``fn(hidden, weight, bias, scale, softcap)``.
+
+    The loss is computed inside the model's forward, as TRL's own fused LM head does, so that the call
+    goes through whatever wraps the model (DDP, FSDP, DeepSpeed, accelerate's autocast) and the head's
+    parameters are gathered while that wrapper expects them to be. Without ``grpo_fast_loss`` the
+    forward is the previous one, so generation and TRL's no-grad log-prob passes are unchanged.
+    """
+    previous_forward = model.forward
+    text_config = model.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = _logit_scale(text_config)
+
+    # Keep the class forward's signature: `generate` validates its kwargs against it (TRL does the same).
+    @functools.wraps(type(model).forward)
+    def _forward(self, *args, grpo_fast_loss=None, **kwargs):
+        if grpo_fast_loss is None:
+            return previous_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, P + T, H)
+        lm_head = self.get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
+        try:  # FSDP2 shards the head as DTensors; the loss needs the whole (V, H) matrix, as in TRL
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without torch.distributed
+            DTensor = ()
+        if DTensor and isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        return grpo_fast_loss(hidden.to(weight.device), weight, bias, scale, softcap)
+
+    model.forward = types.MethodType(_forward, model)
+
+
+class GRPOTrainer(_TRLGRPOTrainer):
+    """``trl.GRPOTrainer`` with the policy loss computed by grpo_fast (see the module docstring).
+
+    Takes every argument of ``trl.GRPOTrainer`` plus, keyword-only:
+
+    Args:
+        grpo_fast_backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — grpo_fast's kernel backend.
+        grpo_fast_fused_linear: True (default): the fused-linear path, no (B, T, V) logits. False:
+            project to logits, then grpo_loss's fused pass (in place on the logits).
+        grpo_fast_chunk_size: tokens per chunk on the fused-linear path (None: grpo_fast's default).
+
+    Raises:
+        ValueError: when built with an option grpo_fast does not implement (see ``unsupported_options``),
+            an option value grpo_fast rejects, or a subclass overriding the loss.
+
+    Example:
+        >>> from trl import GRPOConfig
+        >>> from grpo_fast.integrations.trl import GRPOTrainer
+        >>> trainer = GRPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=reward_len,
+        ...                       args=GRPOConfig(loss_type="dapo", beta=0.04), train_dataset=dataset)
+        >>> trainer.train()
+    """
+
+    def __init__(self, *args, grpo_fast_backend: str = "auto", grpo_fast_fused_linear: bool = True,
+                 grpo_fast_chunk_size: Optional[int] = None, **kwargs):
+        # Refuse before the (possibly large) model is loaded.
+        self._grpo_fast_check_subclass()
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if config is not None:
+            self._grpo_fast_raise(unsupported_options(config))
+        grpo_fast.api.check_backend(grpo_fast_backend)
+        self.grpo_fast_backend = grpo_fast_backend
+        self.grpo_fast_fused_linear = bool(grpo_fast_fused_linear)
+        self.grpo_fast_chunk_size = grpo_fast_chunk_size
+        super().__init__(*args, **kwargs)
+
+        problems = unsupported_options(self.args)
+        if self.aux_loss_enabled:
+            problems.append(
+                f"the Mixture-of-Experts router auxiliary loss (router_aux_loss_coef={self.router_aux_loss_coef}) is not "
+                "added by the grpo_fast loss; set router_aux_loss_coef=0.0"
+            )
+        if self._is_vlm:
+            problems.append("vision-language models (a processor as processing_class) are not supported by the grpo_fast loss")
+        self._grpo_fast_raise(problems)
+        self._grpo_fast_check_values()
+
+        # The same module TRL gave its fused LM head: the transformers model under a PEFT wrapper.
+        from accelerate.utils import is_peft_model
+
+        target = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        _install_hidden_forward(target)
+        self._grpo_fast_cast_fp32 = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
+
+    # ---- checks ----------------------------------------------------------------------------------
+
+    @classmethod
+    def _grpo_fast_check_subclass(cls) -> None:
+        for name in _LOSS_METHODS:
+            if getattr(cls, name) is not getattr(GRPOTrainer, name):
+                owner = next(k for k in cls.__mro__ if name in k.__dict__)
+                raise ValueError(
+                    f"{cls.__name__} overrides {name} (in {owner.__module__}.{owner.__qualname__}): the grpo_fast drop-in "
+                    f"replaces TRL's loss, so that override would be silently ignored or silently bypass grpo_fast. "
+                    f"Subclass trl.GRPOTrainer instead to keep a custom loss."
+                )
+
+    @staticmethod
+    def _grpo_fast_raise(problems) -> None:
+        if problems:
+            raise ValueError(
+                "grpo_fast's GRPOTrainer cannot reproduce these TRL options (use trl.GRPOTrainer for them):\n  - "
+                + "\n  - ".join(problems)
+            )
+
+    def _grpo_fast_check_values(self) -> None:
+        """Run grpo_fast's validation on a 1-token dummy batch so that a bad option value fails now, not at step 1."""
+        opts = self._grpo_fast_options()
+        logits = torch.zeros(1, 1, 2)
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        extra = {}
+        if opts["beta"] != 0.0:
+            extra["ref_logp"] = torch.zeros(1, 1)
+        try:
+            validate_loss_args(logits, ids, torch.ones(1), **opts, **extra)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"grpo_fast rejects this GRPOConfig: {e}") from e
+
+    def _grpo_fast_options(self) -> dict:
+        """grpo_fast's loss options from the trainer's current settings (read where TRL's _compute_loss reads them)."""
+        lt = self.loss_type
+        return dict(
+            loss_type=lt,
+            importance_sampling_level=self.importance_sampling_level,
+            temperature=self.temperature,
+            beta=self.beta,
+            kl_estimator="k3",
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            # TRL applies delta in the clip family only; grpo_fast rejects it elsewhere instead of ignoring it.
+            delta=self.args.delta if lt in CLIP_FAMILY else None,
+            max_completion_length=self.max_completion_length if lt == "dr_grpo" else None,
+            sapo_temperature_pos=self.args.sapo_temperature_pos,
+            sapo_temperature_neg=self.args.sapo_temperature_neg,
+            use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
+        )
+
+    # ---- the loss --------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        # Settings can be changed on a built trainer; re-check the cheap ones so nothing is bypassed.
+        self._grpo_fast_raise(unsupported_options(types.SimpleNamespace(
+            loss_type=self.loss_type, entropy_coef=self.entropy_coef, use_adaptive_entropy=self.use_adaptive_entropy,
+            off_policy_mask_threshold=self.off_policy_mask_threshold, use_liger_kernel=False,
+            max_completion_length=self.max_completion_length,
+        )))
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        T = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mode = "train" if self.model.training else "eval"
+        opts = self._grpo_fast_options()
+        lt = opts["loss_type"]
+
+        # The rollout engine's importance-sampling ratio multiplies the policy term (not the KL), as in TRL.
+        isr = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            isr = inputs["importance_sampling_ratio"]
+            if isr.dim() == 2 and isr.size(1) == 1:  # sequence_* modes give one ratio per row
+                isr = isr.squeeze(1)
+
+        # Normalization: grpo_fast aggregates like TRL's loss before the accumulation scaling; the
+        # remaining factor is applied to the scalar (autograd scales the fused gradient by it).
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+        num_items = None
+        if lt in ("dapo", "cispo"):
+            # TRL: Σ m·L / (n / P · GA / S) in train, Σ m·L / (n / P) in eval, n = max(num_items_in_batch, 1).
+            n = inputs["num_items_in_batch"]
+            num_items = max(float(n.item() if isinstance(n, torch.Tensor) else n), 1.0)
+            scale = float(self.accelerator.num_processes)
+            if mode == "train":
+                scale *= self.args.steps_per_generation / ga
+        else:
+            scale = 1.0 / ga
+
+        per_call = dict(
+            old_logp=inputs.get("old_per_token_logps"),  # None: on-policy, ratio 1 with gradient
+            ref_logp=inputs["ref_per_token_logps"] if opts["beta"] != 0.0 else None,
+            completion_mask=mask,
+            num_items_in_batch=num_items,
+        )
+        advantages = inputs["advantages"]
+        if advantages.dim() == 2 and advantages.size(1) == 1:
+            advantages = advantages.squeeze(1)
+        top_q = self.top_entropy_quantile
+        backend, fused_linear, chunk = self.grpo_fast_backend, self.grpo_fast_fused_linear, self.grpo_fast_chunk_size
+        cast_fp32 = self._grpo_fast_cast_fp32
+
+        def loss_fn(hidden, weight, bias, logit_scale, softcap):
+            h = hidden[:, -T - 1:-1]  # position i scores token i + 1: the completion's T positions
+            ctx = nullcontext()
+            if cast_fp32:  # TRL's cast_lm_head_to_fp32: head in float32, outside autocast
+                h, weight = h.float(), weight.float()
+                bias = None if bias is None else bias.float()
+                ctx = torch.autocast(h.device.type, enabled=False)
+            ids = completion_ids.to(h.device)
+            ratio = isr
+            with ctx:
+                if top_q < 1.0:
+                    # TRL's high-entropy mask multiplies the policy term before the vLLM ratio and before the
+                    # KL is added: the same place as importance_sampling_ratio, so it folds into it.
+                    ent = _linear_entropy(h.detach(), weight.detach(), None if bias is None else bias.detach(), ids,
+                                          temperature=opts["temperature"], logit_scale=logit_scale,
+                                          logit_softcap=softcap, backend=backend, fused_linear=fused_linear)
+                    em = self.get_high_entropy_mask(ent, mask, 1 - top_q).to(torch.float32)
+                    ratio = em if isr is None else em * (isr.unsqueeze(1) if isr.dim() == 1 else isr)
+                return _linear_grpo_loss(
+                    h, weight, bias, ids, advantages, logit_scale=logit_scale, logit_softcap=softcap,
+                    chunk_size=chunk, fused_linear=fused_linear, backend=backend,
+                    importance_sampling_ratio=ratio, **opts, **per_call,
+                )
+
+        loss, metrics = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=loss_fn)
+        if scale != 1.0:
+            loss = loss * scale
+        self._grpo_fast_log(mode, metrics, mask, advantages, opts["importance_sampling_level"])
+        return loss
+
+    def _grpo_fast_log(self, mode, metrics, mask, advantages, level) -> None:
+        """Append grpo_fast's metric means under TRL's names, reduced over processes as TRL's global_masked_mean."""
+        n_tok = mask.sum().float()
+        # Clip flags are per row at sequence level with a per-row advantage (TRL's (B, 1) tensors).
+        n_flag = n_tok.new_tensor(float(mask.shape[0])) if (level == "sequence" and advantages.dim() == 1) else n_tok
+        for name, value in metrics.items():
+            count = n_tok if name in ("entropy", "kl") else n_flag
+            local = torch.stack([value.to(count.device).float() * count, count])
+            totals = self.accelerator.reduce(local, reduction="sum")
+            self._metrics[mode][TRL_METRIC_NAMES.get(name, name)].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+
+_ORIGINALS: dict = {}
+
+
+def patch_trl() -> None:
+    """Make ``trl.GRPOTrainer`` (every import path of it) this drop-in, for code that cannot change its import.
+
+    Classes that already subclassed ``trl.GRPOTrainer`` before the call keep TRL's loss; scripts
+    should call it before building their trainer. ``unpatch_trl()`` restores TRL's class.
+    """
+    import trl.trainer
+    import trl.trainer.grpo_trainer
+
+    for mod in (trl, trl.trainer, trl.trainer.grpo_trainer):
+        current = getattr(mod, "GRPOTrainer")
+        if current is not GRPOTrainer:
+            _ORIGINALS[mod.__name__] = current
+        setattr(mod, "GRPOTrainer", GRPOTrainer)
+
+
+def unpatch_trl() -> None:
+    """Undo ``patch_trl()``."""
+    import importlib
+
+    for name, cls in list(_ORIGINALS.items()):
+        setattr(importlib.import_module(name), "GRPOTrainer", cls)
+        del _ORIGINALS[name]
+
+
+if _trl_version()[:2] != TESTED_TRL:
+    warnings.warn(
+        f"grpo_fast.integrations.trl reproduces trl {TESTED_TRL[0]}.{TESTED_TRL[1]}'s GRPO loss; trl {trl.__version__} "
+        "is installed and its loss may differ. Compare one step against trl.GRPOTrainer (tests/test_trl.py does).",
+        stacklevel=2,
+    )
