@@ -1,0 +1,719 @@
+"""The fused-linear GRPO loss: from hidden states and the LM head, never materializing the logits.
+
+The (B·T) × V logits of an RL batch are the largest tensor of a GRPO step (8k tokens × 152k vocab
+× 4 B = 5 GB per sequence). This path walks the tokens in chunks and, per chunk of n tokens:
+
+    pre   = h_c · Wᵀ (+ b)                 torch matmul (BLAS / cuBLAS)      n·H·V MACs
+    kernel(pre) -> loss sums, ∂loss/∂pre   the backend's fused logits kernel, gradient written IN PLACE
+                                           into the chunk's own buffer (one read, one write of n·V)
+    dh_c  = ∂pre · W                       matmul                             n·H·V MACs
+    dW   += ∂preᵀ · h_c,  db += Σ ∂pre      matmul                             n·H·V MACs
+
+Three matmuls in all and nothing recomputed: the gradient is produced in the forward pass (every
+aggregation weight depends only on the mask, SPEC.md "Gradient") and backward only scales it by
+grad_output, as ``api._FusedGRPOLoss`` does for logits. TRL's ``ChunkedLogProbFunction`` and
+Liger's fused-linear GRPO recompute each chunk's logits in backward (four matmuls).
+
+Chunks add up because the backend contract returns SUMS (stats) and takes the batch's aggregation
+weight per token (``LossInputs.weight``, computed once for the whole batch): a chunk's
+``Σ w·L`` is its exact share of the loss whatever the loss type. Per-chunk ``LossInputs`` are slices
+of the validated full-batch ones, with tokens flattened to a (1, n) "batch" and per-row
+advantages / importance ratios expanded to per-token for that chunk only. Advantages from rewards are
+computed once for the batch (the kernels' own group statistics would see only the chunk).
+
+logit_scale and logit_softcap without an extra pass over the chunk: the kernel divides by its
+temperature anyway, so it is handed ``pre`` with temperature τ/s (scale only), or
+``t = tanh(s·pre/c)`` with temperature τ/c (softcap: z = c·t). Its gradient is then already
+∂loss/∂pre (scale only), or ∂loss/∂t, chained by (1 − t²)·s/c — which needs ``t`` after the kernel
+has overwritten its input, so with a softcap the gradient goes to a second chunk buffer.
+
+Sequence-level importance sampling (GSPO) needs a row's ratio before any token of the row gets its
+gradient. Two strategies, chosen per call:
+
+* rows fit in a chunk (chunk_size ≥ T; the default whenever one row's logits fit the budget):
+  chunk by whole rows. The backend's kernel does the sequence-level math itself (its two passes run
+  over the row while it is in cache / in the chunk buffer), so this costs nothing extra: still three
+  matmuls.
+* a row does not fit (long rows × big vocabularies): a log-prob pre-pass. Pass 1 computes each
+  chunk's logits and per-token log-prob / entropy (kernel ``token_logprobs``); the loss as a function
+  of the small (B, T) log-prob tensor is then differentiated by torch autograd, with the reference's
+  math (``_loss_from_logp``), giving per-token ``g = ∂loss/∂logp``; pass 2 recomputes each chunk's
+  logits and writes ``g·(onehot − softmax)/τ`` in place with the same kernel (``g`` enters as the
+  aggregation weight of a unit k1-KL term, whose ∂/∂logp is exactly 1). Four matmuls instead of three:
+  ≈ 4/3 of the time (measured by ``grpo-fast bench fused-linear``). Chunking rows would have needed
+  a T·V buffer (5 GB at T = 8k, V = 152k), which is what this path exists to avoid.
+
+Backend "torch" uses the same loop with ``_TorchKernels``: per-chunk autograd over the reference's
+formulas, so it too never holds more than a chunk of logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Optional
+
+import torch
+
+from . import backends as _backends
+from ._config import (
+    LOSS_TYPES,
+    KL_ESTIMATORS,
+    NUM_STATS,
+    STAT_CISPO_CLIP,
+    STAT_CLIP_HIGH,
+    STAT_CLIP_LOW,
+    STAT_CLIP_REGION,
+    STAT_ENTROPY,
+    STAT_KL,
+    STAT_LOSS,
+)
+from .api import metrics_from_sums
+from .reference import group_advantages_reference, token_logprobs_reference
+from .validation import (
+    LOGIT_DTYPES,
+    LossInputs,
+    _fmt_shape,
+    _number,
+    check_backend,
+    check_ids,
+    validate_loss_args,
+)
+
+__all__ = ["fused_linear_grpo_loss", "FusedLinearGRPOLoss", "fused_linear_token_logprobs"]
+
+# Default memory budget for the chunk's logits buffer(s). 256 MiB keeps the working set far below
+# the weight gradient of any real LM head while each chunk's GEMMs stay large (≥ 256 rows).
+CHUNK_BUDGET_BYTES = 256 << 20
+# Below this many tokens per chunk the GEMMs become bound by re-reading W (V·H) once per chunk.
+MIN_CHUNK_TOKENS = 256
+# When the whole batch would fit the budget, still split it in this many chunks, so that the logits
+# never all live at once (peak ≈ 1/4 of the full logits) at no measurable speed cost.
+MIN_CHUNKS = 4
+# Chunk lengths are rounded to a multiple of this (GEMM tiles like whole blocks of rows).
+CHUNK_ROUND = 64
+# Elementwise passes (softcap chain rule, upcasts) run over blocks of at most this many elements, so
+# their float32 temporaries stay small next to the chunk.
+_ELEMWISE_BLOCK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks specific to this path (everything else goes through validation.py)
+# --------------------------------------------------------------------------------------------
+
+def _check_linear(hidden, weight, bias):
+    """hidden (B, T, H), weight (V, H), bias (V,) | None: same dtype and device. Returns (B, T, H, V)."""
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor of shape (B, T, H), got {type(hidden).__name__}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape (B, T, H), got {hidden.dim()} dims {_fmt_shape(hidden)}")
+    if hidden.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor of shape (V, H), got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H) as in nn.Linear, got {weight.dim()} dims {_fmt_shape(weight)}")
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, {H}) to match hidden's H = {H}, got {_fmt_shape(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight must be on hidden's device {hidden.device}, got {weight.device}")
+    if V == 0:
+        raise ValueError(f"weight must have a vocabulary dimension V > 0, got shape {_fmt_shape(weight)}")
+    if B * T == 0:
+        raise ValueError(f"hidden must have B·T > 0 tokens, got shape {_fmt_shape(hidden)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor of shape ({V},) or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape ({V},) to match weight's V = {V}, got {_fmt_shape(bias)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias must be on hidden's device {hidden.device}, got {bias.device}")
+    return B, T, H, V
+
+
+def _check_transform(logit_scale, logit_softcap):
+    scale = _number("logit_scale", logit_scale)
+    if scale <= 0:
+        raise ValueError(f"logit_scale must be > 0, got {scale}")
+    cap = _number("logit_softcap", logit_softcap, allow_none=True)
+    if cap is not None and cap <= 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {cap}")
+    return scale, cap
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _standin_logits(B: int, T: int, V: int, hidden: torch.Tensor) -> torch.Tensor:
+    """A (B, T, V) tensor of V elements (strides (0, 0, 1)) for validate_loss_args' shape checks.
+
+    stride(-1) == 1, so validation never copies it; nothing ever reads its (uninitialized) values.
+    """
+    return torch.empty((1, 1, V), dtype=hidden.dtype, device=hidden.device).expand(B, T, V)
+
+
+# --------------------------------------------------------------------------------------------
+# The logit transform: z = c·tanh(s·pre/c) or z = s·pre, folded into the kernel's temperature
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    scale: float
+    softcap: Optional[float]
+
+    @property
+    def n_buffers(self) -> int:
+        """Chunk-sized buffers per chunk: the softcap keeps t alive next to the gradient."""
+        return 2 if self.softcap is not None else 1
+
+    def kernel_temperature(self, temperature: float) -> float:
+        # x = z/τ: with z = s·pre the kernel reads pre at τ/s; with z = c·t it reads t at τ/c.
+        return temperature / (self.softcap if self.softcap is not None else self.scale)
+
+    def forward_(self, pre: torch.Tensor) -> torch.Tensor:
+        """In place: the matmul output becomes what the kernel reads (pre itself, or t)."""
+        if self.softcap is not None:
+            pre.mul_(self.scale / self.softcap).tanh_()
+        return pre
+
+    def backward_(self, grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """In place: ∂loss/∂(kernel input) -> ∂loss/∂pre. ``t`` is destroyed (softcap only)."""
+        if self.softcap is None:
+            return grad  # the kernel's temperature already carried the scale
+        k = self.scale / self.softcap
+        n, V = grad.shape
+        rows = max(1, _ELEMWISE_BLOCK // max(V, 1))
+        for i in range(0, n, rows):
+            tb = t[i:i + rows].float()
+            # (1 − t)(1 + t) instead of 1 − t²: 1 − t is exact near |t| → 1, where 1 − t² cancels.
+            d = (1.0 - tb).mul_(tb.add_(1.0)).mul_(k)
+            gb = grad[i:i + rows]
+            gb.copy_(gb.float().mul_(d))
+        return grad
+
+
+# --------------------------------------------------------------------------------------------
+# The per-token GRPO math on log-probs (torch): SPEC.md as reference.py writes it, but returning
+# the backend's SUMS so that chunks add, and differentiable in logp for the pre-pass
+# --------------------------------------------------------------------------------------------
+
+def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs, sequence: bool):
+    """loss = Σ w·L (differentiable in logp) and the stats sums except entropy.
+
+    logp: (R, T) float32; mask, weight: (R, T); A: (R,) or (R, T); old, ref, isr: (R, T) | (R,) | None.
+    """
+    cfg = inp.cfg
+    old_ = logp.detach() if old is None else old  # on-policy: r = 1, dr/dlogp = 1
+    log_ratio = logp - old_
+    if sequence:
+        s = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    else:
+        s = log_ratio
+    r = torch.exp(s)
+    A = A.unsqueeze(1) if A.dim() == 1 else A
+    stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=logp.device)
+
+    def count(flag):  # per row when the flag is the row's (sequence level, per-row A), else per valid token
+        flag = flag.to(torch.float32)
+        return flag.sum() if flag.shape[1] == 1 else (flag * mask).sum()
+
+    if cfg.is_clip_family:
+        lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+        r2 = torch.clamp(r, lo, hi)
+        r1 = torch.clamp(r, max=cfg.delta) if cfg.has_delta else r
+        L = -torch.min(r1 * A, r2 * A)
+        with torch.no_grad():
+            low, high = (r < lo) & (A < 0), (r > hi) & (A > 0)
+            stats[STAT_CLIP_LOW] = count(low)
+            stats[STAT_CLIP_HIGH] = count(high)
+            stats[STAT_CLIP_REGION] = count(low | high)
+    elif cfg.loss_type == LOSS_TYPES["cispo"]:
+        L = -torch.clamp(r, max=cfg.eps_high).detach() * A * logp
+        with torch.no_grad():
+            stats[STAT_CISPO_CLIP] = count((r > cfg.eps_high) & (A > 0))
+    else:  # sapo
+        tau = torch.where(A > 0, torch.full_like(A, cfg.sapo_temp_pos), torch.full_like(A, cfg.sapo_temp_neg))
+        L = -(4.0 / tau) * torch.sigmoid(tau * (r - 1)) * A
+    L = L.expand(logp.shape) if L.shape[1] == 1 else L
+    if isr is not None:
+        L = L * (isr.unsqueeze(1) if isr.dim() == 1 else isr)
+    if cfg.beta != 0.0:
+        d = ref - logp
+        if cfg.kl_estimator == KL_ESTIMATORS["k3"]:
+            kl = torch.exp(d) - d - 1
+        elif cfg.kl_estimator == KL_ESTIMATORS["k1"]:
+            kl = -d
+        else:
+            kl = 0.5 * d * d
+        if cfg.bias_correction_kl:
+            kl = kl * r
+        L = L + cfg.beta * kl
+        with torch.no_grad():
+            stats[STAT_KL] = (kl * mask).sum()
+    loss = (weight * L).sum()
+    stats[STAT_LOSS] = loss.detach()
+    return loss, stats
+
+
+class _TorchKernels:
+    """backend="torch" in the backend interface (backends/__init__.py), by autograd on one chunk.
+
+    Chunk-sized temporaries only (a float32 copy, softmax, …): the chunk loop bounds its memory.
+    """
+
+    @staticmethod
+    def fused_loss(inp: LossInputs, grad: Optional[torch.Tensor]):
+        z = inp.logits.detach()
+        with torch.enable_grad():
+            z.requires_grad_(grad is not None)
+            logp, entropy = token_logprobs_reference(z, inp.ids, inp.cfg.temperature, return_entropy=True)
+            A = inp.advantages
+            if A is None:
+                A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
+            loss, stats = _loss_from_logp(logp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr,
+                                          inp, sequence=inp.cfg.level == 1)
+            stats[STAT_ENTROPY] = (entropy * inp.mask).sum()
+            if grad is not None:
+                (g,) = torch.autograd.grad(loss, z)
+                grad.copy_(g)  # after autograd is done reading z: grad may alias the logits
+        return stats, logp.detach()
+
+    @staticmethod
+    def token_logprobs(logits, ids, temperature, return_entropy):
+        out = token_logprobs_reference(logits, ids, temperature, return_entropy=return_entropy)
+        return (out[0].float(), out[1].float()) if return_entropy else (out.float(), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk planning and the loop
+# --------------------------------------------------------------------------------------------
+
+def _auto_chunk(N: int, V: int, elem: int, n_buffers: int, torch_backend: bool) -> int:
+    per_token = V * elem * n_buffers
+    if torch_backend:
+        per_token += V * 4 * 5  # autograd's float32 temporaries (upcast, exp, softmax, grad, p·x)
+    budget_tokens = max(1, CHUNK_BUDGET_BYTES // per_token)
+    quarter = -(-N // MIN_CHUNKS)
+    quarter = -(-quarter // CHUNK_ROUND) * CHUNK_ROUND
+    chunk = min(budget_tokens, max(MIN_CHUNK_TOKENS, quarter))
+    if chunk >= CHUNK_ROUND:
+        chunk -= chunk % CHUNK_ROUND
+    return max(1, min(chunk, N))
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything the chunk loop needs besides the three differentiable tensors."""
+
+    inp: LossInputs  # the full batch, validated (its logits are a stand-in)
+    A: torch.Tensor  # (B,) or (B, T) float32: advantages (from rewards if needed)
+    impl: object  # a backend module or _TorchKernels
+    transform: _Transform
+    chunk: int  # tokens per chunk
+    B: int
+    T: int
+    V: int
+
+
+def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) -> LossInputs:
+    """LossInputs of tokens [s, e) (or rows [s, e) when ``rows``), logits = buf (n, V)."""
+    inp, T = plan.inp, plan.T
+    if rows:
+        k = e - s
+        sl = slice(s, e)
+        logits = buf.view(k, T, plan.V)
+
+        def cut(x):
+            return None if x is None else x[sl]
+
+        ids, mask, weight, A, old, ref, isr = (cut(x) for x in (inp.ids, inp.mask, inp.weight, plan.A,
+                                                                inp.old_logp, inp.ref_logp, inp.isr))
+    else:
+        n = e - s
+        logits = buf.view(1, n, plan.V)
+        B = plan.B
+
+        def cut(x):
+            if x is None:
+                return None
+            if x.dim() == 1:  # per row -> per token, for this chunk's tokens only
+                first, last = s // T, (e - 1) // T + 1
+                x = x[first:last].view(-1, 1).expand(last - first, T).reshape(-1)[s - first * T:e - first * T]
+            else:
+                x = x.view(B * T)[s:e]
+            return x.reshape(1, n)
+
+        ids, mask, weight, A, old, ref, isr = (cut(x) for x in (inp.ids, inp.mask, inp.weight, plan.A,
+                                                                inp.old_logp, inp.ref_logp, inp.isr))
+    cfg = dataclasses.replace(inp.cfg, temperature=plan.transform.kernel_temperature(inp.cfg.temperature), group_size=0)
+    return dataclasses.replace(inp, logits=logits, ids=ids.contiguous(), mask=mask.contiguous(),
+                               advantages=A.contiguous(), rewards=None, old_logp=old, ref_logp=ref, isr=isr,
+                               weight=weight.contiguous(), cfg=cfg)
+
+
+class _Grads:
+    """Gradient buffers of hidden (N, H), weight (V, H) and bias (V,), filled chunk by chunk."""
+
+    def __init__(self, hidden2d, weight, bias, needs):
+        dev = hidden2d.device
+        self.low_precision = weight.dtype != torch.float32
+        self.dh = torch.empty_like(hidden2d) if needs[0] else None
+        # The weight and bias gradients sum over every chunk: float32 accumulators, so that a bf16
+        # gradient is rounded once at the end, not once per chunk.
+        self.dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if needs[1] else None
+        self.db = torch.zeros(bias.shape, dtype=torch.float32, device=dev) if needs[2] else None
+
+    @property
+    def any(self) -> bool:
+        return self.dh is not None or self.dw is not None or self.db is not None
+
+    def add_chunk(self, dpre, h_c, weight, s, e):
+        """dpre: (n, V) ∂loss/∂pre of tokens [s, e); h_c: (n, H)."""
+        if self.dh is not None:
+            torch.mm(dpre, weight, out=self.dh[s:e])
+        if self.dw is not None:
+            if not self.low_precision:
+                self.dw.addmm_(dpre.t(), h_c)
+            elif dpre.is_cuda:
+                try:  # cuBLAS bf16 GEMM with a float32 output (torch >= 2.8)
+                    torch.addmm(self.dw, dpre.t(), h_c, out_dtype=torch.float32, out=self.dw)
+                except (TypeError, RuntimeError):
+                    self.dw.addmm_(dpre.t().float(), h_c.float())
+            else:  # CPU: no mixed-precision GEMM; a float32 GEMM on upcast copies (chunk-sized)
+                self.dw.addmm_(dpre.t().float(), h_c.float())
+        if self.db is not None:
+            self.db.add_(dpre.sum(0, dtype=torch.float32))
+
+    def finish(self, hidden, weight, bias):
+        dh = None if self.dh is None else self.dh.view(hidden.shape)
+        dw = None if self.dw is None else self.dw.to(weight.dtype)
+        db = None if self.db is None else self.db.to(bias.dtype)
+        return dh, dw, db
+
+
+def _matmul_chunk(h_c, weight, bias, out):
+    """out (n, V) = h_c · Wᵀ (+ b), in the inputs' dtype (BLAS accumulates in float32 for bf16)."""
+    if bias is None:
+        torch.mm(h_c, weight.t(), out=out)
+    else:
+        torch.addmm(bias, h_c, weight.t(), out=out)
+    return out
+
+
+def _run_chunks(plan: _Plan, hidden, weight, bias, needs):
+    """The fused forward + gradient. Returns (stats (NUM_STATS,) sums, dh, dw, db)."""
+    B, T, V = plan.B, plan.T, plan.V
+    N = B * T
+    hidden2d = hidden.reshape(N, hidden.shape[-1])
+    if not hidden2d.is_contiguous():
+        hidden2d = hidden2d.contiguous()
+    grads = _Grads(hidden2d, weight, bias, needs)
+    sequence = plan.inp.cfg.level == 1
+    rows = sequence and plan.chunk >= T
+    if sequence and not rows:
+        return _run_prepass(plan, hidden, hidden2d, weight, bias, grads)
+
+    step = plan.chunk // T if rows else plan.chunk  # rows or tokens per chunk
+    total = B if rows else N
+    tokens_max = min(step * T if rows else step, N)
+    buf = torch.empty((tokens_max, V), dtype=hidden.dtype, device=hidden.device)
+    gbuf = None
+    if grads.any and plan.transform.softcap is not None:
+        gbuf = torch.empty_like(buf)
+    stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=hidden.device)
+    for s in range(0, total, step):
+        e = min(s + step, total)
+        ts, te = (s * T, e * T) if rows else (s, e)
+        n = te - ts
+        h_c = hidden2d[ts:te]
+        chunk = plan.transform.forward_(_matmul_chunk(h_c, weight, bias, buf[:n]))
+        cinp = _chunk_inputs(plan, chunk, s, e, rows)
+        grad = None
+        if grads.any:
+            grad = chunk if gbuf is None else gbuf[:n]  # in place unless t must survive the kernel
+        # The backend sees the chunk as its (1, n, V) or (k, T, V) batch; grad takes the same shape.
+        st, _ = plan.impl.fused_loss(cinp, None if grad is None else grad.view(cinp.logits.shape))
+        stats += st.to(stats.device)
+        if grad is not None:
+            dpre = plan.transform.backward_(grad, chunk)
+            grads.add_chunk(dpre, h_c, weight, ts, te)
+    return (stats,) + grads.finish(hidden, weight, bias)
+
+
+def _unit_logp_inputs(cinp: LossInputs, g: torch.Tensor) -> LossInputs:
+    """Chunk inputs whose loss is Σ g·logp: a k1 KL term (kl = logp − 0, ∂kl/∂logp = 1) with β = 1 and
+    aggregation weight g, under cispo with zero advantage (no ratio term). The backend's fused kernel
+    then writes g·(onehot − softmax)/τ, whatever backend it is."""
+    n = g.numel()
+    cfg = dataclasses.replace(cinp.cfg, loss_type=LOSS_TYPES["cispo"], kl_estimator=KL_ESTIMATORS["k1"], level=0,
+                              has_delta=False, bias_correction_kl=False, beta=1.0, eps_high=1.0, delta=0.0)
+    zeros = torch.zeros((1, n), dtype=torch.float32, device=g.device)
+    return dataclasses.replace(cinp, advantages=zeros, old_logp=None, ref_logp=zeros, isr=None,
+                               weight=g.reshape(1, n).contiguous(), cfg=cfg, loss_type="cispo",
+                               kl_estimator="k1", level="token", delta=None)
+
+
+def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads):
+    """Sequence level with rows longer than a chunk: log-prob pre-pass, then one gradient pass."""
+    B, T, V = plan.B, plan.T, plan.V
+    N = B * T
+    inp = plan.inp
+    step = plan.chunk
+    buf = torch.empty((min(step, N), V), dtype=hidden.dtype, device=hidden.device)
+    tau_k = plan.transform.kernel_temperature(inp.cfg.temperature)
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    ids = inp.ids.view(N)
+    # Pass 1: log-probs and entropies, chunk by chunk (no gradient buffer).
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        chunk = plan.transform.forward_(_matmul_chunk(hidden2d[s:e], weight, bias, buf[:e - s]))
+        lp, ent = plan.impl.token_logprobs(chunk.view(1, e - s, V), ids[s:e].view(1, -1), tau_k, True)
+        logp[s:e] = lp.reshape(-1)
+        entropy[s:e] = ent.reshape(-1)
+    # The loss as a function of the (B, T) log-probs: small, so torch autograd gives g = ∂loss/∂logp.
+    with torch.enable_grad():
+        lp = logp.view(B, T).detach().requires_grad_(grads.any)
+        loss, stats = _loss_from_logp(lp, inp.mask, inp.weight, plan.A, inp.old_logp, inp.ref_logp, inp.isr,
+                                      inp, sequence=True)
+        g = torch.autograd.grad(loss, lp)[0].reshape(N) if grads.any else None
+    stats[STAT_ENTROPY] = (entropy.view(B, T) * inp.mask).sum()
+    if g is None:
+        return (stats,) + grads.finish(hidden, weight, bias)
+    # Pass 2: recompute each chunk's logits; the kernel writes g·(onehot − softmax)/τ in place.
+    gbuf = torch.empty_like(buf) if plan.transform.softcap is not None else None
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        n = e - s
+        h_c = hidden2d[s:e]
+        chunk = plan.transform.forward_(_matmul_chunk(h_c, weight, bias, buf[:n]))
+        cinp = _unit_logp_inputs(_chunk_inputs(plan, chunk, s, e, rows=False), g[s:e])
+        grad = chunk if gbuf is None else gbuf[:n]
+        plan.impl.fused_loss(cinp, grad.view(cinp.logits.shape))
+        grads.add_chunk(plan.transform.backward_(grad, chunk), h_c, weight, s, e)
+    return (stats,) + grads.finish(hidden, weight, bias)
+
+
+class _FusedLinearGRPOLoss(torch.autograd.Function):
+    """(hidden, weight, bias) -> (loss, stats); every gradient is produced in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan: _Plan):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        stats, dh, dw, db = _run_chunks(plan, hidden, weight, bias, needs)
+        ctx.grads = (dh, dw, db)
+        loss = stats[STAT_LOSS].clone()
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "fused_linear_grpo_loss: backward ran twice through the same loss; the gradients are computed "
+                "in forward and scaled in place, so call fused_linear_grpo_loss again instead of retain_graph=True"
+            )
+        ctx.grads = None  # release the buffers as soon as autograd takes them
+        if not bool(grad_loss == 1):
+            scale = grad_loss.to(torch.float32)
+            grads = tuple(None if t is None else t.mul_(scale.to(t.dtype)) for t in grads)
+        return grads[0], grads[1], grads[2], None
+
+
+def _resolve_impl(backend: str, device: torch.device):
+    impl = _backends.resolve(backend, device)
+    return _TorchKernels if impl is None else impl
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    advantages: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    rewards: Optional[torch.Tensor] = None,
+    group_size: Optional[int] = None,
+    scale_rewards: str = "group",
+    adv_eps: float = 1e-4,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    completion_mask: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    delta: Optional[float] = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    temperature: float = 1.0,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch=None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    importance_sampling_ratio: Optional[torch.Tensor] = None,
+    use_bias_correction_kl: bool = False,
+    inplace: bool = False,
+    backend: str = "auto",
+):
+    """The GRPO loss of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
+
+    Args:
+        hidden: (B, T, H) float32 | bfloat16 | float16 — the hidden states of the completion positions
+            (already shifted: ``hidden[b, t]`` predicts ``completion_ids[b, t]``).
+        weight: (V, H), the LM head as in ``nn.Linear`` (same dtype and device as hidden).
+        completion_ids: (B, T) int64 | int32 in [0, V).
+        advantages: (B,) or (B, T); or ``rewards`` (B,) with ``group_size``.
+        bias: (V,) or None.
+        logit_scale: > 0, multiplies the logits (e.g. Cohere's 0.0625).
+        logit_softcap: c > 0 or None: logits become ``c·tanh(logits / c)`` (Gemma 2), before the
+            temperature.
+        chunk_size: tokens per chunk; None picks it from a 256 MiB budget for the chunk's logits (and
+            at most a quarter of the batch, at least 256 tokens). At importance_sampling_level
+            "sequence" a chunk holds ⌊chunk_size / T⌋ whole rows, or, when a row is longer than a
+            chunk, the two-pass path of the module docstring runs.
+        inplace: accepted for option compatibility with ``grpo_loss``; the chunk buffers are private,
+            so the gradient is always written in place into them.
+        backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which logits kernel runs on each chunk.
+        The other options are ``grpo_loss``'s (SPEC.md).
+
+    Returns:
+        (loss, metrics): a float32 scalar with gradients for hidden, weight and bias, and the metrics
+        dict of ``grpo_loss``.
+
+    Example:
+        >>> loss, metrics = grpo_fast.fused_linear_grpo_loss(hidden, model.lm_head.weight, completion_ids,
+        ...                                                   rewards=rewards, group_size=8, completion_mask=mask)
+        >>> loss.backward()
+    """
+    backend = check_backend(backend)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    B, T, H, V = _check_linear(hidden, weight, bias)
+    scale, cap = _check_transform(logit_scale, logit_softcap)
+    chunk = _check_chunk_size(chunk_size)
+    inp = validate_loss_args(
+        _standin_logits(B, T, V, hidden), completion_ids, advantages, rewards=rewards, group_size=group_size,
+        scale_rewards=scale_rewards, adv_eps=adv_eps, old_logp=old_logp, ref_logp=ref_logp,
+        completion_mask=completion_mask, beta=beta, kl_estimator=kl_estimator,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, temperature=temperature,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        importance_sampling_ratio=importance_sampling_ratio, use_bias_correction_kl=use_bias_correction_kl,
+    )
+    impl = _resolve_impl(backend, hidden.device)
+    transform = _Transform(scale, cap)
+    if chunk is None:
+        chunk = _auto_chunk(B * T, V, hidden.element_size(), transform.n_buffers, impl is _TorchKernels)
+    A = inp.advantages
+    if A is None:  # once for the batch: a chunk's kernel would only see its own rows' rewards
+        A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
+    plan = _Plan(inp=inp, A=A, impl=impl, transform=transform, chunk=chunk, B=B, T=T, V=V)
+    loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
+    return loss, metrics_from_sums(stats, inp)
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """``fused_linear_grpo_loss`` as a module: options fixed at construction, tensors per call.
+
+    Example:
+        >>> crit = grpo_fast.FusedLinearGRPOLoss(loss_type="grpo", beta=0.04, group_size=8, logit_softcap=30.0)
+        >>> loss, metrics = crit(hidden, model.lm_head.weight, completion_ids, rewards=rewards, ref_logp=ref,
+        ...                      completion_mask=mask)
+    """
+
+    _PER_CALL = ("bias", "rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio",
+                 "num_items_in_batch")
+
+    def __init__(self, **options):
+        super().__init__()
+        bad = sorted(set(options) & set(self._PER_CALL))
+        if bad:
+            raise ValueError(f"{bad} are per-call tensors: pass them to forward(), not to FusedLinearGRPOLoss()")
+        import inspect
+
+        known = set(inspect.signature(fused_linear_grpo_loss).parameters) - {"hidden", "weight", "completion_ids", "advantages"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"FusedLinearGRPOLoss got unknown options {unknown}; known: {sorted(known - set(self._PER_CALL))}")
+        self.options = options
+
+    def forward(self, hidden, weight, completion_ids, advantages=None, **per_call):
+        return fused_linear_grpo_loss(hidden, weight, completion_ids, advantages, **{**self.options, **per_call})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+@torch.no_grad()
+def fused_linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+):
+    """Per-token log-probs (B, T) float32 of ``completion_ids`` under the LM head, chunk by chunk.
+
+    No gradient: this is for the old-policy and reference log-probs. hidden (B, T, H), weight (V, H),
+    bias (V,) | None as in ``fused_linear_grpo_loss``; with ``return_entropy=True`` also returns the
+    per-token entropy (B, T) float32.
+
+    Example:
+        >>> ref_logp = grpo_fast.fused_linear_token_logprobs(ref_hidden, ref_model.lm_head.weight, completion_ids)
+    """
+    backend = check_backend(backend)
+    B, T, H, V = _check_linear(hidden, weight, bias)
+    scale, cap = _check_transform(logit_scale, logit_softcap)
+    chunk = _check_chunk_size(chunk_size)
+    ids = check_ids(completion_ids, B, T, V, hidden.device)
+    temperature = _number("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    impl = _resolve_impl(backend, hidden.device)
+    transform = _Transform(scale, cap)
+    N = B * T
+    if chunk is None:
+        chunk = _auto_chunk(N, V, hidden.element_size(), 1, impl is _TorchKernels)
+    hidden2d = hidden.reshape(N, H)
+    ids = ids.view(N)
+    tau_k = transform.kernel_temperature(temperature)
+    buf = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(N, dtype=torch.float32, device=hidden.device) if return_entropy else None
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        z = transform.forward_(_matmul_chunk(hidden2d[s:e], weight, bias, buf[:e - s]))
+        lp, ent = impl.token_logprobs(z.view(1, e - s, V), ids[s:e].view(1, -1), tau_k, return_entropy)
+        logp[s:e] = lp.reshape(-1)
+        if return_entropy:
+            entropy[s:e] = ent.reshape(-1)
+    logp = logp.view(B, T)
+    return (logp, entropy.view(B, T)) if return_entropy else logp
