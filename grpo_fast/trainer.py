@@ -1,0 +1,754 @@
+"""A thin GRPO trainer on top of grpo_fast (nanoGPT-style: read it top to bottom).
+
+One step:
+  1. take P prompts, sample G completions for each from the policy (temperature, max new tokens,
+     stop token; KV cache for the built-in model, ``generate`` for Hugging Face models);
+  2. score them with the reward functions (weighted sum) and turn the rewards into group-relative
+     advantages (grpo_fast.group_advantages);
+  3. old log-probs (only when num_iterations > 1: the ratio is 1 otherwise) and reference
+     log-probs from a frozen copy of the starting policy (only when beta != 0);
+  4. update: grpo_fast's loss — the fused-linear one when the model's LM head is known (no
+     (B, T, V) logits at all), else the fused loss on the logits —, AdamW, gradient clipping,
+     gradient accumulation with the global token count passed as ``num_items_in_batch``.
+
+Run it:
+    python -m grpo_fast train --out runs/demo                     # built-in task, ~2 min on 2 cores
+    python -m grpo_fast train --out runs/cmp --compare            # fused loss vs the eager reference
+    torchrun --nproc_per_node 2 -m grpo_fast train --out runs/ddp # DistributedDataParallel (gloo / nccl)
+    python examples/hf_llama_reverse.py                           # any Hugging Face causal LM
+
+From Python: ``train(TrainConfig(...), model=my_causal_lm, task=my_task)``; the model is any
+nn.Module whose forward(input_ids) returns logits (a tensor, a tuple whose first item is the
+logits, or an object with ``.logits``).
+
+Distributed: the P prompts of a step are split across ranks (each rank holds whole groups, so the
+advantages are the single-process ones); the dapo/cispo normalizer (the number of completion tokens
+of the whole step) is summed over ranks with all_reduce and passed as ``num_items_in_batch``.
+DDP averages gradients over ranks, so those losses are multiplied by the world size.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import grpo_fast
+
+from .model import GPTConfig, TinyGPT
+from .tasks import Task, get_task
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults. Every field is also a command-line flag (--prompts-per-step 16, --no-warmup ...).
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    out: str = "runs/grpo_fast"  # metrics.jsonl, summary.json, PNG plots, ckpt.pt go here
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    # task and built-in model
+    task: str = "reverse"
+    n_digits: int = 4
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    # supervised warm-up (teaches the output format only; see tasks.py)
+    warmup_steps: int = 100
+    warmup_lr: float = 3e-3
+    # GRPO
+    steps: int = 150
+    prompts_per_step: int = 16  # P, across all ranks
+    group_size: int = 8  # G completions per prompt
+    temperature: float = 1.0
+    max_new_tokens: int = 0  # 0 = the task's default
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step (the rollout batch is split)
+    num_iterations: int = 1  # optimizer steps on each rollout batch (TRL's num_iterations, μ)
+    # loss options (grpo_fast.grpo_loss)
+    loss_type: str = "dapo"
+    beta: float = 0.02
+    kl_estimator: str = "k3"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28  # DAPO's clip-higher
+    scale_rewards: str = "group"
+    importance_sampling_level: str = "token"
+    loss_backend: str = "auto"  # auto | cpu | triton | cuda | torch (the eager reference)
+    loss_path: str = "auto"  # auto: fused-linear when the LM head is known and it is importable | fused_linear | logits
+    # bookkeeping
+    save_every: int = 0  # 0: only at the end
+    resume: str = ""  # a checkpoint file or a run directory holding ckpt.pt
+    compare: bool = False  # train twice (fused loss / eager reference) and compare
+    progress: bool = True
+    plots: bool = True
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed helpers (single process: rank 0 of 1, every collective is a no-op)
+# ------------------------------------------------------------------------------------------------
+def dist_setup(device: torch.device):
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# The policy: any causal LM behind one interface
+# ------------------------------------------------------------------------------------------------
+def _first_logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0]
+
+
+class CausalLM(nn.Module):
+    """Wraps a causal LM; forward gives the completion positions' logits (B, T, V) or hidden states.
+
+    Three kinds of model: the built-in ``TinyGPT`` (KV cache, ``return_hidden``), a Hugging Face
+    ``*ForCausalLM`` (``generate``, ``base_model`` + ``get_output_embeddings``), or any module whose
+    forward(input_ids) returns logits (no cache, no head: the logits path). This wrapper is what
+    DistributedDataParallel wraps, so the hidden-state forward of the fused-linear path still goes
+    through DDP's forward (which arms its gradient all-reduce).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.is_tiny = isinstance(model, TinyGPT)
+        self.is_hf = (not self.is_tiny) and hasattr(model, "get_output_embeddings") and hasattr(model, "base_model") and hasattr(model, "generate")
+        cfg = getattr(model, "config", None)
+        # Gemma-2/3 cap the final logits, Cohere scales them: the fused-linear loss applies both.
+        self.logit_softcap = getattr(cfg, "final_logit_softcapping", None) if self.is_hf else None
+        self.logit_scale = float(getattr(cfg, "logit_scale", 1.0) or 1.0) if self.is_hf else 1.0
+
+    def lm_head(self) -> Optional[nn.Linear]:
+        if self.is_tiny:
+            return self.model.lm_head
+        if self.is_hf:
+            head = self.model.get_output_embeddings()
+            return head if isinstance(head, nn.Linear) else None
+        return None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, hidden: bool = False):
+        """input_ids: (B, S) = prompt + completion[:, :-1]; attention_mask (B, S) (0 on left padding).
+
+        Returns the last ``n_completion`` positions: logits (B, T, V), or hidden states (B, T, H)
+        before the LM head when ``hidden``; position S - T + t scores completion token t.
+        """
+        T = n_completion
+        if self.is_tiny:
+            h = self.model(input_ids, return_hidden=True)[:, -T:]
+            return h if hidden else self.model.lm_head(h)
+        if self.is_hf:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            if hidden or self.lm_head() is not None:
+                out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+                h = out.last_hidden_state[:, -T:]
+                if hidden:
+                    return h
+                z = self.lm_head()(h) * self.logit_scale
+                if self.logit_softcap is not None:
+                    z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
+                return z
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            return _first_logits(out)[:, -T:]
+        if hidden:
+            raise ValueError("this model exposes no LM head: use loss_path='logits'")
+        return _first_logits(self.model(input_ids))[:, -T:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+def _sample_next(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits (B, V) -> (B,) token ids drawn from softmax(logits / temperature)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) 1.0 up to and including the first ``eos_id`` of each row, 0.0 after it."""
+    is_eos = completion_ids == eos_id
+    # number of EOS strictly before position t: 0 means "still inside the completion"
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (before == 0).float()
+
+
+@torch.no_grad()
+def sample_completions(lm: CausalLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+                       temperature: float, eos_id: int, pad_id: int, generator: Optional[torch.Generator] = None):
+    """Sample one completion per row of ``prompt_ids`` (B, P) (left-padded, mask (B, P)).
+
+    Returns (completion_ids (B, T) int64 padded with ``pad_id`` after the first EOS, mask (B, T)
+    float32: 1 up to and including the EOS), T <= max_new_tokens (stops when every row has ended).
+    """
+    model = lm.model
+    B, P = prompt_ids.shape
+    was_training = model.training
+    model.eval()
+    try:
+        if lm.is_hf:
+            # HF generate draws from the global torch RNG. top_k=0 / top_p=1: sample the full
+            # softmax(logits / τ) the loss assumes, not the model's default truncated one.
+            seq = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
+                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos_id, pad_token_id=pad_id)
+            ids = seq[:, P:]
+        else:
+            cache = model.new_cache(B, P + max_new_tokens) if lm.is_tiny else None
+            out = []
+            done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+            seq = prompt_ids
+            step_input = prompt_ids
+            for _ in range(max_new_tokens):
+                if cache is not None:
+                    logits = model(step_input, cache=cache)[:, -1]  # only the new positions are computed
+                else:
+                    logits = _first_logits(model(seq))[:, -1]  # no cache: recompute the whole sequence
+                nxt = _sample_next(logits, temperature, generator)
+                nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+                out.append(nxt)
+                done |= nxt == eos_id
+                step_input = nxt[:, None]
+                seq = torch.cat([seq, step_input], dim=1)
+                if bool(done.all()):
+                    break
+            ids = torch.stack(out, dim=1)
+    finally:
+        model.train(was_training)
+    mask = completion_mask_from_ids(ids, eos_id)
+    ids = torch.where(mask > 0, ids, torch.full_like(ids, pad_id))
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollout: prompts -> completions -> rewards -> advantages (+ old / reference log-probs)
+# ------------------------------------------------------------------------------------------------
+def encode_prompts(task: Task, prompts: List[str], device) -> tuple:
+    """Left-pad the encoded prompts: (ids (n, P) int64, mask (n, P) float32)."""
+    enc = [task.tokenizer.encode(p) for p in prompts]
+    P = max(len(e) for e in enc)
+    ids = torch.full((len(enc), P), task.tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(enc), P)
+    for i, e in enumerate(enc):
+        ids[i, P - len(e):] = torch.tensor(e)
+        mask[i, P - len(e):] = 1.0
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sequence_logprobs(lm: CausalLM, batch: dict, cfg: TrainConfig, micro: int) -> torch.Tensor:
+    """Per-token log-probs (B, T) of the batch's completions under ``lm`` (no grad; old / ref policy)."""
+    out = []
+    B, T = batch["completion_ids"].shape
+    for s in range(0, B, micro):
+        ids, am = batch["input_ids"][s:s + micro], batch["attention_mask"][s:s + micro]
+        logits = lm(ids, am, T)
+        out.append(grpo_fast.token_logprobs(logits, batch["completion_ids"][s:s + micro], cfg.temperature,
+                                            backend=cfg.loss_backend))
+    return torch.cat(out)
+
+
+def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConfig, step_gen: torch.Generator,
+            sample_gen: torch.Generator, rank: int, world: int, device) -> dict:
+    """One step's experience for this rank: its share of the prompts, G completions each, scored."""
+    assert cfg.prompts_per_step % world == 0, "prompts_per_step must be divisible by the world size"
+    examples = task.sample(cfg.prompts_per_step, step_gen)  # every rank draws the same prompts ...
+    per_rank = cfg.prompts_per_step // world
+    examples = examples[rank * per_rank:(rank + 1) * per_rank]  # ... and keeps its own slice
+    G = cfg.group_size
+    examples = [e for e in examples for _ in range(G)]  # rows [k·G, (k+1)·G) are prompt k's group
+    prompts = [e["prompt"] for e in examples]
+    prompt_ids, prompt_mask = encode_prompts(task, prompts, device)
+    max_new = cfg.max_new_tokens or task.max_new_tokens
+    comp_ids, comp_mask = sample_completions(lm, prompt_ids, prompt_mask, max_new_tokens=max_new,
+                                             temperature=cfg.temperature, eos_id=task.tokenizer.eos_id,
+                                             pad_id=task.tokenizer.pad_id, generator=sample_gen)
+    completions = [task.tokenizer.decode(row) for row in comp_ids.tolist()]
+    rewards, parts = task.rewards(prompts, completions, examples)
+    if cfg.scale_rewards == "batch" and world > 1:
+        # the batch std is over every rank's rewards; each rank keeps its own rows' advantages
+        all_r = all_gather_cat(rewards.to(device))
+        adv = grpo_fast.group_advantages(all_r, G, cfg.scale_rewards).view(world, -1)[rank]
+    else:
+        adv = grpo_fast.group_advantages(rewards, G, cfg.scale_rewards)
+    T = comp_ids.shape[1]
+    batch = {
+        "prompts": prompts, "completions": completions, "reward_parts": parts,
+        "rewards": rewards.to(device), "advantages": adv.to(device),
+        "completion_ids": comp_ids, "completion_mask": comp_mask,
+        # the model reads prompt + completion[:-1]; position P - 1 + t scores completion token t
+        "input_ids": torch.cat([prompt_ids, comp_ids[:, :T - 1]], dim=1),
+        "attention_mask": torch.cat([prompt_mask, torch.ones(len(prompts), T - 1, device=device)], dim=1),
+    }
+    micro = math.ceil(len(prompts) / cfg.grad_accum)
+    # Old log-probs only matter when the policy moves between sampling and a later update.
+    batch["old_logp"] = sequence_logprobs(lm, batch, cfg, micro) if cfg.num_iterations > 1 else None
+    batch["ref_logp"] = sequence_logprobs(ref_lm, batch, cfg, micro) if cfg.beta != 0 else None
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# The update: grpo_fast loss, gradient accumulation, DDP scaling
+# ------------------------------------------------------------------------------------------------
+def resolve_loss_path(lm: CausalLM, cfg: TrainConfig) -> str:
+    has_fl = hasattr(grpo_fast, "fused_linear_grpo_loss")
+    if cfg.loss_path == "auto":
+        return "fused_linear" if (has_fl and lm.lm_head() is not None and cfg.loss_backend != "torch") else "logits"
+    if cfg.loss_path == "fused_linear":
+        if not has_fl:
+            raise RuntimeError("loss_path='fused_linear' needs grpo_fast.fused_linear_grpo_loss, which this build lacks")
+        if lm.lm_head() is None:
+            raise RuntimeError("loss_path='fused_linear' needs a model whose LM head (an nn.Linear) is known")
+        return "fused_linear"
+    if cfg.loss_path != "logits":
+        raise ValueError(f"loss_path must be 'auto', 'fused_linear' or 'logits', got {cfg.loss_path!r}")
+    return "logits"
+
+
+def loss_options(cfg: TrainConfig) -> dict:
+    return dict(loss_type=cfg.loss_type, beta=cfg.beta, kl_estimator=cfg.kl_estimator, epsilon_low=cfg.epsilon_low,
+                epsilon_high=cfg.epsilon_high, importance_sampling_level=cfg.importance_sampling_level,
+                temperature=cfg.temperature, backend=cfg.loss_backend)
+
+
+def micro_batch_loss(policy: nn.Module, lm: CausalLM, batch: dict, rows: slice, cfg: TrainConfig, path: str,
+                     num_items: float):
+    """The GRPO loss of rows ``rows`` of the batch. ``policy`` is ``lm`` or its DDP wrapper."""
+    ids, mask = batch["completion_ids"][rows], batch["completion_mask"][rows]
+    T = ids.shape[1]
+    per_call = dict(old_logp=None if batch["old_logp"] is None else batch["old_logp"][rows],
+                    ref_logp=None if batch["ref_logp"] is None else batch["ref_logp"][rows],
+                    completion_mask=mask, max_completion_length=cfg.max_new_tokens or T,
+                    num_items_in_batch=num_items if cfg.loss_type in ("dapo", "cispo") else None)
+    adv = batch["advantages"][rows]
+    if path == "fused_linear":
+        hidden = policy(batch["input_ids"][rows], batch["attention_mask"][rows], T, hidden=True)
+        head = lm.lm_head()
+        return grpo_fast.fused_linear_grpo_loss(hidden, head.weight, ids, adv, bias=head.bias, logit_scale=lm.logit_scale,
+                                                logit_softcap=lm.logit_softcap, **per_call, **loss_options(cfg))
+    logits = policy(batch["input_ids"][rows], batch["attention_mask"][rows], T)
+    # inplace: the kernel turns the logits into their gradient; safe when they are the fresh output of
+    # the LM head (a Linear does not keep its output for backward) — not when a softcap made them.
+    inplace = lm.lm_head() is not None and lm.logit_softcap is None
+    return grpo_fast.grpo_loss(logits, ids, adv, inplace=inplace, **per_call, **loss_options(cfg))
+
+
+def update(policy: nn.Module, lm: CausalLM, optimizer, batch: dict, cfg: TrainConfig, path: str, world: int) -> dict:
+    """num_iterations × (grad_accum micro-batches -> clip -> AdamW step). Returns this rank's metric sums."""
+    B = batch["completion_ids"].shape[0]
+    micro = math.ceil(B / cfg.grad_accum)
+    chunks = [slice(s, min(s + micro, B)) for s in range(0, B, micro)]
+    # dapo / cispo normalize by the completion tokens of the whole step: every micro-batch, every rank.
+    num_items = float(all_reduce_sum(batch["completion_mask"].sum().reshape(1).double()).item())
+    sum_normalized = cfg.loss_type in ("dapo", "cispo")
+    # DDP averages gradients over ranks: a sum-normalized loss is multiplied back by the world size;
+    # a per-micro-batch mean is divided by the number of micro-batches.
+    scale = float(world) if sum_normalized else 1.0 / len(chunks)
+    logs: Dict[str, float] = {}
+    n_tok = float(batch["completion_mask"].sum())
+    for _ in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for i, rows in enumerate(chunks):
+            last = i == len(chunks) - 1
+            # Only the last micro-batch all-reduces gradients (DDP's no_sync for the others).
+            sync = nullcontext() if (last or not hasattr(policy, "no_sync")) else policy.no_sync()
+            with sync:
+                loss, metrics = micro_batch_loss(policy, lm, batch, rows, cfg, path, num_items)
+                (loss * scale).backward()
+            loss_total += float(loss) * scale
+            tok = float(batch["completion_mask"][rows].sum())
+            for k, v in metrics.items():  # token-weighted sums; divided by the token count below
+                logs[k] = logs.get(k, 0.0) + float(v) * tok / cfg.num_iterations
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        logs["loss"] = logs.get("loss", 0.0) + loss_total / cfg.num_iterations
+        logs["grad_norm"] = logs.get("grad_norm", 0.0) + float(grad_norm) / cfg.num_iterations
+    for k in list(logs):
+        if k not in ("loss", "grad_norm"):
+            logs[k] /= max(n_tok, 1.0)
+    return logs
+
+
+# ------------------------------------------------------------------------------------------------
+# Supervised warm-up: the output format (right length, digits, EOS), not the task
+# ------------------------------------------------------------------------------------------------
+def supervised_warmup(lm: CausalLM, task: Task, cfg: TrainConfig, gen: torch.Generator, device, rank: int) -> float:
+    if cfg.warmup_steps <= 0 or task.warmup_target is None:
+        return float("nan")
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    n = cfg.prompts_per_step * cfg.group_size
+    loss = torch.tensor(float("nan"))
+    for _ in range(cfg.warmup_steps):
+        examples = task.sample(n, gen)
+        prompt_ids, prompt_mask = encode_prompts(task, [e["prompt"] for e in examples], device)
+        targets = [task.tokenizer.encode(task.warmup_target(e, gen)) + [task.tokenizer.eos_id] for e in examples]
+        T = max(len(t) for t in targets)
+        tgt = torch.full((n, T), -100, dtype=torch.long)
+        for i, t in enumerate(targets):
+            tgt[i, :len(t)] = torch.tensor(t)
+        tgt = tgt.to(device)
+        comp = tgt.clamp(min=0)
+        logits = lm(torch.cat([prompt_ids, comp[:, :T - 1]], 1),
+                    torch.cat([prompt_mask, torch.ones(n, T - 1, device=device)], 1), T)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.is_initialized() and dist.get_world_size() > 1:  # identical data on every rank; keep replicas equal
+            for p in lm.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+        opt.step()
+    return float(loss.detach())
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints, metrics, plots
+# ------------------------------------------------------------------------------------------------
+def peak_mem_mb(device: torch.device) -> float:
+    """GPU: peak allocated by torch this step. CPU: the process's peak resident set size so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def save_checkpoint(path: str, step: int, lm: CausalLM, ref_lm, optimizer, gens: Dict[str, torch.Generator], cfg):
+    state = {
+        "step": step,
+        "model": lm.model.state_dict(),
+        "ref_model": None if ref_lm is None else ref_lm.model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generators": {k: g.get_state() for k, g in gens.items()},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python_rng": random.getstate(),
+        "config": dataclasses.asdict(cfg),
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+def load_checkpoint(path: str, lm: CausalLM, ref_lm, optimizer, gens: Dict[str, torch.Generator]) -> int:
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    lm.model.load_state_dict(state["model"])
+    if ref_lm is not None and state["ref_model"] is not None:
+        ref_lm.model.load_state_dict(state["ref_model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for k, g in gens.items():
+        g.set_state(state["generators"][k])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    return int(state["step"])
+
+
+def write_plots(out: str, rows: List[dict], title: str) -> List[str]:
+    """reward.png and loss.png (and curves.png: reward, loss, kl, entropy) from the metrics rows."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    steps = [r["step"] for r in rows]
+    written = []
+    for key, fname in (("reward_mean", "reward.png"), ("loss", "loss.png")):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, [r[key] for r in rows])
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, fname), dpi=100)
+        plt.close(fig)
+        written.append(fname)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
+    for ax, key in zip(axes.flat, ("reward_mean", "loss", "kl", "entropy")):
+        ax.plot(steps, [r[key] if r.get(key) is not None else float("nan") for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+    written.append("curves.png")
+    return written
+
+
+def tenth_means(values: List[float]) -> tuple:
+    k = max(1, len(values) // 10)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop
+# ------------------------------------------------------------------------------------------------
+def build_default_model(cfg: TrainConfig, task: Task) -> TinyGPT:
+    max_new = cfg.max_new_tokens or task.max_new_tokens
+    return TinyGPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, block_size=task.max_prompt_len + max_new,
+                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+
+
+def train(cfg: TrainConfig, model: Optional[nn.Module] = None, task: Optional[Task] = None) -> dict:
+    """Run GRPO; returns the summary (also written to ``cfg.out``/summary.json on rank 0)."""
+    device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    rank, world = dist_setup(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    task = task or get_task(cfg.task, n_digits=cfg.n_digits)
+    model = (model or build_default_model(cfg, task)).to(device)
+    lm = CausalLM(model)
+    # Generators: the prompts (same on every rank) and the sampling (different per rank).
+    gens = {"prompts": torch.Generator().manual_seed(cfg.seed + 1),
+            "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2 + 1000 * rank)}
+    is_main = rank == 0
+    if is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+    start_step = 0
+    warmup_loss = float("nan")
+    if not cfg.resume:
+        warmup_loss = supervised_warmup(lm, task, cfg, gens["prompts"], device, rank)
+    ref_lm = CausalLM(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.beta != 0 else None
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    if cfg.resume:
+        start_step = load_checkpoint(cfg.resume, lm, ref_lm, optimizer, gens)
+    policy = nn.parallel.DistributedDataParallel(lm) if world > 1 else lm
+    path = resolve_loss_path(lm, cfg)
+
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    rows: List[dict] = []
+    if is_main and cfg.resume and os.path.exists(metrics_path):
+        with open(metrics_path) as f:  # keep the steps the checkpoint covers, drop any after it
+            rows = [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] <= start_step]
+    if is_main:
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"grpo[{cfg.loss_backend}/{path}]", dynamic_ncols=True)
+    t_train = time.perf_counter()
+    for step in range(start_step + 1, cfg.steps + 1):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        batch = rollout(lm, ref_lm, task, cfg, gens["prompts"], gens["sample"], rank, world, device)
+        t1 = time.perf_counter()
+        logs = update(policy, lm, optimizer, batch, cfg, path, world)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+        # Rank-averaged metrics for the log (one small all_reduce).
+        names = ["reward_mean", "completion_len"] + [f"reward/{k}" for k in batch["reward_parts"]] + sorted(logs)
+        local = [float(batch["rewards"].mean()), float(batch["completion_mask"].sum(1).mean())]
+        local += [float(v.mean()) for v in batch["reward_parts"].values()] + [logs[k] for k in sorted(logs)]
+        vals = all_reduce_sum(torch.tensor(local, dtype=torch.float64)) / world
+        row = {"step": step, **{k: float(v) for k, v in zip(names, vals)}}
+        row.setdefault("kl", None)  # not computed when beta == 0 (no reference model)
+        row.update(step_time_s=t2 - t0, rollout_time_s=t1 - t0, update_time_s=t2 - t1, peak_mem_mb=peak_mem_mb(device))
+        if is_main:
+            rows.append(row)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if bar is not None:
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}", step_s=f"{row['step_time_s']:.3f}")
+                bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and is_main:
+            save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), step, lm, ref_lm, optimizer, gens, cfg)
+    if bar is not None:
+        bar.close()
+    train_time = time.perf_counter() - t_train
+
+    summary = {}
+    if is_main:
+        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), cfg.steps, lm, ref_lm, optimizer, gens, cfg)
+        rewards = [r["reward_mean"] for r in rows]
+        first, last = tenth_means(rewards) if rewards else (float("nan"), float("nan"))
+        times = sorted(r["step_time_s"] for r in rows)
+        summary = {
+            "task": task.name, "task_description": task.description, "steps": cfg.steps, "world_size": world,
+            "device": str(device), "loss_backend": cfg.loss_backend, "loss_path": path,
+            "warmup_final_loss": warmup_loss, "reward_first_tenth": first, "reward_last_tenth": last,
+            "reward_gain": last - first, "median_step_time_s": times[len(times) // 2] if times else None,
+            "median_update_time_s": sorted(r["update_time_s"] for r in rows)[len(rows) // 2] if rows else None,
+            "peak_mem_mb": max((r["peak_mem_mb"] for r in rows), default=None),
+            "train_time_s": train_time, "config": dataclasses.asdict(cfg),
+            "plots": write_plots(cfg.out, rows, f"{task.name}: GRPO ({cfg.loss_backend}, {path})") if (cfg.plots and rows) else [],
+        }
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# --compare: the same run with the fused loss and with the eager reference
+# ------------------------------------------------------------------------------------------------
+def _cli_args(cfg: TrainConfig) -> List[str]:
+    """Command-line flags that reproduce ``cfg`` (the inverse of ``parse_args``)."""
+    args = []
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("compare", "resume"):
+            continue
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        else:
+            args += [flag, str(v)]
+    return args
+
+
+def _read_rows(path: str) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def compare(cfg: TrainConfig) -> dict:
+    """Train from the same seed with the fused loss and with backend="torch"; print a table.
+
+    Each arm runs in its own process, so that the CPU peak memory (peak RSS) is that arm's alone.
+    """
+    fused_backend = "auto" if cfg.loss_backend == "torch" else cfg.loss_backend
+    arms = {"fused": dataclasses.replace(cfg, loss_backend=fused_backend, out=os.path.join(cfg.out, "fused")),
+            # the eager reference has no fused-linear form: it materializes the logits
+            "reference": dataclasses.replace(cfg, loss_backend="torch", loss_path="logits", out=os.path.join(cfg.out, "reference"))}
+    os.makedirs(cfg.out, exist_ok=True)
+    results = {}
+    for name, arm in arms.items():
+        print(f"[compare] {name}: backend={arm.loss_backend} loss_path={arm.loss_path}", flush=True)
+        subprocess.run([sys.executable, "-m", "grpo_fast", "train", *_cli_args(arm)], check=True)
+        with open(os.path.join(arm.out, "summary.json")) as f:
+            results[name] = {"summary": json.load(f), "rows": _read_rows(os.path.join(arm.out, "metrics.jsonl"))}
+    fa, ref = results["fused"]["rows"], results["reference"]["rows"]
+    n = min(len(fa), len(ref))
+    diff = {k: max((abs(a[k] - b[k]) for a, b in zip(fa[:n], ref[:n])), default=float("nan")) for k in ("loss", "reward_mean")}
+    # Sampling is discrete: the tiniest rounding difference eventually flips a sampled token and the
+    # two runs then see different batches. Report how long they stayed identical, too.
+    same = next((i for i, (a, b) in enumerate(zip(fa, ref)) if a["reward_mean"] != b["reward_mean"]), n)
+    table = []
+    for name in ("fused", "reference"):
+        s = results[name]["summary"]
+        table.append((name, s["loss_backend"], s["loss_path"], s["median_step_time_s"], s["median_update_time_s"],
+                      s["peak_mem_mb"], s["reward_first_tenth"], s["reward_last_tenth"]))
+    header = ("arm", "backend", "loss path", "step s (median)", "update s (median)", "peak MB", "reward first 10%", "reward last 10%")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in table:
+        lines.append(" | ".join(x if isinstance(x, str) else f"{x:.4g}" for x in r))
+    fs, rs = results["fused"]["summary"], results["reference"]["summary"]
+    lines.append("")
+    lines.append(f"step time: reference / fused = {rs['median_step_time_s'] / fs['median_step_time_s']:.2f}x; "
+                 f"update time: reference / fused = {rs['median_update_time_s'] / fs['median_update_time_s']:.2f}x")
+    lines.append(f"largest |difference| over {n} steps: loss {diff['loss']:.3g}, reward_mean {diff['reward_mean']:.3g} "
+                 f"(identical rewards for the first {same} steps)")
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = {"arms": {k: v["summary"] for k, v in results.items()}, "max_abs_diff": diff, "identical_reward_steps": same, "table": text}
+    with open(os.path.join(cfg.out, "compare.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for ax, key in zip(axes, ("reward_mean", "loss")):
+            for name, rows in (("fused", fa), ("reference (torch)", ref)):
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
+            ax.set_title(key)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(cfg.out, "compare.png"), dpi=100)
+        plt.close(fig)
+    except ImportError:
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="grpo-fast train", description="GRPO with grpo_fast on the built-in task.")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=f"(default: {f.default})")
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    cfg = parse_args(argv)
+    if cfg.compare:
+        compare(cfg)
+        return 0
+    summary = train(cfg)
+    if summary:
+        print(f"reward: first tenth {summary['reward_first_tenth']:.3f} -> last tenth {summary['reward_last_tenth']:.3f} "
+              f"(+{summary['reward_gain']:.3f}); median step {summary['median_step_time_s']:.3f}s; "
+              f"wrote {cfg.out}/metrics.jsonl, summary.json, {', '.join(summary['plots'])}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
