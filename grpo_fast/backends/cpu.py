@@ -1,5 +1,16 @@
-"""The CPU backend: grpo_fast._C_cpu (csrc/cpu), a C++/OpenMP extension taking raw pointers."""
+"""The CPU backend: grpo_fast._C_cpu (csrc/cpu), a C++/OpenMP extension taking raw pointers.
+
+The extension sees no torch types: this module hands it ``tensor.data_ptr()`` integers, sizes,
+strides (in elements) and a dtype code, so one build works with any torch version. The thread
+count is torch's (``torch.get_num_threads()``); results do not depend on it (bitwise).
+"""
 from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._config import NUM_STATS
 
 DEVICE_TYPES = ("cpu",)
 
@@ -10,9 +21,83 @@ except ImportError as e:  # not built: `pip install .` (or `pip install -e .`) c
     _C_cpu = None
     _IMPORT_ERROR = e
 
+# Storage dtype codes of csrc/cpu/dtype.h (enum DType).
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
 
 def unavailable_reason():
     if _C_cpu is None:
         return (f"the C++ extension grpo_fast._C_cpu is not built ({_IMPORT_ERROR}); "
                 "build it with `pip install .` or `pip install -e .` from the repository (needs a C++ compiler)")
     return None
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _check_small(name: str, t: Optional[torch.Tensor]) -> None:
+    # validation.py hands over contiguous float32 CPU tensors; the kernel reads them by raw pointer.
+    assert t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()), name
+
+
+def fused_loss(inp, grad: Optional[torch.Tensor]):
+    """One fused pass over ``inp.logits`` (see grpo_fast/backends/__init__.py for the contract).
+
+    Args:
+        inp: validation.LossInputs — logits (B, T, V) fp32/bf16/fp16 with stride(-1) == 1 and any B/T
+            strides; ids (B, T) int64; mask, weight (B, T) f32; advantages (B,)|(B, T) or rewards (B,);
+            old/ref (B, T) or None; isr (B,)|(B, T) or None; cfg: KernelConfig.
+        grad: None, or (B, T, V) of the logits' dtype, stride(-1) == 1 — possibly the logits themselves
+            (inplace): receives ∂loss/∂logits for grad_output = 1.
+
+    Returns:
+        stats (NUM_STATS,) float32 of sums (_config.STAT_*), logp (B, T) float32.
+    """
+    logits, cfg = inp.logits, inp.cfg
+    B, T, V = logits.shape
+    assert logits.device.type == "cpu" and logits.stride(-1) == 1
+    assert inp.ids.dtype == torch.int64 and inp.ids.is_contiguous()
+    for name in ("mask", "weight", "advantages", "rewards", "old_logp", "ref_logp", "isr"):
+        _check_small(name, getattr(inp, name))
+    if grad is not None:
+        assert grad.shape == logits.shape and grad.dtype == logits.dtype and grad.stride(-1) == 1
+    logp = torch.empty((B, T), dtype=torch.float32)
+    stats = torch.empty((NUM_STATS,), dtype=torch.float32)
+    adv = inp.advantages
+    _C_cpu.fused_loss(
+        # logits and gradient
+        logits.data_ptr(), _DTYPE_CODES[logits.dtype], B, T, V, logits.stride(0), logits.stride(1),
+        _ptr(grad), grad.stride(0) if grad is not None else 0, grad.stride(1) if grad is not None else 0,
+        # per-token inputs
+        inp.ids.data_ptr(), inp.mask.data_ptr(), inp.weight.data_ptr(),
+        _ptr(adv), adv.dim() if adv is not None else 0,
+        _ptr(inp.rewards), cfg.group_size, cfg.scale_rewards, cfg.adv_eps,
+        _ptr(inp.old_logp), _ptr(inp.ref_logp) if cfg.beta != 0.0 else 0,
+        _ptr(inp.isr), inp.isr.dim() if inp.isr is not None else 0,
+        # options
+        cfg.loss_type, cfg.kl_estimator, cfg.level, cfg.has_delta, cfg.bias_correction_kl,
+        cfg.temperature, cfg.eps_low, cfg.eps_high, cfg.delta, cfg.beta, cfg.sapo_temp_pos, cfg.sapo_temp_neg,
+        # outputs
+        logp.data_ptr(), stats.data_ptr(), torch.get_num_threads(),
+    )
+    return stats, logp
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool):
+    """Per-token log-probs (B, T) float32 [and entropies (B, T) float32, else None], no gradient.
+
+    Args:
+        logits: (B, T, V) fp32/bf16/fp16 with stride(-1) == 1 (any B/T strides).
+        ids: (B, T) int64 contiguous (validation.check_ids).
+    """
+    B, T, V = logits.shape
+    assert logits.device.type == "cpu" and logits.stride(-1) == 1
+    ids = ids.to(torch.int64).contiguous()
+    logp = torch.empty((B, T), dtype=torch.float32)
+    entropy = torch.empty((B, T), dtype=torch.float32) if return_entropy else None
+    _C_cpu.token_logprobs(
+        logits.data_ptr(), _DTYPE_CODES[logits.dtype], B, T, V, logits.stride(0), logits.stride(1),
+        ids.data_ptr(), float(temperature), logp.data_ptr(), _ptr(entropy), torch.get_num_threads(),
+    )
+    return logp, entropy

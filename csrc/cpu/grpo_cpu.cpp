@@ -1,0 +1,487 @@
+// grpo_cpu.cpp — grpo_fast._C_cpu: the fused GRPO loss and token log-probs on CPU.
+//
+// What it fuses: for every token row (b, t) of the logits (B, T, V), one read of the V logits from
+// memory gives the log-sum-exp, the target log-prob and the entropy; the per-token loss, KL and
+// clip flags follow (csrc/common/grpo_math.h: token_terms), and the row's gradient
+// dz_j = g·(1[j = y] − p_j)/τ is written while the row is still in cache. Memory traffic: read the
+// logits once, write the gradient once (sequence-level ratios read the logits a second time: every
+// token's log-prob is needed before any gradient).
+//
+// How it is built: setup.py compiles this one file with -O3 -fopenmp (pybind11, no torch headers:
+// the module takes raw data pointers, sizes, strides and dtype codes from grpo_fast/backends/cpu.py,
+// so one build serves every torch version). The per-row kernels (row_kernels.h) are compiled three
+// times — AVX-512, AVX2+FMA+F16C, portable — and the best one the CPU supports is chosen at import.
+//
+// Determinism: rows are split over OpenMP threads, but every per-token result is computed by one
+// thread from that row alone and stored in a per-token array; the sums are then taken sequentially
+// in double in token order. Results are bitwise identical for any thread count.
+#include <pybind11/pybind11.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <atomic>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#define GF_X86 1
+// GCC 12 flags the deliberately undefined pass-through operand of its own AVX-512 intrinsics
+// (_mm512_undefined_ps) once they are inlined; the warning points into the header, so silence it there.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
+
+#include "grpo_math.h"
+#include "dtype.h"
+#include "exp_poly.h"
+
+namespace py = pybind11;
+
+namespace grpo_fast {
+namespace cpu {
+
+// What row_stats learns about one token row (x = z/τ).
+struct RowStats {
+  float xmax;     // max_j x_j
+  float sum;      // S = Σ_j e^(x_j − xmax), so lse = xmax + log S
+  float logp;     // x_y − lse
+  float entropy;  // lse − Σ_j p_j x_j
+};
+
+// One instruction set's row kernels, indexed by DType.
+struct RowKernels {
+  const char* name;
+  RowStats (*stats[3])(const void* zrow, int64_t V, float inv_tau, int64_t y);
+  void (*grad[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c);
+  void (*exp)(const float* x, float* y, int64_t n);
+};
+
+// ---- the row kernels, once per instruction set ----------------------------------------------------
+namespace generic {
+#define ISA_NAME "generic"
+#include "simd_generic.h"
+#include "row_kernels.h"
+#undef ISA_NAME
+}  // namespace generic
+
+#if defined(GF_X86)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+namespace avx2 {
+#define ISA_NAME "avx2"
+#include "simd_avx2.h"
+#include "row_kernels.h"
+#undef ISA_NAME
+}  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#endif
+namespace avx512 {
+#define ISA_NAME "avx512"
+#include "simd_avx512.h"
+#include "row_kernels.h"
+#undef ISA_NAME
+}  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // GF_X86
+
+// ---- run-time choice of the instruction set ------------------------------------------------------
+static bool isa_supported(const std::string& name) {
+  if (name == "generic") return true;
+#if defined(GF_X86)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx2") return avx2;  // every AVX2 CPU has F16C
+  if (name == "avx512")
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+  return false;
+}
+
+static const RowKernels* kernels_by_name(const std::string& name) {
+#if defined(GF_X86)
+  if (name == "avx512") return &avx512::kernels;
+  if (name == "avx2") return &avx2::kernels;
+#endif
+  if (name == "generic") return &generic::kernels;
+  return nullptr;
+}
+
+static const RowKernels* best_kernels() {
+  // GRPO_FAST_CPU_ISA=avx2|generic forces a narrower path (debugging, comparing paths).
+  const char* env = getenv("GRPO_FAST_CPU_ISA");
+  if (env && *env && isa_supported(env) && kernels_by_name(env)) return kernels_by_name(env);
+  for (const char* name : {"avx512", "avx2"})
+    if (isa_supported(name) && kernels_by_name(name)) return kernels_by_name(name);
+  return &generic::kernels;
+}
+
+static std::atomic<const RowKernels*> g_kernels{best_kernels()};
+
+static inline int64_t elem_size(int32_t dtype) { return dtype == DT_F32 ? 4 : 2; }
+
+// ---- the fused loss --------------------------------------------------------------------------------
+struct LossArgs {
+  // pointers (host memory, owned by Python)
+  const void* logits;    // (B, T, V), strides (lsb, lst, 1) in elements
+  void* grad;            // (B, T, V) or null, strides (gsb, gst, 1); may equal logits
+  const int64_t* ids;    // (B, T)
+  const float* mask;     // (B, T) 0/1
+  const float* weight;   // (B, T) aggregation weight, loss = Σ weight·L
+  const float* adv;      // (B,) or (B, T), or null when rewards are given
+  const float* rewards;  // (B,) or null
+  const float* old;      // (B, T) or null (on-policy)
+  const float* ref;      // (B, T) or null (only read when beta != 0)
+  const float* isr;      // (B,) or (B, T) or null
+  float* logp_out;       // (B, T)
+  float* stats_out;      // (NUM_STATS,)
+  // sizes
+  int64_t B, T, V, lsb, lst, gsb, gst;
+  int32_t dtype, adv_ndim, isr_ndim, scale_rewards;
+  int64_t group_size;
+  double adv_eps;
+  LossParams P;
+  int nthreads;
+};
+
+enum : uint8_t { FLAG_LOW = 1, FLAG_HIGH = 2, FLAG_CISPO = 4 };
+static inline uint8_t pack_flags(const TokenTerms& tt) {
+  return (uint8_t)((tt.clip_low ? FLAG_LOW : 0) | (tt.clip_high ? FLAG_HIGH : 0) | (tt.cispo_clip ? FLAG_CISPO : 0));
+}
+
+// Tokens per OpenMP work item: about 16k logits, so tiny vocabularies do not pay per-row overhead.
+static inline int64_t chunk_tokens(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
+
+// Writes ∂loss/∂z of one row given g = ∂loss/∂logp (already including the aggregation weight).
+static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void* zrow, void* grow, int64_t V,
+                                  int64_t y, float inv_tau, float xmax, float sum, float logp, float g) {
+  if (g == 0.f) {  // masked, clipped or zero-advantage token: the whole row is 0 (no exp needed)
+    memset(grow, 0, (size_t)(V * elem_size(dtype)));
+    return;
+  }
+  const float gt = g * inv_tau;
+  K.grad[dtype](zrow, grow, V, inv_tau, -xmax, -gt / sum);  // −(g/τ)·p_j
+  // Target: (g/τ)·(1 − p_y), with 1 − p_y = −expm1(logp) accurate even when p_y is close to 1.
+  const float vy = gt * -expm1f(logp);
+  char* gy = static_cast<char*>(grow) + y * elem_size(dtype);
+  if (dtype == DT_F32) *reinterpret_cast<float*>(gy) = vy;
+  else if (dtype == DT_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
+  else *reinterpret_cast<uint16_t*>(gy) = f32_to_f16(vy);
+}
+
+static void fused_loss_impl(const LossArgs& a) {
+  const RowKernels& K = *g_kernels.load();
+  const int64_t B = a.B, T = a.T, V = a.V, N = B * T;
+  const int64_t esz = elem_size(a.dtype);
+  const LossParams& P = a.P;
+  const float inv_tau = (float)(1.0 / (double)P.temperature);
+  const bool seq = P.level == SEQUENCE;
+  (void)esz;
+
+  // Advantages from rewards: one value per row, computed here (no (B, T) tensor anywhere).
+  std::vector<float> adv_rows;
+  const float* adv = a.adv;
+  int32_t adv_ndim = a.adv_ndim;
+  if (a.rewards) {
+    adv_rows.resize((size_t)B);
+    const int64_t G = a.group_size;
+    const double bstd = a.scale_rewards == SCALE_BATCH ? unbiased_std(a.rewards, B) : 0.0;
+    for (int64_t k = 0; k < B / G; ++k)
+      group_advantages_of_group(a.rewards, k, G, a.scale_rewards, a.adv_eps, bstd, adv_rows.data());
+    adv = adv_rows.data();
+    adv_ndim = 1;
+  }
+  auto A_at = [&](int64_t b, int64_t n) { return adv_ndim == 1 ? adv[b] : adv[n]; };
+  auto isr_at = [&](int64_t b, int64_t n) { return a.isr ? (a.isr_ndim == 1 ? a.isr[b] : a.isr[n]) : 1.f; };
+  auto ref_at = [&](int64_t n) { return P.beta != 0.f ? a.ref[n] : 0.f; };
+  auto zrow_at = [&](int64_t b, int64_t t) {
+    return static_cast<const char*>(a.logits) + (b * a.lsb + t * a.lst) * elem_size(a.dtype);
+  };
+  auto grow_at = [&](int64_t b, int64_t t) {
+    return static_cast<char*>(a.grad) + (b * a.gsb + t * a.gst) * elem_size(a.dtype);
+  };
+
+  // Per-token results (B·T floats each; the only allocations besides the caller's gradient).
+  std::vector<float> ent((size_t)N), loss((size_t)N), kl((size_t)N);
+  std::vector<uint8_t> flags((size_t)N);
+  std::vector<float> xmax, ssum, gtok;
+  if (seq) { xmax.resize((size_t)N); ssum.resize((size_t)N); gtok.resize((size_t)N); }
+  float* logp = a.logp_out;
+  const int64_t chunk = chunk_tokens(V);
+
+  // Pass 1 (token level: the only pass): row statistics, per-token terms, gradient.
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(a.nthreads)
+#endif
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t b = n / T, t = n % T;
+    const void* zrow = zrow_at(b, t);
+    const RowStats rs = K.stats[a.dtype](zrow, V, inv_tau, a.ids[n]);
+    logp[n] = rs.logp;
+    ent[n] = rs.entropy;
+    if (seq) {
+      xmax[n] = rs.xmax;
+      ssum[n] = rs.sum;
+      continue;
+    }
+    const float old = a.old ? a.old[n] : rs.logp;  // on-policy: r = 1 exactly, dr/dlogp = r still
+    const float r = expf(rs.logp - old);
+    const TokenTerms tt = token_terms(P, rs.logp, ref_at(n), A_at(b, n), isr_at(b, n), r);
+    loss[n] = tt.loss;
+    kl[n] = tt.kl;
+    flags[n] = pack_flags(tt);
+    if (a.grad) {
+      const float g = a.weight[n] * (tt.d_logp + r * tt.d_ratio);
+      write_row_grad(K, a.dtype, zrow, grow_at(b, t), V, a.ids[n], inv_tau, rs.xmax, rs.sum, rs.logp, g);
+    }
+  }
+
+  if (seq) {
+    // GSPO: r_b = exp(Σ_t m(logp − old) / max(Σ_t m, 1)); dr_b/dlogp[t] = r_b·m[t]/max(Σm, 1), so
+    // g[t] = w·d_logp + r_b·m[t]/max(Σm, 1)·Σ_t' w·d_ratio. Cheap (B·T scalars): no need for threads.
+    for (int64_t b = 0; b < B; ++b) {
+      double msum = 0.0, lr = 0.0;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t n = b * T + t;
+        const double old = a.old ? (double)a.old[n] : (double)logp[n];
+        msum += a.mask[n];
+        lr += (double)a.mask[n] * ((double)logp[n] - old);
+      }
+      const double den = std::max(msum, 1.0);
+      const float r = (float)exp(lr / den);
+      double sr = 0.0;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t n = b * T + t;
+        const TokenTerms tt = token_terms(P, logp[n], ref_at(n), A_at(b, n), isr_at(b, n), r);
+        loss[n] = tt.loss;
+        kl[n] = tt.kl;
+        flags[n] = pack_flags(tt);
+        sr += (double)a.weight[n] * (double)tt.d_ratio;
+        gtok[n] = a.weight[n] * tt.d_logp;
+      }
+      const double coef = (double)r / den * sr;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t n = b * T + t;
+        gtok[n] = (float)((double)gtok[n] + (double)a.mask[n] * coef);
+      }
+    }
+    // Pass 2: reread each row (now that its g is known) and write its gradient.
+    if (a.grad) {
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(a.nthreads)
+#endif
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t b = n / T, t = n % T;
+        write_row_grad(K, a.dtype, zrow_at(b, t), grow_at(b, t), V, a.ids[n], inv_tau, xmax[n], ssum[n], logp[n], gtok[n]);
+      }
+    }
+  }
+
+  // Sums, sequentially in double in token order: the same bits for any thread count.
+  double s_loss = 0.0, s_ent = 0.0, s_kl = 0.0, s_low = 0.0, s_high = 0.0, s_reg = 0.0, s_cispo = 0.0;
+  // Sequence level with a per-row advantage: ratio and advantage are the row's, so the flags count
+  // once per row, masked or not (reference.py: masked_mean of a (B, 1) tensor is a mean over rows).
+  const bool row_flags = seq && adv_ndim == 1;
+  for (int64_t n = 0; n < N; ++n) {
+    const double m = a.mask[n];
+    s_loss += (double)a.weight[n] * (double)loss[n];
+    s_ent += m * (double)ent[n];
+    s_kl += m * (double)kl[n];
+    if (!row_flags) {
+      const uint8_t f = flags[n];
+      s_low += (f & FLAG_LOW) ? m : 0.0;
+      s_high += (f & FLAG_HIGH) ? m : 0.0;
+      s_reg += (f & (FLAG_LOW | FLAG_HIGH)) ? m : 0.0;
+      s_cispo += (f & FLAG_CISPO) ? m : 0.0;
+    }
+  }
+  if (row_flags) {
+    for (int64_t b = 0; b < B; ++b) {
+      const uint8_t f = flags[b * T];  // every token of the row has the same (r_b, A_b), so the same flags
+      s_low += (f & FLAG_LOW) ? 1.0 : 0.0;
+      s_high += (f & FLAG_HIGH) ? 1.0 : 0.0;
+      s_reg += (f & (FLAG_LOW | FLAG_HIGH)) ? 1.0 : 0.0;
+      s_cispo += (f & FLAG_CISPO) ? 1.0 : 0.0;
+    }
+  }
+  float* st = a.stats_out;
+  for (int i = 0; i < NUM_STATS; ++i) st[i] = 0.f;
+  st[STAT_LOSS] = (float)s_loss;
+  st[STAT_ENTROPY] = (float)s_ent;
+  st[STAT_KL] = (float)s_kl;
+  st[STAT_CLIP_LOW] = (float)s_low;
+  st[STAT_CLIP_HIGH] = (float)s_high;
+  st[STAT_CLIP_REGION] = (float)s_reg;
+  st[STAT_CISPO_CLIP] = (float)s_cispo;
+}
+
+// ---- token log-probs (no gradient) -------------------------------------------------------------------
+static void token_logprobs_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
+                                int64_t lst, const int64_t* ids, float temperature, float* logp, float* entropy,
+                                int nthreads) {
+  const RowKernels& K = *g_kernels.load();
+  const float inv_tau = (float)(1.0 / (double)temperature);
+  const int64_t N = B * T, chunk = chunk_tokens(V);
+  (void)nthreads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
+#endif
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t b = n / T, t = n % T;
+    const void* zrow = static_cast<const char*>(logits) + (b * lsb + t * lst) * elem_size(dtype);
+    const RowStats rs = K.stats[dtype](zrow, V, inv_tau, ids[n]);
+    logp[n] = rs.logp;
+    if (entropy) entropy[n] = rs.entropy;
+  }
+}
+
+template <class T>
+static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+static void check(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(std::string("grpo_fast._C_cpu: ") + what);
+}
+
+}  // namespace cpu
+}  // namespace grpo_fast
+
+// ---- Python bindings ---------------------------------------------------------------------------------
+PYBIND11_MODULE(_C_cpu, m) {
+  using namespace grpo_fast;
+  using namespace grpo_fast::cpu;
+  m.doc() = "grpo_fast CPU kernels (raw pointers from grpo_fast/backends/cpu.py; no torch ABI)";
+
+  m.def(
+      "fused_loss",
+      [](uintptr_t logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb, int64_t lst,
+         uintptr_t grad, int64_t gsb, int64_t gst, uintptr_t ids, uintptr_t mask, uintptr_t weight,
+         uintptr_t adv, int32_t adv_ndim, uintptr_t rewards, int64_t group_size, int32_t scale_rewards,
+         double adv_eps, uintptr_t old, uintptr_t ref, uintptr_t isr, int32_t isr_ndim, int32_t loss_type,
+         int32_t kl_estimator, int32_t level, bool has_delta, bool bias_correction_kl, double temperature,
+         double eps_low, double eps_high, double delta, double beta, double sapo_temp_pos, double sapo_temp_neg,
+         uintptr_t logp_out, uintptr_t stats_out, int nthreads) {
+        // Internal asserts only: grpo_fast/validation.py has checked the user's arguments.
+        check(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+        check(B > 0 && T > 0 && V > 0, "B, T, V must be > 0");
+        check(logits && ids && mask && weight && logp_out && stats_out, "null pointer");
+        check((adv != 0) != (rewards != 0), "exactly one of adv and rewards");
+        check(!rewards || (group_size >= 2 && B % group_size == 0), "group_size must divide B and be >= 2");
+        check(!adv || adv_ndim == 1 || adv_ndim == 2, "adv_ndim must be 1 or 2");
+        check(!isr || isr_ndim == 1 || isr_ndim == 2, "isr_ndim must be 1 or 2");
+        check(beta == 0.0 || ref, "ref is required when beta != 0");
+        check(temperature > 0.0, "temperature must be > 0");
+        LossArgs a;
+        a.logits = ptr<const void>(logits);
+        a.grad = ptr<void>(grad);
+        a.ids = ptr<const int64_t>(ids);
+        a.mask = ptr<const float>(mask);
+        a.weight = ptr<const float>(weight);
+        a.adv = ptr<const float>(adv);
+        a.rewards = ptr<const float>(rewards);
+        a.old = ptr<const float>(old);
+        a.ref = ptr<const float>(ref);
+        a.isr = ptr<const float>(isr);
+        a.logp_out = ptr<float>(logp_out);
+        a.stats_out = ptr<float>(stats_out);
+        a.B = B; a.T = T; a.V = V; a.lsb = lsb; a.lst = lst; a.gsb = gsb; a.gst = gst;
+        a.dtype = dtype; a.adv_ndim = adv_ndim; a.isr_ndim = isr_ndim; a.scale_rewards = scale_rewards;
+        a.group_size = group_size;
+        a.adv_eps = adv_eps;
+        a.P.loss_type = loss_type;
+        a.P.kl_estimator = kl_estimator;
+        a.P.level = level;
+        a.P.has_delta = has_delta ? 1 : 0;
+        a.P.bias_correction_kl = bias_correction_kl ? 1 : 0;
+        a.P.temperature = (float)temperature;
+        a.P.eps_low = (float)eps_low;
+        a.P.eps_high = (float)eps_high;
+        a.P.delta = (float)delta;
+        a.P.beta = (float)beta;
+        a.P.sapo_temp_pos = (float)sapo_temp_pos;
+        a.P.sapo_temp_neg = (float)sapo_temp_neg;
+        a.nthreads = std::max(1, nthreads);
+        py::gil_scoped_release nogil;
+        fused_loss_impl(a);
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
+      py::arg("grad"), py::arg("gsb"), py::arg("gst"), py::arg("ids"), py::arg("mask"), py::arg("weight"),
+      py::arg("adv"), py::arg("adv_ndim"), py::arg("rewards"), py::arg("group_size"), py::arg("scale_rewards"),
+      py::arg("adv_eps"), py::arg("old"), py::arg("ref"), py::arg("isr"), py::arg("isr_ndim"), py::arg("loss_type"),
+      py::arg("kl_estimator"), py::arg("level"), py::arg("has_delta"), py::arg("bias_correction_kl"),
+      py::arg("temperature"), py::arg("eps_low"), py::arg("eps_high"), py::arg("delta"), py::arg("beta"),
+      py::arg("sapo_temp_pos"), py::arg("sapo_temp_neg"), py::arg("logp_out"), py::arg("stats_out"),
+      py::arg("nthreads"),
+      "Fused GRPO loss over logits (B, T, V): writes logp (B, T) f32, the stats sums (8,) f32 and, when "
+      "grad != 0, d loss / d logits for grad_output = 1. All pointers are host addresses (tensor.data_ptr()).");
+
+  m.def(
+      "token_logprobs",
+      [](uintptr_t logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb, int64_t lst, uintptr_t ids,
+         double temperature, uintptr_t logp_out, uintptr_t entropy_out, int nthreads) {
+        check(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+        check(B > 0 && T > 0 && V > 0, "B, T, V must be > 0");
+        check(logits && ids && logp_out, "null pointer");
+        check(temperature > 0.0, "temperature must be > 0");
+        py::gil_scoped_release nogil;
+        token_logprobs_impl(ptr<const void>(logits), dtype, B, T, V, lsb, lst, ptr<const int64_t>(ids),
+                            (float)temperature, ptr<float>(logp_out), ptr<float>(entropy_out), std::max(1, nthreads));
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
+      py::arg("ids"), py::arg("temperature"), py::arg("logp_out"), py::arg("entropy_out"), py::arg("nthreads"),
+      "Per-token log-probs (B, T) f32 and, when entropy_out != 0, entropies (B, T) f32.");
+
+  m.def("isa", []() { return std::string(g_kernels.load()->name); },
+        "The instruction set the row kernels use now: 'avx512', 'avx2' or 'generic'.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        const RowKernels* k = kernels_by_name(name);
+        if (!k || !isa_supported(name)) throw std::invalid_argument("instruction set '" + name + "' is not available on this CPU/build");
+        const std::string prev = g_kernels.load()->name;
+        g_kernels.store(k);
+        return prev;
+      },
+      py::arg("name"), "Switch the row kernels to 'avx512', 'avx2' or 'generic' (tests); returns the previous one.");
+  m.def(
+      "supported_isas",
+      []() {
+        py::list out;
+        for (const char* name : {"avx512", "avx2", "generic"})
+          if (kernels_by_name(name) && isa_supported(name)) out.append(name);
+        return out;
+      },
+      "The instruction sets this CPU and build can run, widest first.");
+  m.def(
+      "vexp",
+      [](uintptr_t x, uintptr_t y, int64_t n) { g_kernels.load()->exp(ptr<const float>(x), ptr<float>(y), n); },
+      py::arg("x"), py::arg("y"), py::arg("n"), "y = e^x for n floats with the active vectorized exp (tests).");
+}

@@ -1,0 +1,117 @@
+// row_kernels.h — the work on one token's V logits, written once against the primitives of a
+// simd_*.h header (W lanes of fp32: vf, vload, vstore, vexp, ...).
+//
+// grpo_cpu.cpp includes this file once per instruction set, inside that set's namespace and target
+// region, so each copy is compiled for its ISA and chosen at run time. No include guard, no #include.
+//
+// A row is read at most three times, and only the first read comes from memory: a 32k-vocabulary
+// row is 64-128 KiB and stays in L2 for the next two.
+//   row_stats: max over the row, then Σ e^(x−max) and Σ e^(x−max)·(x−max) (for the entropy).
+//   row_grad:  dz_j = c·e^(x_j−max) for every j (the caller then writes the target entry).
+
+// Copies the last n < W entries of a row to fp32 lanes, padding with `fill`.
+template <class D>
+static inline vf load_tail(D d, const typename D::T* p, int64_t n, float fill) {
+  alignas(64) float buf[W];
+  for (int i = 0; i < W; ++i) buf[i] = i < n ? to_f32(d, p[i]) : fill;
+  return vload(F32{}, buf);
+}
+
+// One pass for the max, one for the sums. x = z·inv_tau; t = x − max is formed with one FMA from z,
+// which is more accurate than rounding x first. Entropy = lse − Σ p·x = log S − Σ e·t / S, where the
+// e·t term of a banned (−inf) logit is 0: t is raised to −FLT_MAX first, so e·t = 0·(−FLT_MAX) = 0,
+// never 0·(−inf) = NaN; a NaN logit stays NaN (it is max's second operand).
+template <class D>
+static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y) {
+  using T = typename D::T;
+  const D d{};
+  const T* z = static_cast<const T*>(zrow);
+  const int64_t v1 = V - V % W, v2 = V - V % (2 * W);
+
+  vf m0 = vset1(-INFINITY), m1 = m0;
+  int64_t i = 0;
+  for (; i < v2; i += 2 * W) {
+    m0 = vmax(m0, vload(d, z + i));
+    m1 = vmax(m1, vload(d, z + i + W));
+  }
+  for (; i < v1; i += W) m0 = vmax(m0, vload(d, z + i));
+  if (i < V) m1 = vmax(m1, load_tail(d, z + i, V - i, -INFINITY));
+  const float zmax = vhmax(vmax(m0, m1));
+
+  const float nxmax = -(zmax * inv_tau);  // τ > 0: the max of x is the max of z, scaled
+  const vf it = vset1(inv_tau), nm = vset1(nxmax), lowest = vset1(-3.402823466e38f);
+  vf s0 = vzero(), s1 = s0, q0 = s0, q1 = s0;
+  for (i = 0; i < v2; i += 2 * W) {
+    const vf t0 = vfmadd(vload(d, z + i), it, nm), t1 = vfmadd(vload(d, z + i + W), it, nm);
+    const vf e0 = vexp(t0), e1 = vexp(t1);
+    s0 = vadd(s0, e0);
+    s1 = vadd(s1, e1);
+    q0 = vfmadd(e0, vmax(lowest, t0), q0);
+    q1 = vfmadd(e1, vmax(lowest, t1), q1);
+  }
+  for (; i < v1; i += W) {
+    const vf t0 = vfmadd(vload(d, z + i), it, nm);
+    const vf e0 = vexp(t0);
+    s0 = vadd(s0, e0);
+    q0 = vfmadd(e0, vmax(lowest, t0), q0);
+  }
+  if (i < V) {  // padding lanes: t = −inf, e = 0, e·t = 0
+    const vf t1 = vfmadd(load_tail(d, z + i, V - i, -INFINITY), it, nm);
+    const vf e1 = vexp(t1);
+    s1 = vadd(s1, e1);
+    q1 = vfmadd(e1, vmax(lowest, t1), q1);
+  }
+  const float S = vhsum(vadd(s0, s1)), Q = vhsum(vadd(q0, q1));
+  const float logS = logf(S);
+
+  RowStats o;
+  o.xmax = -nxmax;
+  o.sum = S;
+  o.logp = fmaf(to_f32(d, z[y]), inv_tau, nxmax) - logS;  // (x_y − max) − log S: no large-lse cancellation
+  o.entropy = logS - Q / S;
+  return o;
+}
+
+// dz_j = c·e^(x_j − max) for every j, in the row's dtype; with c = −g/(τ·S) that is −g·p_j/τ. The
+// target entry is then overwritten by the caller. grow may equal zrow (inplace): every vector is read
+// before the same addresses are written.
+template <class D>
+static void row_grad(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c) {
+  using T = typename D::T;
+  const D d{};
+  const T* z = static_cast<const T*>(zrow);
+  T* g = static_cast<T*>(grow);
+  const int64_t v1 = V - V % W, v2 = V - V % (2 * W);
+  const vf it = vset1(inv_tau), nm = vset1(nxmax), vc = vset1(c);
+  int64_t i = 0;
+  for (; i < v2; i += 2 * W) {
+    const vf e0 = vexp(vfmadd(vload(d, z + i), it, nm));
+    const vf e1 = vexp(vfmadd(vload(d, z + i + W), it, nm));
+    vstore(d, g + i, vmul(e0, vc));
+    vstore(d, g + i + W, vmul(e1, vc));
+  }
+  for (; i < v1; i += W) vstore(d, g + i, vmul(vexp(vfmadd(vload(d, z + i), it, nm)), vc));
+  if (i < V) {
+    alignas(64) float buf[W];
+    vstore(F32{}, buf, vmul(vexp(vfmadd(load_tail(d, z + i, V - i, -INFINITY), it, nm)), vc));
+    for (int64_t k = 0; k < V - i; ++k) g[i + k] = from_f32(d, buf[k]);
+  }
+}
+
+// e^x of n floats through vexp (the tests check its accuracy and edge cases through this).
+static void exp_array(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore(F32{}, y + i, vexp(vload(F32{}, x + i)));
+  if (i < n) {
+    alignas(64) float buf[W];
+    vstore(F32{}, buf, vexp(load_tail(F32{}, x + i, n - i, 0.f)));
+    for (int64_t k = 0; k < n - i; ++k) y[i + k] = buf[k];
+  }
+}
+
+static const RowKernels kernels = {
+    ISA_NAME,
+    {&row_stats<F32>, &row_stats<BF16>, &row_stats<F16>},
+    {&row_grad<F32>, &row_grad<BF16>, &row_grad<F16>},
+    &exp_array,
+};
