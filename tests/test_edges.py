@@ -148,7 +148,7 @@ def test_extreme_temperatures(backend, temperature):
     for got, fp32, want in [(loss, tl, wl), (grad, tg, wg)] + [(met[k], tm[k], wm[k]) for k in wm]:
         err = (got.double() - want).abs().max().item()
         err32 = (fp32.double() - want).abs().max().item()
-        assert err <= 2 * err32 + 1e-6 * want.abs().max().item() + 1e-9, (err, err32)
+        assert err <= 2 * err32 + 1e-5 * want.abs().max().item() + 1e-9, (err, err32)  # floor: the fp32 tolerance
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
