@@ -40,6 +40,8 @@ ADV_REWARDS = tl.constexpr(2)
 # importance_sampling_ratio layouts (ISR_MODE): absent, (B,), (B, T).
 ISR_ROW = tl.constexpr(1)
 ISR_TOKEN = tl.constexpr(2)
+# min/max in the loss propagate NaN as torch.min/clamp do (a NaN logit must reach the loss).
+NAN = tl.PropagateNan.ALL
 # Width of a row of the per-token stats buffer (grpo_fast/_config.py NUM_STATS).
 NUM_STATS = tl.constexpr(8)
 
@@ -49,8 +51,12 @@ NUM_STATS = tl.constexpr(8)
 
 
 @triton.jit
-def _online_lse_entropy(z_row, V, inv_tau, BLOCK_V: tl.constexpr):
-    """(lse, entropy) of x = z_row[0:V] * inv_tau in one sweep (float32 accumulation).
+def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr):
+    """(lse, entropy) of x = z_row[0:V] / τ in one sweep (float32 accumulation).
+
+    x = z / τ is a division, not a product with 1/τ: it rounds as the eager reference's
+    ``logits / temperature`` does (exactly so under the interpreter; Triton's div.full.f32 on GPUs),
+    which matters at small τ where |x| ~ 1e3 and one ulp of x is visible in the log-prob.
 
     Running max m, running Σ exp(x − m) and Σ exp(x − m)·x, rescaled whenever m grows. A block
     (or a whole prefix) of −inf logits is legal: the max used for shifting is replaced by 0 while
@@ -62,7 +68,7 @@ def _online_lse_entropy(z_row, V, inv_tau, BLOCK_V: tl.constexpr):
     s = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_tau
+        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
         m_new = tl.maximum(m, tl.max(x, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - shift)
@@ -78,8 +84,8 @@ def _online_lse_entropy(z_row, V, inv_tau, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _write_row_grad(z_row, g_row, y, lse, gs, V, inv_tau, BLOCK_V: tl.constexpr):
-    """g_row[j] = gs·(1[j == y] − exp(x_j − lse)) for j < V, with gs = dL/dlogp / τ.
+def _write_row_grad(z_row, g_row, y, lse, gs, V, temperature, BLOCK_V: tl.constexpr):
+    """g_row[j] = gs·(1[j == y] − exp(x_j − lse)) for j < V, with gs = dL/dlogp / τ and x = z / τ.
 
     z_row and g_row may be the same memory (inplace): each block is read before it is written,
     and no other program touches this row.
@@ -88,7 +94,7 @@ def _write_row_grad(z_row, g_row, y, lse, gs, V, inv_tau, BLOCK_V: tl.constexpr)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         valid = cols < V
-        x = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_tau
+        x = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32) / temperature
         p = tl.exp(x - lse)
         grad = gs * (tl.where(cols == y, 1.0, 0.0) - p)
         tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=valid)
@@ -105,7 +111,7 @@ def _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE: tl.conste
     offs = tl.arange(0, BLOCK_G)
     valid = offs < G
     rw = tl.load(rewards_ptr + start + offs, mask=valid, other=0.0).to(tl.float64)
-    n = G.to(tl.float64)
+    n = tl.sum(valid.to(tl.float64), 0)  # = G, as a float64 (G itself may arrive as a plain int)
     mean = tl.sum(rw, 0) / n
     lo = tl.min(tl.where(valid, rw, float("inf")), 0)
     hi = tl.max(tl.where(valid, rw, float("-inf")), 0)
@@ -113,9 +119,9 @@ def _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE: tl.conste
     std = tl.sqrt(tl.sum(dev * dev, 0) / (n - 1.0))
     centered = tl.load(rewards_ptr + b).to(tl.float64) - mean
     if SCALE == SCALE_GROUP:
-        adv = centered / (std + adv_eps.to(tl.float64))
+        adv = centered / (std + adv_eps)  # float64 + float32 -> float64
     elif SCALE == SCALE_BATCH:
-        adv = centered / (tl.load(batch_std_ptr).to(tl.float64) + adv_eps.to(tl.float64))
+        adv = centered / (tl.load(batch_std_ptr).to(tl.float64) + adv_eps)
     else:  # "none" (Dr. GRPO): centered only
         adv = centered
     return tl.where(lo == hi, 0.0, adv).to(tl.float32)
@@ -152,9 +158,9 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
         # min() splits a tie half/half, clamp passes the gradient on [lo, hi] inclusive.
         lo = 1.0 - eps_low
         hi = 1.0 + eps_high
-        r2 = tl.minimum(tl.maximum(r, lo), hi)
+        r2 = tl.minimum(tl.maximum(r, lo, propagate_nan=NAN), hi, propagate_nan=NAN)
         if HAS_DELTA:
-            r1 = tl.minimum(r, delta)
+            r1 = tl.minimum(r, delta, propagate_nan=NAN)
             d1 = tl.where(r <= delta, 1.0, 0.0)
         else:
             r1 = r
@@ -163,7 +169,7 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
         v1 = r1 * A
         v2 = r2 * A
         dmin = tl.where(v1 < v2, A * d1, tl.where(v2 < v1, A * d2, 0.5 * A * (d1 + d2)))
-        L = -tl.minimum(v1, v2)
+        L = -tl.minimum(v1, v2, propagate_nan=NAN)
         dL_dr = -dmin + zero
         dL_dlogp = zero
         clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, LOSS_TYPE)
@@ -172,7 +178,7 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
         cispo_clip += zero
     elif LOSS_TYPE == CISPO:
         # L = −stopgrad(min(r, ε_high))·A·logp: no gradient through the ratio (MiniMax-M1).
-        c = tl.minimum(r, eps_high)
+        c = tl.minimum(r, eps_high, propagate_nan=NAN)
         L = -c * A * logp
         dL_dr = zero
         dL_dlogp = -c * A + zero
@@ -236,10 +242,9 @@ def _token_logprobs_kernel(
     b = row // T
     t = row - b * T
     z_row = logits_ptr + b * stride_lb + t * stride_lt
-    inv_tau = 1.0 / temperature
-    lse, entropy = _online_lse_entropy(z_row, V, inv_tau, BLOCK_V)
+    lse, entropy = _online_lse_entropy(z_row, V, temperature, BLOCK_V)
     y = tl.load(ids_ptr + row)
-    logp = tl.load(z_row + y).to(tl.float32) * inv_tau - lse
+    logp = tl.load(z_row + y).to(tl.float32) / temperature - lse
     tl.store(logp_ptr + row, logp)
     if STORE_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
@@ -272,12 +277,11 @@ def _grpo_token_fwd_kernel(
     b = row // T
     t = row - b * T
     z_row = logits_ptr + b * stride_lb + t * stride_lt
-    inv_tau = 1.0 / temperature
 
     # the sweep over V: lse and entropy; then the gathered logit
-    lse, entropy = _online_lse_entropy(z_row, V, inv_tau, BLOCK_V)
+    lse, entropy = _online_lse_entropy(z_row, V, temperature, BLOCK_V)
     y = tl.load(ids_ptr + row)
-    logp = tl.load(z_row + y).to(tl.float32) * inv_tau - lse
+    logp = tl.load(z_row + y).to(tl.float32) / temperature - lse
     tl.store(logp_ptr + row, logp)
 
     # per-token side inputs
@@ -324,7 +328,7 @@ def _grpo_token_fwd_kernel(
         # token level: dr/dlogp = r, so dL/dlogp = w·(d_logp + r·d_ratio); zero on padding (w = 0)
         g = w * (d_logp + r * d_ratio)
         g_row = grad_ptr + b * stride_gb + t * stride_gt
-        _write_row_grad(z_row, g_row, y, lse, g * inv_tau, V, inv_tau, BLOCK_V)
+        _write_row_grad(z_row, g_row, y, lse, g / temperature, V, temperature, BLOCK_V)
 
 
 @triton.jit
@@ -480,9 +484,8 @@ def _grpo_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
-    inv_tau = 1.0 / temperature
     g = tl.load(g_ptr + row)
     lse = tl.load(lse_ptr + row)
     y = tl.load(ids_ptr + row)
     _write_row_grad(logits_ptr + b * stride_lb + t * stride_lt, grad_ptr + b * stride_gb + t * stride_gt,
-                    y, lse, g * inv_tau, V, inv_tau, BLOCK_V)
+                    y, lse, g / temperature, V, temperature, BLOCK_V)

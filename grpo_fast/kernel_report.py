@@ -1,0 +1,299 @@
+"""`python -m grpo_fast kernels`: registers, spills and shared memory of the GPU kernels, no GPU needed.
+
+Each Triton kernel is compiled ahead of time (``triton.compile`` on an ``ASTSource`` with an
+explicit ``GPUTarget``) for sm_80 (A100) and sm_90 (H100), for every autotune config, and the PTX
+is run through the ``ptxas`` that ships in the Triton wheel with ``-v``, which reports registers
+per thread, spill stores/loads and static shared memory. Triton's own shared-memory scratch (for
+the cross-warp reductions) comes from the compiled kernel's metadata. The CUDA C++ kernels are
+added when ``grpo_fast._cuda_resources.cuda_kernel_resources()`` exists.
+
+Exit status: 0 when nothing spills, 1 when some kernel spills, 2 when nothing could be compiled.
+
+    python -m grpo_fast kernels [--arch 80,90] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+ARCHS = (80, 90)
+
+
+@dataclass
+class KernelResources:
+    kernel: str
+    variant: str  # which constexpr flags (loss type, dtype, ...)
+    config: str  # BLOCK_V / num_warps / num_stages
+    arch: str  # "sm_80"
+    registers: int
+    spill_bytes: int  # spill stores + spill loads reported by ptxas
+    shared_bytes: int  # Triton's dynamic shared memory + ptxas' static smem
+    local_bytes: int = 0  # stack frame (0 unless something spills or an array lives in local memory)
+    source: str = "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# compiling without a GPU
+
+
+def _aot_kernels_module():
+    """kernels/grpo.py loaded as a private module with the interpreter switched off.
+
+    Under TRITON_INTERPRET=1 (the CPU test setup) ``@triton.jit`` makes interpreter objects that
+    ``triton.compile`` cannot take, so the file is executed again with the variable removed.
+    """
+    from .backends.triton_backend import load_kernels
+
+    path = Path(load_kernels().__file__).resolve().parent / "grpo.py"
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec = importlib.util.spec_from_file_location("_grpo_fast_kernels_aot", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return mod
+
+
+def ptxas_path() -> Optional[str]:
+    """The ptxas binary of the Triton wheel (or $TRITON_PTXAS_PATH), or None."""
+    env = os.environ.get("TRITON_PTXAS_PATH")
+    if env and os.path.isfile(env):
+        return env
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return None
+    p = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return str(p) if p.is_file() else None
+
+
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_st": re.compile(r"(\d+) bytes spill stores"),
+    "spill_ld": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "smem": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def _ptxas_for(arch: int):
+    """(ptxas binary, --gpu-name) exactly as Triton's own NVIDIA backend picks them for ``arch``."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+        return get_ptxas(arch).path, sm_arch_from_capability(arch)
+    except (ImportError, AttributeError):  # another Triton layout: the wheel's ptxas, plain sm_XY
+        return ptxas_path(), f"sm_{arch}"
+
+
+def _ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers, spills, stack and static smem of the (single) kernel in ``ptx``, from ptxas -v.
+
+    Same ptxas and register-allocation flag as Triton's compile, so the numbers are the ones of
+    the cubin Triton would load.
+    """
+    ptxas, gpu_name = _ptxas_for(arch)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {gpu_name}: {out.stderr.strip()[:2000]}")
+    log = out.stdout + out.stderr
+
+    def grab(key):
+        m = _PTXAS_RE[key].search(log)
+        return int(m.group(1)) if m else 0
+
+    return dict(registers=grab("registers"), spill_bytes=grab("spill_st") + grab("spill_ld"),
+                stack=grab("stack"), smem=grab("smem"))
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    """triton.compile for a CUDA target without a device; returns the CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for k in constexprs:
+        sig[k] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def measure(fn, signature, constexprs, arch, num_warps, num_stages) -> dict:
+    k = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
+    use = _ptxas_usage(k.asm["ptx"], arch)
+    return dict(registers=use["registers"], spill_bytes=use["spill_bytes"],
+                shared_bytes=int(k.metadata.shared) + use["smem"], local_bytes=use["stack"])
+
+
+# ---------------------------------------------------------------------------------------------
+# what to compile
+
+
+def _ptr(dtype: str) -> str:
+    return "*" + dtype
+
+
+def _sig_logprobs(ldt):
+    return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+            "T": "i32", "V": "i32", "stride_lb": "i32", "stride_lt": "i32", "temperature": "fp32"}
+
+
+_SIDE = ("mask_ptr", "weight_ptr", "adv_ptr", "rewards_ptr", "batch_std_ptr", "old_ptr", "ref_ptr", "isr_ptr")
+_FLOATS = ("eps_low", "eps_high", "delta", "beta", "sapo_pos", "sapo_neg", "adv_eps")
+
+
+def _sig_token_fwd(ldt):
+    s = {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64"}
+    s.update({k: ("*fp64" if k == "batch_std_ptr" else "*fp32") for k in _SIDE})
+    s.update({"grad_ptr": _ptr(ldt), "logp_ptr": "*fp32", "stats_ptr": "*fp32"})
+    s.update({k: "i32" for k in ("T", "V", "G", "stride_lb", "stride_lt", "stride_gb", "stride_gt")})
+    s["temperature"] = "fp32"
+    s.update({k: "fp32" for k in _FLOATS})
+    return s
+
+
+def _sig_seq_row():
+    s = {"logp_ptr": "*fp32", "entropy_ptr": "*fp32"}
+    s.update({k: ("*fp64" if k == "batch_std_ptr" else "*fp32") for k in _SIDE})
+    s.update({"g_ptr": "*fp32", "stats_ptr": "*fp32", "T": "i32", "G": "i32"})
+    s.update({k: "fp32" for k in _FLOATS})
+    return s
+
+
+def _sig_grad(ldt):
+    return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32", "grad_ptr": _ptr(ldt),
+            "T": "i32", "V": "i32", "stride_lb": "i32", "stride_lt": "i32", "stride_gb": "i32", "stride_gt": "i32",
+            "temperature": "fp32"}
+
+
+def _loss_flags(loss_type: int, *, kl=True, grad=True, adv_mode=2, level_seq=False):
+    f = dict(LOSS_TYPE=loss_type, KL_EST=0, HAS_DELTA=loss_type <= 4, HAS_KL=kl, BIAS_KL=False, HAS_OLD=True,
+             ADV_MODE=adv_mode, SCALE=1, ISR_MODE=2, HAS_GRAD=grad, BLOCK_G=16)
+    return f
+
+
+LOSS_NAMES = {0: "grpo", 5: "cispo", 6: "sapo"}
+
+
+def jobs(quick: bool = False):
+    """(kernel, variant, fn-name, signature, constexprs, num_warps, num_stages, config label) to compile.
+
+    Every autotune config of the three V-streaming kernels with bf16 logits and the heaviest flag
+    set (clip loss with delta, k3 KL, in-kernel advantage, per-token isr, gradient); the other loss
+    types at the interpreter's default config; fp32 logits at the default config. ``quick``: the
+    autotune configs only.
+    """
+    from .backends.triton_backend import AUTOTUNE_CONFIGS, DEFAULT_BLOCK_V, DEFAULT_WARPS
+
+    out = []
+    for bv, nw, ns in AUTOTUNE_CONFIGS:
+        cfg = f"BLOCK_V={bv} warps={nw} stages={ns}"
+        out.append(("_grpo_token_fwd_kernel", "grpo+delta+k3+rewards+grad bf16", _sig_token_fwd("bf16"),
+                     {**_loss_flags(0), "BLOCK_V": bv}, nw, ns, cfg))
+        out.append(("_token_logprobs_kernel", "logp+entropy+lse bf16", _sig_logprobs("bf16"),
+                     {"STORE_ENTROPY": True, "STORE_LSE": True, "BLOCK_V": bv}, nw, ns, cfg))
+        out.append(("_grpo_grad_kernel", "bf16", _sig_grad("bf16"), {"BLOCK_V": bv}, nw, ns, cfg))
+    out.append(("_grpo_seq_row_kernel", "grpo+delta+k3+rewards+grad", _sig_seq_row(),
+                {**_loss_flags(0), "BLOCK_T": 1024}, 4, 1, "BLOCK_T=1024 warps=4"))
+    if quick:
+        return out
+    dcfg = f"BLOCK_V={DEFAULT_BLOCK_V} warps={DEFAULT_WARPS} stages=1"
+    for lt in (5, 6):
+        out.append(("_grpo_token_fwd_kernel", f"{LOSS_NAMES[lt]}+k3+rewards+grad bf16", _sig_token_fwd("bf16"),
+                    {**_loss_flags(lt), "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+        out.append(("_grpo_seq_row_kernel", f"{LOSS_NAMES[lt]}+k3+rewards+grad", _sig_seq_row(),
+                    {**_loss_flags(lt), "BLOCK_T": 1024}, 4, 1, "BLOCK_T=1024 warps=4"))
+    out.append(("_grpo_token_fwd_kernel", "grpo+delta+k3+rewards+grad fp32", _sig_token_fwd("fp32"),
+                {**_loss_flags(0), "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+    out.append(("_grpo_token_fwd_kernel", "grpo, no grad, fp16", _sig_token_fwd("fp16"),
+                {**_loss_flags(0, kl=False, grad=False, adv_mode=0), "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+    return out
+
+
+def triton_report(archs=ARCHS, quick: bool = False) -> list[KernelResources]:
+    mod = _aot_kernels_module()
+    rows = []
+    for name, variant, sig, consts, nw, ns, cfg in jobs(quick):
+        for arch in archs:
+            r = measure(getattr(mod, name), sig, consts, arch, nw, ns)
+            rows.append(KernelResources(kernel=name, variant=variant, config=cfg, arch=f"sm_{arch}", **r))
+    return rows
+
+
+def cuda_report() -> list[KernelResources]:
+    """The CUDA extension's kernels, when its helper module exists (written by the CUDA backend)."""
+    try:
+        from . import _cuda_resources
+    except ImportError:
+        return []
+    rows = []
+    for d in _cuda_resources.cuda_kernel_resources():
+        rows.append(KernelResources(kernel=d["kernel"], variant=d.get("variant", ""), config=d.get("config", ""),
+                                    arch=str(d["arch"]), registers=int(d["registers"]), spill_bytes=int(d["spill_bytes"]),
+                                    shared_bytes=int(d["shared_bytes"]), local_bytes=int(d.get("local_bytes", 0)),
+                                    source="cuda"))
+    return rows
+
+
+def format_table(rows: list[KernelResources]) -> str:
+    head = ("source", "kernel", "variant", "config", "arch", "regs", "spill B", "smem B", "stack B")
+    body = [(r.source, r.kernel, r.variant, r.config, r.arch, str(r.registers), str(r.spill_bytes),
+             str(r.shared_bytes), str(r.local_bytes)) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="grpo-fast kernels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma-separated SM versions (default 80,90)")
+    ap.add_argument("--quick", action="store_true", help="only the autotune configs of the default variant")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    args = ap.parse_args(argv)
+    archs = tuple(int(a) for a in args.arch.split(",") if a.strip())
+
+    rows: list[KernelResources] = []
+    problems = []
+    if importlib.util.find_spec("triton") is None:
+        problems.append("Triton is not installed: no Triton kernels compiled (pip install triton)")
+    elif ptxas_path() is None:
+        problems.append("ptxas not found in the Triton wheel (set TRITON_PTXAS_PATH): no Triton kernels measured")
+    else:
+        rows += triton_report(archs, args.quick)
+    rows += cuda_report()
+    if not rows:
+        print("\n".join(problems) or "no kernels to report")
+        return 2
+    print(format_table(rows))
+    for p in problems:
+        print(p)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    spilling = [r for r in rows if r.spill_bytes > 0]
+    if spilling:
+        print(f"\n{len(spilling)} kernel build(s) spill registers:")
+        for r in spilling:
+            print(f"  {r.source} {r.kernel} [{r.variant}; {r.config}] {r.arch}: {r.spill_bytes} bytes")
+        return 1
+    print(f"\n{len(rows)} kernel builds, none spills.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
