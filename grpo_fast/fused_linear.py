@@ -223,9 +223,14 @@ def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs, seque
     A = A.unsqueeze(1) if A.dim() == 1 else A
     stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=logp.device)
 
-    def count(flag):  # per row when the flag is the row's (sequence level, per-row A), else per valid token
+    # Flags are counted once per row when they are the row's (sequence level with a per-row A: the
+    # reference averages those over all B rows), else once per valid token. Decided by the options,
+    # never by the shape: a one-token chunk is (1, 1) too.
+    row_flags = sequence and A.shape[1] == 1
+
+    def count(flag):
         flag = flag.to(torch.float32)
-        return flag.sum() if flag.shape[1] == 1 else (flag * mask).sum()
+        return flag.sum() if row_flags else (flag * mask).sum()
 
     if cfg.is_clip_family:
         lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
