@@ -1,0 +1,806 @@
+// grpo_cuda_kernels.cu — the CUDA backend of grpo_fast: the GRPO loss and its gradient in one read
+// of the logits.
+//
+// What it fuses, per token row (b, t) of V logits (one thread block per row):
+//   x = z/τ → online max / Σexp / Σp·x (logsumexp and entropy) → logp → the per-token GRPO terms
+//   (grpo_math.h: ratio, loss, KL, clip flags, ∂loss/∂logp) → the gradient
+//   g·(1[j=y] − p_j)/τ written in the logits' dtype while the row is still in L2.
+// Eager PyTorch reads and writes (B, T, V) tensors about ten times for the same result.
+//
+// Kernels:
+//   token_fused_kernel<T>   token level: everything above in one kernel, two sweeps of the row (the
+//                           second one hits L2)
+//   logprob_kernel<T>       lse / logp / entropy only: token_logprobs(), and pass 1 of sequence level
+//   seq_row_kernel          sequence level (GSPO): one block per sequence computes the row's ratio
+//                           r_b and Σ_t w·d_ratio, then each token's upstream gradient g_bt
+//   seq_grad_kernel<T>      sequence level pass 2: rereads the logits and writes the gradient
+//   advantages_kernel       group-relative advantages from rewards (grpo_math.h), batch std first
+//   reduce_stats_kernel     per-token (or per-row) partial stats → the stats vector, in a fixed order
+// No float atomics anywhere: every reduction has a fixed order, so results are bitwise repeatable.
+//
+// Numerics: fp32 accumulation whatever the logits' dtype; logits are scaled once into log2 units
+// (u = x·log2(e)/τ) so that every exponential is a single exp2f; -inf logits give p = 0 and never
+// 0·inf = NaN in Σp·x; NaN logits propagate (fmaxf skips NaN but Σexp does not).
+//
+// Built by setup.py (BEGIN CUDA BUILD) with nvcc -O3 -Xptxas -v for sm_80, sm_90 and the newer
+// architectures the installed nvcc knows; linked with the static CUDA runtime, no torch headers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <stdexcept>
+#include <string>
+
+#include "grpo_cuda.h"
+#include "grpo_math.h"
+
+namespace grpo_fast {
+namespace cuda {
+
+// --- error handling ---------------------------------------------------------------------------
+
+// Every CUDA runtime call goes through this; a failure becomes a Python RuntimeError naming the call.
+#define GF_CUDA_CHECK(expr)                                                                          \
+  do {                                                                                               \
+    const cudaError_t gf_err_ = (expr);                                                              \
+    if (gf_err_ != cudaSuccess)                                                                      \
+      throw std::runtime_error(std::string("grpo_fast CUDA error: ") + cudaGetErrorString(gf_err_) + \
+                               " in " #expr " (" __FILE__ ":" + std::to_string(__LINE__) + ")");    \
+  } while (0)
+
+// After every launch: a bad configuration or a missing kernel image (no SASS/PTX for this GPU)
+// surfaces here, synchronously, naming the kernel.
+#define GF_LAUNCH_CHECK(kernel_name)                                                                \
+  do {                                                                                              \
+    const cudaError_t gf_err_ = cudaGetLastError();                                                 \
+    if (gf_err_ != cudaSuccess)                                                                     \
+      throw std::runtime_error(std::string("grpo_fast CUDA error: launching " #kernel_name ": ") +  \
+                               cudaGetErrorString(gf_err_));                                        \
+  } while (0)
+
+// Internal asserts on what Python promised (validation.py already checked the user's input).
+#define GF_REQUIRE(cond, what)                                                                \
+  do {                                                                                        \
+    if (!(cond)) throw std::invalid_argument(std::string("grpo_fast._C_cuda: ") + (what) +    \
+                                             " (internal check `" #cond "` failed)");         \
+  } while (0)
+#define GF_CHECK_PTR(p) GF_REQUIRE((p) != nullptr, #p " must be a device pointer")
+#define GF_CHECK_POSITIVE(x) GF_REQUIRE((x) > 0, #x " must be > 0, got " + std::to_string(x))
+#define GF_CHECK_GRID(n) GF_REQUIRE((n) <= (int64_t)INT32_MAX, #n " rows exceed the 2^31-1 grid limit: " + std::to_string(n))
+
+// Switch the runtime's current device to the tensors' one for the duration of a call, and back.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    int cur = 0;
+    GF_CUDA_CHECK(cudaGetDevice(&cur));
+    if (cur != device) {
+      GF_CUDA_CHECK(cudaSetDevice(device));
+      prev_ = cur;
+    }
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);  // best effort: a destructor must not throw
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = -1;
+};
+
+// --- constants ----------------------------------------------------------------------------------
+
+constexpr int kWarp = 32;
+constexpr int kMaxRowThreads = 512;  // threads per logits row: 16 warps hide HBM latency at V ≥ 32k
+constexpr int kSeqThreads = 256;     // sequence-level row kernel: loops over T (B,T)-sized inputs
+constexpr int kReduceThreads = 512;  // the final stats reduction (one block)
+constexpr int kAdvThreads = 256;     // advantages: one thread per group
+constexpr int kUnroll = 4;           // 16-byte loads in flight per thread in a row sweep
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// --- dtype access -------------------------------------------------------------------------------
+// Io<T>: 16-byte vectors of kVec elements <-> floats, and single elements for the unaligned edges.
+// bf16 -> f32 is a 16-bit shift; no generic conversion needed.
+
+template <typename T>
+struct Io;
+
+template <>
+struct Io<float> {
+  static constexpr int kVec = 4;
+  static __device__ __forceinline__ float load1(const float* p) { return *p; }
+  static __device__ __forceinline__ void store1(float* p, float v) { *p = v; }
+  static __device__ __forceinline__ void unpack(const uint4& r, float* x) {
+    x[0] = __uint_as_float(r.x); x[1] = __uint_as_float(r.y);
+    x[2] = __uint_as_float(r.z); x[3] = __uint_as_float(r.w);
+  }
+  static __device__ __forceinline__ uint4 pack(const float* x) {
+    return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3]));
+  }
+};
+
+template <>
+struct Io<__nv_bfloat16> {
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ float load1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+  static __device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ void unpack2(uint32_t w, float* x) {
+    x[0] = __uint_as_float(w << 16);
+    x[1] = __uint_as_float(w & 0xffff0000u);
+  }
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(a)) |
+           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(b)) << 16);
+  }
+  static __device__ __forceinline__ void unpack(const uint4& r, float* x) {
+    unpack2(r.x, x); unpack2(r.y, x + 2); unpack2(r.z, x + 4); unpack2(r.w, x + 6);
+  }
+  static __device__ __forceinline__ uint4 pack(const float* x) {
+    return make_uint4(pack2(x[0], x[1]), pack2(x[2], x[3]), pack2(x[4], x[5]), pack2(x[6], x[7]));
+  }
+};
+
+template <>
+struct Io<__half> {
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ float load1(const __half* p) { return __half2float(*p); }
+  static __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
+  static __device__ __forceinline__ void unpack2(uint32_t w, float* x) {
+    x[0] = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
+    x[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+  }
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    return (uint32_t)__half_as_ushort(__float2half_rn(a)) | ((uint32_t)__half_as_ushort(__float2half_rn(b)) << 16);
+  }
+  static __device__ __forceinline__ void unpack(const uint4& r, float* x) {
+    unpack2(r.x, x); unpack2(r.y, x + 2); unpack2(r.z, x + 4); unpack2(r.w, x + 6);
+  }
+  static __device__ __forceinline__ uint4 pack(const float* x) {
+    return make_uint4(pack2(x[0], x[1]), pack2(x[2], x[3]), pack2(x[4], x[5]), pack2(x[6], x[7]));
+  }
+};
+
+// Elements before the first 16-byte boundary of a row (rows of odd V or strided views are not
+// aligned); they and the tail are handled one element at a time, the body with 16-byte loads.
+// In-row indices are int32 (V < 2^31 for any vocabulary; the row's base offset is int64): fewer
+// registers than 64-bit loop counters, which keeps every sweep spill-free at 64 registers.
+template <typename T>
+__device__ __forceinline__ int aligned_head(const T* p, int V) {
+  const uint32_t mis = (uint32_t)(reinterpret_cast<uintptr_t>(p) & 15u);
+  const int head = mis ? (int)((16u - mis) / sizeof(T)) : 0;
+  return head < V ? head : V;
+}
+
+// --- online logsumexp ---------------------------------------------------------------------------
+// State of a partial row in log2 units u = x·log2(e)/τ: m = max u, s = Σ 2^(u−m),
+// t = Σ 2^(u−m)·(u−m). Then lse2 = m + log2 s, entropy = ln2·(log2 s − t/s).
+// Keeping (u − m) rather than u in t avoids cancellation between lse and Σp·x.
+
+struct Lse {
+  float m, s, t;
+};
+
+__device__ __forceinline__ Lse lse_identity() { return Lse{-FLT_MAX, 0.f, 0.f}; }
+
+// Fold N values into the state: one rescale per N values (N is 1, kVec or kUnroll·kVec).
+template <int N>
+__device__ __forceinline__ void lse_fold(Lse& a, const float* u) {
+  float cm = u[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) cm = fmaxf(cm, u[k]);
+  if (cm > a.m) {
+    const float sc = exp2f(a.m - cm);
+    // s == 0 means no finite value seen yet: t is 0 too (guard keeps (-FLT_MAX − cm)·0 out).
+    a.t = a.s > 0.f ? sc * (a.t + (a.m - cm) * a.s) : 0.f;
+    a.s *= sc;
+    a.m = cm;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const float d = u[k] - a.m;
+    const float e = exp2f(d);
+    a.s += e;
+    a.t += e > 0.f ? e * d : 0.f;  // a -inf logit: e = 0, d = -inf; its term is 0, not NaN
+  }
+}
+
+// Combine two partial states (the warp/block reduction step).
+__device__ __forceinline__ Lse lse_merge(const Lse& a, const Lse& b) {
+  const float M = fmaxf(a.m, b.m);
+  const float ea = exp2f(a.m - M), eb = exp2f(b.m - M);
+  const float ta = a.s > 0.f ? ea * (a.t + (a.m - M) * a.s) : 0.f;
+  const float tb = b.s > 0.f ? eb * (b.t + (b.m - M) * b.s) : 0.f;
+  return Lse{M, a.s * ea + b.s * eb, ta + tb};
+}
+
+// --- block reductions (fixed order: butterfly in each warp, then warp 0 over the warps) ---------
+
+__device__ __forceinline__ Lse warp_reduce_lse(Lse a) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    Lse b;
+    b.m = __shfl_xor_sync(0xffffffffu, a.m, off);
+    b.s = __shfl_xor_sync(0xffffffffu, a.s, off);
+    b.t = __shfl_xor_sync(0xffffffffu, a.t, off);
+    a = lse_merge(a, b);
+  }
+  return a;
+}
+
+// All threads get lane 0 of warp 0's result. blockDim.x must be a multiple of 32 (≤ 1024).
+__device__ __forceinline__ Lse block_reduce_lse(Lse a) {
+  __shared__ float sh[3][kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+  a = warp_reduce_lse(a);
+  if (lane == 0) { sh[0][warp] = a.m; sh[1][warp] = a.s; sh[2][warp] = a.t; }
+  __syncthreads();
+  if (warp == 0) {
+    Lse b = lane < nwarps ? Lse{sh[0][lane], sh[1][lane], sh[2][lane]} : lse_identity();
+    b = warp_reduce_lse(b);
+    if (lane == 0) { sh[0][0] = b.m; sh[1][0] = b.s; sh[2][0] = b.t; }
+  }
+  __syncthreads();
+  const Lse out{sh[0][0], sh[1][0], sh[2][0]};
+  __syncthreads();  // sh may be reused by the caller's next reduction
+  return out;
+}
+
+// Sum K values of type Acc over the block; every thread gets the totals in v.
+template <int K, typename Acc>
+__device__ __forceinline__ void block_sum(Acc* v) {
+  __shared__ Acc sh[K][kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+    if (lane == 0) sh[k][warp] = v[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      Acc x = lane < nwarps ? sh[k][lane] : Acc(0);
+#pragma unroll
+      for (int off = kWarp / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+      if (lane == 0) sh[k][0] = x;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = sh[k][0];
+  __syncthreads();
+}
+
+// --- row sweeps ---------------------------------------------------------------------------------
+
+// Sweep 1: this thread's share of the row's online logsumexp state. k2 = log2(e)/τ.
+template <typename T>
+__device__ __forceinline__ Lse row_lse(const T* row, int V, float k2) {
+  constexpr int VEC = Io<T>::kVec;
+  Lse a = lse_identity();
+  const int head = aligned_head(row, V);
+  const int nvec = (V - head) / VEC;
+  const int tail = head + nvec * VEC;
+  const int step = blockDim.x;
+  for (int j = threadIdx.x; j < head; j += step) {
+    const float u = Io<T>::load1(row + j) * k2;
+    lse_fold<1>(a, &u);
+  }
+  const uint4* body = reinterpret_cast<const uint4*>(row + head);
+  int i = threadIdx.x;
+  // kUnroll independent 16-byte loads in flight before the exps (the sweep is bandwidth bound);
+  // then one vector at a time, so only kVec floats are live next to the raw words.
+  for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) raw[q] = body[i + q * step];
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) {
+      float u[VEC];
+      Io<T>::unpack(raw[q], u);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) u[k] *= k2;
+      lse_fold<VEC>(a, u);
+    }
+  }
+  for (; i < nvec; i += step) {
+    float u[VEC];
+    Io<T>::unpack(body[i], u);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) u[k] *= k2;
+    lse_fold<VEC>(a, u);
+  }
+  for (int j = tail + threadIdx.x; j < V; j += step) {
+    const float u = Io<T>::load1(row + j) * k2;
+    lse_fold<1>(a, &u);
+  }
+  return a;
+}
+
+// d logits_j = gs·(1[j = y] − 2^(u_j − lse2)) with gs = g/τ and u_j = x_j·k2.
+__device__ __forceinline__ float grad_value(float x, int j, int y, float k2, float lse2, float gs) {
+  return gs * ((j == y ? 1.f : 0.f) - exp2f(fmaf(x, k2, -lse2)));
+}
+
+// Sweep 2: write the row's gradient. `row` and `grow` may be the same memory (inplace): each
+// element is read and then written by the same thread, after the whole block finished sweep 1.
+// gs == 0 (padding: w = 0) writes zeros without reading the row.
+template <typename T>
+__device__ __forceinline__ void row_grad(const T* row, T* grow, int V, int y, float k2, float lse2, float gs) {
+  constexpr int VEC = Io<T>::kVec;
+  const bool zero = (gs == 0.f);
+  const int step = blockDim.x;
+  const int head = aligned_head(grow, V);
+  if (head != aligned_head(row, V)) {
+    // Input and output rows sit differently against 16-byte boundaries (odd strides): element-wise.
+    for (int j = threadIdx.x; j < V; j += step)
+      Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, k2, lse2, gs));
+    return;
+  }
+  const int nvec = (V - head) / VEC;
+  const int tail = head + nvec * VEC;
+  for (int j = threadIdx.x; j < head; j += step)
+    Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, k2, lse2, gs));
+  const uint4* in = reinterpret_cast<const uint4*>(row + head);
+  uint4* out = reinterpret_cast<uint4*>(grow + head);
+  if (zero) {
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);  // +0.0 in every dtype
+    for (int i = threadIdx.x; i < nvec; i += step) out[i] = z;
+  } else {
+    int i = threadIdx.x;
+    for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) raw[q] = in[i + q * step];
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        float x[VEC];
+        Io<T>::unpack(raw[q], x);
+        const int j0 = head + (i + q * step) * VEC;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], j0 + k, y, k2, lse2, gs);
+        out[i + q * step] = Io<T>::pack(x);
+      }
+    }
+    for (; i < nvec; i += step) {
+      float x[VEC];
+      Io<T>::unpack(in[i], x);
+      const int j0 = head + i * VEC;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], j0 + k, y, k2, lse2, gs);
+      out[i] = Io<T>::pack(x);
+    }
+  }
+  for (int j = tail + threadIdx.x; j < V; j += step)
+    Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, k2, lse2, gs));
+}
+
+// --- kernels ------------------------------------------------------------------------------------
+
+// What every row kernel reads. Offsets are int64: B·T·V passes 2^31 at real sizes.
+struct DevArgs {
+  // pointers
+  const void* logits;
+  void* grad;  // null: no gradient
+  const int64_t* ids;
+  const float* mask;
+  const float* weight;
+  const float* adv;  // element (b, t) at adv[b·adv_sb + t·adv_st]: (B,) has adv_st = 0
+  const float* old;  // null: on-policy
+  const float* ref;  // null: beta == 0
+  const float* isr;  // null: 1
+  float* logp;       // out (B, T)
+  float* entropy;    // out (B, T) or null
+  float* lse2;       // out (B, T) or null: the row's logsumexp in log2 units (sequence level)
+  float* parts;      // out: per-token (token level) or per-row (sequence level) stats, NUM_STATS each
+  float* gbuf;       // sequence level: the upstream gradient g of each token (B, T)
+  // sizes and strides (elements)
+  int64_t T, V;
+  int64_t stride_b, stride_t, grad_stride_b, grad_stride_t;
+  int64_t adv_sb, adv_st, isr_sb, isr_st;
+  // options
+  LossParams p;
+  float k2;  // log2(e)/τ
+  int32_t row_flags;  // sequence level with a per-row advantage: clip flags count once per row
+};
+
+__device__ __forceinline__ float load_or(const float* p, int64_t i, float dflt) { return p ? p[i] : dflt; }
+
+// Token level: one block per token. logp, the token's stats and (when asked) its gradient row.
+template <typename T>
+__global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevArgs a) {
+  __shared__ float sh_bcast[2];
+  const int64_t n = blockIdx.x;
+  const int64_t b = n / a.T, t = n - b * a.T;
+  const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
+  const int64_t y = a.ids[n];
+  // The target's logit, read before any thread can overwrite the row (inplace).
+  const float xy = threadIdx.x == 0 ? Io<T>::load1(row + y) : 0.f;
+
+  const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2));
+
+  if (threadIdx.x == 0) {
+    const float log2s = log2f(st.s);
+    const float lse2 = st.m + log2s;
+    const float logp = (xy * a.k2 - lse2) * kLn2;
+    const float ent = (log2s - st.t / st.s) * kLn2;
+    a.logp[n] = logp;
+    const float m = a.mask[n], w = a.weight[n];
+    const float A = a.adv[b * a.adv_sb + t * a.adv_st];
+    const float isr = a.isr ? a.isr[b * a.isr_sb + t * a.isr_st] : 1.f;
+    const float ref = load_or(a.ref, n, 0.f);
+    const float r = a.old ? expf(logp - a.old[n]) : 1.f;  // on-policy: r = 1, dr/dlogp = r = 1
+    const TokenTerms o = token_terms(a.p, logp, ref, A, isr, r);
+    float* out = a.parts + n * NUM_STATS;
+    out[STAT_LOSS] = w * o.loss;
+    out[STAT_ENTROPY] = m * ent;
+    out[STAT_KL] = m * o.kl;
+    out[STAT_CLIP_LOW] = o.clip_low ? m : 0.f;
+    out[STAT_CLIP_HIGH] = o.clip_high ? m : 0.f;
+    out[STAT_CLIP_REGION] = (o.clip_low || o.clip_high) ? m : 0.f;
+    out[STAT_CISPO_CLIP] = o.cispo_clip ? m : 0.f;
+    out[NUM_STATS - 1] = 0.f;
+    sh_bcast[0] = lse2;
+    sh_bcast[1] = w * (o.d_logp + r * o.d_ratio) / a.p.temperature;  // g/τ; dr/dlogp = r at token level
+  }
+  if (a.grad == nullptr) return;
+  __syncthreads();
+  T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
+  row_grad(row, grow, (int)a.V, (int)y, a.k2, sh_bcast[0], sh_bcast[1]);
+}
+
+// lse, logp and entropy of one token row per block (token_logprobs; sequence level pass 1).
+template <typename T>
+__global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a) {
+  const int64_t n = blockIdx.x;
+  const int64_t b = n / a.T, t = n - b * a.T;
+  const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
+  const float xy = threadIdx.x == 0 ? Io<T>::load1(row + a.ids[n]) : 0.f;
+  const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2));
+  if (threadIdx.x == 0) {
+    const float log2s = log2f(st.s);
+    const float lse2 = st.m + log2s;
+    a.logp[n] = (xy * a.k2 - lse2) * kLn2;
+    if (a.entropy) a.entropy[n] = (log2s - st.t / st.s) * kLn2;
+    if (a.lse2) a.lse2[n] = lse2;
+  }
+}
+
+// Sequence level (GSPO): one block per sequence b. r_b = exp(Σ_t m(logp − old) / max(Σm, 1));
+// the token terms with the row's ratio; g_bt = w·d_logp + r_b·m/max(Σm,1)·Σ_t w·d_ratio into gbuf;
+// the row's stats (sums over t) into parts[b].
+__global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
+  const int64_t b = blockIdx.x, base = b * a.T;
+  float len_sum[2] = {0.f, 0.f};  // Σ m, Σ m·(logp − old)
+  for (int64_t t = threadIdx.x; t < a.T; t += blockDim.x) {
+    const float m = a.mask[base + t];
+    len_sum[0] += m;
+    if (a.old) len_sum[1] += m * (a.logp[base + t] - a.old[base + t]);
+  }
+  block_sum<2, float>(len_sum);
+  const float inv_len = 1.f / fmaxf(len_sum[0], 1.f);
+  const float r = expf(len_sum[1] * inv_len);
+
+  // acc: the seven stats, then S = Σ_t w·d_ratio.
+  float acc[NUM_STATS] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t t = threadIdx.x; t < a.T; t += blockDim.x) {
+    const int64_t n = base + t;
+    const float m = a.mask[n], w = a.weight[n];
+    const float A = a.adv[b * a.adv_sb + t * a.adv_st];
+    const float isr = a.isr ? a.isr[b * a.isr_sb + t * a.isr_st] : 1.f;
+    const TokenTerms o = token_terms(a.p, a.logp[n], load_or(a.ref, n, 0.f), A, isr, r);
+    acc[STAT_LOSS] += w * o.loss;
+    acc[STAT_ENTROPY] += m * a.entropy[n];
+    acc[STAT_KL] += m * o.kl;
+    acc[STAT_CLIP_LOW] += o.clip_low ? m : 0.f;
+    acc[STAT_CLIP_HIGH] += o.clip_high ? m : 0.f;
+    acc[STAT_CLIP_REGION] += (o.clip_low || o.clip_high) ? m : 0.f;
+    acc[STAT_CISPO_CLIP] += o.cispo_clip ? m : 0.f;
+    acc[NUM_STATS - 1] += w * o.d_ratio;
+    if (a.gbuf) a.gbuf[n] = w * o.d_logp;
+  }
+  block_sum<NUM_STATS, float>(acc);
+  if (a.gbuf) {
+    // dr_b/dlogp_t = r_b·m_t/max(Σm, 1); each thread revisits the tokens it wrote above.
+    const float c = r * inv_len * acc[NUM_STATS - 1];
+    for (int64_t t = threadIdx.x; t < a.T; t += blockDim.x) a.gbuf[base + t] += c * a.mask[base + t];
+  }
+  if (threadIdx.x == 0) {
+    float* out = a.parts + b * NUM_STATS;
+    out[STAT_LOSS] = acc[STAT_LOSS];
+    out[STAT_ENTROPY] = acc[STAT_ENTROPY];
+    out[STAT_KL] = acc[STAT_KL];
+    if (a.row_flags) {
+      // Ratio and advantage are the row's: its flags count once, padding or not (reference.py's
+      // masked_mean averages (B, 1) flags over rows).
+      const TokenTerms o = token_terms(a.p, 0.f, 0.f, a.adv[b * a.adv_sb], 1.f, r);
+      out[STAT_CLIP_LOW] = o.clip_low ? 1.f : 0.f;
+      out[STAT_CLIP_HIGH] = o.clip_high ? 1.f : 0.f;
+      out[STAT_CLIP_REGION] = (o.clip_low || o.clip_high) ? 1.f : 0.f;
+      out[STAT_CISPO_CLIP] = o.cispo_clip ? 1.f : 0.f;
+    } else {
+      out[STAT_CLIP_LOW] = acc[STAT_CLIP_LOW];
+      out[STAT_CLIP_HIGH] = acc[STAT_CLIP_HIGH];
+      out[STAT_CLIP_REGION] = acc[STAT_CLIP_REGION];
+      out[STAT_CISPO_CLIP] = acc[STAT_CISPO_CLIP];
+    }
+    out[NUM_STATS - 1] = 0.f;
+  }
+}
+
+// Sequence level pass 2: one block per token row, the gradient from lse2 and g of pass 1.
+template <typename T>
+__global__ void __launch_bounds__(kMaxRowThreads) seq_grad_kernel(const DevArgs a) {
+  const int64_t n = blockIdx.x;
+  const int64_t b = n / a.T, t = n - b * a.T;
+  const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
+  T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
+  row_grad(row, grow, (int)a.V, (int)a.ids[n], a.k2, a.lse2[n], a.gbuf[n] / a.p.temperature);
+}
+
+// Advantages (B,) from rewards: thread 0 takes the batch std first (scale_rewards="batch"), then one
+// thread per group of G. float64 statistics, exactly grpo_math.h's (shared with the CPU backend).
+__global__ void __launch_bounds__(kAdvThreads)
+advantages_kernel(const float* rewards, int64_t B, int64_t G, int32_t scale, double adv_eps, float* out) {
+  __shared__ double batch_std;
+  if (threadIdx.x == 0) batch_std = scale == SCALE_BATCH ? unbiased_std(rewards, B) : 0.0;
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < B / G; k += blockDim.x)
+    group_advantages_of_group(rewards, k, G, scale, adv_eps, batch_std, out);
+}
+
+// stats[k] = Σ_i parts[i][k] in float64, fixed order (per-thread strided sums, then the block tree).
+__global__ void __launch_bounds__(kReduceThreads) reduce_stats_kernel(const float* parts, int64_t n, float* stats) {
+  constexpr int K = NUM_STATS - 1;
+  double acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    // parts rows are NUM_STATS = 8 floats, 32-byte aligned (scratch layout): two 16-byte loads.
+    const float4 lo = reinterpret_cast<const float4*>(parts + i * NUM_STATS)[0];
+    const float4 hi = reinterpret_cast<const float4*>(parts + i * NUM_STATS)[1];
+    acc[0] += lo.x; acc[1] += lo.y; acc[2] += lo.z; acc[3] += lo.w;
+    acc[4] += hi.x; acc[5] += hi.y; acc[6] += hi.z;
+  }
+  block_sum<K, double>(acc);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) stats[k] = (float)acc[k];
+    stats[NUM_STATS - 1] = 0.f;
+  }
+}
+
+// token_terms() on arrays: the device half of the host/device consistency check.
+__global__ void token_terms_kernel(const LossParams p, int64_t n, const float* logp, const float* ref, const float* adv,
+                                   const float* isr, const float* ratio, float* out) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const TokenTerms o = token_terms(p, logp[i], ref[i], adv[i], isr[i], ratio[i]);
+  float* row = out + i * kTermCols;
+  row[0] = o.loss; row[1] = o.kl; row[2] = o.d_logp; row[3] = o.d_ratio;
+  row[4] = o.clip_low ? 1.f : 0.f; row[5] = o.clip_high ? 1.f : 0.f; row[6] = o.cispo_clip ? 1.f : 0.f;
+}
+
+// --- launchers ----------------------------------------------------------------------------------
+
+// Threads per row: grow by warps until each thread has ≥ 8 vectors, so small V does not idle 16
+// warps and large V gets 16 warps of loads in flight.
+template <typename T>
+int row_threads(int64_t V) {
+  const int64_t nvec = (V + Io<T>::kVec - 1) / Io<T>::kVec;
+  int threads = kWarp;
+  while (threads < kMaxRowThreads && (int64_t)threads * 8 < nvec) threads *= 2;
+  return threads;
+}
+
+// Scratch layout (floats), each piece rounded up to 64 floats (256 bytes) so that every piece is
+// aligned for vector loads.
+struct Scratch {
+  int64_t adv = 0, parts = 0, lse2 = 0, entropy = 0, gbuf = 0, total = 0;
+};
+
+static int64_t round_up(int64_t x) { return (x + 63) / 64 * 64; }
+
+static Scratch scratch_layout(int64_t B, int64_t T, int32_t level, bool has_rewards, bool want_grad) {
+  Scratch s;
+  int64_t off = 0;
+  const int64_t N = B * T;
+  if (has_rewards) { s.adv = off; off += round_up(B); }
+  s.parts = off;
+  off += round_up((level == TOKEN ? N : B) * NUM_STATS);
+  if (level == SEQUENCE) {
+    s.lse2 = off; off += round_up(N);
+    s.entropy = off; off += round_up(N);
+    if (want_grad) { s.gbuf = off; off += round_up(N); }
+  }
+  s.total = off;
+  return s;
+}
+
+int64_t fused_scratch_floats(int64_t B, int64_t T, int32_t level, bool has_rewards, bool want_grad) {
+  return scratch_layout(B, T, level, has_rewards, want_grad).total;
+}
+
+template <typename T>
+static void launch_token_fused(const DevArgs& d, int64_t N, cudaStream_t stream) {
+  token_fused_kernel<T><<<(unsigned)N, row_threads<T>(d.V), 0, stream>>>(d);
+  GF_LAUNCH_CHECK(token_fused_kernel);
+}
+
+template <typename T>
+static void launch_logprob(const DevArgs& d, int64_t N, cudaStream_t stream) {
+  logprob_kernel<T><<<(unsigned)N, row_threads<T>(d.V), 0, stream>>>(d);
+  GF_LAUNCH_CHECK(logprob_kernel);
+}
+
+template <typename T>
+static void launch_seq_grad(const DevArgs& d, int64_t N, cudaStream_t stream) {
+  seq_grad_kernel<T><<<(unsigned)N, row_threads<T>(d.V), 0, stream>>>(d);
+  GF_LAUNCH_CHECK(seq_grad_kernel);
+}
+
+// Calls f.template operator()<T>() with the logits' element type.
+template <typename F>
+static void dispatch_dtype(int32_t dtype, F&& f) {
+  switch (dtype) {
+    case DTYPE_F32: f(float{}); break;
+    case DTYPE_BF16: f(__nv_bfloat16{}); break;
+    case DTYPE_F16: f(__half{}); break;
+    default: throw std::invalid_argument("grpo_fast._C_cuda: unknown logits dtype code " + std::to_string(dtype));
+  }
+}
+
+static void check_logits(const LogitsView& l) {
+  GF_CHECK_PTR(l.ptr);
+  GF_CHECK_POSITIVE(l.B);
+  GF_CHECK_POSITIVE(l.T);
+  GF_CHECK_POSITIVE(l.V);
+  GF_REQUIRE(l.V <= (int64_t)INT32_MAX, "V must fit in int32 (in-row indices), got " + std::to_string(l.V));
+  GF_CHECK_GRID(l.B * l.T);
+}
+
+void fused_loss(const FusedArgs& f) {
+  // 1. check what Python promised
+  const LogitsView& l = f.logits;
+  check_logits(l);
+  GF_CHECK_PTR(f.ids);
+  GF_CHECK_PTR(f.mask);
+  GF_CHECK_PTR(f.weight);
+  GF_CHECK_PTR(f.logp);
+  GF_CHECK_PTR(f.stats);
+  GF_CHECK_PTR(f.scratch);
+  GF_REQUIRE((f.advantages != nullptr) != (f.rewards != nullptr), "exactly one of advantages and rewards");
+  GF_REQUIRE(f.rewards == nullptr || (f.group_size >= 2 && l.B % f.group_size == 0), "group_size must divide B");
+  GF_REQUIRE(f.params.beta == 0.f || f.ref_logp != nullptr, "ref_logp is needed when beta != 0");
+  GF_REQUIRE(f.params.level == TOKEN || f.params.level == SEQUENCE, "level must be 0 or 1");
+  GF_REQUIRE(f.params.temperature > 0.f, "temperature must be > 0");
+  const int64_t B = l.B, T = l.T, N = B * T;
+  const bool want_grad = f.grad != nullptr;
+  const Scratch S = scratch_layout(B, T, f.params.level, f.rewards != nullptr, want_grad);
+  GF_REQUIRE(f.scratch_floats >= S.total, "scratch needs " + std::to_string(S.total) + " floats");
+
+  DeviceGuard guard(f.device);
+  cudaStream_t stream = static_cast<cudaStream_t>(f.stream);
+
+  DevArgs d{};
+  d.logits = l.ptr;
+  d.grad = f.grad;
+  d.ids = f.ids;
+  d.mask = f.mask;
+  d.weight = f.weight;
+  d.old = f.old_logp;
+  d.ref = f.params.beta != 0.f ? f.ref_logp : nullptr;
+  d.isr = f.isr;
+  d.logp = f.logp;
+  d.T = T;
+  d.V = l.V;
+  d.stride_b = l.stride_b;
+  d.stride_t = l.stride_t;
+  d.grad_stride_b = f.grad_stride_b;
+  d.grad_stride_t = f.grad_stride_t;
+  d.isr_sb = f.isr_per_token ? T : 1;
+  d.isr_st = f.isr_per_token ? 1 : 0;
+  d.p = f.params;
+  d.k2 = kLog2e / f.params.temperature;
+  d.parts = f.scratch + S.parts;
+
+  // 2. advantages: given, or from rewards in a one-block kernel ("fused advantage broadcast": a
+  //    (B,) vector, never a (B, T) tensor)
+  if (f.rewards) {
+    float* adv = f.scratch + S.adv;
+    advantages_kernel<<<1, kAdvThreads, 0, stream>>>(f.rewards, B, f.group_size, f.scale_rewards, f.adv_eps, adv);
+    GF_LAUNCH_CHECK(advantages_kernel);
+    d.adv = adv;
+    d.adv_sb = 1;
+    d.adv_st = 0;
+  } else {
+    d.adv = f.advantages;
+    d.adv_sb = f.adv_per_token ? T : 1;
+    d.adv_st = f.adv_per_token ? 1 : 0;
+  }
+
+  // 3. the passes over the logits
+  if (f.params.level == TOKEN) {
+    dispatch_dtype(l.dtype, [&](auto tag) { launch_token_fused<decltype(tag)>(d, N, stream); });
+    reduce_stats_kernel<<<1, kReduceThreads, 0, stream>>>(d.parts, N, f.stats);
+    GF_LAUNCH_CHECK(reduce_stats_kernel);
+    return;
+  }
+  d.lse2 = f.scratch + S.lse2;
+  d.entropy = f.scratch + S.entropy;
+  d.gbuf = want_grad ? f.scratch + S.gbuf : nullptr;
+  d.row_flags = (f.rewards != nullptr || !f.adv_per_token) ? 1 : 0;
+  dispatch_dtype(l.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, N, stream); });
+  seq_row_kernel<<<(unsigned)B, kSeqThreads, 0, stream>>>(d);
+  GF_LAUNCH_CHECK(seq_row_kernel);
+  if (want_grad) dispatch_dtype(l.dtype, [&](auto tag) { launch_seq_grad<decltype(tag)>(d, N, stream); });
+  reduce_stats_kernel<<<1, kReduceThreads, 0, stream>>>(d.parts, B, f.stats);
+  GF_LAUNCH_CHECK(reduce_stats_kernel);
+}
+
+void token_logprobs(const LogprobArgs& a) {
+  check_logits(a.logits);
+  GF_CHECK_PTR(a.ids);
+  GF_CHECK_PTR(a.logp);
+  GF_REQUIRE(a.temperature > 0.f, "temperature must be > 0");
+  DeviceGuard guard(a.device);
+  DevArgs d{};
+  d.logits = a.logits.ptr;
+  d.ids = a.ids;
+  d.logp = a.logp;
+  d.entropy = a.entropy;
+  d.T = a.logits.T;
+  d.V = a.logits.V;
+  d.stride_b = a.logits.stride_b;
+  d.stride_t = a.logits.stride_t;
+  d.k2 = kLog2e / a.temperature;
+  const int64_t N = a.logits.B * a.logits.T;
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, N, stream); });
+}
+
+void token_terms_host(const LossParams& p, int64_t n, const float* logp, const float* ref, const float* adv,
+                      const float* isr, const float* ratio, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const TokenTerms o = token_terms(p, logp[i], ref[i], adv[i], isr[i], ratio[i]);
+    float* row = out + i * kTermCols;
+    row[0] = o.loss; row[1] = o.kl; row[2] = o.d_logp; row[3] = o.d_ratio;
+    row[4] = o.clip_low ? 1.f : 0.f; row[5] = o.clip_high ? 1.f : 0.f; row[6] = o.cispo_clip ? 1.f : 0.f;
+  }
+}
+
+void token_terms_device(const LossParams& p, int64_t n, const float* logp, const float* ref, const float* adv,
+                        const float* isr, const float* ratio, float* out, int32_t device, void* stream) {
+  GF_CHECK_POSITIVE(n);
+  DeviceGuard guard(device);
+  const int threads = 256;
+  const int64_t blocks = (n + threads - 1) / threads;
+  GF_CHECK_GRID(blocks);
+  token_terms_kernel<<<(unsigned)blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(p, n, logp, ref, adv, isr, ratio, out);
+  GF_LAUNCH_CHECK(token_terms_kernel);
+}
+
+int32_t runtime_version() {
+  int v = 0;
+  GF_CUDA_CHECK(cudaRuntimeGetVersion(&v));
+  return v;
+}
+
+int32_t device_count(const char** why_not) {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear it: "no device" is an answer here, not a failure
+    if (why_not) *why_not = cudaGetErrorString(err);
+    return 0;
+  }
+  if (why_not) *why_not = nullptr;
+  return n;
+}
+
+}  // namespace cuda
+}  // namespace grpo_fast
