@@ -62,7 +62,10 @@ class _FusedGRPOLoss(torch.autograd.Function):
         ctx.grad = None  # release the (B, T, V) buffer as soon as autograd takes it
         if not bool(grad_loss == 1):
             grad.mul_(grad_loss.to(torch.float32))
-        return grad, None, None, None
+        # A fresh tensor object over the same storage: AccumulateGrad may then adopt it as .grad
+        # instead of cloning it (it clones a tensor that other references still hold, e.g. the
+        # leaf logits themselves with inplace=True: a second (B, T, V) buffer).
+        return grad.detach(), None, None, None
 
 
 def metrics_from_sums(stats: torch.Tensor, inp: LossInputs) -> dict:
