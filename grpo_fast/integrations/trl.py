@@ -167,12 +167,12 @@ def _linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, *, logit
 
 
 @torch.no_grad()
-def _linear_entropy(hidden, weight, bias, completion_ids, *, temperature, logit_scale, logit_softcap, backend, fused_linear):
+def _linear_entropy(hidden, weight, bias, completion_ids, *, temperature, logit_scale, logit_softcap, backend, fused_linear, chunk_size):
     """Per-token entropy (B, T) float32 at ``temperature``, without gradient."""
     fl = getattr(grpo_fast, "fused_linear_token_logprobs", None)
     if fused_linear and fl is not None:
         _, ent = fl(hidden, weight, completion_ids, bias=bias, temperature=temperature, logit_scale=logit_scale,
-                    logit_softcap=logit_softcap, return_entropy=True, backend=backend)
+                    logit_softcap=logit_softcap, return_entropy=True, chunk_size=chunk_size, backend=backend)
         return ent
     logits = F.linear(hidden, weight, bias)
     if logit_scale != 1.0:
@@ -392,7 +392,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
                     # KL is added: the same place as importance_sampling_ratio, so it folds into it.
                     ent = _linear_entropy(h.detach(), weight.detach(), None if bias is None else bias.detach(), ids,
                                           temperature=opts["temperature"], logit_scale=logit_scale,
-                                          logit_softcap=softcap, backend=backend, fused_linear=fused_linear)
+                                          logit_softcap=softcap, backend=backend, fused_linear=fused_linear,
+                                          chunk_size=chunk)
                     em = self.get_high_entropy_mask(ent, mask, 1 - top_q).to(torch.float32)
                     ratio = em if isr is None else em * (isr.unsqueeze(1) if isr.dim() == 1 else isr)
                 return _linear_grpo_loss(
