@@ -284,6 +284,27 @@ def sequence_logprobs(lm: CausalLM, batch: dict, cfg: TrainConfig, micro: int) -
     return torch.cat(out)
 
 
+def advantages_for_rank(rewards: torch.Tensor, cfg: TrainConfig, rank: int, world: int) -> torch.Tensor:
+    """(n,) advantages of this rank's rows. Groups never straddle ranks, so "group" and "none" are
+    local; "batch" divides by the std of every rank's rewards, gathered first."""
+    if cfg.scale_rewards == "batch" and world > 1:
+        all_r = all_gather_cat(rewards)
+        return grpo_fast.group_advantages(all_r, cfg.group_size, cfg.scale_rewards).view(world, -1)[rank]
+    return grpo_fast.group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
+
+
+def build_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages) -> dict:
+    """The tensors the update reads. The model reads prompt + completion[:, :-1]: position P - 1 + t
+    scores completion token t."""
+    n, T = completion_ids.shape
+    return {
+        "advantages": advantages, "completion_ids": completion_ids, "completion_mask": completion_mask,
+        "input_ids": torch.cat([prompt_ids, completion_ids[:, :T - 1]], dim=1),
+        "attention_mask": torch.cat([prompt_mask, torch.ones(n, T - 1, device=prompt_mask.device)], dim=1),
+        "old_logp": None, "ref_logp": None,
+    }
+
+
 def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConfig, step_gen: torch.Generator,
             sample_gen: torch.Generator, rank: int, world: int, device) -> dict:
     """One step's experience for this rank: its share of the prompts, G completions each, scored."""
@@ -291,8 +312,7 @@ def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConf
     examples = task.sample(cfg.prompts_per_step, step_gen)  # every rank draws the same prompts ...
     per_rank = cfg.prompts_per_step // world
     examples = examples[rank * per_rank:(rank + 1) * per_rank]  # ... and keeps its own slice
-    G = cfg.group_size
-    examples = [e for e in examples for _ in range(G)]  # rows [k·G, (k+1)·G) are prompt k's group
+    examples = [e for e in examples for _ in range(cfg.group_size)]  # rows [k·G, (k+1)·G): prompt k's group
     prompts = [e["prompt"] for e in examples]
     prompt_ids, prompt_mask = encode_prompts(task, prompts, device)
     max_new = cfg.max_new_tokens or task.max_new_tokens
@@ -301,25 +321,15 @@ def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConf
                                              pad_id=task.tokenizer.pad_id, generator=sample_gen)
     completions = [task.tokenizer.decode(row) for row in comp_ids.tolist()]
     rewards, parts = task.rewards(prompts, completions, examples)
-    if cfg.scale_rewards == "batch" and world > 1:
-        # the batch std is over every rank's rewards; each rank keeps its own rows' advantages
-        all_r = all_gather_cat(rewards.to(device))
-        adv = grpo_fast.group_advantages(all_r, G, cfg.scale_rewards).view(world, -1)[rank]
-    else:
-        adv = grpo_fast.group_advantages(rewards, G, cfg.scale_rewards)
-    T = comp_ids.shape[1]
-    batch = {
-        "prompts": prompts, "completions": completions, "reward_parts": parts,
-        "rewards": rewards.to(device), "advantages": adv.to(device),
-        "completion_ids": comp_ids, "completion_mask": comp_mask,
-        # the model reads prompt + completion[:-1]; position P - 1 + t scores completion token t
-        "input_ids": torch.cat([prompt_ids, comp_ids[:, :T - 1]], dim=1),
-        "attention_mask": torch.cat([prompt_mask, torch.ones(len(prompts), T - 1, device=device)], dim=1),
-    }
+    rewards = rewards.to(device)
+    batch = build_batch(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages_for_rank(rewards, cfg, rank, world))
+    batch.update(prompts=prompts, completions=completions, rewards=rewards, reward_parts=parts)
     micro = math.ceil(len(prompts) / cfg.grad_accum)
     # Old log-probs only matter when the policy moves between sampling and a later update.
-    batch["old_logp"] = sequence_logprobs(lm, batch, cfg, micro) if cfg.num_iterations > 1 else None
-    batch["ref_logp"] = sequence_logprobs(ref_lm, batch, cfg, micro) if cfg.beta != 0 else None
+    if cfg.num_iterations > 1:
+        batch["old_logp"] = sequence_logprobs(lm, batch, cfg, micro)
+    if cfg.beta != 0:
+        batch["ref_logp"] = sequence_logprobs(ref_lm, batch, cfg, micro)
     return batch
 
 
@@ -369,8 +379,12 @@ def micro_batch_loss(policy: nn.Module, lm: CausalLM, batch: dict, rows: slice, 
     return grpo_fast.grpo_loss(logits, ids, adv, inplace=inplace, **per_call, **loss_options(cfg))
 
 
-def update(policy: nn.Module, lm: CausalLM, optimizer, batch: dict, cfg: TrainConfig, path: str, world: int) -> dict:
-    """num_iterations × (grad_accum micro-batches -> clip -> AdamW step). Returns this rank's metric sums."""
+def accumulate_gradients(policy: nn.Module, lm: CausalLM, batch: dict, cfg: TrainConfig, path: str, world: int) -> dict:
+    """Backward of the step's loss over ``grad_accum`` micro-batches into ``.grad``.
+
+    Returns the loss (as the whole step's loss, not this rank's share) and the token-weighted
+    means of the loss metrics over this rank's tokens.
+    """
     B = batch["completion_ids"].shape[0]
     micro = math.ceil(B / cfg.grad_accum)
     chunks = [slice(s, min(s + micro, B)) for s in range(0, B, micro)]
@@ -380,29 +394,32 @@ def update(policy: nn.Module, lm: CausalLM, optimizer, batch: dict, cfg: TrainCo
     # DDP averages gradients over ranks: a sum-normalized loss is multiplied back by the world size;
     # a per-micro-batch mean is divided by the number of micro-batches.
     scale = float(world) if sum_normalized else 1.0 / len(chunks)
+    logs: Dict[str, float] = {"loss": 0.0}
+    n_tok = max(float(batch["completion_mask"].sum()), 1.0)
+    for i, rows in enumerate(chunks):
+        last = i == len(chunks) - 1
+        # Only the last micro-batch all-reduces gradients (DDP's no_sync for the others).
+        sync = nullcontext() if (last or not hasattr(policy, "no_sync")) else policy.no_sync()
+        with sync:
+            loss, metrics = micro_batch_loss(policy, lm, batch, rows, cfg, path, num_items)
+            (loss * scale).backward()
+        logs["loss"] += float(loss.detach()) * scale
+        tok = float(batch["completion_mask"][rows].sum())
+        for k, v in metrics.items():
+            logs[k] = logs.get(k, 0.0) + float(v) * tok / n_tok
+    return logs
+
+
+def update(policy: nn.Module, lm: CausalLM, optimizer, batch: dict, cfg: TrainConfig, path: str, world: int) -> dict:
+    """num_iterations × (accumulate gradients -> clip -> AdamW step). Returns the metrics, averaged."""
     logs: Dict[str, float] = {}
-    n_tok = float(batch["completion_mask"].sum())
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        loss_total = 0.0
-        for i, rows in enumerate(chunks):
-            last = i == len(chunks) - 1
-            # Only the last micro-batch all-reduces gradients (DDP's no_sync for the others).
-            sync = nullcontext() if (last or not hasattr(policy, "no_sync")) else policy.no_sync()
-            with sync:
-                loss, metrics = micro_batch_loss(policy, lm, batch, rows, cfg, path, num_items)
-                (loss * scale).backward()
-            loss_total += float(loss) * scale
-            tok = float(batch["completion_mask"][rows].sum())
-            for k, v in metrics.items():  # token-weighted sums; divided by the token count below
-                logs[k] = logs.get(k, 0.0) + float(v) * tok / cfg.num_iterations
-        grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm)
+        it = accumulate_gradients(policy, lm, batch, cfg, path, world)
+        it["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm))
         optimizer.step()
-        logs["loss"] = logs.get("loss", 0.0) + loss_total / cfg.num_iterations
-        logs["grad_norm"] = logs.get("grad_norm", 0.0) + float(grad_norm) / cfg.num_iterations
-    for k in list(logs):
-        if k not in ("loss", "grad_norm"):
-            logs[k] /= max(n_tok, 1.0)
+        for k, v in it.items():
+            logs[k] = logs.get(k, 0.0) + v / cfg.num_iterations
     return logs
 
 

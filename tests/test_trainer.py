@@ -1,0 +1,274 @@
+"""The thin GRPO trainer: rewards, sampling, the update's gradient, one step end to end, resume, CLI.
+
+Small on purpose (a tiny model, a few steps): the whole file runs in well under a minute on 2 cores.
+"""
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import grpo_fast
+from grpo_fast import trainer as tr
+from grpo_fast.model import GPTConfig, TinyGPT
+from grpo_fast.tasks import CharTokenizer, addition_exact, digits_format, get_task, reversal_accuracy
+
+
+def small_cfg(out, **kw) -> tr.TrainConfig:
+    base = dict(out=str(out), steps=2, warmup_steps=2, prompts_per_step=4, group_size=4, n_layer=1, n_embd=32,
+                n_head=2, progress=False, plots=False, threads=1)
+    base.update(kw)
+    return tr.TrainConfig(**base)
+
+
+# ---- tasks and reward functions -------------------------------------------------------------
+
+def test_tokenizer_round_trip_stops_at_eos():
+    tok = CharTokenizer("0123456789=")
+    ids = tok.encode("3071=")
+    assert tok.decode(ids) == "3071="
+    assert tok.decode(ids[:2] + [tok.eos_id] + ids[2:]) == "30"
+    assert tok.decode([tok.pad_id] + ids[:1]) == "3"
+
+
+@pytest.mark.parametrize("completion,answer,expected", [
+    ("1703", "1703", 1.0), ("1700", "1703", 0.75), ("17", "1703", 0.5), ("170399", "1703", 4 / 6),
+    ("", "1703", 0.0), ("abcd", "1703", 0.0), ("3071", "1703", 0.0),
+])
+def test_reversal_accuracy(completion, answer, expected):
+    assert reversal_accuracy(["x="], [completion], answer=[answer]) == [pytest.approx(expected)]
+
+
+def test_format_and_addition_rewards():
+    assert digits_format(["p"] * 4, ["1703", "170", "17a3", "17031"], answer=["1703"] * 4) == [1.0, 0.0, 0.0, 0.0]
+    assert addition_exact(["12+34="] * 3, ["46", "47", "046"], answer=["46"] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_task_reward_is_the_weighted_sum_in_0_1():
+    task = get_task("reverse", n_digits=4)
+    g = torch.Generator().manual_seed(3)
+    ex = task.sample(3, g)
+    for e in ex:
+        assert e["prompt"].endswith("=") and e["answer"] == e["prompt"][:-1][::-1]
+    comps = [ex[0]["answer"], ex[1]["answer"][:2] + "xx", "99999"]
+    total, parts = task.rewards([e["prompt"] for e in ex], comps, ex)
+    want = 0.8 * parts["reversal_accuracy"] + 0.2 * parts["digits_format"]
+    torch.testing.assert_close(total, want)
+    assert total[0] == pytest.approx(1.0)
+    assert bool(((total >= 0) & (total <= 1)).all())
+    add = get_task("add", n_digits=2)
+    e = add.sample(5, g)
+    assert all(len(x["prompt"]) == 6 and int(x["prompt"][:2]) + int(x["prompt"][3:5]) == int(x["answer"]) for x in e)
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+def test_completion_mask_includes_first_eos_only():
+    eos = 1
+    ids = torch.tensor([[5, 6, 1, 7, 1], [5, 6, 7, 8, 9], [1, 3, 3, 3, 3]])
+    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    torch.testing.assert_close(tr.completion_mask_from_ids(ids, eos), want)
+
+
+def test_kv_cache_matches_full_forward():
+    torch.manual_seed(0)
+    m = TinyGPT(GPTConfig(vocab_size=13, block_size=12, n_layer=2, n_head=2, n_embd=32)).eval()
+    x = torch.randint(0, 13, (3, 11))
+    full = m(x)
+    cache = m.new_cache(3, 12)
+    steps = [m(x[:, :5], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(5, 11)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'causal LM' whose next-token logits are always ``z`` (no cache, no LM head)."""
+
+    def __init__(self, z):
+        super().__init__()
+        self.z = torch.nn.Parameter(z.clone())
+
+    def forward(self, input_ids):
+        return self.z.expand(input_ids.shape[0], input_ids.shape[1], -1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampling_follows_softmax_over_temperature(temperature):
+    # eos (id 1) has a tiny probability so that most rows run the full length
+    z = torch.tensor([-30.0, -30.0, 0.3, -0.4, 1.1, 0.0])
+    lm = tr.CausalLM(FixedLogits(z))
+    n, T = 4000, 3
+    prompt = torch.full((n, 2), 2)
+    ids, mask = tr.sample_completions(lm, prompt, torch.ones(n, 2), max_new_tokens=T, temperature=temperature,
+                                      eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (n, T) and bool((mask == 1).all())
+    freq = torch.bincount(ids.flatten(), minlength=6).double() / ids.numel()
+    p = torch.softmax(z.double() / temperature, 0)
+    # 12,000 draws: the standard error of each frequency is below 0.005
+    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
+
+
+def test_sampling_stops_and_pads_after_eos_and_is_reproducible():
+    torch.manual_seed(0)
+    task = get_task("reverse", n_digits=3)
+    m = TinyGPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, block_size=9, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():  # logits: 1 for EOS, 0 elsewhere (p(EOS) ~ 0.18): rows end at different lengths
+        m.ln_f.weight.zero_()
+        m.ln_f.bias.fill_(1.0)
+        m.lm_head.weight.zero_()  # tied to the embedding; the embedding no longer matters here
+        m.lm_head.weight[task.tokenizer.eos_id] = 1.0 / 16
+    lm = tr.CausalLM(m)
+    p_ids, p_mask = tr.encode_prompts(task, [e["prompt"] for e in task.sample(64, torch.Generator().manual_seed(1))], "cpu")
+    kw = dict(max_new_tokens=5, temperature=1.0, eos_id=1, pad_id=0)
+    a, ma = tr.sample_completions(lm, p_ids, p_mask, generator=torch.Generator().manual_seed(7), **kw)
+    b, mb = tr.sample_completions(lm, p_ids, p_mask, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    assert a.shape[1] <= 5
+    ended = (a == 1).any(1)
+    assert bool(ended.any()), "the test wants some rows that stop early"
+    for row, m_row in zip(a, ma):
+        n = int(m_row.sum())
+        if (row == 1).any():
+            assert int((row == 1).nonzero()[0]) == n - 1  # the EOS is the last masked token
+        assert bool((row[n:] == 0).all())  # pad after it
+    assert bool((a[~ended] != 1).all()) and int(ma[~ended].sum(1).min()) == a.shape[1]
+
+
+# ---- the update --------------------------------------------------------------------------------
+
+def _random_batch(task, lm, B, G, seed, cfg):
+    g = torch.Generator().manual_seed(seed)
+    ex = [e for e in task.sample(B // G, g) for _ in range(G)]
+    p_ids, p_mask = tr.encode_prompts(task, [e["prompt"] for e in ex], "cpu")
+    comp, mask = tr.sample_completions(lm, p_ids, p_mask, max_new_tokens=task.max_new_tokens, temperature=1.0,
+                                       eos_id=1, pad_id=0, generator=g)
+    rewards = torch.rand(B, generator=g)
+    batch = tr.build_batch(p_ids, p_mask, comp, mask, tr.advantages_for_rank(rewards, cfg, 0, 1))
+    if cfg.beta != 0:
+        batch["ref_logp"] = torch.randn(comp.shape, generator=g) * 0.1 - 2.0
+    if cfg.num_iterations > 1:
+        batch["old_logp"] = tr.sequence_logprobs(lm, batch, cfg, B) + 0.05 * torch.randn(comp.shape, generator=g)
+    return batch
+
+
+def _grads(lm, batch, cfg, path):
+    lm.zero_grad(set_to_none=True)
+    logs = tr.accumulate_gradients(lm, lm, batch, cfg, path, 1)
+    return {n: p.grad.detach().clone() for n, p in lm.named_parameters() if p.grad is not None}, logs
+
+
+def _eager_loss_grads(lm, batch, cfg):
+    """The same gradient from the float64 eager reference on the whole batch at once."""
+    from grpo_fast.reference import grpo_loss_reference
+
+    lm.zero_grad(set_to_none=True)
+    T = batch["completion_ids"].shape[1]
+    logits = lm(batch["input_ids"], batch["attention_mask"], T)
+    opts = tr.loss_options(cfg)
+    opts.pop("backend")
+    loss, _ = grpo_loss_reference(logits.double(), batch["completion_ids"], batch["advantages"],
+                                  old_logp=batch["old_logp"], ref_logp=batch["ref_logp"],
+                                  completion_mask=batch["completion_mask"], max_completion_length=T, **opts)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in lm.named_parameters() if p.grad is not None}, float(loss.detach())
+
+
+PATHS = ["logits"] + (["fused_linear"] if hasattr(grpo_fast, "fused_linear_grpo_loss") else [])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("loss_type,beta,accum,iters", [("dapo", 0.04, 3, 1), ("grpo", 0.0, 2, 2), ("dr_grpo", 0.1, 1, 1)])
+def test_accumulated_gradient_equals_float64_full_batch(tmp_path, path, backend, loss_type, beta, accum, iters):
+    if path == "fused_linear" and backend == "torch":
+        pytest.skip("the trainer uses the logits path with the eager reference")
+    task = get_task("reverse", n_digits=3)
+    torch.manual_seed(0)
+    lm = tr.CausalLM(TinyGPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=24)))
+    cfg = small_cfg(tmp_path, loss_type=loss_type, beta=beta, grad_accum=accum, num_iterations=iters,
+                    loss_backend=backend, max_new_tokens=task.max_new_tokens)
+    batch = _random_batch(task, lm, 12, 4, 5, cfg)
+    got, logs = _grads(lm, batch, cfg, path)
+    want, want_loss = _eager_loss_grads(lm, batch, cfg)
+    assert logs["loss"] == pytest.approx(want_loss, rel=1e-4, abs=1e-6)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n].float(), atol=2e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+REQUIRED = ("step", "reward_mean", "loss", "kl", "entropy", "step_time_s", "peak_mem_mb")
+
+
+def test_one_training_run_writes_metrics_summary_plots(tmp_path):
+    cfg = small_cfg(tmp_path / "run", steps=2, plots=True)
+    summary = tr.train(cfg)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in REQUIRED:
+            assert k in r and r[k] is not None and math.isfinite(r[k]), k
+        assert 0.0 <= r["reward_mean"] <= 1.0
+    assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 2
+    assert summary["loss_path"] in ("logits", "fused_linear")
+    for png in ("reward.png", "loss.png", "curves.png"):
+        assert (tmp_path / "run" / png).stat().st_size > 1000
+    assert (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_resume_reproduces_the_next_step(tmp_path):
+    kw = dict(num_iterations=2, grad_accum=2)
+    tr.train(small_cfg(tmp_path / "a", steps=3, **kw))
+    tr.train(small_cfg(tmp_path / "b", steps=2, **kw))
+    tr.train(small_cfg(tmp_path / "b", steps=3, resume=str(tmp_path / "b"), **kw))
+    a = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    b = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in b] == [1, 2, 3]
+    skip = ("step_time_s", "rollout_time_s", "update_time_s", "peak_mem_mb")
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in skip} == {k: v for k, v in rb.items() if k not in skip}
+    sa = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_cli_flags_round_trip():
+    cfg = tr.parse_args(["--out", "x", "--steps", "7", "--loss-backend", "torch", "--no-progress", "--lr", "0.01", "--seed", "3"])
+    assert (cfg.out, cfg.steps, cfg.loss_backend, cfg.progress, cfg.lr, cfg.seed) == ("x", 7, "torch", False, 0.01, 3)
+    again = tr.parse_args(tr._cli_args(cfg))
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_compare_prints_table_and_writes_both_runs(tmp_path, capfd):
+    out = tmp_path / "cmp"
+    rc = tr.main(["--compare", "--out", str(out), "--steps", "2", "--warmup-steps", "1", "--prompts-per-step", "4",
+                  "--group-size", "2", "--n-layer", "1", "--n-embd", "16", "--no-progress", "--threads", "1"])
+    assert rc == 0
+    text = capfd.readouterr().out
+    assert "reference / fused" in text and "largest |difference|" in text
+    res = json.load(open(out / "compare.json"))
+    assert res["arms"]["reference"]["loss_backend"] == "torch"
+    assert res["arms"]["fused"]["loss_backend"] != "torch"
+    for arm in ("fused", "reference"):
+        assert (out / arm / "metrics.jsonl").exists() and (out / arm / "reward.png").exists()
+    assert (out / "compare.png").exists()
+
+
+def test_hugging_face_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    task = get_task("reverse", n_digits=3)
+    conf = transformers.LlamaConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    max_position_embeddings=16, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(conf)
+    lm = tr.CausalLM(model)
+    assert lm.is_hf and lm.lm_head() is not None
+    ids = torch.randint(2, task.tokenizer.vocab_size, (3, 7))
+    am = torch.ones(3, 7)
+    torch.testing.assert_close(lm(ids, am, 4), model(input_ids=ids).logits[:, -4:], atol=1e-5, rtol=1e-5)
+    summary = tr.train(small_cfg(tmp_path / "hf", steps=2, warmup_steps=1), model=model, task=task)
+    assert summary["steps"] == 2
