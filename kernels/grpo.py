@@ -131,14 +131,18 @@ def _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE: tl.conste
 def _clip_flags(r, A, eps_low, eps_high, LOSS_TYPE: tl.constexpr):
     """(clip_low, clip_high, cispo_clip) as float 0/1 (SPEC.md, Metrics)."""
     zero = tl.zeros_like(r + A)
+    # give r and A the same shape before combining comparisons with &: the interpreter mis-types a
+    # scalar int1 broadcast against a block (a row's ratio against per-token advantages)
+    r = r + zero
+    A = A + zero
     low = zero
     high = zero
     cispo = zero
     if LOSS_TYPE <= LUSPO:
-        low = tl.where((r < 1.0 - eps_low) & (A < 0.0), 1.0, 0.0) + zero
-        high = tl.where((r > 1.0 + eps_high) & (A > 0.0), 1.0, 0.0) + zero
+        low = tl.where((r < 1.0 - eps_low) & (A < 0.0), 1.0, 0.0)
+        high = tl.where((r > 1.0 + eps_high) & (A > 0.0), 1.0, 0.0)
     elif LOSS_TYPE == CISPO:
-        cispo = tl.where((r > eps_high) & (A > 0.0), 1.0, 0.0) + zero
+        cispo = tl.where((r > eps_high) & (A > 0.0), 1.0, 0.0)
     return low, high, cispo
 
 
