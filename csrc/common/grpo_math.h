@@ -71,6 +71,11 @@ struct TokenTerms {
 
 GF_HD float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// min / max that return NaN when either operand is NaN, as torch.min / torch.clamp do (fminf and
+// fmaxf return the other operand, which would turn a NaN logit into a finite loss).
+GF_HD float min_nan(float a, float b) { return (a != a || a < b) ? a : b; }
+GF_HD float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+
 // logp: this token's log-prob; ref: reference log-prob (ignored when beta == 0); A: advantage;
 // isr: importance-sampling correction of the rollout engine (1 when absent); r: the ratio
 // (exp(logp - old) at token level, the row's exp(s) at sequence level).
@@ -83,22 +88,23 @@ GF_HD TokenTerms token_terms(const LossParams& p, float logp, float ref, float A
     // The derivative follows torch: min() splits a tie half/half, clamp passes the gradient on
     // [lo, hi] inclusive, so this equals autograd through the reference.
     const float lo = 1.f - p.eps_low, hi = 1.f + p.eps_high;
-    const float r2 = fminf(fmaxf(r, lo), hi);
-    const float r1 = p.has_delta ? fminf(r, p.delta) : r;
+    const float r2 = min_nan(max_nan(r, lo), hi);
+    const float r1 = p.has_delta ? min_nan(r, p.delta) : r;
     const float d1 = (!p.has_delta || r <= p.delta) ? 1.f : 0.f;  // dr1/dr
     const float d2 = (r >= lo && r <= hi) ? 1.f : 0.f;             // dr2/dr
     const float v1 = r1 * A, v2 = r2 * A;
     float dmin_dr;
     if (v1 < v2) dmin_dr = A * d1;
     else if (v2 < v1) dmin_dr = A * d2;
-    else dmin_dr = 0.5f * A * (d1 + d2);
-    L = -fminf(v1, v2);
+    else if (v1 == v2) dmin_dr = 0.5f * A * (d1 + d2);
+    else dmin_dr = v1 + v2;  // a NaN operand: NaN, as autograd gives
+    L = -min_nan(v1, v2);
     dL_dr = -dmin_dr;
     o.clip_low = (r < lo) && (A < 0.f);
     o.clip_high = (r > hi) && (A > 0.f);
   } else if (p.loss_type == CISPO) {
     // L = -stopgrad(min(r, εh))·A·logp: no gradient through the ratio.
-    const float c = fminf(r, p.eps_high);
+    const float c = min_nan(r, p.eps_high);
     L = -c * A * logp;
     dL_dlogp = -c * A;
     o.cispo_clip = (r > p.eps_high) && (A > 0.f);
