@@ -122,6 +122,7 @@ def cuda_extensions():
         library_dirs=[libdir],
         libraries=["cudart_static", "dl", "rt", "pthread"],  # static runtime: no libcudart at import
         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
+        depends=CUDA_SOURCES + CUDA_HEADERS,  # relink when a kernel changes (extra_objects are not checked)
         language="c++",
     )
     gencode = []
