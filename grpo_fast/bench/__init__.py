@@ -3,6 +3,7 @@
     grpo-fast bench [all] [--quick] [--device cpu|cuda] [...]   the loss table, then the fused-linear one
     grpo-fast bench loss [options]                             the loss from logits (grpo_fast.bench.loss)
     grpo-fast bench fused-linear [options]                     hidden states -> loss (grpo_fast.bench.fused_linear)
+    grpo-fast bench trl-step [options]                         one TRL GRPOTrainer step (grpo_fast.bench.trl_step; not in `all`)
 
 `grpo-fast bench loss --help` lists each table's options. With `all`, the options every table knows
 (--quick, --device, --repeats, --out-dir, --no-save) are passed to both.
@@ -13,7 +14,9 @@ import importlib
 import importlib.util
 import sys
 
-TABLES = {"loss": "grpo_fast.bench.loss", "fused-linear": "grpo_fast.bench.fused_linear"}
+TABLES = {"loss": "grpo_fast.bench.loss", "fused-linear": "grpo_fast.bench.fused_linear",
+          "trl-step": "grpo_fast.bench.trl_step"}
+ALL = ("loss", "fused-linear")  # what `grpo-fast bench` with no table runs
 # Options shared by the tables: name -> takes a value.
 _COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}
 
@@ -63,7 +66,8 @@ def main(argv=None) -> int:
         return int(importlib.import_module(TABLES[which]).main(argv) or 0)
     common = _common_args(argv)
     rc = 0
-    for name, module in TABLES.items():
+    for name in ALL:
+        module = TABLES[name]
         if not _available(module):
             print(f"\n[{name}] skipped: {module} is not part of this installation")
             continue

@@ -59,18 +59,22 @@ def _sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], *, setup: Optional[Callable[[], None]] = None, repeats: int = 5,
-            warmup: int = 1, device: torch.device = torch.device("cpu")) -> Timing:
+            warmup: int = 1, device: torch.device = torch.device("cpu"), grad_to_none=None) -> Timing:
     """Median-of-``repeats`` wall time of ``fn()``; ``setup()`` runs before each call, untimed.
 
     ``setup`` is where a benchmark restores inputs a call consumes (logits overwritten by
-    ``inplace=True``, ``.grad`` left by the previous backward) or runs the part it does not time
-    (the forward pass before a timed backward). Its return value, if not None, is passed to ``fn``.
+    ``inplace=True``) or runs the part it does not time (the forward pass before a timed backward).
+    Its return value, if not None, is passed to ``fn``. ``grad_to_none``: tensors whose ``.grad``
+    is dropped before each call, untimed (so that backward does not accumulate into the last one).
+    On CUDA without a ``setup``, ``triton.testing.do_bench`` times it.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return _time_cuda(fn, setup=setup, repeats=repeats, warmup=warmup, device=device)
+        return _time_cuda(fn, setup=setup, repeats=repeats, warmup=warmup, device=device, grad_to_none=grad_to_none)
     out = Timing(method="perf_counter, median")
     for i in range(warmup + repeats):
+        for t in grad_to_none or ():
+            t.grad = None
         arg = setup() if setup is not None else None
         gc.collect()  # a collection inside the timed region would be charged to fn
         t0 = time.perf_counter()
@@ -83,22 +87,24 @@ def time_fn(fn: Callable[[], object], *, setup: Optional[Callable[[], None]] = N
     return out
 
 
-def _time_cuda(fn, *, setup, repeats, warmup, device) -> Timing:
+def _time_cuda(fn, *, setup, repeats, warmup, device, grad_to_none=None) -> Timing:
     if setup is None:
         try:
             from triton.testing import do_bench
-
-            # do_bench clears the L2 cache before each run and returns the median in ms; we also
-            # ask for the quartiles so the spread can be reported.
-            q = do_bench(fn, warmup=max(warmup, 1) * 5, rep=max(repeats, 5) * 20, quantiles=[0.2, 0.5, 0.8],
-                         return_mode="median")
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            # do_bench clears the L2 cache before each run and runs for ``rep`` ms; with quantiles it
+            # returns the 20/50/80th percentiles (the median is what is reported, the rest the spread).
+            q = do_bench(fn, warmup=25, rep=max(repeats, 5) * 20, grad_to_none=grad_to_none,
+                         quantiles=[0.2, 0.5, 0.8])
             ms = list(q) if isinstance(q, (list, tuple)) else [q]
             return Timing(times=[m / 1e3 for m in ms], method="triton.testing.do_bench, median")
-        except ImportError:
-            pass
     # With a setup between runs (do_bench has none), time each run with CUDA events.
     out = Timing(method="cuda events, median")
     for i in range(warmup + repeats):
+        for t in grad_to_none or ():
+            t.grad = None
         arg = setup() if setup is not None else None
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

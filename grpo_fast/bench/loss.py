@@ -283,6 +283,17 @@ class _Runner:
             return fwd_bwd
         return lambda loss: loss.backward()
 
+    def time(self, mode: str, *, repeats: int, warmup: int, device) -> common.Timing:
+        """Median time of ``mode``. Per-run setup only where a run consumes something (inplace
+        logits, the forward before a timed backward), so that on CUDA the other modes go through
+        do_bench; dropping the last gradient is done untimed through ``grad_to_none``."""
+        if mode == "fwd" or (mode == "fwd+bwd" and not self.inplace):
+            self._prepare(mode == "fwd+bwd")
+            return common.time_fn(self.call_for(mode), repeats=repeats, warmup=warmup, device=device,
+                                  grad_to_none=[self.logits] if mode == "fwd+bwd" else None)
+        return common.time_fn(self.call_for(mode), setup=self.setup_for(mode), repeats=repeats,
+                              warmup=warmup, device=device)
+
     def result(self):
         """(loss value, gradient of the first 16 tokens of row 0 as float32) of one fwd+bwd."""
         self._prepare(True)
@@ -331,8 +342,7 @@ def run_case(case: Case, providers: List[str], device, *, repeats: int, warmup: 
                 if mode == "fwd" and prov.inplace:
                     continue  # without a gradient inplace changes nothing: same as the non-inplace row
                 t0 = time.perf_counter()
-                t = common.time_fn(runner.call_for(mode), setup=runner.setup_for(mode), repeats=repeats,
-                                   warmup=warmup, device=device)
+                t = runner.time(mode, repeats=repeats, warmup=warmup, device=device)
                 res[mode] = t
                 log(f"  {case.name:24s} {name:15s} {mode:8s} {t.median * 1e3:10.2f} ms  (spread {t.spread:.0%}, "
                     f"{time.perf_counter() - t0:.1f}s wall{'' if build_s < 1 else f', built in {build_s:.0f}s'})")
