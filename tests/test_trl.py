@@ -43,26 +43,32 @@ def _quiet():
         yield
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(path, tokenizer): a 2-layer Qwen2 with V = 97 and a word-level tokenizer, saved without any download."""
-    path = tmp_path_factory.mktemp("tiny_qwen2")
+def _tokenizer():
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     for w in WORDS:
         vocab[w] = len(vocab)
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    cfg = Qwen2Config(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, eos_token_id=1,
-        pad_token_id=0, bos_token_id=None,
-        initializer_range=0.3,  # spread-out logits: entropies and ratios far from their degenerate values
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+_SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, eos_token_id=1, pad_token_id=0, bos_token_id=None,
+              initializer_range=0.3)  # spread-out logits: entropies and ratios far from their degenerate values
+
+
+def _save(path, config, model_cls):
     torch.manual_seed(1234)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok = _tokenizer()
+    model_cls(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path), tok
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(path, tokenizer): a 2-layer Qwen2 with V = 97 and a word-level tokenizer, saved without any download."""
+    return _save(tmp_path_factory.mktemp("tiny_qwen2"), Qwen2Config(**_SMALL, tie_word_embeddings=False), Qwen2ForCausalLM)
 
 
 def _reward_len(completions, **kwargs):
@@ -206,6 +212,7 @@ OPTION_CASES = {
     "advantages_2d": dict(config=dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04), batch=dict(adv_2d=True)),
     "T1": dict(config=dict(loss_type="bnpo", beta=0.04), batch=dict(T=1, P=3)),
     "backend_torch": dict(config=dict(loss_type="dapo", beta=0.04), ours_kwargs=dict(grpo_fast_backend="torch")),
+    "cast_lm_head_fp32": dict(config=dict(loss_type="dapo", beta=0.04, cast_lm_head_to_fp32=True)),
     "logits_path": dict(config=dict(loss_type="grpo", beta=0.04), ours_kwargs=dict(grpo_fast_fused_linear=False)),
 }
 
@@ -213,6 +220,29 @@ OPTION_CASES = {
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 def test_option_matches_trl(tiny, tmp_path, case):
     _compare(tiny, tmp_path, **OPTION_CASES[case])
+
+
+def _arch(name):
+    """Architectures whose LM head differs from Qwen2's: tied embeddings, a final logit softcap, a logit scale."""
+    import transformers
+
+    if name == "qwen2_tied":
+        return Qwen2Config(**_SMALL, tie_word_embeddings=True), Qwen2ForCausalLM
+    if name == "gemma2_softcap":  # z = c·tanh(z/c) before the temperature; c small so that it bends the logits
+        cfg = transformers.Gemma2Config(**_SMALL, head_dim=8, final_logit_softcapping=2.0, attn_logit_softcapping=None)
+        return cfg, transformers.Gemma2ForCausalLM
+    if name == "granite_scale":  # logits divided by logits_scaling
+        cfg = transformers.GraniteConfig(**_SMALL, logits_scaling=0.25)
+        return cfg, transformers.GraniteForCausalLM
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_tied", "gemma2_softcap", "granite_scale"])
+@pytest.mark.parametrize("fused_linear", [True, False], ids=["fused_linear", "logits"])
+def test_architecture_matches_trl(tmp_path, arch, fused_linear):
+    model = _save(tmp_path / arch, *_arch(arch))
+    _compare(model, tmp_path, config=dict(loss_type="grpo", beta=0.04, temperature=0.8),
+             ours_kwargs=dict(grpo_fast_fused_linear=fused_linear))
 
 
 # ---- unsupported options fail when the trainer is built ---------------------------------------------
