@@ -361,9 +361,12 @@ def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) ->
         ids, mask, weight, A, old, ref, isr = (cut(x) for x in (inp.ids, inp.mask, inp.weight, plan.A,
                                                                 inp.old_logp, inp.ref_logp, inp.isr))
     cfg = dataclasses.replace(inp.cfg, temperature=plan.transform.kernel_temperature(inp.cfg.temperature), group_size=0)
-    return dataclasses.replace(inp, logits=logits, ids=ids.contiguous(), mask=mask.contiguous(),
-                               advantages=A.contiguous(), rewards=None, old_logp=old, ref_logp=ref, isr=isr,
-                               weight=weight.contiguous(), cfg=cfg)
+    def contig(x):  # the backends read these by raw pointer (an expanded row can have stride 0)
+        return None if x is None else x.contiguous()
+
+    return dataclasses.replace(inp, logits=logits, ids=contig(ids), mask=contig(mask), advantages=contig(A),
+                               rewards=None, old_logp=contig(old), ref_logp=contig(ref), isr=contig(isr),
+                               weight=contig(weight), cfg=cfg)
 
 
 class _Grads:
