@@ -14,11 +14,13 @@ Exit status: 0 when nothing spills, 1 when some kernel spills, 2 when nothing co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,23 +46,31 @@ class KernelResources:
 # compiling without a GPU
 
 
+@contextlib.contextmanager
+def _interpreter_off():
+    """TRITON_INTERPRET unset for the duration: @triton.jit then builds compilable JITFunctions, and
+    the code generator (which also consults the variable) emits GPU code. The CPU tests set it."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def _aot_kernels_module():
     """kernels/grpo.py loaded as a private module with the interpreter switched off.
 
     Under TRITON_INTERPRET=1 (the CPU test setup) ``@triton.jit`` makes interpreter objects that
-    ``triton.compile`` cannot take, so the file is executed again with the variable removed.
+    ``triton.compile`` cannot take, so the file is executed again, as a module of its own.
     """
-    from .backends.triton_backend import load_kernels
+    from .backends.triton_backend import kernels_dir
 
-    path = Path(load_kernels().__file__).resolve().parent / "grpo.py"
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
+    path = kernels_dir() / "grpo.py"
+    with _interpreter_off():
         spec = importlib.util.spec_from_file_location("_grpo_fast_kernels_aot", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
     return mod
 
 
@@ -130,7 +140,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     for k in constexprs:
         sig[k] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    with _interpreter_off():
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def measure(fn, signature, constexprs, arch, num_warps, num_stages) -> dict:
@@ -225,7 +236,42 @@ def jobs(quick: bool = False):
     return out
 
 
+def _triton_imported_interpreted() -> bool:
+    """True when this process imported (or would import) Triton in interpreter mode: its own
+    library functions (tl.sum, tl.cdiv, ... are @jit functions) are then interpreter objects and
+    nothing compiles for a GPU in this process."""
+    if "triton" not in sys.modules:
+        # not imported yet: it would be, interpreted, if the variable is set
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        import triton.language.standard as std
+    except ImportError:
+        return False
+    return isinstance(getattr(std, "sum", None), InterpretedFunction)
+
+
+def _triton_report_subprocess(archs, quick: bool) -> list[KernelResources]:
+    """triton_report in a fresh interpreter with TRITON_INTERPRET unset (see above)."""
+    pkg_parent = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "rows.json")
+        cmd = [sys.executable, "-m", "grpo_fast.kernel_report", "--triton-only", "--json", out,
+               "--arch", ",".join(map(str, archs))] + (["--quick"] if quick else [])
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode not in (0, 1) or not os.path.exists(out):  # 1 with a report: something spills
+            raise RuntimeError(f"kernel report subprocess failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+        with open(out) as f:
+            return [KernelResources(**d) for d in json.load(f)]
+
+
 def triton_report(archs=ARCHS, quick: bool = False) -> list[KernelResources]:
+    """Compile every job for every arch; one row each. Runs in a child process when this one
+    imported Triton in interpreter mode (the CPU test session)."""
+    if _triton_imported_interpreted():
+        return _triton_report_subprocess(archs, quick)
     mod = _aot_kernels_module()
     rows = []
     for name, variant, sig, consts, nw, ns, cfg in jobs(quick):
@@ -264,6 +310,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma-separated SM versions (default 80,90)")
     ap.add_argument("--quick", action="store_true", help="only the autotune configs of the default variant")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    ap.add_argument("--triton-only", action="store_true", help="leave out the CUDA C++ kernels")
     args = ap.parse_args(argv)
     archs = tuple(int(a) for a in args.arch.split(",") if a.strip())
 
@@ -275,7 +322,8 @@ def main(argv=None) -> int:
         problems.append("ptxas not found in the Triton wheel (set TRITON_PTXAS_PATH): no Triton kernels measured")
     else:
         rows += triton_report(archs, args.quick)
-    rows += cuda_report()
+    if not args.triton_only:
+        rows += cuda_report()
     if not rows:
         print("\n".join(problems) or "no kernels to report")
         return 2

@@ -41,7 +41,7 @@ ADV_REWARDS = tl.constexpr(2)
 ISR_ROW = tl.constexpr(1)
 ISR_TOKEN = tl.constexpr(2)
 # min/max in the loss propagate NaN as torch.min/clamp do (a NaN logit must reach the loss).
-NAN = tl.PropagateNan.ALL
+NAN = tl.constexpr(tl.PropagateNan.ALL)
 # Width of a row of the per-token stats buffer (grpo_fast/_config.py NUM_STATS).
 NUM_STATS = tl.constexpr(8)
 

@@ -39,6 +39,14 @@ BLOCK_V_OVERRIDE: Optional[int] = None
 _KERNELS = None  # the loaded kernels module, or the ImportError that prevented loading it
 
 
+def kernels_dir() -> Path:
+    """The folder holding the kernel sources, found without importing Triton."""
+    spec = importlib.util.find_spec("grpo_fast.kernels") if "grpo_fast.kernels" not in sys.modules else sys.modules["grpo_fast.kernels"].__spec__
+    if spec is not None and spec.origin:
+        return Path(spec.origin).resolve().parent
+    return Path(__file__).resolve().parents[2] / "kernels"
+
+
 def load_kernels():
     """The ``grpo_fast.kernels`` module: installed, or from the source tree's ``kernels/`` folder.
 
@@ -55,7 +63,7 @@ def load_kernels():
     except ModuleNotFoundError as e:
         if e.name != name:  # the package exists but Triton (or a dependency) is missing
             raise
-    init = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
+    init = kernels_dir() / "__init__.py"
     if not init.is_file():
         raise ImportError(f"{name} is neither installed nor found in the source tree at {init.parent}")
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])

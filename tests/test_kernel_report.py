@@ -1,0 +1,63 @@
+"""`python -m grpo_fast kernels`: the Triton kernels compile for sm_80 and sm_90 without a GPU, and
+none of the autotune configs spills registers."""
+import importlib.util
+import sys
+import types
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+def _report():
+    from grpo_fast import kernel_report
+
+    if kernel_report.ptxas_path() is None:
+        pytest.skip("ptxas is not shipped with this Triton wheel (set TRITON_PTXAS_PATH)")
+    return kernel_report
+
+
+@pytest.fixture(scope="module")
+def rows():
+    kr = _report()
+    return kr.triton_report(archs=(80, 90), quick=True)
+
+
+def test_default_configs_compile_without_spills(rows):
+    kr = _report()
+    from grpo_fast.backends.triton_backend import AUTOTUNE_CONFIGS, load_kernels
+
+    KERNELS = load_kernels().KERNELS
+
+    assert {r.kernel for r in rows} == set(KERNELS)
+    assert {r.arch for r in rows} == {"sm_80", "sm_90"}
+    streaming = [r for r in rows if r.kernel != "_grpo_seq_row_kernel"]
+    assert len(streaming) == 3 * len(AUTOTUNE_CONFIGS) * 2
+    for r in rows:
+        assert 0 < r.registers <= 255, r
+        assert r.spill_bytes == 0, f"{r.kernel} [{r.config}] {r.arch} spills {r.spill_bytes} bytes"
+        assert r.local_bytes == 0, r
+    table = kr.format_table(rows)
+    assert "_grpo_token_fwd_kernel" in table and "sm_90" in table
+
+
+def test_exit_status_and_cuda_rows(rows, monkeypatch, capsys, tmp_path):
+    kr = _report()
+    monkeypatch.setattr(kr, "triton_report", lambda archs, quick: list(rows))
+    # no CUDA resource helper (or one that reports no spills): exit 0
+    fake = types.ModuleType("grpo_fast._cuda_resources")
+    entries = [dict(kernel="grpo_fwd_cuda", arch="sm_90", registers=40, spill_bytes=0, shared_bytes=128, local_bytes=0)]
+    fake.cuda_kernel_resources = lambda: entries
+    monkeypatch.setitem(sys.modules, "grpo_fast._cuda_resources", fake)
+    import grpo_fast
+
+    monkeypatch.setattr(grpo_fast, "_cuda_resources", fake, raising=False)
+    out_json = tmp_path / "k.json"
+    assert kr.main(["--quick", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "grpo_fwd_cuda" in text and "none spills" in text
+    assert out_json.read_text().count('"kernel"') == len(rows) + 1
+    # a spilling kernel makes the command fail
+    entries[0]["spill_bytes"] = 64
+    assert kr.main(["--quick"]) == 1
+    assert "spill" in capsys.readouterr().out
