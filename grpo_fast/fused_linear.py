@@ -31,9 +31,8 @@ Sequence-level importance sampling (GSPO) needs a row's ratio before any token o
 gradient. Two strategies, chosen per call:
 
 * rows fit in a chunk (chunk_size ≥ T; the default whenever one row's logits fit the budget):
-  chunk by whole rows. The backend's kernel does the sequence-level math itself (its two passes run
-  over the row while it is in cache / in the chunk buffer), so this costs nothing extra: still three
-  matmuls.
+  chunk by whole rows. The backend's kernel does the sequence-level math itself (it reads the chunk
+  twice: statistics, then the gradient once the row's ratio is known): still three matmuls.
 * a row does not fit (long rows × big vocabularies): a log-prob pre-pass. Pass 1 computes each
   chunk's logits and per-token log-prob / entropy (kernel ``token_logprobs``); the loss as a function
   of the small (B, T) log-prob tensor is then differentiated by torch autograd, with the reference's
@@ -378,8 +377,10 @@ class _Grads:
         self.dh = torch.empty_like(hidden2d) if needs[0] else None
         # The weight and bias gradients sum over every chunk: float32 accumulators, so that a bf16
         # gradient is rounded once at the end, not once per chunk.
-        self.dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if needs[1] else None
-        self.db = torch.zeros(bias.shape, dtype=torch.float32, device=dev) if needs[2] else None
+        # The first chunk overwrites them (GEMM with beta = 0): no zero-fill pass over V·H.
+        self.dw = torch.empty(weight.shape, dtype=torch.float32, device=dev) if needs[1] else None
+        self.db = torch.empty(bias.shape, dtype=torch.float32, device=dev) if needs[2] else None
+        self.first = True
 
     @property
     def any(self) -> bool:
@@ -389,18 +390,23 @@ class _Grads:
         """dpre: (n, V) ∂loss/∂pre of tokens [s, e); h_c: (n, H)."""
         if self.dh is not None:
             torch.mm(dpre, weight, out=self.dh[s:e])
+        beta = 0.0 if self.first else 1.0  # beta = 0: dw's uninitialized values are ignored, NaN included
         if self.dw is not None:
             if not self.low_precision:
-                self.dw.addmm_(dpre.t(), h_c)
+                self.dw.addmm_(dpre.t(), h_c, beta=beta)
             elif dpre.is_cuda:
                 try:  # cuBLAS bf16 GEMM with a float32 output (torch >= 2.8)
-                    torch.addmm(self.dw, dpre.t(), h_c, out_dtype=torch.float32, out=self.dw)
+                    torch.addmm(self.dw, dpre.t(), h_c, beta=beta, out_dtype=torch.float32, out=self.dw)
                 except (TypeError, RuntimeError):
-                    self.dw.addmm_(dpre.t().float(), h_c.float())
+                    self.dw.addmm_(dpre.t().float(), h_c.float(), beta=beta)
             else:  # CPU: no mixed-precision GEMM; a float32 GEMM on upcast copies (chunk-sized)
-                self.dw.addmm_(dpre.t().float(), h_c.float())
+                self.dw.addmm_(dpre.t().float(), h_c.float(), beta=beta)
         if self.db is not None:
-            self.db.add_(dpre.sum(0, dtype=torch.float32))
+            if self.first:
+                torch.sum(dpre, 0, dtype=torch.float32, out=self.db)
+            else:
+                self.db.add_(dpre.sum(0, dtype=torch.float32))
+        self.first = False
 
     def finish(self, hidden, weight, bias):
         dh = None if self.dh is None else self.dh.view(hidden.shape)
