@@ -158,7 +158,8 @@ def _assert_same_step(ref, ours, *, rtol=RTOL):
     assert err <= rtol, (f"gradient of {worst}: relative error {err:.3g} > {rtol}; worst element {idx.item()} trl "
                          f"{g0[worst].flatten()[idx].item()!r} grpo_fast {g1[worst].flatten()[idx].item()!r}")
     # Every TRL metric the drop-in logs, under TRL's name; only the per-sequence extremes are not logged.
-    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
+    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio",
+                 "aux_loss"):
         assert (name in m0) == (name in m1), f"metric {name}: logged by trl {name in m0}, by grpo_fast {name in m1}"
         if name in m0:
             assert math.isclose(m1[name], m0[name], rel_tol=1e-5, abs_tol=1e-6), f"metric {name}: trl {m0[name]} grpo_fast {m1[name]}"
@@ -234,10 +235,15 @@ def _arch(name):
     if name == "granite_scale":  # logits divided by logits_scaling
         cfg = transformers.GraniteConfig(**_SMALL, logits_scaling=0.25)
         return cfg, transformers.GraniteForCausalLM
+    if name == "qwen2_moe_aux":  # the router load-balancing loss is added to the policy loss
+        cfg = transformers.Qwen2MoeConfig(**_SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=32, output_router_logits=True,
+                                          router_aux_loss_coef=0.05, decoder_sparse_step=1)
+        return cfg, transformers.Qwen2MoeForCausalLM
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_tied", "gemma2_softcap", "granite_scale"])
+@pytest.mark.parametrize("arch", ["qwen2_tied", "gemma2_softcap", "granite_scale", "qwen2_moe_aux"])
 @pytest.mark.parametrize("fused_linear", [True, False], ids=["fused_linear", "logits"])
 def test_architecture_matches_trl(tmp_path, arch, fused_linear):
     model = _save(tmp_path / arch, *_arch(arch))

@@ -37,11 +37,12 @@ TRL options and what they map to (all read from ``GRPOConfig`` / the trainer, as
     top_entropy_quantile         a no-grad entropy pass over the same hidden states, TRL's own
                                  quantile mask, folded into the per-token ratio (it multiplies the
                                  policy term before the KL is added, exactly where TRL applies it)
+    router_aux_loss_coef         MoE models: the router load-balancing loss is computed from the same
+                                 backbone call and added as TRL adds it
 
 Options grpo_fast does not implement raise ``ValueError`` when the trainer is built, never a silent
 fallback: loss_type="vespo", the entropy bonus (entropy_coef != 0 or use_adaptive_entropy),
-off_policy_mask_threshold, use_liger_kernel, a Mixture-of-Experts router auxiliary loss,
-vision-language models, and a subclass that overrides ``_compute_loss``, ``compute_loss`` or
+off_policy_mask_threshold, use_liger_kernel, vision-language models, and a subclass that overrides ``_compute_loss``, ``compute_loss`` or
 ``_get_per_token_logps_and_entropies`` (its loss would otherwise be replaced without notice).
 """
 from __future__ import annotations
@@ -183,6 +184,14 @@ def _linear_entropy(hidden, weight, bias, completion_ids, *, temperature, logit_
     return ent
 
 
+def _router_aux_loss(text_config, router_logits, attention_mask):
+    """The Mixture-of-Experts load-balancing loss, as TRL's fused LM head computes it (Mixtral's function)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts")
+    return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
+
+
 def _install_hidden_forward(model) -> None:
     """Wrap ``model.forward`` so that ``model(..., grpo_fast_loss=fn)`` returns ``fn(hidden, weight, bias, scale, softcap)``.
 
@@ -190,6 +199,8 @@ def _install_hidden_forward(model) -> None:
     goes through whatever wraps the model (DDP, FSDP, DeepSpeed, accelerate's autocast) and the head's
     parameters are gathered while that wrapper expects them to be. Without ``grpo_fast_loss`` the
     forward is the previous one, so generation and TRL's no-grad log-prob passes are unchanged.
+    With ``grpo_fast_aux=True`` (MoE models) the router load-balancing loss is returned as a third
+    element (None when the model returns no router logits).
     """
     previous_forward = model.forward
     text_config = model.config.get_text_config()
@@ -198,11 +209,15 @@ def _install_hidden_forward(model) -> None:
 
     # Keep the class forward's signature: `generate` validates its kwargs against it (TRL does the same).
     @functools.wraps(type(model).forward)
-    def _forward(self, *args, grpo_fast_loss=None, **kwargs):
+    def _forward(self, *args, grpo_fast_loss=None, grpo_fast_aux=False, **kwargs):
         if grpo_fast_loss is None:
             return previous_forward(*args, **kwargs)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, P + T, H)
+        # Like the model's own forward (and TRL's head): router logits whenever the config asks for them.
+        if grpo_fast_aux or getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        out = self.base_model(*args, **kwargs)
+        hidden = out.last_hidden_state  # (B, P + T, H)
         lm_head = self.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         try:  # FSDP2 shards the head as DTensors; the loss needs the whole (V, H) matrix, as in TRL
@@ -212,7 +227,13 @@ def _install_hidden_forward(model) -> None:
         if DTensor and isinstance(weight, DTensor):
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
-        return grpo_fast_loss(hidden.to(weight.device), weight, bias, scale, softcap)
+        loss, metrics = grpo_fast_loss(hidden.to(weight.device), weight, bias, scale, softcap)
+        if not grpo_fast_aux:
+            return loss, metrics
+        aux = None
+        if kwargs.get("output_router_logits") and getattr(out, "router_logits", None) is not None:
+            aux = _router_aux_loss(text_config, out.router_logits, kwargs.get("attention_mask"))
+        return loss, metrics, aux
 
     model.forward = types.MethodType(_forward, model)
 
@@ -254,11 +275,6 @@ class GRPOTrainer(_TRLGRPOTrainer):
         super().__init__(*args, **kwargs)
 
         problems = unsupported_options(self.args)
-        if self.aux_loss_enabled:
-            problems.append(
-                f"the Mixture-of-Experts router auxiliary loss (router_aux_loss_coef={self.router_aux_loss_coef}) is not "
-                "added by the grpo_fast loss; set router_aux_loss_coef=0.0"
-            )
         if self._is_vlm:
             problems.append("vision-language models (a processor as processing_class) are not supported by the grpo_fast loss")
         self._grpo_fast_raise(problems)
@@ -402,9 +418,18 @@ class GRPOTrainer(_TRLGRPOTrainer):
                     importance_sampling_ratio=ratio, **opts, **per_call,
                 )
 
-        loss, metrics = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=loss_fn)
+        aux_enabled = self.aux_loss_enabled
+        out = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=loss_fn, grpo_fast_aux=aux_enabled)
+        loss, metrics = out[0], out[1]
         if scale != 1.0:
             loss = loss * scale
+        if aux_enabled:
+            # MoE load balancing, scaled for gradient accumulation like the policy loss (TRL's order and factor).
+            aux_loss = out[2]
+            if aux_loss is None:
+                raise ValueError("router_aux_loss_coef is set but the model returned no router logits")
+            loss = loss + self.router_aux_loss_coef * aux_loss / ga
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._grpo_fast_log(mode, metrics, mask, advantages, opts["importance_sampling_level"])
         return loss
 
