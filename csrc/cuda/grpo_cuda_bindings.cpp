@@ -83,7 +83,12 @@ LossParams loss_params(Kw& kw) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C_cuda, m) {
+// The module's name; the host-emulation test build (tests/test_cuda.py) names it differently.
+#ifndef GF_CUDA_MODULE
+#define GF_CUDA_MODULE _C_cuda
+#endif
+
+PYBIND11_MODULE(GF_CUDA_MODULE, m) {
   m.doc() = "grpo_fast CUDA kernels (csrc/cuda): fused GRPO loss + gradient, token log-probs. Raw pointers in, no torch ABI.";
 
   m.attr("NUM_STATS") = (int)NUM_STATS;

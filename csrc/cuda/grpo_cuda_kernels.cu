@@ -24,9 +24,15 @@
 //
 // Built by setup.py (BEGIN CUDA BUILD) with nvcc -O3 -Xptxas -v for sm_80, sm_90 and the newer
 // architectures the installed nvcc knows; linked with the static CUDA runtime, no torch headers.
+#if defined(GF_HOST_EMULATION)
+// Test-only: the same source built by the host compiler, one std::thread per CUDA thread
+// (csrc/cuda/host_emulation.h), so the kernels' logic runs on machines without a GPU.
+#include "host_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cfloat>
 #include <stdexcept>
@@ -58,6 +64,13 @@ namespace cuda {
       throw std::runtime_error(std::string("grpo_fast CUDA error: launching " #kernel_name ": ") +  \
                                cudaGetErrorString(gf_err_));                                        \
   } while (0)
+
+// Every kernel launch: kernel<<<grid, block, 0, stream>>>(args...), or a synchronous emulated launch.
+#if defined(GF_HOST_EMULATION)
+#define GF_LAUNCH(kernel, grid, block, stream, ...) ::gf_emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); })
+#else
+#define GF_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
 
 // Internal asserts on what Python promised (validation.py already checked the user's input).
 #define GF_REQUIRE(cond, what)                                                                \
@@ -627,19 +640,19 @@ int64_t fused_scratch_floats(int64_t B, int64_t T, int32_t level, bool has_rewar
 
 template <typename T>
 static void launch_token_fused(const DevArgs& d, int64_t N, cudaStream_t stream) {
-  token_fused_kernel<T><<<(unsigned)N, row_threads<T>(d.V), 0, stream>>>(d);
+  GF_LAUNCH(token_fused_kernel<T>, (unsigned)N, row_threads<T>(d.V), stream, d);
   GF_LAUNCH_CHECK(token_fused_kernel);
 }
 
 template <typename T>
 static void launch_logprob(const DevArgs& d, int64_t N, cudaStream_t stream) {
-  logprob_kernel<T><<<(unsigned)N, row_threads<T>(d.V), 0, stream>>>(d);
+  GF_LAUNCH(logprob_kernel<T>, (unsigned)N, row_threads<T>(d.V), stream, d);
   GF_LAUNCH_CHECK(logprob_kernel);
 }
 
 template <typename T>
 static void launch_seq_grad(const DevArgs& d, int64_t N, cudaStream_t stream) {
-  seq_grad_kernel<T><<<(unsigned)N, row_threads<T>(d.V), 0, stream>>>(d);
+  GF_LAUNCH(seq_grad_kernel<T>, (unsigned)N, row_threads<T>(d.V), stream, d);
   GF_LAUNCH_CHECK(seq_grad_kernel);
 }
 
@@ -712,7 +725,7 @@ void fused_loss(const FusedArgs& f) {
   //    (B,) vector, never a (B, T) tensor)
   if (f.rewards) {
     float* adv = f.scratch + S.adv;
-    advantages_kernel<<<1, kAdvThreads, 0, stream>>>(f.rewards, B, f.group_size, f.scale_rewards, f.adv_eps, adv);
+    GF_LAUNCH(advantages_kernel, 1, kAdvThreads, stream, f.rewards, B, f.group_size, f.scale_rewards, f.adv_eps, adv);
     GF_LAUNCH_CHECK(advantages_kernel);
     d.adv = adv;
     d.adv_sb = 1;
@@ -726,7 +739,7 @@ void fused_loss(const FusedArgs& f) {
   // 3. the passes over the logits
   if (f.params.level == TOKEN) {
     dispatch_dtype(l.dtype, [&](auto tag) { launch_token_fused<decltype(tag)>(d, N, stream); });
-    reduce_stats_kernel<<<1, kReduceThreads, 0, stream>>>(d.parts, N, f.stats);
+    GF_LAUNCH(reduce_stats_kernel, 1, kReduceThreads, stream, d.parts, N, f.stats);
     GF_LAUNCH_CHECK(reduce_stats_kernel);
     return;
   }
@@ -735,10 +748,10 @@ void fused_loss(const FusedArgs& f) {
   d.gbuf = want_grad ? f.scratch + S.gbuf : nullptr;
   d.row_flags = (f.rewards != nullptr || !f.adv_per_token) ? 1 : 0;
   dispatch_dtype(l.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, N, stream); });
-  seq_row_kernel<<<(unsigned)B, kSeqThreads, 0, stream>>>(d);
+  GF_LAUNCH(seq_row_kernel, (unsigned)B, kSeqThreads, stream, d);
   GF_LAUNCH_CHECK(seq_row_kernel);
   if (want_grad) dispatch_dtype(l.dtype, [&](auto tag) { launch_seq_grad<decltype(tag)>(d, N, stream); });
-  reduce_stats_kernel<<<1, kReduceThreads, 0, stream>>>(d.parts, B, f.stats);
+  GF_LAUNCH(reduce_stats_kernel, 1, kReduceThreads, stream, d.parts, B, f.stats);
   GF_LAUNCH_CHECK(reduce_stats_kernel);
 }
 
@@ -780,7 +793,7 @@ void token_terms_device(const LossParams& p, int64_t n, const float* logp, const
   const int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
   GF_CHECK_GRID(blocks);
-  token_terms_kernel<<<(unsigned)blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(p, n, logp, ref, adv, isr, ratio, out);
+  GF_LAUNCH(token_terms_kernel, (unsigned)blocks, threads, static_cast<cudaStream_t>(stream), p, n, logp, ref, adv, isr, ratio, out);
   GF_LAUNCH_CHECK(token_terms_kernel);
 }
 

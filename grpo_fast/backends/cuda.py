@@ -60,6 +60,12 @@ def _logits_kwargs(logits: torch.Tensor) -> dict:
                 stride_b=logits.stride(0), stride_t=logits.stride(1))
 
 
+def _device_and_stream(t: torch.Tensor):
+    dev = t.device
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(dev).cuda_stream
+
+
 def fused_loss(inp, grad: Optional[torch.Tensor]):
     """The fused pass (see the backend interface in grpo_fast/backends/__init__.py).
 
@@ -69,6 +75,21 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
     Returns:
         stats: (NUM_STATS,) float32 sums; logp: (B, T) float32.
     """
+    with torch.cuda.device(inp.logits.device):
+        return fused_loss_with(_C_cuda, inp, grad, *_device_and_stream(inp.logits))
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool):
+    """(logp (B, T) float32, entropy (B, T) float32 or None) without gradient; ids (B, T) integer."""
+    with torch.cuda.device(logits.device):
+        return token_logprobs_with(_C_cuda, logits, ids, temperature, return_entropy, *_device_and_stream(logits))
+
+
+# The calls themselves, with the extension module, device index and stream given explicitly (the
+# tests run them on the host-emulation build of the same kernels too).
+
+
+def fused_loss_with(ext, inp, grad: Optional[torch.Tensor], device: int, stream: int):
     logits, cfg = inp.logits, inp.cfg
     B, T, _ = logits.shape
     dev = logits.device
@@ -76,60 +97,55 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
         assert grad.shape == logits.shape and grad.dtype == logits.dtype and grad.stride(-1) == 1
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
     stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=dev)
-    has_rewards = inp.rewards is not None
-    n_scratch = _C_cuda.fused_scratch_floats(B, T, cfg.level, has_rewards, grad is not None)
+    n_scratch = ext.fused_scratch_floats(B, T, cfg.level, inp.rewards is not None, grad is not None)
     scratch = torch.empty((n_scratch,), dtype=torch.float32, device=dev)
-    with torch.cuda.device(dev):
-        _C_cuda.fused_loss(
-            **_logits_kwargs(logits),
-            grad=_ptr(grad), grad_stride_b=grad.stride(0) if grad is not None else 0,
-            grad_stride_t=grad.stride(1) if grad is not None else 0,
-            ids=inp.ids.data_ptr(), mask=inp.mask.data_ptr(), weight=inp.weight.data_ptr(),
-            advantages=_ptr(inp.advantages),
-            adv_per_token=inp.advantages is not None and inp.advantages.dim() == 2,
-            rewards=_ptr(inp.rewards), group_size=cfg.group_size, scale_rewards=cfg.scale_rewards,
-            adv_eps=cfg.adv_eps, old_logp=_ptr(inp.old_logp),
-            ref_logp=_ptr(inp.ref_logp) if cfg.beta != 0.0 else 0,
-            isr=_ptr(inp.isr), isr_per_token=inp.isr is not None and inp.isr.dim() == 2,
-            **_params(cfg),
-            logp=logp.data_ptr(), stats=stats.data_ptr(), scratch=scratch.data_ptr(), scratch_floats=n_scratch,
-            device=dev.index if dev.index is not None else torch.cuda.current_device(),
-            stream=torch.cuda.current_stream(dev).cuda_stream,
-        )
+    ext.fused_loss(
+        **_logits_kwargs(logits),
+        grad=_ptr(grad), grad_stride_b=grad.stride(0) if grad is not None else 0,
+        grad_stride_t=grad.stride(1) if grad is not None else 0,
+        ids=inp.ids.data_ptr(), mask=inp.mask.data_ptr(), weight=inp.weight.data_ptr(),
+        advantages=_ptr(inp.advantages),
+        adv_per_token=inp.advantages is not None and inp.advantages.dim() == 2,
+        rewards=_ptr(inp.rewards), group_size=cfg.group_size, scale_rewards=cfg.scale_rewards,
+        adv_eps=cfg.adv_eps, old_logp=_ptr(inp.old_logp),
+        ref_logp=_ptr(inp.ref_logp) if cfg.beta != 0.0 else 0,
+        isr=_ptr(inp.isr), isr_per_token=inp.isr is not None and inp.isr.dim() == 2,
+        **_params(cfg),
+        logp=logp.data_ptr(), stats=stats.data_ptr(), scratch=scratch.data_ptr(), scratch_floats=n_scratch,
+        device=device, stream=stream,
+    )
     return stats, logp
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool):
-    """(logp (B, T) float32, entropy (B, T) float32 or None) without gradient; ids (B, T) int64."""
+def token_logprobs_with(ext, logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool,
+                        device: int, stream: int):
     B, T, _ = logits.shape
     dev = logits.device
     ids = ids.to(torch.int64).contiguous()
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
-    with torch.cuda.device(dev):
-        _C_cuda.token_logprobs(
-            **_logits_kwargs(logits), ids=ids.data_ptr(), temperature=float(temperature),
-            logp=logp.data_ptr(), entropy=_ptr(entropy),
-            device=dev.index if dev.index is not None else torch.cuda.current_device(),
-            stream=torch.cuda.current_stream(dev).cuda_stream,
-        )
+    ext.token_logprobs(
+        **_logits_kwargs(logits), ids=ids.data_ptr(), temperature=float(temperature),
+        logp=logp.data_ptr(), entropy=_ptr(entropy), device=device, stream=stream,
+    )
     return logp, entropy
 
 
-def token_terms(cfg: KernelConfig, logp, ref, adv, isr, ratio, *, on_device: bool) -> torch.Tensor:
+def token_terms(cfg: KernelConfig, logp, ref, adv, isr, ratio, *, on_device: bool, ext=None) -> torch.Tensor:
     """grpo_math.h token_terms() as compiled by nvcc, on 1-D float32 tensors of equal length n.
 
     on_device=False runs the header's host side (CPU tensors), True its device side (CUDA tensors).
     Returns (n, 7) float32: loss, kl, d_logp, d_ratio, clip_low, clip_high, cispo_clip.
     """
+    ext = ext or _C_cuda
     ts = [t.detach().to(torch.float32).contiguous() for t in (logp, ref, adv, isr, ratio)]
     n = ts[0].numel()
-    out = torch.empty((n, _C_cuda.TERM_COLUMNS), dtype=torch.float32, device=ts[0].device)
     dev = ts[0].device
-    stream = torch.cuda.current_stream(dev).cuda_stream if on_device else 0
-    _C_cuda.token_terms(
+    out = torch.empty((n, ext.TERM_COLUMNS), dtype=torch.float32, device=dev)
+    device, stream = _device_and_stream(ts[0]) if on_device else (0, 0)
+    ext.token_terms(
         **_params(cfg), n=n, logp=ts[0].data_ptr(), ref=ts[1].data_ptr(), adv=ts[2].data_ptr(),
         isr=ts[3].data_ptr(), ratio=ts[4].data_ptr(), out=out.data_ptr(), on_device=on_device,
-        device=(dev.index or 0) if on_device else 0, stream=stream,
+        device=device, stream=stream,
     )
     return out
