@@ -283,7 +283,8 @@ def test_vexp(isa):
     want = torch.exp(x.double())
     finite = torch.isfinite(want) & (want > 1.2e-38)  # normal range; below it the kernel flushes to 0
     rel = ((y.double() - want).abs() / want)[finite]
-    assert float(rel.max()) < 3e-7, f"{isa}: max relative error {float(rel.max()):.3g}"
+    # measured 8.2e-8 on every path (libm expf: 6.1e-8); a wrong polynomial coefficient shows up here
+    assert float(rel.max()) < 1.2e-7, f"{isa}: max relative error {float(rel.max()):.3g}"
     assert float(y[x == -float("inf")]) == 0.0 and float(y[x == -1e4]) == 0.0 and float(y[x == -100.0]) == 0.0
     assert math.isnan(float(y[-1]))
     assert float(y[x == 0.0][0]) == 1.0
