@@ -9,7 +9,7 @@ added when ``grpo_fast._cuda_resources.cuda_kernel_resources()`` exists.
 
 Exit status: 0 when nothing spills, 1 when some kernel spills, 2 when nothing could be compiled.
 
-    python -m grpo_fast kernels [--arch 80,90] [--quick] [--json out.json]
+    python -m grpo_fast kernels [--arch 80,90] [--quick | --variants] [--triton-only] [--json out.json]
 """
 from __future__ import annotations
 
@@ -251,7 +251,7 @@ def _triton_imported_interpreted() -> bool:
     return isinstance(getattr(std, "sum", None), InterpretedFunction)
 
 
-def _triton_report_subprocess(archs, quick: bool) -> list[KernelResources]:
+def _triton_report_subprocess(archs, quick: bool, variants: bool = False) -> list[KernelResources]:
     """triton_report in a fresh interpreter with TRITON_INTERPRET unset (see above)."""
     pkg_parent = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -259,7 +259,7 @@ def _triton_report_subprocess(archs, quick: bool) -> list[KernelResources]:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "rows.json")
         cmd = [sys.executable, "-m", "grpo_fast.kernel_report", "--triton-only", "--json", out,
-               "--arch", ",".join(map(str, archs))] + (["--quick"] if quick else [])
+               "--arch", ",".join(map(str, archs))] + (["--quick"] if quick else []) + (["--variants"] if variants else [])
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode not in (0, 1) or not os.path.exists(out):  # 1 with a report: something spills
             raise RuntimeError(f"kernel report subprocess failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
@@ -267,14 +267,43 @@ def _triton_report_subprocess(archs, quick: bool) -> list[KernelResources]:
             return [KernelResources(**d) for d in json.load(f)]
 
 
-def triton_report(archs=ARCHS, quick: bool = False) -> list[KernelResources]:
+def variant_jobs():
+    """Every constexpr flag of the loss kernels varied one at a time from a base set, plus every
+    logits dtype and the token_logprobs flags, at the default config: a compile check for code
+    paths the interpreter accepts but the GPU compiler might not (types differing across branches)."""
+    from .backends.triton_backend import DEFAULT_BLOCK_V, DEFAULT_WARPS
+
+    base = _loss_flags(0)
+    options = dict(LOSS_TYPE=range(7), KL_EST=range(3), HAS_DELTA=(False, True), HAS_KL=(False, True),
+                   BIAS_KL=(False, True), HAS_OLD=(False, True), ADV_MODE=range(3), SCALE=range(3),
+                   ISR_MODE=range(3), HAS_GRAD=(False, True))
+    flag_sets = [base] + [{**base, k: v} for k, vals in options.items() for v in vals if v != base[k]]
+    dcfg = f"BLOCK_V={DEFAULT_BLOCK_V} warps={DEFAULT_WARPS} stages=1"
+    out = []
+    for f in flag_sets:
+        label = ",".join(f"{k}={int(v)}" for k, v in f.items() if k != "BLOCK_G" and v != base[k]) or "base"
+        out.append(("_grpo_token_fwd_kernel", label, _sig_token_fwd("bf16"), {**f, "BLOCK_V": DEFAULT_BLOCK_V},
+                    DEFAULT_WARPS, 1, dcfg))
+        out.append(("_grpo_seq_row_kernel", label, _sig_seq_row(), {**f, "BLOCK_T": 256}, 4, 1, "BLOCK_T=256 warps=4"))
+    for dt in ("fp32", "fp16"):
+        out.append(("_grpo_token_fwd_kernel", f"logits {dt}", _sig_token_fwd(dt), {**base, "BLOCK_V": DEFAULT_BLOCK_V},
+                    DEFAULT_WARPS, 1, dcfg))
+        out.append(("_grpo_grad_kernel", f"logits {dt}", _sig_grad(dt), {"BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+    for dt in ("bf16", "fp32", "fp16"):
+        for ent, lse in ((False, False), (True, False)):
+            out.append(("_token_logprobs_kernel", f"logits {dt}, entropy={int(ent)}, lse={int(lse)}", _sig_logprobs(dt),
+                        {"STORE_ENTROPY": ent, "STORE_LSE": lse, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+    return out
+
+
+def triton_report(archs=ARCHS, quick: bool = False, variants: bool = False) -> list[KernelResources]:
     """Compile every job for every arch; one row each. Runs in a child process when this one
     imported Triton in interpreter mode (the CPU test session)."""
     if _triton_imported_interpreted():
-        return _triton_report_subprocess(archs, quick)
+        return _triton_report_subprocess(archs, quick, variants)
     mod = _aot_kernels_module()
     rows = []
-    for name, variant, sig, consts, nw, ns, cfg in jobs(quick):
+    for name, variant, sig, consts, nw, ns, cfg in (variant_jobs() if variants else jobs(quick)):
         for arch in archs:
             r = measure(getattr(mod, name), sig, consts, arch, nw, ns)
             rows.append(KernelResources(kernel=name, variant=variant, config=cfg, arch=f"sm_{arch}", **r))
@@ -311,6 +340,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="only the autotune configs of the default variant")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     ap.add_argument("--triton-only", action="store_true", help="leave out the CUDA C++ kernels")
+    ap.add_argument("--variants", action="store_true",
+                    help="instead of the configs: every constexpr flag of the Triton kernels, one at a time (compile check)")
     args = ap.parse_args(argv)
     archs = tuple(int(a) for a in args.arch.split(",") if a.strip())
 
@@ -321,7 +352,7 @@ def main(argv=None) -> int:
     elif ptxas_path() is None:
         problems.append("ptxas not found in the Triton wheel (set TRITON_PTXAS_PATH): no Triton kernels measured")
     else:
-        rows += triton_report(archs, args.quick)
+        rows += triton_report(archs, args.quick, args.variants)
     if not args.triton_only:
         rows += cuda_report()
     if not rows:

@@ -61,3 +61,12 @@ def test_exit_status_and_cuda_rows(rows, monkeypatch, capsys, tmp_path):
     entries[0]["spill_bytes"] = 64
     assert kr.main(["--quick"]) == 1
     assert "spill" in capsys.readouterr().out
+
+
+def test_every_flag_variant_compiles_for_sm90():
+    # The interpreter accepts code the GPU compiler rejects (a non-constexpr global, types that
+    # differ between the branches of a constexpr if): compile each flag of each kernel once.
+    kr = _report()
+    rows = kr.triton_report(archs=(90,), variants=True)
+    assert len(rows) == len(kr.variant_jobs())
+    assert all(r.spill_bytes == 0 and r.registers > 0 for r in rows)
