@@ -43,7 +43,7 @@ def test_default_configs_compile_without_spills(rows):
 
 def test_exit_status_and_cuda_rows(rows, monkeypatch, capsys, tmp_path):
     kr = _report()
-    monkeypatch.setattr(kr, "triton_report", lambda archs, quick: list(rows))
+    monkeypatch.setattr(kr, "triton_report", lambda archs, quick=False, variants=False: list(rows))
     # no CUDA resource helper (or one that reports no spills): exit 0
     fake = types.ModuleType("grpo_fast._cuda_resources")
     entries = [dict(kernel="grpo_fwd_cuda", arch="sm_90", registers=40, spill_bytes=0, shared_bytes=128, local_bytes=0)]
