@@ -99,8 +99,9 @@ _ELEMWISE_BLOCK = 1 << 20
 # Argument checks specific to this path (everything else goes through validation.py)
 # --------------------------------------------------------------------------------------------
 
-def _check_linear(hidden, weight, bias):
-    """hidden (B, T, H), weight (V, H), bias (V,) | None: same dtype and device. Returns (B, T, H, V)."""
+def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
+    """hidden (B, T, H), weight (V, H), bias (V,) | None: same device, same dtype unless ``mixed_ok``
+    (autocast decides the compute dtype). Returns (B, T, H, V)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor of shape (B, T, H), got {type(hidden).__name__}")
     if hidden.dim() != 3:
@@ -115,8 +116,9 @@ def _check_linear(hidden, weight, bias):
     V = weight.shape[0]
     if weight.shape[1] != H:
         raise ValueError(f"weight must have shape (V, {H}) to match hidden's H = {H}, got {_fmt_shape(weight)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.dtype not in LOGIT_DTYPES or (weight.dtype != hidden.dtype and not mixed_ok):
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype} (or any float dtype under torch.autocast), "
+                        f"got {weight.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight must be on hidden's device {hidden.device}, got {weight.device}")
     if V == 0:
@@ -128,8 +130,8 @@ def _check_linear(hidden, weight, bias):
             raise TypeError(f"bias must be a torch.Tensor of shape ({V},) or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (V,):
             raise ValueError(f"bias must have shape ({V},) to match weight's V = {V}, got {_fmt_shape(bias)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
         if bias.device != hidden.device:
             raise ValueError(f"bias must be on hidden's device {hidden.device}, got {bias.device}")
     return B, T, H, V
@@ -153,12 +155,24 @@ def _check_chunk_size(chunk_size):
     return int(chunk_size)
 
 
-def _standin_logits(B: int, T: int, V: int, hidden: torch.Tensor) -> torch.Tensor:
+def _standin_logits(B: int, T: int, V: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A (B, T, V) tensor of V elements (strides (0, 0, 1)) for validate_loss_args' shape checks.
 
     stride(-1) == 1, so validation never copies it; nothing ever reads its (uninitialized) values.
     """
-    return torch.empty((1, 1, V), dtype=hidden.dtype, device=hidden.device).expand(B, T, V)
+    return torch.empty((1, 1, V), dtype=dtype, device=device).expand(B, T, V)
+
+
+def _compute_dtype(hidden: torch.Tensor):
+    """(dtype of the chunk GEMMs and logits, whether autocast chose it).
+
+    Under torch.autocast the projection runs in autocast's dtype as F.linear would (TRL's fused head
+    does the same); otherwise in the inputs' dtype.
+    """
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev), True
+    return hidden.dtype, False
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,6 +338,7 @@ class _Plan:
     impl: object  # a backend module or _TorchKernels
     transform: _Transform
     chunk: int  # tokens per chunk
+    dtype: torch.dtype  # of the chunk GEMMs and logits buffers
     B: int
     T: int
     V: int
@@ -371,9 +386,9 @@ def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) ->
 class _Grads:
     """Gradient buffers of hidden (N, H), weight (V, H) and bias (V,), filled chunk by chunk."""
 
-    def __init__(self, hidden2d, weight, bias, needs):
+    def __init__(self, hidden2d, weight, bias, needs, compute_dtype):
         dev = hidden2d.device
-        self.low_precision = weight.dtype != torch.float32
+        self.low_precision = compute_dtype != torch.float32
         self.dh = torch.empty_like(hidden2d) if needs[0] else None
         # The weight and bias gradients sum over every chunk: float32 accumulators, so that a bf16
         # gradient is rounded once at the end, not once per chunk.
@@ -387,9 +402,12 @@ class _Grads:
         return self.dh is not None or self.dw is not None or self.db is not None
 
     def add_chunk(self, dpre, h_c, weight, s, e):
-        """dpre: (n, V) ∂loss/∂pre of tokens [s, e); h_c: (n, H)."""
+        """dpre: (n, V) ∂loss/∂pre of tokens [s, e); h_c: (n, H); weight (V, H): all in the compute dtype."""
         if self.dh is not None:
-            torch.mm(dpre, weight, out=self.dh[s:e])
+            if self.dh.dtype == dpre.dtype:
+                torch.mm(dpre, weight, out=self.dh[s:e])
+            else:  # autocast: the hidden states' gradient in their own dtype
+                self.dh[s:e].copy_(torch.mm(dpre, weight))
         beta = 0.0 if self.first else 1.0  # beta = 0: dw's uninitialized values are ignored, NaN included
         if self.dw is not None:
             if not self.low_precision:
@@ -424,23 +442,29 @@ def _matmul_chunk(h_c, weight, bias, out):
     return out
 
 
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _run_chunks(plan: _Plan, hidden, weight, bias, needs):
     """The fused forward + gradient. Returns (stats (NUM_STATS,) sums, dh, dw, db)."""
+    weight_in, bias_in = weight, bias
     B, T, V = plan.B, plan.T, plan.V
     N = B * T
     hidden2d = hidden.reshape(N, hidden.shape[-1])
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
-    grads = _Grads(hidden2d, weight, bias, needs)
+    grads = _Grads(hidden2d, weight, bias, needs, plan.dtype)
+    weight, bias = _cast(weight, plan.dtype), _cast(bias, plan.dtype)  # once (V·H), autocast only
     sequence = plan.inp.cfg.level == 1
     rows = sequence and plan.chunk >= T
     if sequence and not rows:
-        return _run_prepass(plan, hidden, hidden2d, weight, bias, grads)
+        return _run_prepass(plan, hidden, hidden2d, weight, bias, grads, weight_in, bias_in)
 
     step = plan.chunk // T if rows else plan.chunk  # rows or tokens per chunk
     total = B if rows else N
     tokens_max = min(step * T if rows else step, N)
-    buf = torch.empty((tokens_max, V), dtype=hidden.dtype, device=hidden.device)
+    buf = torch.empty((tokens_max, V), dtype=plan.dtype, device=hidden.device)
     gbuf = None
     if grads.any and plan.transform.softcap is not None:
         gbuf = torch.empty_like(buf)
@@ -449,7 +473,7 @@ def _run_chunks(plan: _Plan, hidden, weight, bias, needs):
         e = min(s + step, total)
         ts, te = (s * T, e * T) if rows else (s, e)
         n = te - ts
-        h_c = hidden2d[ts:te]
+        h_c = _cast(hidden2d[ts:te], plan.dtype)
         chunk = plan.transform.forward_(_matmul_chunk(h_c, weight, bias, buf[:n]))
         cinp = _chunk_inputs(plan, chunk, s, e, rows)
         grad = None
@@ -461,7 +485,7 @@ def _run_chunks(plan: _Plan, hidden, weight, bias, needs):
         if grad is not None:
             dpre = plan.transform.backward_(grad, chunk)
             grads.add_chunk(dpre, h_c, weight, ts, te)
-    return (stats,) + grads.finish(hidden, weight, bias)
+    return (stats,) + grads.finish(hidden, weight_in, bias_in)
 
 
 def _unit_logp_inputs(cinp: LossInputs, g: torch.Tensor) -> LossInputs:
@@ -477,13 +501,13 @@ def _unit_logp_inputs(cinp: LossInputs, g: torch.Tensor) -> LossInputs:
                                kl_estimator="k1", level="token", delta=None)
 
 
-def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads):
+def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, weight_in, bias_in):
     """Sequence level with rows longer than a chunk: log-prob pre-pass, then one gradient pass."""
     B, T, V = plan.B, plan.T, plan.V
     N = B * T
     inp = plan.inp
     step = plan.chunk
-    buf = torch.empty((min(step, N), V), dtype=hidden.dtype, device=hidden.device)
+    buf = torch.empty((min(step, N), V), dtype=plan.dtype, device=hidden.device)
     tau_k = plan.transform.kernel_temperature(inp.cfg.temperature)
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -491,7 +515,7 @@ def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads):
     # Pass 1: log-probs and entropies, chunk by chunk (no gradient buffer).
     for s in range(0, N, step):
         e = min(s + step, N)
-        chunk = plan.transform.forward_(_matmul_chunk(hidden2d[s:e], weight, bias, buf[:e - s]))
+        chunk = plan.transform.forward_(_matmul_chunk(_cast(hidden2d[s:e], plan.dtype), weight, bias, buf[:e - s]))
         lp, ent = plan.impl.token_logprobs(chunk.view(1, e - s, V), ids[s:e].view(1, -1), tau_k, True)
         logp[s:e] = lp.reshape(-1)
         entropy[s:e] = ent.reshape(-1)
@@ -503,19 +527,19 @@ def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads):
         g = torch.autograd.grad(loss, lp)[0].reshape(N) if grads.any else None
     stats[STAT_ENTROPY] = (entropy.view(B, T) * inp.mask).sum()
     if g is None:
-        return (stats,) + grads.finish(hidden, weight, bias)
+        return (stats,) + grads.finish(hidden, weight_in, bias_in)
     # Pass 2: recompute each chunk's logits; the kernel writes g·(onehot − softmax)/τ in place.
     gbuf = torch.empty_like(buf) if plan.transform.softcap is not None else None
     for s in range(0, N, step):
         e = min(s + step, N)
         n = e - s
-        h_c = hidden2d[s:e]
+        h_c = _cast(hidden2d[s:e], plan.dtype)
         chunk = plan.transform.forward_(_matmul_chunk(h_c, weight, bias, buf[:n]))
         cinp = _unit_logp_inputs(_chunk_inputs(plan, chunk, s, e, rows=False), g[s:e])
         grad = chunk if gbuf is None else gbuf[:n]
         plan.impl.fused_loss(cinp, grad.view(cinp.logits.shape))
         grads.add_chunk(plan.transform.backward_(grad, chunk), h_c, weight, s, e)
-    return (stats,) + grads.finish(hidden, weight, bias)
+    return (stats,) + grads.finish(hidden, weight_in, bias_in)
 
 
 class _FusedLinearGRPOLoss(torch.autograd.Function):
@@ -524,7 +548,9 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: _Plan):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        stats, dh, dw, db = _run_chunks(plan, hidden, weight, bias, needs)
+        # Every dtype is explicit from here on (plan.dtype): autocast must not re-cast the chunk GEMMs.
+        with torch.autocast(hidden.device.type, enabled=False):
+            stats, dh, dw, db = _run_chunks(plan, hidden, weight, bias, needs)
         ctx.grads = (dh, dw, db)
         loss = stats[STAT_LOSS].clone()
         ctx.mark_non_differentiable(stats)
@@ -621,11 +647,12 @@ def fused_linear_grpo_loss(
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    B, T, H, V = _check_linear(hidden, weight, bias)
+    cdtype, autocast = _compute_dtype(hidden)
+    B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
     scale, cap = _check_transform(logit_scale, logit_softcap)
     chunk = _check_chunk_size(chunk_size)
     inp = validate_loss_args(
-        _standin_logits(B, T, V, hidden), completion_ids, advantages, rewards=rewards, group_size=group_size,
+        _standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages, rewards=rewards, group_size=group_size,
         scale_rewards=scale_rewards, adv_eps=adv_eps, old_logp=old_logp, ref_logp=ref_logp,
         completion_mask=completion_mask, beta=beta, kl_estimator=kl_estimator,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
@@ -637,11 +664,12 @@ def fused_linear_grpo_loss(
     impl = _resolve_impl(backend, hidden.device)
     transform = _Transform(scale, cap)
     if chunk is None:
-        chunk = _auto_chunk(B * T, V, hidden.element_size(), transform.n_buffers, impl is _TorchKernels)
+        chunk = _auto_chunk(B * T, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
+                            impl is _TorchKernels)
     A = inp.advantages
     if A is None:  # once for the batch: a chunk's kernel would only see its own rows' rewards
         A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
-    plan = _Plan(inp=inp, A=A, impl=impl, transform=transform, chunk=chunk, B=B, T=T, V=V)
+    plan = _Plan(inp=inp, A=A, impl=impl, transform=transform, chunk=chunk, dtype=cdtype, B=B, T=T, V=V)
     loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
     return loss, metrics_from_sums(stats, inp)
 
@@ -702,7 +730,8 @@ def fused_linear_token_logprobs(
         >>> ref_logp = grpo_fast.fused_linear_token_logprobs(ref_hidden, ref_model.lm_head.weight, completion_ids)
     """
     backend = check_backend(backend)
-    B, T, H, V = _check_linear(hidden, weight, bias)
+    cdtype, autocast = _compute_dtype(hidden)
+    B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
     scale, cap = _check_transform(logit_scale, logit_softcap)
     chunk = _check_chunk_size(chunk_size)
     ids = check_ids(completion_ids, B, T, V, hidden.device)
@@ -715,19 +744,21 @@ def fused_linear_token_logprobs(
     transform = _Transform(scale, cap)
     N = B * T
     if chunk is None:
-        chunk = _auto_chunk(N, V, hidden.element_size(), 1, impl is _TorchKernels)
+        chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), 1, impl is _TorchKernels)
     hidden2d = hidden.reshape(N, H)
+    weight, bias = _cast(weight, cdtype), _cast(bias, cdtype)
     ids = ids.view(N)
     tau_k = transform.kernel_temperature(temperature)
-    buf = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)
+    buf = torch.empty((min(chunk, N), V), dtype=cdtype, device=hidden.device)
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(N, dtype=torch.float32, device=hidden.device) if return_entropy else None
-    for s in range(0, N, chunk):
-        e = min(s + chunk, N)
-        z = transform.forward_(_matmul_chunk(hidden2d[s:e], weight, bias, buf[:e - s]))
-        lp, ent = impl.token_logprobs(z.view(1, e - s, V), ids[s:e].view(1, -1), tau_k, return_entropy)
-        logp[s:e] = lp.reshape(-1)
-        if return_entropy:
-            entropy[s:e] = ent.reshape(-1)
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes explicit (cdtype) from here on
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            z = transform.forward_(_matmul_chunk(_cast(hidden2d[s:e], cdtype), weight, bias, buf[:e - s]))
+            lp, ent = impl.token_logprobs(z.view(1, e - s, V), ids[s:e].view(1, -1), tau_k, return_entropy)
+            logp[s:e] = lp.reshape(-1)
+            if return_entropy:
+                entropy[s:e] = ent.reshape(-1)
     logp = logp.view(B, T)
     return (logp, entropy.view(B, T)) if return_entropy else logp

@@ -250,6 +250,37 @@ def test_bf16(backend, loss_type, level):
         _assert_bf16(backend, h, w, b, ids, chunk_size=chunk, softcap=softcap, scale=0.9, **kw)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_bf16(backend, hidden_dtype):
+    """Under torch.autocast the chunk GEMMs run in autocast's dtype (as F.linear would); the gradients
+    come back in each input's own dtype (fp32 master weights)."""
+    h, w, b, ids, mask, side = _case(B=4, T=9, H=64, V=301, seed=30, w_scale=0.25)
+    h = h.to(hidden_dtype)
+    kw = _side_kwargs(side, mask, loss_type="grpo", level="token")
+    kw["old_logp"] = None
+    # oracle and torch's own computation on the bf16-rounded operands autocast feeds the GEMM
+    hb, wb, bb = (t.bfloat16() for t in (h, w, b))
+    wl, _, wg = _reference(hb, wb, bb, ids, **kw)
+    tl, _, tg = _reference(hb, wb, bb, ids, dtype=torch.bfloat16, **kw)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = grpo_fast.fused_linear_grpo_loss(leaves[0], leaves[1], ids, bias=leaves[2], chunk_size=10,
+                                                   backend=backend, **kw)
+    loss.backward()
+    for name, leaf, t, want in zip(("hidden", "weight", "bias"), leaves, tg, wg):
+        assert leaf.grad.dtype == leaf.dtype, name
+        e_ours = (leaf.grad.double() - want).abs().max().item()
+        e_torch = (t.double() - want).abs().max().item()
+        assert e_ours <= 2 * e_torch, f"d{name}: {e_ours:.3e} > 2 × {e_torch:.3e}"
+    assert abs(loss.item() - wl.item()) <= max(2 * abs(tl.item() - wl.item()), 2.0 ** -8 * (abs(wl.item()) + 1e-2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = grpo_fast.fused_linear_token_logprobs(h, w, ids, bias=b, backend=backend)
+    want = token_logprobs_reference(_logits(hb.double(), wb.double(), bb.double(), 1.0, None), ids)
+    e_torch = (token_logprobs_reference(_logits(hb, wb, bb, 1.0, None), ids).double() - want).abs().max().item()
+    assert (lp.double() - want).abs().max().item() <= 2 * e_torch
+
+
 # ------------------------------------------------------------------------------------------------
 # token log-probs
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +399,7 @@ def test_bad_input_names_the_argument():
         f(h[0], w, ids, adv)
     with pytest.raises(ValueError, match=r"weight must have shape \(V, 16\)"):
         f(h, w[:, :5], ids, adv)
-    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):  # outside autocast
         f(h, w.double(), ids, adv)
     with pytest.raises(TypeError, match="hidden must be float32"):
         f(h.double(), w.double(), ids, adv)
