@@ -11,10 +11,15 @@ drop-in end to end, on batches TRL generates itself.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
 import torch
+
+# Nothing here needs the Hub: no telemetry pings from TRL's trainer, no download attempts.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 trl = pytest.importorskip("trl", reason="the TRL integration needs trl: pip install 'grpo_fast[trl]'")
 pytest.importorskip("transformers", reason="the TRL integration needs transformers")

@@ -46,6 +46,9 @@ QUICK = dict(batch=4, prompt_len=16, completion_len=64, hidden=128, layers=2, vo
 
 
 def _require_trl():
+    # The model is built locally: no telemetry pings from TRL's trainer, no download attempts.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import datasets  # noqa: F401
         import tokenizers  # noqa: F401
@@ -144,6 +147,7 @@ def _setup(provider: str, cfg: dict, loss_type: str, path: str, out_dir: str):
 def _child_main(payload: str) -> int:
     """Memory child: build one provider, warm it up, measure one step's extra peak RSS."""
     p = json.loads(payload)
+    _require_trl()
     warnings.simplefilter("ignore")
     tr, inputs = _setup(p["provider"], p["cfg"], p["loss_type"], p["path"], p["out_dir"])
     loss_step(tr, inputs)  # warm-up: gradient buffers, lazy init
