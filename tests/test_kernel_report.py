@@ -70,3 +70,23 @@ def test_every_flag_variant_compiles_for_sm90():
     rows = kr.triton_report(archs=(90,), variants=True)
     assert len(rows) == len(kr.variant_jobs())
     assert all(r.spill_bytes == 0 and r.registers > 0 for r in rows)
+
+
+def test_roofline_model():
+    from grpo_fast import roofline
+
+    rows = roofline.rows([(1024, 151936, "bf16")])
+    by = {r["variant"]: r for r in rows}
+    nv = 1024 * 151936
+    assert by["fused fwd (no grad)"]["bytes"] == nv * 2
+    assert by["fused fwd+grad, ideal"]["bytes"] == 2 * nv * 2
+    assert by["fused bwd, grad_output = 1"]["bytes"] == 0
+    assert by["eager fwd+bwd"]["bytes"] == by["eager fwd"]["bytes"] + by["eager bwd"]["bytes"]
+    assert by["eager fwd+bwd"]["bytes"] > 10 * by["fused fwd+grad, 2 reads"]["bytes"]
+    h100 = next(d for d in roofline.DEVICES if d.startswith("H100"))
+    assert abs(by["fused fwd (no grad)"]["ms"][h100] - nv * 2 / 3.35e12 * 1e3) < 1e-9
+    # the benchmark's call: (N, V, dtype-key) cases, a device type, its measured copy bandwidth
+    text = roofline.format_table([(512, 8192, "fp32")], device="cuda", bandwidth_gbps=1500.0)
+    assert text.startswith("MODEL") and "measured copy BW (1500 GB/s)" in text
+    assert "measured" not in roofline.format_table([(512, 8192, "fp32")], device="cpu", bandwidth_gbps=20.0)
+    assert "MODEL" in roofline.markdown()
