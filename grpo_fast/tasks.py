@@ -9,11 +9,12 @@ A task gives the trainer four things:
     task.reward_weights            one weight per function; the trainer's reward is the weighted sum
 
 The default, ``reverse``: the prompt is a string of digits followed by "=", and the completion must
-be those digits in reverse order, then the end token. "3071=" -> "1703<eos>". Its reward lies in
+be those digits in reverse order, then the end token. "307=" -> "703<eos>". Its reward lies in
 [0, 1]: 0.8 × the fraction of positions right + 0.2 × the format (only digits, the right length).
-A freshly initialized model writes random tokens (reward ~0.1); a short supervised warm-up on
-random digit strings (which teaches the format but not the reversal) brings it to ~0.3, and GRPO
-has to discover the reversal from the reward alone.
+A freshly initialized model writes random tokens (reward ~0.1). The trainer's short supervised
+warm-up teaches the format (targets: random digits of the right length, ``warmup_target``) and
+shows the right answer for a fifth of the examples only, which leaves the policy near chance on
+the digits (reward ~0.3): GRPO has to find the reversal from the reward.
 """
 from __future__ import annotations
 
@@ -104,8 +105,8 @@ def _digits(n: int, g: torch.Generator) -> str:
     return "".join(str(int(d)) for d in torch.randint(0, 10, (n,), generator=g))
 
 
-def reverse_task(n_digits: int = 4) -> Task:
-    """Reverse ``n_digits`` digits: "3071=" -> "1703"."""
+def reverse_task(n_digits: int = 3) -> Task:
+    """Reverse ``n_digits`` digits: "307=" -> "703"."""
     tok = CharTokenizer("0123456789=")
 
     def make(g):

@@ -64,21 +64,23 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     # task and built-in model
-    task: str = "reverse"
-    n_digits: int = 4
+    task: str = "reverse"  # reverse | add (grpo_fast/tasks.py)
+    n_digits: int = 3
+    model: str = "tiny"  # tiny: grpo_fast.model.TinyGPT | llama: transformers' LlamaForCausalLM from a config
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
-    # supervised warm-up (teaches the output format only; see tasks.py)
-    warmup_steps: int = 100
+    # supervised warm-up: the output format, and the answer on a fraction of the examples (see tasks.py)
+    warmup_steps: int = 150
     warmup_lr: float = 3e-3
+    warmup_answer_frac: float = 0.2  # share of warm-up targets that are the right answer (the rest: random digits)
     # GRPO
-    steps: int = 150
+    steps: int = 250
     prompts_per_step: int = 16  # P, across all ranks
     group_size: int = 8  # G completions per prompt
     temperature: float = 1.0
     max_new_tokens: int = 0  # 0 = the task's default
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     grad_accum: int = 1  # micro-batches per optimizer step (the rollout batch is split)
@@ -424,9 +426,11 @@ def update(policy: nn.Module, lm: CausalLM, optimizer, batch: dict, cfg: TrainCo
 
 
 # ------------------------------------------------------------------------------------------------
-# Supervised warm-up: the output format (right length, digits, EOS), not the task
+# Supervised warm-up: the output format (right length, digits, EOS) and a glimpse of the task
 # ------------------------------------------------------------------------------------------------
 def supervised_warmup(lm: CausalLM, task: Task, cfg: TrainConfig, gen: torch.Generator, device, rank: int) -> float:
+    """Cross-entropy on targets that are the answer with probability ``warmup_answer_frac`` and the
+    task's format-only ``warmup_target`` (random digits) otherwise. Returns the last loss."""
     if cfg.warmup_steps <= 0 or task.warmup_target is None:
         return float("nan")
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
@@ -435,7 +439,9 @@ def supervised_warmup(lm: CausalLM, task: Task, cfg: TrainConfig, gen: torch.Gen
     for _ in range(cfg.warmup_steps):
         examples = task.sample(n, gen)
         prompt_ids, prompt_mask = encode_prompts(task, [e["prompt"] for e in examples], device)
-        targets = [task.tokenizer.encode(task.warmup_target(e, gen)) + [task.tokenizer.eos_id] for e in examples]
+        use_answer = torch.rand(n, generator=gen) < cfg.warmup_answer_frac
+        targets = [task.tokenizer.encode(e["answer"] if a else task.warmup_target(e, gen)) + [task.tokenizer.eos_id]
+                   for e, a in zip(examples, use_answer.tolist())]
         T = max(len(t) for t in targets)
         tgt = torch.full((n, T), -100, dtype=torch.long)
         for i, t in enumerate(targets):
@@ -544,8 +550,21 @@ def tenth_means(values: List[float]) -> tuple:
 # ------------------------------------------------------------------------------------------------
 # The training loop
 # ------------------------------------------------------------------------------------------------
-def build_default_model(cfg: TrainConfig, task: Task) -> TinyGPT:
+def build_default_model(cfg: TrainConfig, task: Task) -> nn.Module:
+    """A model created from a config (nothing downloaded), sized by cfg.n_layer / n_head / n_embd."""
     max_new = cfg.max_new_tokens or task.max_new_tokens
+    if cfg.model == "llama":
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM
+        except ImportError as e:
+            raise RuntimeError("--model llama needs Hugging Face transformers: pip install transformers") from e
+        conf = LlamaConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
+                           num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                           max_position_embeddings=task.max_prompt_len + max_new, tie_word_embeddings=True,
+                           pad_token_id=task.tokenizer.pad_id, eos_token_id=task.tokenizer.eos_id, bos_token_id=None)
+        return LlamaForCausalLM(conf)
+    if cfg.model != "tiny":
+        raise ValueError(f"model must be 'tiny' or 'llama', got {cfg.model!r}")
     return TinyGPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, block_size=task.max_prompt_len + max_new,
                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
 
