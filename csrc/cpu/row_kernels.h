@@ -72,30 +72,36 @@ static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y)
   return o;
 }
 
+// g[0..n) = c·e^(z·inv_tau − max) for the n < W entries of a row's tail, through an fp32 buffer.
+template <class D>
+static inline void grad_short(D d, const typename D::T* z, typename D::T* g, int64_t n, vf it, vf nm, vf vc) {
+  alignas(64) float buf[W];
+  vstore(F32{}, buf, vmul(vexp(vfmadd(load_tail(d, z, n, -INFINITY), it, nm)), vc));
+  for (int64_t k = 0; k < n; ++k) g[k] = from_f32(d, buf[k]);
+}
+
 // dz_j = c·e^(x_j − max) for every j, in the row's dtype; with c = −g/(τ·S) that is −g·p_j/τ. The
 // target entry is then overwritten by the caller. grow may equal zrow (inplace): every vector is read
 // before the same addresses are written.
+// (Non-temporal stores were measured here: 20% faster into a reused buffer, 30% slower into the
+// fresh, not yet faulted-in buffer that the autograd path allocates on every call; plain stores won.)
 template <class D>
 static void row_grad(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c) {
   using T = typename D::T;
   const D d{};
   const T* z = static_cast<const T*>(zrow);
   T* g = static_cast<T*>(grow);
-  const int64_t v1 = V - V % W, v2 = V - V % (2 * W);
   const vf it = vset1(inv_tau), nm = vset1(nxmax), vc = vset1(c);
+  const int64_t v1 = V - V % W, v2 = V - V % (2 * W);
   int64_t i = 0;
   for (; i < v2; i += 2 * W) {
-    const vf e0 = vexp(vfmadd(vload(d, z + i), it, nm));
-    const vf e1 = vexp(vfmadd(vload(d, z + i + W), it, nm));
-    vstore(d, g + i, vmul(e0, vc));
-    vstore(d, g + i + W, vmul(e1, vc));
+    const vf e0 = vmul(vexp(vfmadd(vload(d, z + i), it, nm)), vc);
+    const vf e1 = vmul(vexp(vfmadd(vload(d, z + i + W), it, nm)), vc);
+    vstore(d, g + i, e0);
+    vstore(d, g + i + W, e1);
   }
   for (; i < v1; i += W) vstore(d, g + i, vmul(vexp(vfmadd(vload(d, z + i), it, nm)), vc));
-  if (i < V) {
-    alignas(64) float buf[W];
-    vstore(F32{}, buf, vmul(vexp(vfmadd(load_tail(d, z + i, V - i, -INFINITY), it, nm)), vc));
-    for (int64_t k = 0; k < V - i; ++k) g[i + k] = from_f32(d, buf[k]);
-  }
+  if (i < V) grad_short(d, z + i, g + i, V - i, it, nm, vc);
 }
 
 // e^x of n floats through vexp (the tests check its accuracy and edge cases through this).

@@ -32,9 +32,9 @@ static inline vf vload(BF16, const uint16_t* p) {
 }
 static inline vf vload(F16, const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
-static inline void vstore(F32, float* p, vf v) { _mm256_storeu_ps(p, v); }
-static inline void vstore(BF16, uint16_t* p, vf v) {
-  // Round to nearest even on the integer bits (as torch); NaN becomes a quiet NaN, not an inf.
+// fp32 -> 8 bf16 / fp16, round to nearest even (as torch). bf16 works on the integer bits; a NaN
+// becomes a quiet NaN, not an inf.
+static inline __m128i to_16bit(BF16, vf v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
@@ -42,12 +42,13 @@ static inline void vstore(BF16, uint16_t* p, vf v) {
   r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
   // Every lane is < 2^16, so the unsigned-saturating pack is exact; it interleaves the two 128-bit
   // halves, which the 64-bit permute puts back in order.
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
 }
-static inline void vstore(F16, uint16_t* p, vf v) {
-  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+static inline __m128i to_16bit(F16, vf v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+static inline void vstore(F32, float* p, vf v) { _mm256_storeu_ps(p, v); }
+static inline void vstore(BF16 d, uint16_t* p, vf v) { _mm_storeu_si128((__m128i*)p, to_16bit(d, v)); }
+static inline void vstore(F16 d, uint16_t* p, vf v) { _mm_storeu_si128((__m128i*)p, to_16bit(d, v)); }
 
 // ---- e^x (exp_poly.h) -----------------------------------------------------------------------------
 static inline vf vexp(vf x) {

@@ -25,19 +25,21 @@ static inline vf vload(BF16, const uint16_t* p) {
 }
 static inline vf vload(F16, const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
-static inline void vstore(F32, float* p, vf v) { _mm512_storeu_ps(p, v); }
-static inline void vstore(BF16, uint16_t* p, vf v) {
-  // Round to nearest even on the integer bits (as torch); NaN becomes a quiet NaN, not an inf.
+// fp32 -> 16 bf16 / fp16, round to nearest even (as torch). bf16 works on the integer bits; a NaN
+// becomes a quiet NaN, not an inf.
+static inline __m256i to_16bit(BF16, vf v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
 }
-static inline void vstore(F16, uint16_t* p, vf v) {
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+static inline __m256i to_16bit(F16, vf v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+static inline void vstore(F32, float* p, vf v) { _mm512_storeu_ps(p, v); }
+static inline void vstore(BF16 d, uint16_t* p, vf v) { _mm256_storeu_si256((__m256i*)p, to_16bit(d, v)); }
+static inline void vstore(F16 d, uint16_t* p, vf v) { _mm256_storeu_si256((__m256i*)p, to_16bit(d, v)); }
 
 // ---- e^x (exp_poly.h) -----------------------------------------------------------------------------
 static inline vf vexp(vf x) {
