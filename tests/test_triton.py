@@ -266,3 +266,18 @@ def test_backend_module():
     assert kernels.__name__ == "grpo_fast.kernels"
     for name in kernels.KERNELS:
         assert hasattr(kernels, name)
+
+
+def test_kernels_ship_inside_the_package():
+    # pyproject maps grpo_fast.kernels to the top-level kernels/ folder; packages.find cannot see a
+    # mapped package, so the list is explicit — and must name every package under grpo_fast/.
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert cfg["package-dir"]["grpo_fast.kernels"] == "kernels"
+    listed = set(cfg["packages"])
+    assert "grpo_fast.kernels" in listed and "kernels" not in listed
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "grpo_fast").rglob("__init__.py")}
+    assert on_disk <= listed, f"packages missing from pyproject's list: {sorted(on_disk - listed)}"
