@@ -281,3 +281,36 @@ def test_kernels_ship_inside_the_package():
     assert "grpo_fast.kernels" in listed and "kernels" not in listed
     on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "grpo_fast").rglob("__init__.py")}
     assert on_disk <= listed, f"packages missing from pyproject's list: {sorted(on_disk - listed)}"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_autotuned_launch_path(level, monkeypatch):
+    # The GPU path: autotuner with several configs, pruned by V, each trial run on the same
+    # buffers — with inplace=True the trials overwrite the logits, so they must be restored between
+    # runs or the final gradient would be computed from a gradient. A stand-in timer (a GPU one
+    # cannot run here) makes the last surviving config win.
+    from grpo_fast.backends import triton_backend as tb
+
+    calls = []
+
+    def fake_bench(kernel_call, quantiles=None, **_):
+        kernel_call()
+        kernel_call()  # twice, as a real timer would (and as restore_value must survive)
+        calls.append(1)
+        t = 100.0 - len(calls)
+        return [t, t, t] if quantiles else t
+
+    monkeypatch.setattr(tb, "AUTOTUNE", True)
+    monkeypatch.setattr(tb, "BLOCK_V_OVERRIDE", None)
+    monkeypatch.setattr(tb, "DO_BENCH", fake_bench)
+    monkeypatch.setattr(tb, "AUTOTUNE_CONFIGS", ((16, 4, 1), (32, 4, 1), (8192, 4, 1)))
+    monkeypatch.setattr(tb, "_TUNED", {})
+    z, y, kw = make_case(V=53, seed=31, adv="rewards-group")
+    for inplace in (False, True):
+        check(z, y, inplace=inplace, loss_type="dapo", importance_sampling_level=level, beta=0.04, **kw)
+    assert calls, "the autotuner did not time any config"
+    tuned = {k: t for k, t in tb._TUNED.items()}
+    assert any(restore for (_, restore) in tuned)  # the inplace launch used a restoring tuner
+    for t in tuned.values():
+        assert [c.kwargs["BLOCK_V"] for c in tb._prune(t.configs, {}, V=53)] == [16, 32]  # 8192 > max(64, 1024): pruned
+        assert all(c.kwargs["BLOCK_V"] == 32 for c in t.cache.values())

@@ -32,6 +32,8 @@ from .._config import NUM_STATS
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
+# Autotune on a GPU; under the interpreter one fixed config (timing interpreted code means nothing).
+AUTOTUNE = not INTERPRET
 # Tests set this to force a block size (e.g. 16 with V = 53: several blocks, a ragged tail); it
 # bypasses autotuning on a GPU too.
 BLOCK_V_OVERRIDE: Optional[int] = None
@@ -126,12 +128,15 @@ DEFAULT_WARPS = 4
 
 def _prune(configs, named_args, **kwargs):
     # a block wider than the (rounded-up) vocabulary is pure waste; keep at least one config
-    V = named_args["V"]
+    V = {**(named_args or {}), **kwargs}["V"]  # the launchers pass every argument by keyword
     keep = [c for c in configs if c.kwargs["BLOCK_V"] <= max(_next_pow2(V), 1024)]
     return keep or list(configs)[:1]
 
 
 _TUNED = {}
+# The autotuner's timing function (None: Triton's do_bench on the GPU). Tests put a stand-in here to
+# run the tuning path — pruning, trial runs, restoring inplace buffers — under the interpreter.
+DO_BENCH = None
 
 
 def _tuned(kernel_name: str, restore: tuple = ()):
@@ -147,13 +152,13 @@ def _tuned(kernel_name: str, restore: tuple = ()):
         fn = getattr(_kernels(), kernel_name)
         configs = [triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=ns) for bv, nw, ns in AUTOTUNE_CONFIGS]
         _TUNED[key] = triton.autotune(configs=configs, key=["V"], prune_configs_by={"early_config_prune": _prune},
-                                      restore_value=list(restore))(fn)
+                                      restore_value=list(restore), do_bench=DO_BENCH)(fn)
     return _TUNED[key]
 
 
 def _launch_v(kernel_name: str, grid, args: dict, restore: tuple = ()):
     """Launch a kernel that streams V: fixed config under the interpreter or an override, else autotuned."""
-    if INTERPRET or BLOCK_V_OVERRIDE is not None:
+    if not AUTOTUNE or BLOCK_V_OVERRIDE is not None:
         bv = BLOCK_V_OVERRIDE or min(DEFAULT_BLOCK_V, _next_pow2(args["V"]))
         getattr(_kernels(), kernel_name)[grid](**args, BLOCK_V=bv, num_warps=DEFAULT_WARPS)
     else:
