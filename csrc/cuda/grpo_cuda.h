@@ -48,6 +48,7 @@ struct FusedArgs {
   const float* isr = nullptr;         // null: 1
   bool isr_per_token = false;
   LossParams params{};
+  double temperature = 1.0;           // τ unrounded (params.temperature is its float32 rounding)
   float* logp = nullptr;              // out (B, T) float32
   float* stats = nullptr;             // out (NUM_STATS,) float32 sums (grpo_math.h, enum Stat)
   float* scratch = nullptr;           // device float32 workspace of fused_scratch_floats() floats
@@ -67,7 +68,7 @@ void fused_loss(const FusedArgs& a);
 struct LogprobArgs {
   LogitsView logits;
   const int64_t* ids = nullptr;
-  float temperature = 1.f;
+  double temperature = 1.0;
   float* logp = nullptr;
   float* entropy = nullptr;
   int32_t device = 0;

@@ -125,6 +125,7 @@ PYBIND11_MODULE(GF_CUDA_MODULE, m) {
         a.isr = kw.ptr<const float>("isr");
         a.isr_per_token = kw.get<bool>("isr_per_token");
         a.params = loss_params(kw);
+        a.temperature = kw.get<double>("temperature");
         a.logp = kw.ptr<float>("logp");
         a.stats = kw.ptr<float>("stats");
         a.scratch = kw.ptr<float>("scratch");
@@ -144,7 +145,7 @@ PYBIND11_MODULE(GF_CUDA_MODULE, m) {
         LogprobArgs a;
         a.logits = logits_view(kw);
         a.ids = kw.ptr<const int64_t>("ids");
-        a.temperature = kw.get<float>("temperature");
+        a.temperature = kw.get<double>("temperature");
         a.logp = kw.ptr<float>("logp");
         a.entropy = kw.ptr<float>("entropy");
         a.device = kw.get<int32_t>("device");

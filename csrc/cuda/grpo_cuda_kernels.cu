@@ -111,7 +111,6 @@ constexpr int kSeqThreads = 256;     // sequence-level row kernel: loops over T 
 constexpr int kReduceThreads = 512;  // the final stats reduction (one block)
 constexpr int kAdvThreads = 256;     // advantages: one thread per group
 constexpr int kUnroll = 4;           // 16-byte loads in flight per thread in a row sweep
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // --- dtype access -------------------------------------------------------------------------------
@@ -188,9 +187,12 @@ __device__ __forceinline__ int aligned_head(const T* p, int V) {
 }
 
 // --- online logsumexp ---------------------------------------------------------------------------
-// State of a partial row in log2 units u = x·log2(e)/τ: m = max u, s = Σ 2^(u−m),
-// t = Σ 2^(u−m)·(u−m). Then lse2 = m + log2 s, entropy = ln2·(log2 s − t/s).
-// Keeping (u − m) rather than u in t avoids cancellation between lse and Σp·x.
+// State of a partial row: m = max of the raw logits x; s = Σ 2^d and t = Σ 2^d·d with
+// d = (x − m)·k2, k2 = log2(e)/τ, so s = Σ exp((x − m)/τ). Then for the row
+//   lse = m/τ + ln s,   logp = (x_y − m)/τ − ln s,   entropy = ln s − ln2·t/s,   p_j = 2^(d_j − log2 s).
+// The max is kept in logit units and every exponent is a difference x − m (exact when x is near
+// m) scaled once: scaling x first would round |x|·k2, an error that grows with the logits' size.
+// (t keeps d rather than x for the same reason: no cancellation between lse and Σ p·x.)
 
 struct Lse {
   float m, s, t;
@@ -198,22 +200,23 @@ struct Lse {
 
 __device__ __forceinline__ Lse lse_identity() { return Lse{-FLT_MAX, 0.f, 0.f}; }
 
-// Fold N values into the state: one rescale per N values (N is 1, kVec or kUnroll·kVec).
+// Fold N values into the state: one rescale per N values (N is 1 or kVec).
 template <int N>
-__device__ __forceinline__ void lse_fold(Lse& a, const float* u) {
-  float cm = u[0];
+__device__ __forceinline__ void lse_fold(Lse& a, const float* x, float k2) {
+  float cm = x[0];
 #pragma unroll
-  for (int k = 1; k < N; ++k) cm = fmaxf(cm, u[k]);
+  for (int k = 1; k < N; ++k) cm = fmaxf(cm, x[k]);  // skips NaN; a NaN still poisons s below
   if (cm > a.m) {
-    const float sc = exp2f(a.m - cm);
-    // s == 0 means no finite value seen yet: t is 0 too (guard keeps (-FLT_MAX − cm)·0 out).
-    a.t = a.s > 0.f ? sc * (a.t + (a.m - cm) * a.s) : 0.f;
+    const float dm = (a.m - cm) * k2;
+    const float sc = exp2f(dm);
+    // s == 0: no finite value seen yet, t is 0 too (the guard keeps (-inf)·0 out).
+    a.t = a.s > 0.f ? sc * (a.t + dm * a.s) : 0.f;
     a.s *= sc;
     a.m = cm;
   }
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    const float d = u[k] - a.m;
+    const float d = (x[k] - a.m) * k2;
     const float e = exp2f(d);
     a.s += e;
     a.t += e > 0.f ? e * d : 0.f;  // a -inf logit: e = 0, d = -inf; its term is 0, not NaN
@@ -221,38 +224,39 @@ __device__ __forceinline__ void lse_fold(Lse& a, const float* u) {
 }
 
 // Combine two partial states (the warp/block reduction step).
-__device__ __forceinline__ Lse lse_merge(const Lse& a, const Lse& b) {
+__device__ __forceinline__ Lse lse_merge(const Lse& a, const Lse& b, float k2) {
   const float M = fmaxf(a.m, b.m);
-  const float ea = exp2f(a.m - M), eb = exp2f(b.m - M);
-  const float ta = a.s > 0.f ? ea * (a.t + (a.m - M) * a.s) : 0.f;
-  const float tb = b.s > 0.f ? eb * (b.t + (b.m - M) * b.s) : 0.f;
+  const float da = (a.m - M) * k2, db = (b.m - M) * k2;
+  const float ea = exp2f(da), eb = exp2f(db);
+  const float ta = a.s > 0.f ? ea * (a.t + da * a.s) : 0.f;
+  const float tb = b.s > 0.f ? eb * (b.t + db * b.s) : 0.f;
   return Lse{M, a.s * ea + b.s * eb, ta + tb};
 }
 
 // --- block reductions (fixed order: butterfly in each warp, then warp 0 over the warps) ---------
 
-__device__ __forceinline__ Lse warp_reduce_lse(Lse a) {
+__device__ __forceinline__ Lse warp_reduce_lse(Lse a, float k2) {
 #pragma unroll
   for (int off = kWarp / 2; off > 0; off >>= 1) {
     Lse b;
     b.m = __shfl_xor_sync(0xffffffffu, a.m, off);
     b.s = __shfl_xor_sync(0xffffffffu, a.s, off);
     b.t = __shfl_xor_sync(0xffffffffu, a.t, off);
-    a = lse_merge(a, b);
+    a = lse_merge(a, b, k2);
   }
   return a;
 }
 
 // All threads get lane 0 of warp 0's result. blockDim.x must be a multiple of 32 (≤ 1024).
-__device__ __forceinline__ Lse block_reduce_lse(Lse a) {
+__device__ __forceinline__ Lse block_reduce_lse(Lse a, float k2) {
   __shared__ float sh[3][kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
-  a = warp_reduce_lse(a);
+  a = warp_reduce_lse(a, k2);
   if (lane == 0) { sh[0][warp] = a.m; sh[1][warp] = a.s; sh[2][warp] = a.t; }
   __syncthreads();
   if (warp == 0) {
     Lse b = lane < nwarps ? Lse{sh[0][lane], sh[1][lane], sh[2][lane]} : lse_identity();
-    b = warp_reduce_lse(b);
+    b = warp_reduce_lse(b, k2);
     if (lane == 0) { sh[0][0] = b.m; sh[1][0] = b.s; sh[2][0] = b.t; }
   }
   __syncthreads();
@@ -300,8 +304,8 @@ __device__ __forceinline__ Lse row_lse(const T* row, int V, float k2) {
   const int tail = head + nvec * VEC;
   const int step = blockDim.x;
   for (int j = threadIdx.x; j < head; j += step) {
-    const float u = Io<T>::load1(row + j) * k2;
-    lse_fold<1>(a, &u);
+    const float x = Io<T>::load1(row + j);
+    lse_fold<1>(a, &x, k2);
   }
   const uint4* body = reinterpret_cast<const uint4*>(row + head);
   int i = threadIdx.x;
@@ -313,51 +317,52 @@ __device__ __forceinline__ Lse row_lse(const T* row, int V, float k2) {
     for (int q = 0; q < kUnroll; ++q) raw[q] = body[i + q * step];
 #pragma unroll
     for (int q = 0; q < kUnroll; ++q) {
-      float u[VEC];
-      Io<T>::unpack(raw[q], u);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) u[k] *= k2;
-      lse_fold<VEC>(a, u);
+      float x[VEC];
+      Io<T>::unpack(raw[q], x);
+      lse_fold<VEC>(a, x, k2);
     }
   }
   for (; i < nvec; i += step) {
-    float u[VEC];
-    Io<T>::unpack(body[i], u);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) u[k] *= k2;
-    lse_fold<VEC>(a, u);
+    float x[VEC];
+    Io<T>::unpack(body[i], x);
+    lse_fold<VEC>(a, x, k2);
   }
   for (int j = tail + threadIdx.x; j < V; j += step) {
-    const float u = Io<T>::load1(row + j) * k2;
-    lse_fold<1>(a, &u);
+    const float x = Io<T>::load1(row + j);
+    lse_fold<1>(a, &x, k2);
   }
   return a;
 }
 
-// d logits_j = gs·(1[j = y] − 2^(u_j − lse2)) with gs = g/τ and u_j = x_j·k2.
-__device__ __forceinline__ float grad_value(float x, int j, int y, float k2, float lse2, float gs) {
-  return gs * ((j == y ? 1.f : 0.f) - exp2f(fmaf(x, k2, -lse2)));
+// What sweep 2 needs of a row: p_j = 2^((x_j − m)·k2 − log2 s), and gs = g/τ.
+struct RowSoftmax {
+  float m, k2, log2s, gs;
+};
+
+// d logits_j = gs·(1[j = y] − p_j).
+__device__ __forceinline__ float grad_value(float x, int j, int y, const RowSoftmax& r) {
+  return r.gs * ((j == y ? 1.f : 0.f) - exp2f(fmaf(x - r.m, r.k2, -r.log2s)));
 }
 
 // Sweep 2: write the row's gradient. `row` and `grow` may be the same memory (inplace): each
 // element is read and then written by the same thread, after the whole block finished sweep 1.
 // gs == 0 (padding: w = 0) writes zeros without reading the row.
 template <typename T>
-__device__ __forceinline__ void row_grad(const T* row, T* grow, int V, int y, float k2, float lse2, float gs) {
+__device__ __forceinline__ void row_grad(const T* row, T* grow, int V, int y, const RowSoftmax& r) {
   constexpr int VEC = Io<T>::kVec;
-  const bool zero = (gs == 0.f);
+  const bool zero = (r.gs == 0.f);
   const int step = blockDim.x;
   const int head = aligned_head(grow, V);
   if (head != aligned_head(row, V)) {
     // Input and output rows sit differently against 16-byte boundaries (odd strides): element-wise.
     for (int j = threadIdx.x; j < V; j += step)
-      Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, k2, lse2, gs));
+      Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, r));
     return;
   }
   const int nvec = (V - head) / VEC;
   const int tail = head + nvec * VEC;
   for (int j = threadIdx.x; j < head; j += step)
-    Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, k2, lse2, gs));
+    Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, r));
   const uint4* in = reinterpret_cast<const uint4*>(row + head);
   uint4* out = reinterpret_cast<uint4*>(grow + head);
   if (zero) {
@@ -375,7 +380,7 @@ __device__ __forceinline__ void row_grad(const T* row, T* grow, int V, int y, fl
         Io<T>::unpack(raw[q], x);
         const int j0 = head + (i + q * step) * VEC;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], j0 + k, y, k2, lse2, gs);
+        for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], j0 + k, y, r);
         out[i + q * step] = Io<T>::pack(x);
       }
     }
@@ -384,12 +389,12 @@ __device__ __forceinline__ void row_grad(const T* row, T* grow, int V, int y, fl
       Io<T>::unpack(in[i], x);
       const int j0 = head + i * VEC;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], j0 + k, y, k2, lse2, gs);
+      for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], j0 + k, y, r);
       out[i] = Io<T>::pack(x);
     }
   }
   for (int j = tail + threadIdx.x; j < V; j += step)
-    Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, k2, lse2, gs));
+    Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, r));
 }
 
 // --- kernels ------------------------------------------------------------------------------------
@@ -408,7 +413,8 @@ struct DevArgs {
   const float* isr;  // null: 1
   float* logp;       // out (B, T)
   float* entropy;    // out (B, T) or null
-  float* lse2;       // out (B, T) or null: the row's logsumexp in log2 units (sequence level)
+  float* rmax;       // out (B, T) or null: each row's max logit (sequence level, for pass 2)
+  float* log2s;      // out (B, T) or null: each row's log2 Σ 2^((x − max)·k2)
   float* parts;      // out: per-token (token level) or per-row (sequence level) stats, NUM_STATS each
   float* gbuf;       // sequence level: the upstream gradient g of each token (B, T)
   // sizes and strides (elements)
@@ -417,11 +423,26 @@ struct DevArgs {
   int64_t adv_sb, adv_st, isr_sb, isr_st;
   // options
   LossParams p;
-  float k2;  // log2(e)/τ
+  float k2;   // log2(e)/τ
+  double tau;  // τ as Python gave it (p.temperature is its float32 rounding)
   int32_t row_flags;  // sequence level with a per-row advantage: clip flags count once per row
 };
 
 __device__ __forceinline__ float load_or(const float* p, int64_t i, float dflt) { return p ? p[i] : dflt; }
+
+// A row's reduced state -> (logp, entropy, log2 s), once per row by one thread. The log-prob is
+// formed in float64 — an exact x_y − max, one division by the exact τ, ln s — and rounded once:
+// at small τ it is of order −V·|x|/τ, where every float32 step would add an ulp of that size.
+struct RowStats {
+  float logp, entropy, log2s;
+};
+__device__ __forceinline__ RowStats row_stats(const Lse& st, float xy, double tau) {
+  RowStats o;
+  o.logp = (float)(((double)xy - (double)st.m) / tau - log((double)st.s));
+  o.entropy = logf(st.s) - kLn2 * (st.t / st.s);
+  o.log2s = log2f(st.s);
+  return o;
+}
 
 // Token level: one block per token. logp, the token's stats and (when asked) its gradient row.
 template <typename T>
@@ -434,19 +455,19 @@ __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevAr
   // The target's logit, read before any thread can overwrite the row (inplace).
   const float xy = threadIdx.x == 0 ? Io<T>::load1(row + y) : 0.f;
 
-  const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2));
+  const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2), a.k2);
 
   if (threadIdx.x == 0) {
-    const float log2s = log2f(st.s);
-    const float lse2 = st.m + log2s;
-    const float logp = (xy * a.k2 - lse2) * kLn2;
-    const float ent = (log2s - st.t / st.s) * kLn2;
+    const RowStats rs = row_stats(st, xy, a.tau);
+    const float logp = rs.logp, ent = rs.entropy;
     a.logp[n] = logp;
     const float m = a.mask[n], w = a.weight[n];
     const float A = a.adv[b * a.adv_sb + t * a.adv_st];
     const float isr = a.isr ? a.isr[b * a.isr_sb + t * a.isr_st] : 1.f;
     const float ref = load_or(a.ref, n, 0.f);
-    const float r = a.old ? expf(logp - a.old[n]) : 1.f;  // on-policy: r = 1, dr/dlogp = r = 1
+    // On-policy (old = logp.detach()): r = exp(logp − logp) = 1, dr/dlogp = r = 1 — and NaN for a
+    // NaN/inf log-prob, as the reference gives.
+    const float r = expf(logp - (a.old ? a.old[n] : logp));
     const TokenTerms o = token_terms(a.p, logp, ref, A, isr, r);
     float* out = a.parts + n * NUM_STATS;
     out[STAT_LOSS] = w * o.loss;
@@ -457,13 +478,13 @@ __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevAr
     out[STAT_CLIP_REGION] = (o.clip_low || o.clip_high) ? m : 0.f;
     out[STAT_CISPO_CLIP] = o.cispo_clip ? m : 0.f;
     out[NUM_STATS - 1] = 0.f;
-    sh_bcast[0] = lse2;
+    sh_bcast[0] = rs.log2s;
     sh_bcast[1] = w * (o.d_logp + r * o.d_ratio) / a.p.temperature;  // g/τ; dr/dlogp = r at token level
   }
   if (a.grad == nullptr) return;
   __syncthreads();
   T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
-  row_grad(row, grow, (int)a.V, (int)y, a.k2, sh_bcast[0], sh_bcast[1]);
+  row_grad(row, grow, (int)a.V, (int)y, RowSoftmax{st.m, a.k2, sh_bcast[0], sh_bcast[1]});
 }
 
 // lse, logp and entropy of one token row per block (token_logprobs; sequence level pass 1).
@@ -473,13 +494,13 @@ __global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a
   const int64_t b = n / a.T, t = n - b * a.T;
   const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
   const float xy = threadIdx.x == 0 ? Io<T>::load1(row + a.ids[n]) : 0.f;
-  const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2));
+  const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2), a.k2);
   if (threadIdx.x == 0) {
-    const float log2s = log2f(st.s);
-    const float lse2 = st.m + log2s;
-    a.logp[n] = (xy * a.k2 - lse2) * kLn2;
-    if (a.entropy) a.entropy[n] = (log2s - st.t / st.s) * kLn2;
-    if (a.lse2) a.lse2[n] = lse2;
+    const RowStats rs = row_stats(st, xy, a.tau);
+    a.logp[n] = rs.logp;
+    if (a.entropy) a.entropy[n] = rs.entropy;
+    if (a.rmax) a.rmax[n] = st.m;
+    if (a.log2s) a.log2s[n] = rs.log2s;
   }
 }
 
@@ -492,7 +513,8 @@ __global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
   for (int64_t t = threadIdx.x; t < a.T; t += blockDim.x) {
     const float m = a.mask[base + t];
     len_sum[0] += m;
-    if (a.old) len_sum[1] += m * (a.logp[base + t] - a.old[base + t]);
+    const float lp = a.logp[base + t];
+    len_sum[1] += m * (lp - (a.old ? a.old[base + t] : lp));  // on-policy: 0, or NaN for a NaN logp
   }
   block_sum<2, float>(len_sum);
   const float inv_len = 1.f / fmaxf(len_sum[0], 1.f);
@@ -545,14 +567,14 @@ __global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
   }
 }
 
-// Sequence level pass 2: one block per token row, the gradient from lse2 and g of pass 1.
+// Sequence level pass 2: one block per token row, the gradient from pass 1's row max, log2 s and g.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) seq_grad_kernel(const DevArgs a) {
   const int64_t n = blockIdx.x;
   const int64_t b = n / a.T, t = n - b * a.T;
   const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
   T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
-  row_grad(row, grow, (int)a.V, (int)a.ids[n], a.k2, a.lse2[n], a.gbuf[n] / a.p.temperature);
+  row_grad(row, grow, (int)a.V, (int)a.ids[n], RowSoftmax{a.rmax[n], a.k2, a.log2s[n], a.gbuf[n] / a.p.temperature});
 }
 
 // Advantages (B,) from rewards: thread 0 takes the batch std first (scale_rewards="batch"), then one
@@ -613,7 +635,7 @@ int row_threads(int64_t V) {
 // Scratch layout (floats), each piece rounded up to 64 floats (256 bytes) so that every piece is
 // aligned for vector loads.
 struct Scratch {
-  int64_t adv = 0, parts = 0, lse2 = 0, entropy = 0, gbuf = 0, total = 0;
+  int64_t adv = 0, parts = 0, rmax = 0, log2s = 0, entropy = 0, gbuf = 0, total = 0;
 };
 
 static int64_t round_up(int64_t x) { return (x + 63) / 64 * 64; }
@@ -626,7 +648,8 @@ static Scratch scratch_layout(int64_t B, int64_t T, int32_t level, bool has_rewa
   s.parts = off;
   off += round_up((level == TOKEN ? N : B) * NUM_STATS);
   if (level == SEQUENCE) {
-    s.lse2 = off; off += round_up(N);
+    s.rmax = off; off += round_up(N);
+    s.log2s = off; off += round_up(N);
     s.entropy = off; off += round_up(N);
     if (want_grad) { s.gbuf = off; off += round_up(N); }
   }
@@ -690,7 +713,7 @@ void fused_loss(const FusedArgs& f) {
   GF_REQUIRE(f.rewards == nullptr || (f.group_size >= 2 && l.B % f.group_size == 0), "group_size must divide B");
   GF_REQUIRE(f.params.beta == 0.f || f.ref_logp != nullptr, "ref_logp is needed when beta != 0");
   GF_REQUIRE(f.params.level == TOKEN || f.params.level == SEQUENCE, "level must be 0 or 1");
-  GF_REQUIRE(f.params.temperature > 0.f, "temperature must be > 0");
+  GF_REQUIRE(f.params.temperature > 0.f && f.temperature > 0.0, "temperature must be > 0");
   const int64_t B = l.B, T = l.T, N = B * T;
   const bool want_grad = f.grad != nullptr;
   const Scratch S = scratch_layout(B, T, f.params.level, f.rewards != nullptr, want_grad);
@@ -718,7 +741,8 @@ void fused_loss(const FusedArgs& f) {
   d.isr_sb = f.isr_per_token ? T : 1;
   d.isr_st = f.isr_per_token ? 1 : 0;
   d.p = f.params;
-  d.k2 = kLog2e / f.params.temperature;
+  d.tau = f.temperature;
+  d.k2 = (float)(1.4426950408889634 / f.temperature);
   d.parts = f.scratch + S.parts;
 
   // 2. advantages: given, or from rewards in a one-block kernel ("fused advantage broadcast": a
@@ -743,7 +767,8 @@ void fused_loss(const FusedArgs& f) {
     GF_LAUNCH_CHECK(reduce_stats_kernel);
     return;
   }
-  d.lse2 = f.scratch + S.lse2;
+  d.rmax = f.scratch + S.rmax;
+  d.log2s = f.scratch + S.log2s;
   d.entropy = f.scratch + S.entropy;
   d.gbuf = want_grad ? f.scratch + S.gbuf : nullptr;
   d.row_flags = (f.rewards != nullptr || !f.adv_per_token) ? 1 : 0;
@@ -770,7 +795,9 @@ void token_logprobs(const LogprobArgs& a) {
   d.V = a.logits.V;
   d.stride_b = a.logits.stride_b;
   d.stride_t = a.logits.stride_t;
-  d.k2 = kLog2e / a.temperature;
+  d.p.temperature = (float)a.temperature;
+  d.tau = a.temperature;
+  d.k2 = (float)(1.4426950408889634 / a.temperature);
   const int64_t N = a.logits.B * a.logits.T;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, N, stream); });
