@@ -419,7 +419,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 )
 
         aux_enabled = self.aux_loss_enabled
-        out = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=loss_fn, grpo_fast_aux=aux_enabled)
+        with self.accelerator.autocast():  # as TRL runs its forward: mixed precision when configured
+            out = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=loss_fn,
+                        grpo_fast_aux=aux_enabled)
         loss, metrics = out[0], out[1]
         if scale != 1.0:
             loss = loss * scale
