@@ -167,6 +167,17 @@ def test_peaked_rows():
            completion_mask=torch.ones(2, 4), loss_type="dapo", beta=0.04, ref_logp=inp["ref_logp"])
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "sapo"])
+def test_banned_target(loss_type):
+    """A target id whose logit is −inf: logp = −inf, r = 0; the loss stays finite (no KL term), as in torch."""
+    inp = make_inputs(2, 4, 53, seed=4, masked_row=False)
+    logits = inp["logits"].clone()
+    logits[0, 2, inp["ids"][0, 2]] = float("-inf")
+    loss, metrics, grad = _check(torch.float32, 1e-5, 1e-5, inp["ids"], logits, advantages=inp["advantages"],
+                                 old_logp=inp["old_logp"], loss_type=loss_type)
+    assert math.isfinite(float(loss)) and bool(torch.isfinite(grad).all())
+
+
 def test_nan_propagates():
     inp = make_inputs(2, 3, 53, seed=3, banned=False, masked_row=False)
     logits = inp["logits"].clone()
