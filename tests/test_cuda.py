@@ -481,6 +481,42 @@ def test_neg_inf_logits(tgt, dtype, level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_nan_logit_propagates(tgt, level):
+    """A NaN logit makes the loss NaN, as in PyTorch (fmaxf in the max sweep must not swallow it)."""
+    z, y, kw = _inputs(tgt, seed=55, adv_kind="group", mask_kind="full")
+    kw.pop("old_logp")
+    z[1, 2, 7] = float("nan")
+    loss, _ = grpo_fast.grpo_loss(z, y, backend=tgt.backend, loss_type="dapo", importance_sampling_level=level, **kw)
+    want, _ = grpo_loss_reference(z.double(), y, loss_type="dapo", importance_sampling_level=level, **kw)
+    assert torch.isnan(want) and torch.isnan(loss)
+
+
+@pytest.mark.parametrize("scale,temperature", [(1e4, 1.0), (2.0, 1e-3), (2.0, 100.0)],
+                         ids=["logits1e4", "tau1e-3", "tau100"])
+def test_extreme_logits_and_temperatures(tgt, scale, temperature):
+    """|logits| of 1e4, or τ = 1e-3 (log-probs ≈ -1e4), or τ = 100: at most twice PyTorch's own float32
+    error (flash-attention's rule), plus the float32 tolerance as a floor. (Both at once put the
+    log-probs near -1e8, where float32 has no digits left for a ratio: not a meaningful case.)"""
+    z, y, kw = _inputs(tgt, seed=57, adv_kind="group", mask_kind="full")
+    z = z * scale
+    lp = grpo_fast.token_logprobs(z, y, temperature, backend="torch")
+    g = torch.Generator().manual_seed(58)
+    old = lp + tgt.to(torch.randn(y.shape, generator=g) * 0.05)
+    kw.update(old_logp=old, ref_logp=old - 0.1, temperature=temperature, loss_type="dapo", beta=0.05)
+    outs = {}
+    for name, be, zz in (("kernel", tgt.backend, z.clone()), ("fp32", "torch", z.clone()), ("fp64", "torch", z.double())):
+        zz.requires_grad_(True)
+        loss, met = (grpo_loss_reference(zz, y, **kw) if name == "fp64" else grpo_fast.grpo_loss(zz, y, backend=be, **kw))
+        loss.backward()
+        outs[name] = [loss, zz.grad] + [met[k] for k in sorted(met)]
+    assert torch.isfinite(outs["kernel"][0]) and torch.isfinite(outs["kernel"][1]).all()
+    for got, fp32, want in zip(outs["kernel"], outs["fp32"], outs["fp64"]):
+        err = (got.double() - want).abs().max().item()
+        err32 = (fp32.double() - want).abs().max().item()
+        assert err <= 2 * err32 + 1e-5 * want.abs().max().item() + 1e-9, (err, err32)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_fully_masked_rows_and_batch(tgt, level):
     z, y, kw = _inputs(tgt, seed=61, adv_kind="rows")
     _, _, g = _check(tgt, z, y, loss_type="bnpo", importance_sampling_level=level, beta=0.1, **kw)
