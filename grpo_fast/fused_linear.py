@@ -316,7 +316,12 @@ class _TorchKernels:
 # Chunk planning and the loop
 # --------------------------------------------------------------------------------------------
 
-def _auto_chunk(N: int, V: int, elem: int, n_buffers: int, torch_backend: bool) -> int:
+def _auto_chunk(N: int, V: int, elem: int, n_buffers: int, torch_backend: bool, row: int = 0) -> int:
+    """Tokens per chunk: a quarter of the batch (≥ 256 tokens), within the 256 MiB budget.
+
+    ``row`` = T at sequence level: a whole row when it fits the budget (rows path, three matmuls)
+    rather than the pre-pass (four).
+    """
     per_token = V * elem * n_buffers
     if torch_backend:
         per_token += V * 4 * 5  # autograd's float32 temporaries (upcast, exp, softmax, grad, p·x)
@@ -326,6 +331,8 @@ def _auto_chunk(N: int, V: int, elem: int, n_buffers: int, torch_backend: bool) 
     chunk = min(budget_tokens, max(MIN_CHUNK_TOKENS, quarter))
     if chunk >= CHUNK_ROUND:
         chunk -= chunk % CHUNK_ROUND
+    if row and chunk < row <= budget_tokens:
+        chunk = row
     return max(1, min(chunk, N))
 
 
@@ -665,7 +672,7 @@ def fused_linear_grpo_loss(
     transform = _Transform(scale, cap)
     if chunk is None:
         chunk = _auto_chunk(B * T, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
-                            impl is _TorchKernels)
+                            impl is _TorchKernels, row=T if inp.cfg.level == 1 else 0)
     A = inp.advantages
     if A is None:  # once for the batch: a chunk's kernel would only see its own rows' rewards
         A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)

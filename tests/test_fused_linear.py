@@ -208,9 +208,10 @@ def test_odd_shapes(backend):
 # ------------------------------------------------------------------------------------------------
 
 def _assert_bf16(backend, hidden, weight, bias, ids, **kw):
+    """Low precision (bf16 or fp16, the inputs' dtype): at most twice torch's own error at that dtype."""
     chunk = kw.pop("chunk_size", None)
     wl, wm, wg = _reference(hidden, weight, bias, ids, **kw)
-    tl, tm, tg = _reference(hidden, weight, bias, ids, dtype=torch.bfloat16, **kw)
+    tl, tm, tg = _reference(hidden, weight, bias, ids, dtype=hidden.dtype, **kw)
     loss, met, grads = _fused(backend, hidden, weight, bias, ids, chunk_size=chunk, **kw)
 
     def check(got, torch_bf16, want, what):
@@ -231,7 +232,7 @@ def _assert_bf16(backend, hidden, weight, bias, ids, **kw):
             check(met[k], tm[k], wm[k], f"metric {k}")
     for name, got, t, want in zip(("hidden", "weight", "bias"), grads, tg, wg):
         if want is not None:
-            assert got.dtype == torch.bfloat16
+            assert got.dtype == hidden.dtype
             check(got, t, want, f"d{name}")
 
 
@@ -279,6 +280,16 @@ def test_autocast_bf16(backend, hidden_dtype):
     want = token_logprobs_reference(_logits(hb.double(), wb.double(), bb.double(), 1.0, None), ids)
     e_torch = (token_logprobs_reference(_logits(hb, wb, bb, 1.0, None), ids).double() - want).abs().max().item()
     assert (lp.double() - want).abs().max().item() <= 2 * e_torch
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_fp16(backend, level):
+    for seed, (chunk, softcap, lt) in enumerate([(7, None, "bnpo"), (20, 3.0, "sapo")]):
+        h, w, b, ids, mask, side = _case(B=4, T=9, H=64, V=301, seed=50 + seed, dtype=torch.float16, w_scale=0.25)
+        kw = _side_kwargs(side, mask, loss_type=lt, level=level)
+        kw["old_logp"] = None
+        _assert_bf16(backend, h, w, b, ids, chunk_size=chunk, softcap=softcap, scale=0.9, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,6 +396,9 @@ def test_auto_chunk_rule():
     # large vocabularies: the 256 MiB budget decides (441 tokens of 152k fp32 logits -> 384)
     assert fl._auto_chunk(65536, 152064, 4, 1, False) == 384
     assert fl._auto_chunk(65536, 152064, 4, 1, False) * 152064 * 4 <= fl.CHUNK_BUDGET_BYTES
+    # sequence level: a whole row when it fits the budget (rows path), else the budget (pre-pass)
+    assert fl._auto_chunk(1024, 32000, 4, 1, False, row=512) == 512
+    assert fl._auto_chunk(65536, 152064, 4, 1, False, row=8192) == 384
 
 
 # ------------------------------------------------------------------------------------------------
