@@ -136,6 +136,10 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    constexprs = dict(constexprs)
+    for prm in fn.params:  # constexpr parameters with a default (e.g. SOFT_BF16) take it
+        if prm.is_constexpr and prm.has_default and prm.name not in constexprs:
+            constexprs[prm.name] = prm.default
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"

@@ -84,7 +84,25 @@ def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _write_row_grad(z_row, g_row, y, lse, gs, V, temperature, BLOCK_V: tl.constexpr):
+def _round_to(x, OUT: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """float32 -> OUT, rounding to nearest even.
+
+    On GPUs this is the hardware conversion (cvt.rn). Triton's CPU interpreter truncates float32 to
+    bfloat16 instead (and its "rtne" mode is not round-to-nearest either), which would put the
+    tests' bf16 gradients up to one ulp off: with SOFT_BF16 (set only under the interpreter) the
+    rounding is done on the bits — add 0x7FFF plus the lowest kept bit, drop the low half.
+    """
+    if SOFT_BF16 and OUT == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + (0x7FFF + ((u >> 16) & 1))
+        r = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(OUT), r)  # NaN stays NaN (the carry could turn it into inf)
+    else:
+        return x.to(OUT)
+
+
+@triton.jit
+def _write_row_grad(z_row, g_row, y, lse, gs, V, temperature, BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr):
     """g_row[j] = gs·(1[j == y] − exp(x_j − lse)) for j < V, with gs = dL/dlogp / τ and x = z / τ.
 
     z_row and g_row may be the same memory (inplace): each block is read before it is written,
@@ -97,7 +115,7 @@ def _write_row_grad(z_row, g_row, y, lse, gs, V, temperature, BLOCK_V: tl.conste
         x = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32) / temperature
         p = tl.exp(x - lse)
         grad = gs * (tl.where(cols == y, 1.0, 0.0) - p)
-        tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=valid)
+        tl.store(g_row + cols, _round_to(grad, g_row.dtype.element_ty, SOFT_BF16), mask=valid)
 
 
 @triton.jit
@@ -270,6 +288,7 @@ def _grpo_token_fwd_kernel(
     LOSS_TYPE: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
+    SOFT_BF16: tl.constexpr = False,
 ):
     """Token-level loss of token row = b·T + t, and its gradient row when HAS_GRAD.
 
@@ -332,7 +351,7 @@ def _grpo_token_fwd_kernel(
         # token level: dr/dlogp = r, so dL/dlogp = w·(d_logp + r·d_ratio); zero on padding (w = 0)
         g = w * (d_logp + r * d_ratio)
         g_row = grad_ptr + b * stride_gb + t * stride_gt
-        _write_row_grad(z_row, g_row, y, lse, g / temperature, V, temperature, BLOCK_V)
+        _write_row_grad(z_row, g_row, y, lse, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
 
 
 @triton.jit
@@ -482,7 +501,7 @@ def _grpo_grad_kernel(
     # run-time floats
     temperature,
     # meta-parameters
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr = False,
 ):
     """Sequence level, pass 3: grad[b, t, :] = g·(onehot(y) − softmax(x))/τ with pass 1's lse."""
     row = tl.program_id(0).to(tl.int64)
@@ -492,4 +511,4 @@ def _grpo_grad_kernel(
     lse = tl.load(lse_ptr + row)
     y = tl.load(ids_ptr + row)
     _write_row_grad(logits_ptr + b * stride_lb + t * stride_lt, grad_ptr + b * stride_gb + t * stride_gt,
-                    y, lse, g / temperature, V, temperature, BLOCK_V)
+                    y, lse, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)

@@ -230,7 +230,7 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
             grad_ptr=grad if grad is not None else dummy, logp_ptr=logp, stats_ptr=stats,
             T=T, V=V, G=max(cfg.group_size, 1), stride_lb=z.stride(0), stride_lt=z.stride(1),
             stride_gb=g_strides[0], stride_gt=g_strides[1],
-            temperature=cfg.temperature, **floats, **flags, HAS_GRAD=grad is not None,
+            temperature=cfg.temperature, **floats, **flags, HAS_GRAD=grad is not None, SOFT_BF16=INTERPRET,
         ), restore)
         return stats.sum(0), logp
 
@@ -253,7 +253,7 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
         _launch_v("_grpo_grad_kernel", (N,), dict(
             logits_ptr=z, ids_ptr=inp.ids, lse_ptr=lse, g_ptr=g, grad_ptr=grad,
             T=T, V=V, stride_lb=z.stride(0), stride_lt=z.stride(1),
-            stride_gb=g_strides[0], stride_gt=g_strides[1], temperature=cfg.temperature,
+            stride_gb=g_strides[0], stride_gt=g_strides[1], temperature=cfg.temperature, SOFT_BF16=INTERPRET,
         ), restore)
     return stats.sum(0), logp
 
