@@ -185,7 +185,9 @@ class CausalLM(nn.Module):
                 h = out.last_hidden_state[:, -T:]
                 if hidden:
                     return h
-                z = self.lm_head()(h) * self.logit_scale
+                z = self.lm_head()(h)
+                if self.logit_scale != 1.0:
+                    z = z * self.logit_scale
                 if self.logit_softcap is not None:
                     z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
                 return z
@@ -277,14 +279,25 @@ def encode_prompts(task: Task, prompts: List[str], device) -> tuple:
 
 @torch.no_grad()
 def sequence_logprobs(lm: CausalLM, batch: dict, cfg: TrainConfig, micro: int) -> torch.Tensor:
-    """Per-token log-probs (B, T) of the batch's completions under ``lm`` (no grad; old / ref policy)."""
+    """Per-token log-probs (B, T) of the batch's completions under ``lm`` (no grad; old / ref policy).
+
+    From the hidden states and the LM head when the fused-linear path is available (the (B, T, V)
+    logits are never built), else from the logits; ``micro`` rows at a time.
+    """
     out = []
     B, T = batch["completion_ids"].shape
+    head = lm.lm_head()
+    use_fl = (head is not None and hasattr(grpo_fast, "fused_linear_token_logprobs") and cfg.loss_path != "logits"
+              and cfg.loss_backend != "torch")
     for s in range(0, B, micro):
-        ids, am = batch["input_ids"][s:s + micro], batch["attention_mask"][s:s + micro]
-        logits = lm(ids, am, T)
-        out.append(grpo_fast.token_logprobs(logits, batch["completion_ids"][s:s + micro], cfg.temperature,
-                                            backend=cfg.loss_backend))
+        ids, am, y = batch["input_ids"][s:s + micro], batch["attention_mask"][s:s + micro], batch["completion_ids"][s:s + micro]
+        if use_fl:
+            hidden = lm(ids, am, T, hidden=True)
+            out.append(grpo_fast.fused_linear_token_logprobs(hidden, head.weight, y, bias=head.bias, logit_scale=lm.logit_scale,
+                                                             logit_softcap=lm.logit_softcap, temperature=cfg.temperature,
+                                                             backend=cfg.loss_backend))
+        else:
+            out.append(grpo_fast.token_logprobs(lm(ids, am, T), y, cfg.temperature, backend=cfg.loss_backend))
     return torch.cat(out)
 
 
@@ -776,6 +789,8 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
 def main(argv: Optional[List[str]] = None) -> int:
     cfg = parse_args(argv)
     if cfg.compare:
+        if "RANK" in os.environ:
+            raise SystemExit("--compare runs its two arms as separate single-process runs: do not start it under torchrun")
         compare(cfg)
         return 0
     summary = train(cfg)

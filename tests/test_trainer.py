@@ -197,6 +197,22 @@ def test_accumulated_gradient_equals_float64_full_batch(tmp_path, path, backend,
         torch.testing.assert_close(got[n], want[n].float(), atol=2e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
 
+def test_old_and_ref_logprobs_match_the_logits_path(tmp_path):
+    task = get_task("reverse", n_digits=3)
+    torch.manual_seed(1)
+    lm = tr.CausalLM(TinyGPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=24)))
+    cfg = small_cfg(tmp_path, temperature=0.7)
+    batch = _random_batch(task, lm, 8, 4, 2, cfg)
+    auto = tr.sequence_logprobs(lm, batch, cfg, 3)  # fused-linear when available
+    T = batch["completion_ids"].shape[1]
+    with torch.no_grad():
+        z = lm(batch["input_ids"], batch["attention_mask"], T).double() / 0.7
+    want = torch.log_softmax(z, -1).gather(-1, batch["completion_ids"][..., None])[..., 0]
+    torch.testing.assert_close(auto, want.float(), atol=1e-5, rtol=1e-5)
+    logits_path = tr.sequence_logprobs(lm, batch, dataclasses.replace(cfg, loss_path="logits"), 5)
+    torch.testing.assert_close(logits_path, want.float(), atol=1e-5, rtol=1e-5)
+
+
 # ---- end to end ---------------------------------------------------------------------------------
 
 REQUIRED = ("step", "reward_mean", "loss", "kl", "entropy", "step_time_s", "peak_mem_mb")
