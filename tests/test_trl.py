@@ -369,3 +369,16 @@ def test_training_run_matches_trl_first_step(tiny, tmp_path):
         assert key in ours[0], f"{key} not logged by the drop-in"
         assert math.isclose(ours[0][key], ref[0][key], rel_tol=1e-4, abs_tol=1e-6), f"{key}: trl {ref[0][key]} grpo_fast {ours[0][key]}"
     assert all(math.isfinite(h["loss"]) for h in ours)
+
+
+def test_benchmark_runs_and_providers_agree(tmp_path):
+    """grpo_fast.bench.trl_step at a toy size: every provider runs one step and reports the same loss."""
+    from grpo_fast.bench import trl_step
+
+    res = trl_step.run(trl_step.PROVIDERS, quick=True, repeats=1, memory=False, out_dir=str(tmp_path),
+                       overrides=dict(batch=2, prompt_len=4, completion_len=8, hidden=32, vocab=257))
+    losses = {r["provider"]: r["loss"] for r in res["rows"]}
+    assert set(losses) == set(trl_step.PROVIDERS)
+    for prov, loss in losses.items():
+        assert math.isfinite(loss) and math.isclose(loss, losses["trl"], rel_tol=1e-5, abs_tol=1e-6), (prov, losses)
+    assert (tmp_path / "trl_step_cpu_dapo_quick.json").exists()

@@ -1,6 +1,7 @@
 """Benchmark of one TRL GRPO training step: TRL's own loss vs the grpo_fast drop-in.
 
-    python -m grpo_fast.bench.trl_step [--quick] [--loss-type dapo] [--repeats 5] [--providers trl,grpo_fast]
+    python -m grpo_fast.bench.trl_step [--quick] [--device cpu|cuda] [--loss-type dapo] [--repeats 5]
+                                       [--providers trl,grpo_fast,grpo_fast-logits,grpo_fast-torch]
 
 What is timed: the part of ``GRPOTrainer.training_step`` that the drop-in changes — ``compute_loss``
 (backbone forward, LM head, per-token log-probs, loss) plus ``loss.backward()`` — on one fixed batch
@@ -19,9 +20,14 @@ Providers (each a trainer built from the same saved model and config):
     grpo_fast-logits    the drop-in with grpo_fast_fused_linear=False: full logits, then grpo_loss in place
     grpo_fast-torch     the drop-in with backend "torch" (grpo_fast's chunked eager reference)
 
-Time: median of --repeats runs after one warm-up (perf_counter). Peak memory: in a fresh child process
-per provider, the peak RSS during one compute_loss + backward minus the RSS just before it, after a
-warm-up step so that parameter gradients and lazy buffers already exist (grpo_fast/bench/common.py).
+Time: median of --repeats runs after one warm-up (grpo_fast/bench/common.py time_fn). Peak memory: in a
+fresh child process per provider, after a warm-up step so that parameter gradients and lazy buffers
+already exist, the peak during one compute_loss + backward minus the memory just before it (CPU: peak
+RSS; CUDA: torch.cuda.max_memory_allocated).
+
+On CPU, TRL's chunked LM head has no Triton kernel and runs each (4096 tokens x V) tile through
+several whole-tile torch temporaries; on CUDA it uses Triton kernels. The CPU memory ratio therefore
+says nothing about the GPU one: measure with --device cuda there.
 The loss of every provider is printed next to its time: they must agree.
 """
 from __future__ import annotations
@@ -45,7 +51,8 @@ FULL = dict(batch=8, prompt_len=32, completion_len=256, hidden=256, layers=2, vo
 QUICK = dict(batch=4, prompt_len=16, completion_len=64, hidden=128, layers=2, vocab=32000)
 
 
-def _require_trl():
+def trl_missing() -> Optional[str]:
+    """None when trl and its dependencies import, else why not and how to get them."""
     # The model is built locally: no telemetry pings from TRL's trainer, no download attempts.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +62,8 @@ def _require_trl():
         import transformers  # noqa: F401
         import trl  # noqa: F401
     except ImportError as e:
-        raise SystemExit(f"the TRL step benchmark needs trl: pip install 'grpo_fast[trl]' ({e})")
+        return f"the TRL step benchmark needs trl: pip install 'grpo_fast[trl]' ({e})"
+    return None
 
 
 def build_model(path: str, *, vocab: int, hidden: int, layers: int, seed: int = 0) -> None:
@@ -78,8 +86,8 @@ def build_model(path: str, *, vocab: int, hidden: int, layers: int, seed: int = 
     tok.save_pretrained(path)
 
 
-def build_trainer(provider: str, path: str, *, loss_type: str, out_dir: str):
-    """A GRPOTrainer (TRL's or the drop-in) on the saved model, in train mode, fp32 on CPU."""
+def build_trainer(provider: str, path: str, *, loss_type: str, out_dir: str, device: str = "cpu"):
+    """A GRPOTrainer (TRL's or the drop-in) on the saved model, in train mode, fp32, on ``device``."""
     import trl
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
@@ -87,7 +95,7 @@ def build_trainer(provider: str, path: str, *, loss_type: str, out_dir: str):
     from grpo_fast.integrations.trl import GRPOTrainer
 
     tok = PreTrainedTokenizerFast.from_pretrained(path)
-    args = trl.GRPOConfig(output_dir=out_dir, report_to=[], use_cpu=True, save_strategy="no", bf16=False,
+    args = trl.GRPOConfig(output_dir=out_dir, report_to=[], use_cpu=device == "cpu", save_strategy="no", bf16=False,
                           per_device_train_batch_size=4, num_generations=4, max_completion_length=16,
                           loss_type=loss_type, beta=0.04, epsilon=0.2, epsilon_high=5.0 if loss_type == "cispo" else 0.28)
     common_kw = dict(model=path, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
@@ -116,14 +124,17 @@ def make_batch(trainer, *, batch: int, prompt_len: int, completion_len: int, voc
     completion_ids = torch.randint(3, vocab, (B, T), generator=g)
     lengths = torch.randint(T // 2, T + 1, (B,), generator=g)  # ragged completions, right-padded
     completion_mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    dev = trainer.accelerator.device
+    prompt_ids, prompt_mask, completion_ids, completion_mask = (
+        x.to(dev) for x in (prompt_ids, prompt_mask, completion_ids, completion_mask))
     with torch.no_grad():
         logp, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), T)
     return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                completion_mask=completion_mask, advantages=torch.randn(B, generator=g),
+                completion_mask=completion_mask, advantages=torch.randn(B, generator=g).to(dev),
                 num_items_in_batch=completion_mask.sum(),
-                old_per_token_logps=logp + 0.2 * torch.randn(B, T, generator=g),
-                ref_per_token_logps=logp + 0.2 * torch.randn(B, T, generator=g))
+                old_per_token_logps=logp + 0.2 * torch.randn(B, T, generator=g).to(dev),
+                ref_per_token_logps=logp + 0.2 * torch.randn(B, T, generator=g).to(dev))
 
 
 def loss_step(trainer, inputs) -> float:
@@ -137,8 +148,8 @@ def _zero_grads(trainer) -> None:
     trainer.model.zero_grad(set_to_none=False)
 
 
-def _setup(provider: str, cfg: dict, loss_type: str, path: str, out_dir: str):
-    tr = build_trainer(provider, path, loss_type=loss_type, out_dir=out_dir)
+def _setup(provider: str, cfg: dict, loss_type: str, path: str, out_dir: str, device: str = "cpu"):
+    tr = build_trainer(provider, path, loss_type=loss_type, out_dir=out_dir, device=device)
     inputs = make_batch(tr, batch=cfg["batch"], prompt_len=cfg["prompt_len"], completion_len=cfg["completion_len"],
                         vocab=cfg["vocab"])
     return tr, inputs
@@ -147,41 +158,46 @@ def _setup(provider: str, cfg: dict, loss_type: str, path: str, out_dir: str):
 def _child_main(payload: str) -> int:
     """Memory child: build one provider, warm it up, measure one step's extra peak RSS."""
     p = json.loads(payload)
-    _require_trl()
+    trl_missing()
     warnings.simplefilter("ignore")
-    tr, inputs = _setup(p["provider"], p["cfg"], p["loss_type"], p["path"], p["out_dir"])
+    tr, inputs = _setup(p["provider"], p["cfg"], p["loss_type"], p["path"], p["out_dir"], p["device"])
     loss_step(tr, inputs)  # warm-up: gradient buffers, lazy init
     _zero_grads(tr)
-    extra, method = common.extra_peak_memory(lambda: loss_step(tr, inputs), "cpu")
+    extra, method = common.extra_peak_memory(lambda: loss_step(tr, inputs), p["device"])
     print(json.dumps({"extra_peak": extra, "method": method}))
     return 0
 
 
 def run(providers=DEFAULT_PROVIDERS, *, quick: bool = False, loss_type: str = "dapo", repeats: int = 5,
-        memory: bool = True, out_dir: Optional[str] = "bench_results", overrides: Optional[dict] = None) -> dict:
-    _require_trl()
+        memory: bool = True, out_dir: Optional[str] = "bench_results", overrides: Optional[dict] = None,
+        device: str = "cpu") -> dict:
+    why = trl_missing()
+    if why:
+        raise RuntimeError(why)
     warnings.simplefilter("ignore")
     cfg = dict(QUICK if quick else FULL)
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
     B, P, T, V, H = cfg["batch"], cfg["prompt_len"], cfg["completion_len"], cfg["vocab"], cfg["hidden"]
     print(f"TRL GRPO step (compute_loss + backward), tiny Qwen2: {cfg['layers']} layers, H = {H}, V = {V}; "
           f"batch B = {B}, prompt P = {P}, completion T = {T} (N = {B * T} tokens, ragged masks); "
-          f"loss_type={loss_type}, beta=0.04; fp32, CPU, {torch.get_num_threads()} threads")
+          f"loss_type={loss_type}, beta=0.04; fp32, {device}"
+          + (f", {torch.get_num_threads()} threads" if device == "cpu" else f" ({torch.cuda.get_device_name()})"))
     print(f"full (B·T) x V fp32 logits would be {B * T * V * 4 / common.MB:.0f} MB")
     rows = []
     with tempfile.TemporaryDirectory(prefix="grpo_fast_trl_bench_") as tmp:
         path = os.path.join(tmp, "model")
         build_model(path, vocab=V, hidden=H, layers=cfg["layers"])
         for prov in providers:
-            tr, inputs = _setup(prov, cfg, loss_type, path, os.path.join(tmp, "out"))
+            tr, inputs = _setup(prov, cfg, loss_type, path, os.path.join(tmp, "out"), device)
             losses = []
             timing = common.time_fn(lambda: losses.append(loss_step(tr, inputs)), setup=lambda: _zero_grads(tr),
-                                    repeats=repeats, warmup=1)
+                                    repeats=repeats, warmup=1, device=device)
             row = dict(provider=prov, time_s=timing.median, spread=timing.spread, loss=losses[-1])
             del tr, inputs
             if memory:
                 res = common.run_child("grpo_fast.bench.trl_step", dict(provider=prov, cfg=cfg, loss_type=loss_type,
-                                                                       path=path, out_dir=os.path.join(tmp, "out")))
+                                                                       path=path, out_dir=os.path.join(tmp, "out"),
+                                                                       device=device))
                 row["extra_peak_mb"] = res["extra_peak"] / common.MB
                 row["memory_method"] = res["method"]
             rows.append(row)
@@ -201,10 +217,11 @@ def run(providers=DEFAULT_PROVIDERS, *, quick: bool = False, loss_type: str = "d
     print(common.format_table(rows, cols))
     if memory and rows:
         print(f"\npeak MB: {rows[0]['memory_method']}, one step after a warm-up step, fresh process per provider")
+    print("time: median of the repeats of compute_loss + backward; the batch and weights are the same for every provider")
     result = dict(benchmark="trl_step", config=dict(cfg, loss_type=loss_type, repeats=repeats), rows=rows,
-                  machine=common.machine_info("cpu"))
+                  machine=common.machine_info(device))
     if out_dir:
-        out = os.path.join(out_dir, f"trl_step_{loss_type}{'_quick' if quick else ''}.json")
+        out = os.path.join(out_dir, f"trl_step_{device}_{loss_type}{'_quick' if quick else ''}.json")
         common.write_json(out, result)
         print(f"wrote {out}")
     return result
@@ -213,6 +230,7 @@ def run(providers=DEFAULT_PROVIDERS, *, quick: bool = False, loss_type: str = "d
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m grpo_fast.bench.trl_step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small batch (seconds)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma-separated, from {','.join(PROVIDERS)}")
     ap.add_argument("--loss-type", default="dapo")
     ap.add_argument("--repeats", type=int, default=5)
@@ -232,11 +250,19 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.child:
         return _child_main(args.child)
+    why = trl_missing()
+    if why:  # a skipped table, not a failure: `grpo-fast bench all` goes on with the others
+        print(f"[trl-step] skipped: {why}")
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("[trl-step] skipped: --device cuda but no CUDA device is available")
+        return 0
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     bad = [p for p in providers if p not in PROVIDERS]
     if bad:
         raise SystemExit(f"unknown providers {bad}; choose from {PROVIDERS}")
     run(providers, quick=args.quick, loss_type=args.loss_type, repeats=args.repeats, memory=not args.no_memory,
+        device=args.device,
         out_dir=None if args.no_save else args.out_dir,
         overrides=dict(batch=args.batch, prompt_len=args.prompt_len, completion_len=args.completion_len,
                        hidden=args.hidden, vocab=args.vocab))
