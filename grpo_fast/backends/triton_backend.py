@@ -16,6 +16,7 @@ it without a GPU). See grpo_fast/backends/__init__.py for the interface this mod
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -204,6 +205,11 @@ def _common_args(inp, dummy):
     return ptrs, floats, flags
 
 
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device: make it the tensors' one (multi-GPU processes)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def fused_loss(inp, grad: Optional[torch.Tensor]):
     """One fused pass over inp.logits (B, T, V): (stats (NUM_STATS,) f32 of sums, logp (B, T) f32).
 
@@ -215,6 +221,11 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
     N = B * T
     dev = z.device
     assert z.stride(-1) == 1 and (grad is None or grad.stride(-1) == 1)
+    with _device_guard(z):
+        return _fused_loss(inp, grad, z, B, T, V, N, dev)
+
+
+def _fused_loss(inp, grad, z, B, T, V, N, dev):
     dummy = torch.empty(1, dtype=torch.float32, device=dev)  # stands for absent optional tensors
     ptrs, floats, flags = _common_args(inp, dummy)
     cfg = inp.cfg
@@ -262,7 +273,11 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, 
     """logp (B, T) float32 of ids under softmax(logits / temperature), and the entropy (or None)."""
     B, T, V = logits.shape
     assert logits.stride(-1) == 1
-    dev = logits.device
+    with _device_guard(logits):
+        return _token_logprobs(logits, ids, temperature, return_entropy, B, T, V, logits.device)
+
+
+def _token_logprobs(logits, ids, temperature, return_entropy, B, T, V, dev):
     ids = ids.to(torch.int64).contiguous()
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
