@@ -31,7 +31,8 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
-#if defined(__x86_64__) || defined(_M_X64)
+// GRPO_FAST_NO_X86_SIMD builds only the portable path on x86 too (what an aarch64 build compiles).
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(GRPO_FAST_NO_X86_SIMD)
 #define GF_X86 1
 // GCC 12 flags the deliberately undefined pass-through operand of its own AVX-512 intrinsics
 // (_mm512_undefined_ps) once they are inlined; the warning points into the header, so silence it there.
