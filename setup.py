@@ -25,6 +25,9 @@ def cpu_extension():
         "grpo_fast._C_cpu",
         sources=["csrc/cpu/grpo_cpu.cpp"],
         include_dirs=["csrc/common"],
+        # rebuild when a header changes (build_ext only compares the .cpp otherwise)
+        depends=sorted(os.path.join("csrc/cpu", f) for f in os.listdir(os.path.join(HERE, "csrc/cpu")) if f.endswith(".h"))
+        + ["csrc/common/grpo_math.h"],
         extra_compile_args=cflags,
         extra_link_args=lflags,
         cxx_std=17,
