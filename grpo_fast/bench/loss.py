@@ -11,8 +11,9 @@ Providers (each skipped, with the reason printed, when it cannot run here):
     cpu             grpo_loss(backend="cpu"), inplace=False: the C++/OpenMP kernel
     cpu-inplace     the same with inplace=True: the gradient overwrites the logits
     triton[-inplace], cuda[-inplace]   the GPU kernels (--device cuda)
-    trl             TRL's own selective_log_softmax + entropy_from_logits and its per-token loss
-                    formula, eagerly (when trl is installed; what GRPOTrainer runs today)
+    trl             TRL's own selective_log_softmax + entropy_from_logits (eager PyTorch on CPU,
+                    TRL's Triton kernel on CUDA) and GRPOTrainer's per-token loss formula, when trl
+                    is installed: what a TRL user runs today
 
 Modes:
 
@@ -527,7 +528,9 @@ def run(*, quick: bool = False, device: str = "cpu", providers: Optional[List[st
     )
     log("")
     log(report(result))
-    _print_roofline(cases, dev, limit, log)
+    model = _roofline(cases, dev, limit, log)
+    if model is not None:
+        result["model"] = model
     if out_dir:
         tag = f"loss_{dev.type}{'_quick' if quick else ''}"
         path = os.path.join(out_dir, tag + ".json")
@@ -578,20 +581,22 @@ def _targets(rows: List[dict]) -> List[str]:
     return out
 
 
-def _print_roofline(cases, device, limit_gbps, log) -> None:
-    """The Triton helper's analytic model, when grpo_fast.roofline exists (labelled as a model)."""
+def _roofline(cases, device, limit_gbps, log) -> Optional[dict]:
+    """Print the analytic model of grpo_fast.roofline (the Triton helper's), when it exists, for these
+    cases, and return its rows for the JSON. It is a model of HBM traffic, labelled as such."""
     if importlib.util.find_spec("grpo_fast.roofline") is None:
-        return
+        return None
     try:
         from .. import roofline
 
-        fn = getattr(roofline, "format_table", None) or getattr(roofline, "table", None)
-        if fn is None:
-            return
-        text = fn([(c.N, c.V, c.dtype) for c in cases], device=device.type, bandwidth_gbps=limit_gbps)
-        log("\nMODEL (grpo_fast.roofline, not a measurement):\n" + str(text))
+        spec = [(c.N, c.V, c.dtype) for c in cases]
+        text = roofline.format_table(spec, device=device.type, bandwidth_gbps=limit_gbps)
+        log("\n" + str(text))
+        rows = roofline.rows(spec, bandwidth_gbps=limit_gbps if device.type == "cuda" else None)
+        return {"label": "MODEL (grpo_fast.roofline), not a measurement", "rows": rows}
     except Exception as e:  # the model is an extra; never lose the measured table over it
         log(f"(roofline model not printed: {type(e).__name__}: {e})")
+        return None
 
 
 def plot_result(result: dict, path: str) -> None:
