@@ -20,6 +20,11 @@ from grpo_fast.reference import grpo_loss_reference, token_logprobs_reference
 CPU = torch.device("cpu")
 CPU_BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
     unavailable_reason("cpu", CPU) is not None, reason=f"cpu backend unavailable: {unavailable_reason('cpu', CPU)}"))]
+# Triton's interpreter runs the Triton kernels on CPU tensors when there is no GPU (tests/conftest.py
+# sets TRITON_INTERPRET=1): slow, so only the per-loss-type table and the log-probs run it here.
+_TRITON_CPU = unavailable_reason("triton", CPU)
+INTERP_BACKENDS = CPU_BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(
+    _TRITON_CPU is not None, reason=f"triton backend unavailable on CPU tensors: {_TRITON_CPU}"))]
 HAS_CUDA = torch.cuda.is_available()
 GPU_BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.skipif(
     not HAS_CUDA or unavailable_reason(b, torch.device("cuda")) is not None,
@@ -140,7 +145,7 @@ def _side_kwargs(side, mask, *, loss_type, level, beta=0.04, adv="rewards", isr=
 # fp32 against the float64 reference
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_every_loss_type_fp32(backend, loss_type, level):
@@ -296,7 +301,7 @@ def test_fp16(backend, level):
 # token log-probs
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
 def test_token_logprobs(backend):
     h, w, b, ids, mask, side = _case(B=3, T=5, V=47, seed=5)
     for softcap, chunk, bias in [(None, 4, b), (2.0, None, None), (6.0, 15, b)]:
