@@ -54,13 +54,15 @@ NUM_STATS = tl.constexpr(8)
 def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr):
     """(lse, entropy) of x = z_row[0:V] / τ in one sweep (float32 accumulation).
 
+    Running max m, running d = Σ exp(x − m) and s = Σ exp(x − m)·(x − m), rescaled whenever m grows;
+    entropy = log d − s/d. Keeping x − m (not x) in s avoids the cancellation of lse − Σ p·x when the
+    distribution is peaked and |x| is large (entropy 1e-2 next to logits of 50). A block (or a whole
+    prefix) of −inf logits is legal: the shift is 0 while the max is −inf, so exp(−inf − shift)
+    stays 0 instead of NaN, and p·(x − m) is taken as 0 where p == 0.
+
     x = z / τ is a division, not a product with 1/τ: it rounds as the eager reference's
     ``logits / temperature`` does (exactly so under the interpreter; Triton's div.full.f32 on GPUs),
     which matters at small τ where |x| ~ 1e3 and one ulp of x is visible in the log-prob.
-
-    Running max m, running Σ exp(x − m) and Σ exp(x − m)·x, rescaled whenever m grows. A block
-    (or a whole prefix) of −inf logits is legal: the max used for shifting is replaced by 0 while
-    it is −inf so that exp(−inf − m) stays 0 instead of NaN, and p·x is taken as 0 where p == 0.
     """
     offs = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
@@ -72,15 +74,16 @@ def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr):
         m_new = tl.maximum(m, tl.max(x, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - shift)
-        e = tl.exp(x - shift)
+        xs = x - shift
+        e = tl.exp(xs)
+        # Σ e'·(x − m_new) = α·(s + (m − m_new)·d) for the terms so far (none yet while d == 0, when
+        # m is −inf); for the new ones select x − m first so that 0·(−inf) is never formed
+        s = alpha * (s + (tl.where(d > 0.0, m, shift) - shift) * d) + tl.sum(e * tl.where(e > 0.0, xs, 0.0), 0)
         d = d * alpha + tl.sum(e, 0)
-        # p·x with p = 0 where x = −inf: select x first, so 0·(−inf) is never formed
-        s = s * alpha + tl.sum(e * tl.where(e > 0.0, x, 0.0), 0)
         m = m_new
     shift = tl.where(m == float("-inf"), 0.0, m)
-    lse = shift + tl.log(d)
-    entropy = lse - s / d
-    return lse, entropy
+    log_d = tl.log(d)
+    return shift + log_d, log_d - s / d
 
 
 @triton.jit
