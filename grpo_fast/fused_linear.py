@@ -349,6 +349,7 @@ class _Plan:
     transform: _Transform
     chunk: int  # tokens per chunk
     dtype: torch.dtype  # of the chunk GEMMs and logits buffers
+    grad_enabled: bool  # torch.is_grad_enabled() at the call (forward runs with grad disabled)
     B: int
     T: int
     V: int
@@ -557,7 +558,10 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: _Plan):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        # Under torch.no_grad no gradient is computed: one matmul per chunk and the loss kernel only.
+        g = plan.grad_enabled
+        needs = (g and ctx.needs_input_grad[0], g and ctx.needs_input_grad[1],
+                 g and bias is not None and ctx.needs_input_grad[2])
         # Every dtype is explicit from here on (plan.dtype): autocast must not re-cast the chunk GEMMs.
         with torch.autocast(hidden.device.type, enabled=False):
             stats, dh, dw, db = _run_chunks(plan, hidden, weight, bias, needs)
@@ -679,7 +683,8 @@ def fused_linear_grpo_loss(
     A = inp.advantages
     if A is None:  # once for the batch: a chunk's kernel would only see its own rows' rewards
         A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
-    plan = _Plan(inp=inp, A=A, impl=impl, transform=transform, chunk=chunk, dtype=cdtype, B=B, T=T, V=V)
+    plan = _Plan(inp=inp, A=A, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
+                 grad_enabled=torch.is_grad_enabled(), B=B, T=T, V=V)
     loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
     return loss, metrics_from_sums(stats, inp)
 
