@@ -16,7 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cpu_extension():
-    cflags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    # -ffp-contract=off: the kernels place their FMAs by hand; a compiler-made one (GNU mode, clang)
+    # would change x = z/τ rounding that the row max relies on (csrc/cpu/row_kernels.h: vshift).
+    cflags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     lflags = []
     if os.environ.get("GRPO_FAST_NO_OPENMP") != "1" and sys.platform != "darwin":
         cflags.append("-fopenmp")

@@ -17,8 +17,11 @@ static inline vf load_tail(D d, const typename D::T* p, int64_t n, float fill) {
   return vload(F32{}, buf);
 }
 
-// One pass for the max, one for the sums. x = z·inv_tau; t = x − max is formed with one FMA from z,
-// which is more accurate than rounding x first. Entropy = lse − Σ p·x = log S − Σ e·t / S, where the
+// t = x − max with x = z·inv_tau rounded to fp32 first (not one FMA from z): then the max entry has
+// t = 0 exactly, so S >= 1, log S >= 0 and logp <= 0 (V = 1 gives logp = 0, as torch does).
+static inline vf vshift(vf z, vf inv_tau, vf neg_max) { return vadd(vmul(z, inv_tau), neg_max); }
+
+// One pass for the max, one for the sums. Entropy = lse − Σ p·x = log S − Σ e·t / S, where the
 // e·t term of a banned (−inf) logit is 0: t is raised to −FLT_MAX first, so e·t = 0·(−FLT_MAX) = 0,
 // never 0·(−inf) = NaN; a NaN logit stays NaN (it is max's second operand).
 template <class D>
@@ -42,7 +45,7 @@ static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y)
   const vf it = vset1(inv_tau), nm = vset1(nxmax), lowest = vset1(-3.402823466e38f);
   vf s0 = vzero(), s1 = s0, q0 = s0, q1 = s0;
   for (i = 0; i < v2; i += 2 * W) {
-    const vf t0 = vfmadd(vload(d, z + i), it, nm), t1 = vfmadd(vload(d, z + i + W), it, nm);
+    const vf t0 = vshift(vload(d, z + i), it, nm), t1 = vshift(vload(d, z + i + W), it, nm);
     const vf e0 = vexp(t0), e1 = vexp(t1);
     s0 = vadd(s0, e0);
     s1 = vadd(s1, e1);
@@ -50,13 +53,13 @@ static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y)
     q1 = vfmadd(e1, vmax(lowest, t1), q1);
   }
   for (; i < v1; i += W) {
-    const vf t0 = vfmadd(vload(d, z + i), it, nm);
+    const vf t0 = vshift(vload(d, z + i), it, nm);
     const vf e0 = vexp(t0);
     s0 = vadd(s0, e0);
     q0 = vfmadd(e0, vmax(lowest, t0), q0);
   }
   if (i < V) {  // padding lanes: t = −inf, e = 0, e·t = 0
-    const vf t1 = vfmadd(load_tail(d, z + i, V - i, -INFINITY), it, nm);
+    const vf t1 = vshift(load_tail(d, z + i, V - i, -INFINITY), it, nm);
     const vf e1 = vexp(t1);
     s1 = vadd(s1, e1);
     q1 = vfmadd(e1, vmax(lowest, t1), q1);
@@ -67,7 +70,7 @@ static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y)
   RowStats o;
   o.xmax = -nxmax;
   o.sum = S;
-  o.logp = fmaf(to_f32(d, z[y]), inv_tau, nxmax) - logS;  // (x_y − max) − log S: no large-lse cancellation
+  o.logp = (to_f32(d, z[y]) * inv_tau + nxmax) - logS;  // (x_y − max) − log S: no large-lse cancellation
   o.entropy = logS - Q / S;
   return o;
 }
@@ -76,7 +79,7 @@ static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y)
 template <class D>
 static inline void grad_short(D d, const typename D::T* z, typename D::T* g, int64_t n, vf it, vf nm, vf vc) {
   alignas(64) float buf[W];
-  vstore(F32{}, buf, vmul(vexp(vfmadd(load_tail(d, z, n, -INFINITY), it, nm)), vc));
+  vstore(F32{}, buf, vmul(vexp(vshift(load_tail(d, z, n, -INFINITY), it, nm)), vc));
   for (int64_t k = 0; k < n; ++k) g[k] = from_f32(d, buf[k]);
 }
 
@@ -95,12 +98,12 @@ static void row_grad(const void* zrow, void* grow, int64_t V, float inv_tau, flo
   const int64_t v1 = V - V % W, v2 = V - V % (2 * W);
   int64_t i = 0;
   for (; i < v2; i += 2 * W) {
-    const vf e0 = vmul(vexp(vfmadd(vload(d, z + i), it, nm)), vc);
-    const vf e1 = vmul(vexp(vfmadd(vload(d, z + i + W), it, nm)), vc);
+    const vf e0 = vmul(vexp(vshift(vload(d, z + i), it, nm)), vc);
+    const vf e1 = vmul(vexp(vshift(vload(d, z + i + W), it, nm)), vc);
     vstore(d, g + i, e0);
     vstore(d, g + i + W, e1);
   }
-  for (; i < v1; i += W) vstore(d, g + i, vmul(vexp(vfmadd(vload(d, z + i), it, nm)), vc));
+  for (; i < v1; i += W) vstore(d, g + i, vmul(vexp(vshift(vload(d, z + i), it, nm)), vc));
   if (i < V) grad_short(d, z + i, g + i, V - i, it, nm, vc);
 }
 
