@@ -466,3 +466,23 @@ def test_gpu_backends(backend, level):
         # TF32 is off by default for matmuls in torch; fp32 GEMMs on GPU sum in another order than
         # the float64 oracle, hence the same 1e-5 relative budget as on CPU.
         _assert_fp32(backend, h, w, b, ids, chunk_size=5 if i % 2 else 10, softcap=3.0 if i % 3 == 0 else None, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark's own plumbing (tiny shapes: it must not rot between benchmark runs)
+# ------------------------------------------------------------------------------------------------
+
+def test_benchmark_smoke(tmp_path):
+    from grpo_fast.bench import fused_linear as bench
+
+    # floor is always added; one memory child per provider (a fresh interpreter each: keep it to two)
+    res = bench.run(shapes=[(2, 8, 16, 64)], providers=["fused-torch"], repeats=1, warmup=0, memory=True,
+                    out_dir=str(tmp_path), log=lambda *a: None)
+    rows = {r["provider"]: r for r in res["rows"]}
+    assert set(rows) == {"floor", "fused-torch"}
+    for name, r in rows.items():
+        assert r["ms"] > 0 and r["x_floor"] > 0
+        if name != "floor":
+            assert float(r["check"]) < 1e-4, (name, r["check"])  # same loss and gradients as eager
+        assert r.get("extra_mb") is not None, name  # the child-process memory measurement ran
+    assert (tmp_path / "fused_linear_cpu.json").exists()
