@@ -35,8 +35,10 @@
 #endif
 
 #include <cfloat>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "grpo_cuda.h"
 #include "grpo_math.h"
@@ -369,28 +371,30 @@ __device__ __forceinline__ void row_grad(const T* row, T* grow, int V, int y, co
     const uint4 z = make_uint4(0u, 0u, 0u, 0u);  // +0.0 in every dtype
     for (int i = threadIdx.x; i < nvec; i += step) out[i] = z;
   } else {
+    // Backwards through the row: sweep 1 read it forwards, so its end is what L2 still holds.
+    // Vector i of the loop is vector nvec−1−i of the row; a warp still reads one contiguous span.
     int i = threadIdx.x;
     for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
       uint4 raw[kUnroll];
 #pragma unroll
-      for (int q = 0; q < kUnroll; ++q) raw[q] = in[i + q * step];
+      for (int q = 0; q < kUnroll; ++q) raw[q] = in[nvec - 1 - (i + q * step)];
 #pragma unroll
       for (int q = 0; q < kUnroll; ++q) {
+        const int v = nvec - 1 - (i + q * step);
         float x[VEC];
         Io<T>::unpack(raw[q], x);
-        const int j0 = head + (i + q * step) * VEC;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], j0 + k, y, r);
-        out[i + q * step] = Io<T>::pack(x);
+        for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], head + v * VEC + k, y, r);
+        out[v] = Io<T>::pack(x);
       }
     }
     for (; i < nvec; i += step) {
+      const int v = nvec - 1 - i;
       float x[VEC];
-      Io<T>::unpack(in[i], x);
-      const int j0 = head + i * VEC;
+      Io<T>::unpack(in[v], x);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], j0 + k, y, r);
-      out[i] = Io<T>::pack(x);
+      for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], head + v * VEC + k, y, r);
+      out[v] = Io<T>::pack(x);
     }
   }
   for (int j = tail + threadIdx.x; j < V; j += step)
@@ -418,7 +422,7 @@ struct DevArgs {
   float* parts;      // out: per-token (token level) or per-row (sequence level) stats, NUM_STATS each
   float* gbuf;       // sequence level: the upstream gradient g of each token (B, T)
   // sizes and strides (elements)
-  int64_t T, V;
+  int64_t N, T, V;  // N = B·T token rows
   int64_t stride_b, stride_t, grad_stride_b, grad_stride_t;
   int64_t adv_sb, adv_st, isr_sb, isr_st;
   // options
@@ -444,63 +448,69 @@ __device__ __forceinline__ RowStats row_stats(const Lse& st, float xy, double ta
   return o;
 }
 
-// Token level: one block per token. logp, the token's stats and (when asked) its gradient row.
+// Token level: one block per token row at a time (blocks loop over rows, see row_grid()): logp,
+// the token's stats and (when asked) its gradient row.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevArgs a) {
   __shared__ float sh_bcast[2];
-  const int64_t n = blockIdx.x;
-  const int64_t b = n / a.T, t = n - b * a.T;
-  const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
-  const int64_t y = a.ids[n];
-  // The target's logit, read before any thread can overwrite the row (inplace).
-  const float xy = threadIdx.x == 0 ? Io<T>::load1(row + y) : 0.f;
+  for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
+    const int64_t b = n / a.T, t = n - b * a.T;
+    const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
+    const int64_t y = a.ids[n];
+    // The target's logit, read before any thread can overwrite the row (inplace).
+    const float xy = threadIdx.x == 0 ? Io<T>::load1(row + y) : 0.f;
 
-  const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2), a.k2);
+    const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2), a.k2);
 
-  if (threadIdx.x == 0) {
-    const RowStats rs = row_stats(st, xy, a.tau);
-    const float logp = rs.logp, ent = rs.entropy;
-    a.logp[n] = logp;
-    const float m = a.mask[n], w = a.weight[n];
-    const float A = a.adv[b * a.adv_sb + t * a.adv_st];
-    const float isr = a.isr ? a.isr[b * a.isr_sb + t * a.isr_st] : 1.f;
-    const float ref = load_or(a.ref, n, 0.f);
-    // On-policy (old = logp.detach()): r = exp(logp − logp) = 1, dr/dlogp = r = 1 — and NaN for a
-    // NaN/inf log-prob, as the reference gives.
-    const float r = expf(logp - (a.old ? a.old[n] : logp));
-    const TokenTerms o = token_terms(a.p, logp, ref, A, isr, r);
-    float* out = a.parts + n * NUM_STATS;
-    out[STAT_LOSS] = w * o.loss;
-    out[STAT_ENTROPY] = m * ent;
-    out[STAT_KL] = m * o.kl;
-    out[STAT_CLIP_LOW] = o.clip_low ? m : 0.f;
-    out[STAT_CLIP_HIGH] = o.clip_high ? m : 0.f;
-    out[STAT_CLIP_REGION] = (o.clip_low || o.clip_high) ? m : 0.f;
-    out[STAT_CISPO_CLIP] = o.cispo_clip ? m : 0.f;
-    out[NUM_STATS - 1] = 0.f;
-    sh_bcast[0] = rs.log2s;
-    sh_bcast[1] = w * (o.d_logp + r * o.d_ratio) / a.p.temperature;  // g/τ; dr/dlogp = r at token level
+    if (threadIdx.x == 0) {
+      const RowStats rs = row_stats(st, xy, a.tau);
+      const float logp = rs.logp, ent = rs.entropy;
+      a.logp[n] = logp;
+      const float m = a.mask[n], w = a.weight[n];
+      const float A = a.adv[b * a.adv_sb + t * a.adv_st];
+      const float isr = a.isr ? a.isr[b * a.isr_sb + t * a.isr_st] : 1.f;
+      const float ref = load_or(a.ref, n, 0.f);
+      // On-policy (old = logp.detach()): r = exp(logp − logp) = 1, dr/dlogp = r = 1 — and NaN for a
+      // NaN/inf log-prob, as the reference gives.
+      const float r = expf(logp - (a.old ? a.old[n] : logp));
+      const TokenTerms o = token_terms(a.p, logp, ref, A, isr, r);
+      float* out = a.parts + n * NUM_STATS;
+      out[STAT_LOSS] = w * o.loss;
+      out[STAT_ENTROPY] = m * ent;
+      out[STAT_KL] = m * o.kl;
+      out[STAT_CLIP_LOW] = o.clip_low ? m : 0.f;
+      out[STAT_CLIP_HIGH] = o.clip_high ? m : 0.f;
+      out[STAT_CLIP_REGION] = (o.clip_low || o.clip_high) ? m : 0.f;
+      out[STAT_CISPO_CLIP] = o.cispo_clip ? m : 0.f;
+      out[NUM_STATS - 1] = 0.f;
+      sh_bcast[0] = rs.log2s;
+      sh_bcast[1] = w * (o.d_logp + r * o.d_ratio) / a.p.temperature;  // g/τ; dr/dlogp = r at token level
+    }
+    if (a.grad != nullptr) {
+      __syncthreads();
+      T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
+      row_grad(row, grow, (int)a.V, (int)y, RowSoftmax{st.m, a.k2, sh_bcast[0], sh_bcast[1]});
+    }
+    // Next row: thread 0 rewrites sh_bcast only after the next reduction's barriers, which every
+    // thread reaches after it has read sh_bcast above.
   }
-  if (a.grad == nullptr) return;
-  __syncthreads();
-  T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
-  row_grad(row, grow, (int)a.V, (int)y, RowSoftmax{st.m, a.k2, sh_bcast[0], sh_bcast[1]});
 }
 
 // lse, logp and entropy of one token row per block (token_logprobs; sequence level pass 1).
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a) {
-  const int64_t n = blockIdx.x;
-  const int64_t b = n / a.T, t = n - b * a.T;
-  const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
-  const float xy = threadIdx.x == 0 ? Io<T>::load1(row + a.ids[n]) : 0.f;
-  const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2), a.k2);
-  if (threadIdx.x == 0) {
-    const RowStats rs = row_stats(st, xy, a.tau);
-    a.logp[n] = rs.logp;
-    if (a.entropy) a.entropy[n] = rs.entropy;
-    if (a.rmax) a.rmax[n] = st.m;
-    if (a.log2s) a.log2s[n] = rs.log2s;
+  for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
+    const int64_t b = n / a.T, t = n - b * a.T;
+    const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
+    const float xy = threadIdx.x == 0 ? Io<T>::load1(row + a.ids[n]) : 0.f;
+    const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2), a.k2);
+    if (threadIdx.x == 0) {
+      const RowStats rs = row_stats(st, xy, a.tau);
+      a.logp[n] = rs.logp;
+      if (a.entropy) a.entropy[n] = rs.entropy;
+      if (a.rmax) a.rmax[n] = st.m;
+      if (a.log2s) a.log2s[n] = rs.log2s;
+    }
   }
 }
 
@@ -570,11 +580,12 @@ __global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
 // Sequence level pass 2: one block per token row, the gradient from pass 1's row max, log2 s and g.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) seq_grad_kernel(const DevArgs a) {
-  const int64_t n = blockIdx.x;
-  const int64_t b = n / a.T, t = n - b * a.T;
-  const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
-  T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
-  row_grad(row, grow, (int)a.V, (int)a.ids[n], RowSoftmax{a.rmax[n], a.k2, a.log2s[n], a.gbuf[n] / a.p.temperature});
+  for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
+    const int64_t b = n / a.T, t = n - b * a.T;
+    const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
+    T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
+    row_grad(row, grow, (int)a.V, (int)a.ids[n], RowSoftmax{a.rmax[n], a.k2, a.log2s[n], a.gbuf[n] / a.p.temperature});
+  }
 }
 
 // Advantages (B,) from rewards: thread 0 takes the batch std first (scale_rewards="batch"), then one
@@ -661,21 +672,58 @@ int64_t fused_scratch_floats(int64_t B, int64_t T, int32_t level, bool has_rewar
   return scratch_layout(B, T, level, has_rewards, want_grad).total;
 }
 
+// SM count and L2 size of a device, queried once per device.
+struct DeviceInfo {
+  int sms = 0, l2_bytes = 0;
+};
+
+static DeviceInfo device_info(int device) {
+  static std::mutex mu;
+  static std::vector<DeviceInfo> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if ((int)cache.size() <= device) cache.resize(device + 1);
+  DeviceInfo& di = cache[device];
+  if (di.sms == 0) {
+    GF_CUDA_CHECK(cudaDeviceGetAttribute(&di.l2_bytes, cudaDevAttrL2CacheSize, device));
+    GF_CUDA_CHECK(cudaDeviceGetAttribute(&di.sms, cudaDevAttrMultiProcessorCount, device));
+  }
+  return di;
+}
+
+// Blocks of a row kernel (each loops over rows n = blockIdx.x, + gridDim.x, ...). A block holds its
+// row between sweep 1 and sweep 2, so the rows in flight are the blocks in flight: keep them within
+// ~3/4 of L2 so that sweep 2 rereads from L2, not HBM (e.g. 132 SMs × 304 KB bf16 rows of a 152k
+// vocabulary: one block per SM), and never fewer than one block per SM. two_sweeps = false (the
+// sequence-level gradient pass reads each row once): only the cap of max_per_sm blocks per SM.
+static unsigned row_grid(int64_t N, int64_t row_bytes, int device, bool two_sweeps) {
+  constexpr int64_t kMaxPerSm = 16;
+  const DeviceInfo di = device_info(device);
+  const int64_t sms = di.sms > 0 ? di.sms : 1;
+  int64_t per_sm = kMaxPerSm;
+  if (two_sweeps) per_sm = ((int64_t)di.l2_bytes * 3 / 4) / (sms * (row_bytes > 0 ? row_bytes : 1));
+  per_sm = per_sm < 1 ? 1 : (per_sm > kMaxPerSm ? kMaxPerSm : per_sm);
+  const int64_t grid = sms * per_sm;
+  return (unsigned)(N < grid ? N : grid);
+}
+
 template <typename T>
-static void launch_token_fused(const DevArgs& d, int64_t N, cudaStream_t stream) {
-  GF_LAUNCH(token_fused_kernel<T>, (unsigned)N, row_threads<T>(d.V), stream, d);
+static void launch_token_fused(const DevArgs& d, int device, cudaStream_t stream) {
+  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, d.grad != nullptr);
+  GF_LAUNCH(token_fused_kernel<T>, grid, row_threads<T>(d.V), stream, d);
   GF_LAUNCH_CHECK(token_fused_kernel);
 }
 
 template <typename T>
-static void launch_logprob(const DevArgs& d, int64_t N, cudaStream_t stream) {
-  GF_LAUNCH(logprob_kernel<T>, (unsigned)N, row_threads<T>(d.V), stream, d);
+static void launch_logprob(const DevArgs& d, int device, cudaStream_t stream) {
+  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
+  GF_LAUNCH(logprob_kernel<T>, grid, row_threads<T>(d.V), stream, d);
   GF_LAUNCH_CHECK(logprob_kernel);
 }
 
 template <typename T>
-static void launch_seq_grad(const DevArgs& d, int64_t N, cudaStream_t stream) {
-  GF_LAUNCH(seq_grad_kernel<T>, (unsigned)N, row_threads<T>(d.V), stream, d);
+static void launch_seq_grad(const DevArgs& d, int device, cudaStream_t stream) {
+  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
+  GF_LAUNCH(seq_grad_kernel<T>, grid, row_threads<T>(d.V), stream, d);
   GF_LAUNCH_CHECK(seq_grad_kernel);
 }
 
@@ -696,7 +744,7 @@ static void check_logits(const LogitsView& l) {
   GF_CHECK_POSITIVE(l.T);
   GF_CHECK_POSITIVE(l.V);
   GF_REQUIRE(l.V <= (int64_t)INT32_MAX, "V must fit in int32 (in-row indices), got " + std::to_string(l.V));
-  GF_CHECK_GRID(l.B * l.T);
+  GF_CHECK_GRID(l.B);  // seq_row_kernel: one block per sequence (row kernels loop, any B·T)
 }
 
 void fused_loss(const FusedArgs& f) {
@@ -732,6 +780,7 @@ void fused_loss(const FusedArgs& f) {
   d.ref = f.params.beta != 0.f ? f.ref_logp : nullptr;
   d.isr = f.isr;
   d.logp = f.logp;
+  d.N = N;
   d.T = T;
   d.V = l.V;
   d.stride_b = l.stride_b;
@@ -762,7 +811,7 @@ void fused_loss(const FusedArgs& f) {
 
   // 3. the passes over the logits
   if (f.params.level == TOKEN) {
-    dispatch_dtype(l.dtype, [&](auto tag) { launch_token_fused<decltype(tag)>(d, N, stream); });
+    dispatch_dtype(l.dtype, [&](auto tag) { launch_token_fused<decltype(tag)>(d, f.device, stream); });
     GF_LAUNCH(reduce_stats_kernel, 1, kReduceThreads, stream, d.parts, N, f.stats);
     GF_LAUNCH_CHECK(reduce_stats_kernel);
     return;
@@ -772,10 +821,10 @@ void fused_loss(const FusedArgs& f) {
   d.entropy = f.scratch + S.entropy;
   d.gbuf = want_grad ? f.scratch + S.gbuf : nullptr;
   d.row_flags = (f.rewards != nullptr || !f.adv_per_token) ? 1 : 0;
-  dispatch_dtype(l.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, N, stream); });
+  dispatch_dtype(l.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, f.device, stream); });
   GF_LAUNCH(seq_row_kernel, (unsigned)B, kSeqThreads, stream, d);
   GF_LAUNCH_CHECK(seq_row_kernel);
-  if (want_grad) dispatch_dtype(l.dtype, [&](auto tag) { launch_seq_grad<decltype(tag)>(d, N, stream); });
+  if (want_grad) dispatch_dtype(l.dtype, [&](auto tag) { launch_seq_grad<decltype(tag)>(d, f.device, stream); });
   GF_LAUNCH(reduce_stats_kernel, 1, kReduceThreads, stream, d.parts, B, f.stats);
   GF_LAUNCH_CHECK(reduce_stats_kernel);
 }
@@ -791,6 +840,7 @@ void token_logprobs(const LogprobArgs& a) {
   d.ids = a.ids;
   d.logp = a.logp;
   d.entropy = a.entropy;
+  d.N = a.logits.B * a.logits.T;
   d.T = a.logits.T;
   d.V = a.logits.V;
   d.stride_b = a.logits.stride_b;
@@ -798,9 +848,8 @@ void token_logprobs(const LogprobArgs& a) {
   d.p.temperature = (float)a.temperature;
   d.tau = a.temperature;
   d.k2 = (float)(1.4426950408889634 / a.temperature);
-  const int64_t N = a.logits.B * a.logits.T;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, N, stream); });
+  dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, a.device, stream); });
 }
 
 void token_terms_host(const LossParams& p, int64_t n, const float* logp, const float* ref, const float* adv,

@@ -75,6 +75,13 @@ inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 0; return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 0; return cudaSuccess; }
+// A small "device" (3 SMs, 256 KB of L2), so that row kernels get fewer blocks than rows and their
+// loop over rows is exercised.
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrL2CacheSize };
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  *v = attr == cudaDevAttrMultiProcessorCount ? 3 : 256 * 1024;
+  return cudaSuccess;
+}
 
 namespace gf_emu {
 
