@@ -265,6 +265,9 @@ def test_token_logprobs(V, dtype, atol, rtol):
         logp, ent = grpo_fast.token_logprobs(logits, inp["ids"], 0.8, return_entropy=True, backend="cpu")
         logp_only = grpo_fast.token_logprobs(logits, inp["ids"], 0.8, backend="cpu")
         assert torch.equal(logp, logp_only)
+        assert bool((logp <= 0).all()), "a log-probability above 0"
+        if V == 1:
+            assert bool((logp == 0).all()) and bool((ent == 0).all())
         logp_o, ent_o = token_logprobs_reference(logits.double(), inp["ids"], 0.8, return_entropy=True)
         if dtype == torch.float32:
             assert_close(logp, logp_o, atol, rtol, "logp")
