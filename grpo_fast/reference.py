@@ -164,10 +164,14 @@ def grpo_loss_reference(
     else:  # luspo: sequence-length-weighted sum per row, mean over rows
         loss = (L * mask).sum(-1).mean()
 
-    # Metrics: masked token means; flags of shape (B, 1) (sequence level) are averaged over rows.
-    def masked_mean(x: torch.Tensor) -> torch.Tensor:
+    # Metrics: masked means over valid tokens. At sequence level with a per-row advantage the clip
+    # flags are the row's (ratio and advantage are one value per row): averaged over the B rows, as
+    # TRL does. Decided by the options, not by shape: at T = 1 a token-level (B, 1) is still tokens.
+    row_level = importance_sampling_level == "sequence" and A.shape[1] == 1
+
+    def masked_mean(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
         x = x.detach().to(acc)
-        if x.shape[1] == 1:
+        if rows:
             return x.mean().float()
         return ((x * mask).sum() / mask.sum().clamp(min=1.0)).float()
 
@@ -177,9 +181,9 @@ def grpo_loss_reference(
     if loss_type in CLIP_FAMILY:
         low = (r < 1 - epsilon_low) & (A < 0)
         high = (r > 1 + epsilon_high) & (A > 0)
-        metrics["clip_ratio_low"] = masked_mean(low)
-        metrics["clip_ratio_high"] = masked_mean(high)
-        metrics["clip_ratio"] = masked_mean(low | high)
+        metrics["clip_ratio_low"] = masked_mean(low, row_level)
+        metrics["clip_ratio_high"] = masked_mean(high, row_level)
+        metrics["clip_ratio"] = masked_mean(low | high, row_level)
     elif loss_type == "cispo":
-        metrics["cispo_clip_ratio"] = masked_mean((r > epsilon_high) & (A > 0))
+        metrics["cispo_clip_ratio"] = masked_mean((r > epsilon_high) & (A > 0), row_level)
     return loss.float() if acc == torch.float32 else loss, metrics

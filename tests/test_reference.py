@@ -222,3 +222,17 @@ def test_grpo_loss_module_forwards_options():
         grpo_fast.GRPOLoss(loss_typ="grpo")
     with pytest.raises(ValueError, match="per-call"):
         grpo_fast.GRPOLoss(ref_logp=ref)
+
+
+def test_token_level_metrics_at_t1_are_token_means_not_row_means():
+    # T = 1 makes token-level flags (B, 1), the shape of sequence-level ones; they are still tokens:
+    # the masked-out row must not count (it would with a row mean).
+    z = torch.zeros(2, 1, 3, dtype=torch.float64)
+    y = torch.zeros(2, 1, dtype=torch.long)
+    old = torch.full((2, 1), math.log(1 / 3) - 0.5, dtype=torch.float64)  # r = e^0.5 > 1.2 on both rows
+    m = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    _, met = grpo_loss_reference(z, y, torch.tensor([1.0, 1.0], dtype=torch.float64), old_logp=old, completion_mask=m)
+    assert met["clip_ratio_high"].item() == 1.0
+    _, met = grpo_loss_reference(z, y, torch.tensor([1.0, 1.0], dtype=torch.float64), old_logp=old, completion_mask=m,
+                                 importance_sampling_level="sequence")
+    assert met["clip_ratio_high"].item() == 0.5  # sequence level: one flag per row, masked row's r = 1
