@@ -10,8 +10,8 @@ Kernels:
                            sequence-level loss, and the public token_logprobs.
   _grpo_token_fwd_kernel   token-level loss: online lse + entropy, gathered logit, per-token loss,
                            KL and clip flags, and, when a gradient is wanted, the row's gradient
-                           written by the same program (a second sweep of the row it just read,
-                           which the caches mostly still hold).
+                           written by the same program (a second sweep of the row it just read:
+                           from L2 while the rows in flight fit there, else from HBM again).
   _grpo_seq_row_kernel     sequence level (GSPO), pass 2: one program per sequence computes the
                            row's ratio, the per-token terms, the row's stats and each token's dL/dlogp.
   _grpo_grad_kernel        sequence level, pass 3: writes dL/dz = g·(onehot(y) − p)/τ from the lse of pass 1.
