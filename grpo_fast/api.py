@@ -152,16 +152,21 @@ def grpo_loss(
         importance_sampling_ratio=importance_sampling_ratio, use_bias_correction_kl=use_bias_correction_kl,
         check_values=not compiling,
     )
-    impl = _backends.resolve(backend, logits.device)
     if compiling:
-        return _compiled_path(logits, inp, impl, backend)
+        return _compiled_path(logits, inp, backend)
+    impl = _backends.resolve(backend, logits.device)
     if impl is None:
         return _reference_from_inputs(logits, inp)
     loss, stats = _FusedGRPOLoss.apply(logits, inp, impl, inplace)
     return loss, metrics_from_sums(stats, inp)
 
 
-def _compiled_path(logits: torch.Tensor, inp: LossInputs, impl, backend: str):
+# Availability does not change within a process: let dynamo evaluate the resolution at trace time
+# (it imports modules, which dynamo would refuse to trace) and bake the name into the graph.
+_resolve_name_const = torch._dynamo.assume_constant_result(_backends.resolve_name)
+
+
+def _compiled_path(logits: torch.Tensor, inp: LossInputs, backend: str):
     """Under torch.compile: the value checks and the kernel as custom ops (grpo_fast/_ops.py).
 
     The checked mask feeds everything after it, so the checks cannot be dropped as dead code and
@@ -170,9 +175,9 @@ def _compiled_path(logits: torch.Tensor, inp: LossInputs, impl, backend: str):
     from . import _ops
 
     inp.mask = _ops.check_values(inp.ids, logits.shape[-1], inp.mask, inp.rewards, inp.advantages)
-    if impl is None:
+    resolved = _resolve_name_const(backend, logits.device.type)
+    if resolved == "torch":
         return _reference_from_inputs(logits, inp)
-    resolved = impl.__name__.rsplit(".", 1)[-1].replace("triton_backend", "triton")
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     stats, _ = _ops.fused_loss(inp.logits, inp.ids, inp.mask, inp.weight, inp.advantages, inp.rewards, inp.old_logp,
                                inp.ref_logp, inp.isr, _ops.pack_config(inp.cfg), resolved, need_grad)

@@ -51,3 +51,14 @@ def test_value_checks_still_run_under_compile():
         f(z, torch.full((2, 3), 7), torch.rand(2))
     with pytest.raises(ValueError, match="rewards must be finite"):
         f(z, torch.zeros(2, 3, dtype=torch.long), torch.tensor([1.0, float("nan")]))
+
+
+def test_unavailable_backend_under_compile_says_why():
+    missing = [b for b in ("cuda", "triton", "cpu") if unavailable_reason(b, torch.device("cpu")) is not None]
+    if not missing:
+        pytest.skip("every backend is available on CPU tensors here")
+    torch._dynamo.reset()
+    f = torch.compile(lambda z, y, r: grpo_fast.grpo_loss(z, y, rewards=r, group_size=2, backend=missing[0])[0],
+                      fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=f'backend="{missing[0]}" is not available'):
+        f(torch.randn(2, 3, 7), torch.zeros(2, 3, dtype=torch.long), torch.rand(2))

@@ -62,6 +62,16 @@ def describe_backends() -> str:
     return "\n".join(lines)
 
 
+def resolve_name(name: str, device_type: str) -> str:
+    """The concrete backend name ``name`` stands for on this device type ("torch" = the reference).
+
+    Plain strings in and out, so torch.compile can evaluate it once at trace time (api.py wraps it
+    in ``assume_constant_result``); raises like ``resolve`` for an unavailable explicit backend.
+    """
+    mod = resolve(name, torch.device(device_type))
+    return "torch" if mod is None else next(k for k, v in _MODULES.items() if mod.__name__.endswith("." + v))
+
+
 def resolve(name: str, device: torch.device):
     """The backend module to use (None means the eager "torch" reference)."""
     if name == "auto":
