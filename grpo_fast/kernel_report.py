@@ -74,6 +74,14 @@ def _aot_kernels_module():
     return mod
 
 
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def ptxas_path() -> Optional[str]:
     """The ptxas binary of the Triton wheel (or $TRITON_PTXAS_PATH), or None."""
     env = os.environ.get("TRITON_PTXAS_PATH")
@@ -351,7 +359,7 @@ def main(argv=None) -> int:
 
     rows: list[KernelResources] = []
     problems = []
-    if importlib.util.find_spec("triton") is None:
+    if not _have_triton():
         problems.append("Triton is not installed: no Triton kernels compiled (pip install triton)")
     elif ptxas_path() is None:
         problems.append("ptxas not found in the Triton wheel (set TRITON_PTXAS_PATH): no Triton kernels measured")

@@ -328,3 +328,20 @@ def test_entropy_of_peaked_rows():
     # float32 log(d) with d = 1 + O(1e-6) bounds the absolute error near 1e-7; eager float32 is off by
     # 100 % on the smallest of these entropies
     assert_close(ent, want, 2e-7, 1e-3, "entropy of peaked rows")
+
+
+def test_unavailable_without_triton(monkeypatch):
+    # Importing grpo_fast never needs Triton: without it the backend says why and how to fix it.
+    import sys
+
+    from grpo_fast.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_KERNELS", None)
+    monkeypatch.delitem(sys.modules, "grpo_fast.kernels", raising=False)
+    monkeypatch.delitem(sys.modules, "grpo_fast.kernels.grpo", raising=False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is absent
+    why = tb.unavailable_reason()
+    assert why is not None and "pip install triton" in why
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        grpo_fast.grpo_loss(torch.randn(2, 2, 5), torch.zeros(2, 2, dtype=torch.long), torch.randn(2), backend="triton")
+    monkeypatch.setattr(tb, "_KERNELS", None)  # forget the failure; monkeypatch restores the modules

@@ -92,10 +92,10 @@ def _kernels():
 
 
 def unavailable_reason() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed; install it with `pip install triton` (or `pip install grpo_fast[triton]`)"
     k = _kernels()
     if isinstance(k, ImportError):
+        if isinstance(k, ModuleNotFoundError) and (k.name or "").split(".")[0] == "triton":
+            return "Triton is not installed; install it with `pip install triton` (or `pip install grpo_fast[triton]`)"
         return f"the Triton kernels could not be imported ({k}); reinstall grpo_fast and triton"
     if not INTERPRET and not torch.cuda.is_available():
         return ("no CUDA device is visible to torch; run on a GPU, or set TRITON_INTERPRET=1 before "
