@@ -148,7 +148,7 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     for prm in fn.params:  # constexpr parameters with a default (e.g. SOFT_BF16) take it
         if prm.is_constexpr and prm.has_default and prm.name not in constexprs:
             constexprs[prm.name] = prm.default
-    sig = dict(signature)
+    sig = {k: v for k, v in signature.items() if k not in constexprs}
     for k in constexprs:
         sig[k] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
@@ -301,6 +301,14 @@ def variant_jobs():
         out.append(("_grpo_token_fwd_kernel", f"logits {dt}", _sig_token_fwd(dt), {**base, "BLOCK_V": DEFAULT_BLOCK_V},
                     DEFAULT_WARPS, 1, dcfg))
         out.append(("_grpo_grad_kernel", f"logits {dt}", _sig_grad(dt), {"BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+    # Triton specializes integer arguments equal to 1 into constants (T = 1, V = 1, no group)
+    ones = {"T": 1, "V": 1}
+    out.append(("_grpo_token_fwd_kernel", "T=V=G=1 (specialized)", _sig_token_fwd("bf16"),
+                {**base, **ones, "G": 1, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+    out.append(("_grpo_seq_row_kernel", "T=G=1 (specialized)", _sig_seq_row(), {**base, "T": 1, "G": 1, "BLOCK_T": 1},
+                4, 1, "BLOCK_T=1 warps=4"))
+    out.append(("_grpo_grad_kernel", "T=V=1 (specialized)", _sig_grad("bf16"), {**ones, "BLOCK_V": DEFAULT_BLOCK_V},
+                DEFAULT_WARPS, 1, dcfg))
     for dt in ("bf16", "fp32", "fp16"):
         for ent, lse in ((False, False), (True, False)):
             out.append(("_token_logprobs_kernel", f"logits {dt}, entropy={int(ent)}, lse={int(lse)}", _sig_logprobs(dt),
