@@ -316,18 +316,39 @@ def variant_jobs():
     return out
 
 
-def triton_report(archs=ARCHS, quick: bool = False, variants: bool = False) -> list[KernelResources]:
-    """Compile every job for every arch; one row each. Runs in a child process when this one
-    imported Triton in interpreter mode (the CPU test session)."""
+_AOT_MODULE = None
+
+
+def _measure_job(job) -> KernelResources:
+    """One (kernel, variant, ..., arch) compile; the unit of work of the process pool."""
+    global _AOT_MODULE
+    if _AOT_MODULE is None:
+        _AOT_MODULE = _aot_kernels_module()
+    name, variant, sig, consts, nw, ns, cfg, arch = job
+    r = measure(getattr(_AOT_MODULE, name), sig, consts, arch, nw, ns)
+    return KernelResources(kernel=name, variant=variant, config=cfg, arch=f"sm_{arch}", **r)
+
+
+def triton_report(archs=ARCHS, quick: bool = False, variants: bool = False, workers: Optional[int] = None) -> list[KernelResources]:
+    """Compile every job for every arch; one row each, in the order of the jobs.
+
+    Compiles run in ``workers`` processes (default: the CPU count, at most 8; each compile is
+    single-threaded MLIR + a ptxas subprocess). The whole report runs in a child process when this
+    one imported Triton in interpreter mode (the CPU test session).
+    """
     if _triton_imported_interpreted():
         return _triton_report_subprocess(archs, quick, variants)
-    mod = _aot_kernels_module()
-    rows = []
-    for name, variant, sig, consts, nw, ns, cfg in (variant_jobs() if variants else jobs(quick)):
-        for arch in archs:
-            r = measure(getattr(mod, name), sig, consts, arch, nw, ns)
-            rows.append(KernelResources(kernel=name, variant=variant, config=cfg, arch=f"sm_{arch}", **r))
-    return rows
+    work = [job + (arch,) for job in (variant_jobs() if variants else jobs(quick)) for arch in archs]
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if workers <= 1 or len(work) < 4:
+        return [_measure_job(j) for j in work]
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    # fork: the workers inherit the loaded modules; nothing here has touched a GPU
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(_measure_job, work))
 
 
 def cuda_report() -> list[KernelResources]:
