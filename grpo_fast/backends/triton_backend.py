@@ -4,7 +4,7 @@ What runs (N = B·T token rows, one program per row on grid axis 0):
 
     token level      _grpo_token_fwd_kernel       one sweep of z for lse/entropy, then (with a
                                                   gradient) a second sweep of the same row writing
-                                                  dL/dz — the row is usually still in L2.
+                                                  dL/dz — from L2 while the rows in flight fit there.
     sequence level   _token_logprobs_kernel       pass 1: logp, entropy, lse per token
                      _grpo_seq_row_kernel         per sequence: the row's ratio, loss, stats, dL/dlogp
                      _grpo_grad_kernel            pass 2 over z: writes dL/dz
@@ -144,7 +144,8 @@ def _tuned(kernel_name: str, restore: tuple = ()):
     """The autotuned wrapper of a V-streaming kernel (built lazily, once per (kernel, restore)).
 
     ``restore`` names pointer arguments the kernel overwrites in a way that changes its inputs
-    (inplace gradients): the autotuner restores them between trial runs.
+    (inplace gradients): the autotuner restores them between trial runs. That costs one copy of
+    the logits, once per new V, on the first inplace call (the tuned config is then cached).
     """
     key = (kernel_name, restore)
     if key not in _TUNED:
