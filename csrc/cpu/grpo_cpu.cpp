@@ -202,11 +202,9 @@ static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void
 static void fused_loss_impl(const LossArgs& a) {
   const RowKernels& K = *g_kernels.load();
   const int64_t B = a.B, T = a.T, V = a.V, N = B * T;
-  const int64_t esz = elem_size(a.dtype);
   const LossParams& P = a.P;
   const float inv_tau = (float)(1.0 / (double)P.temperature);
   const bool seq = P.level == SEQUENCE;
-  (void)esz;
 
   // Advantages from rewards: one value per row, computed here (no (B, T) tensor anywhere).
   std::vector<float> adv_rows;
