@@ -1,29 +1,35 @@
 // grpo_cuda_kernels.cu — the CUDA backend of grpo_fast: the GRPO loss and its gradient in one read
 // of the logits.
 //
-// What it fuses, per token row (b, t) of V logits (one thread block per row):
-//   x = z/τ → online max / Σexp / Σp·x (logsumexp and entropy) → logp → the per-token GRPO terms
+// What it fuses, per token row (b, t) of V logits (one thread block per row at a time):
+//   online max / Σexp / Σp·x over z/τ (logsumexp and entropy) → logp → the per-token GRPO terms
 //   (grpo_math.h: ratio, loss, KL, clip flags, ∂loss/∂logp) → the gradient
 //   g·(1[j=y] − p_j)/τ written in the logits' dtype while the row is still in L2.
-// Eager PyTorch reads and writes (B, T, V) tensors about ten times for the same result.
+// Memory traffic at token level: read the logits once from HBM (sweep 2 rereads them from L2),
+// write the gradient once; eager PyTorch reads and writes (B, T, V) tensors about ten times.
 //
 // Kernels:
-//   token_fused_kernel<T>   token level: everything above in one kernel, two sweeps of the row (the
-//                           second one hits L2)
+//   token_fused_kernel<T>   token level: everything above in one kernel, two sweeps of each row
 //   logprob_kernel<T>       lse / logp / entropy only: token_logprobs(), and pass 1 of sequence level
 //   seq_row_kernel          sequence level (GSPO): one block per sequence computes the row's ratio
 //                           r_b and Σ_t w·d_ratio, then each token's upstream gradient g_bt
 //   seq_grad_kernel<T>      sequence level pass 2: rereads the logits and writes the gradient
 //   advantages_kernel       group-relative advantages from rewards (grpo_math.h), batch std first
 //   reduce_stats_kernel     per-token (or per-row) partial stats → the stats vector, in a fixed order
+//   token_terms_kernel      grpo_math.h token_terms() on arrays (the device-vs-host test only)
 // No float atomics anywhere: every reduction has a fixed order, so results are bitwise repeatable.
+// Row kernels take a grid sized so that the rows in flight fit in L2 and loop over the rows.
 //
-// Numerics: fp32 accumulation whatever the logits' dtype; logits are scaled once into log2 units
-// (u = x·log2(e)/τ) so that every exponential is a single exp2f; -inf logits give p = 0 and never
-// 0·inf = NaN in Σp·x; NaN logits propagate (fmaxf skips NaN but Σexp does not).
+// Numerics: fp32 accumulation whatever the logits' dtype; 16-byte vector loads (4 fp32 / 8 bf16 or
+// fp16), int64 row offsets; every exponent is a difference x − max scaled once into log2 units,
+// so each exponential is one exp2f; the log-prob itself is formed in float64 and rounded once.
+// -inf logits give p = 0 and never 0·inf = NaN in Σp·x; NaN logits propagate (fmaxf skips NaN
+// but Σexp does not).
 //
 // Built by setup.py (BEGIN CUDA BUILD) with nvcc -O3 -Xptxas -v for sm_80, sm_90 and the newer
 // architectures the installed nvcc knows; linked with the static CUDA runtime, no torch headers.
+// Sections: error handling, constants, dtype access, online logsumexp, block reductions, row
+// sweeps, kernels, launchers.
 #if defined(GF_HOST_EMULATION)
 // Test-only: the same source built by the host compiler, one std::thread per CUDA thread
 // (csrc/cuda/host_emulation.h), so the kernels' logic runs on machines without a GPU.
