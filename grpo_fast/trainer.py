@@ -62,6 +62,7 @@ class TrainConfig:
     out: str = "runs/grpo_fast"  # metrics.jsonl, summary.json, PNG plots, ckpt.pt go here
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "float32"  # float32 | bfloat16 (torch.autocast around the forward passes; weights stay float32)
     # torch CPU threads. The built-in model's matmuls are tiny (~128×64 by 64×256): one thread avoids
     # OpenMP synchronization that costs more than it saves, and leaves the other cores free. 0 = torch's default.
     threads: int = 1
@@ -69,6 +70,9 @@ class TrainConfig:
     task: str = "reverse"  # reverse | add (grpo_fast/tasks.py)
     n_digits: int = 3
     model: str = "tiny"  # tiny: grpo_fast.model.TinyGPT | llama: transformers' LlamaForCausalLM from a config
+    # 0: the task's 13 tokens. Larger (e.g. 32768) pads the vocabulary with tokens the task never uses, so
+    # the LM head and the loss weigh as in a real LLM (V=32k-150k) and --compare shows the fused loss's effect.
+    vocab_size: int = 0
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
@@ -127,6 +131,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """nanoGPT's device-agnostic switch: nullcontext for float32, torch.autocast for bfloat16."""
+    if cfg.dtype == "float32":
+        return nullcontext()
+    if cfg.dtype != "bfloat16":
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,9 +346,10 @@ def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConf
     prompts = [e["prompt"] for e in examples]
     prompt_ids, prompt_mask = encode_prompts(task, prompts, device)
     max_new = cfg.max_new_tokens or task.max_new_tokens
-    comp_ids, comp_mask = sample_completions(lm, prompt_ids, prompt_mask, max_new_tokens=max_new,
-                                             temperature=cfg.temperature, eos_id=task.tokenizer.eos_id,
-                                             pad_id=task.tokenizer.pad_id, generator=sample_gen)
+    with autocast(cfg, prompt_ids.device):
+        comp_ids, comp_mask = sample_completions(lm, prompt_ids, prompt_mask, max_new_tokens=max_new,
+                                                 temperature=cfg.temperature, eos_id=task.tokenizer.eos_id,
+                                                 pad_id=task.tokenizer.pad_id, generator=sample_gen)
     completions = [task.tokenizer.decode(row) for row in comp_ids.tolist()]
     rewards, parts = task.rewards(prompts, completions, examples)
     rewards = rewards.to(device)
@@ -343,10 +357,11 @@ def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConf
     batch.update(prompts=prompts, completions=completions, rewards=rewards, reward_parts=parts)
     micro = math.ceil(len(prompts) / cfg.grad_accum)
     # Old log-probs only matter when the policy moves between sampling and a later update.
-    if cfg.num_iterations > 1:
-        batch["old_logp"] = sequence_logprobs(lm, batch, cfg, micro)
-    if cfg.beta != 0:
-        batch["ref_logp"] = sequence_logprobs(ref_lm, batch, cfg, micro)
+    with autocast(cfg, prompt_ids.device):
+        if cfg.num_iterations > 1:
+            batch["old_logp"] = sequence_logprobs(lm, batch, cfg, micro)
+        if cfg.beta != 0:
+            batch["ref_logp"] = sequence_logprobs(ref_lm, batch, cfg, micro)
     return batch
 
 
@@ -418,7 +433,8 @@ def accumulate_gradients(policy: nn.Module, lm: CausalLM, batch: dict, cfg: Trai
         # Only the last micro-batch all-reduces gradients (DDP's no_sync for the others).
         sync = nullcontext() if (last or not hasattr(policy, "no_sync")) else policy.no_sync()
         with sync:
-            loss, metrics = micro_batch_loss(policy, lm, batch, rows, cfg, path, num_items)
+            with autocast(cfg, batch["completion_ids"].device):
+                loss, metrics = micro_batch_loss(policy, lm, batch, rows, cfg, path, num_items)
             (loss * scale).backward()
         logs["loss"] += float(loss.detach()) * scale
         tok = float(batch["completion_mask"][rows].sum())
@@ -568,19 +584,20 @@ def tenth_means(values: List[float]) -> tuple:
 def build_default_model(cfg: TrainConfig, task: Task) -> nn.Module:
     """A model created from a config (nothing downloaded), sized by cfg.n_layer / n_head / n_embd."""
     max_new = cfg.max_new_tokens or task.max_new_tokens
+    V = max(cfg.vocab_size, task.tokenizer.vocab_size)
     if cfg.model == "llama":
         try:
             from transformers import LlamaConfig, LlamaForCausalLM
         except ImportError as e:
             raise RuntimeError("--model llama needs Hugging Face transformers: pip install transformers") from e
-        conf = LlamaConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
+        conf = LlamaConfig(vocab_size=V, hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
                            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
                            max_position_embeddings=task.max_prompt_len + max_new, tie_word_embeddings=True,
                            pad_token_id=task.tokenizer.pad_id, eos_token_id=task.tokenizer.eos_id, bos_token_id=None)
         return LlamaForCausalLM(conf)
     if cfg.model != "tiny":
         raise ValueError(f"model must be 'tiny' or 'llama', got {cfg.model!r}")
-    return TinyGPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, block_size=task.max_prompt_len + max_new,
+    return TinyGPT(GPTConfig(vocab_size=V, block_size=task.max_prompt_len + max_new,
                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
 
 
@@ -627,9 +644,11 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, task: Optional[Ta
 
     bar = None
     if is_main and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"grpo[{cfg.loss_backend}/{path}]", dynamic_ncols=True)
+        try:
+            from tqdm import tqdm
+        except ImportError:  # optional (pip install tqdm): train without a bar
+            tqdm = None
+        bar = tqdm and tqdm(total=cfg.steps, initial=start_step, desc=f"grpo[{cfg.loss_backend}/{path}]", dynamic_ncols=True)
     t_train = time.perf_counter()
     for step in range(start_step + 1, cfg.steps + 1):
         if device.type == "cuda":
