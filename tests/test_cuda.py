@@ -27,6 +27,7 @@ import grpo_fast
 from grpo_fast._config import CLIP_FAMILY, LOSS_TYPES, KernelConfig
 from grpo_fast.backends import unavailable_reason
 from grpo_fast.reference import grpo_loss_reference, token_logprobs_reference
+from helpers import DTYPE_IDS, assert_close  # tests/helpers.py: the shared mismatch-locating assertion
 
 try:
     from grpo_fast import _C_cuda
@@ -41,7 +42,6 @@ LOSSES = list(LOSS_TYPES)
 LEVELS = ["token", "sequence"]
 KLS = ["k3", "k1", "k2"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # (dtype, grad atol relative to max|grad|, grad rtol): the gradient comes back in the logits' dtype,
 # so its bar is one rounding of that dtype; loss and metrics are fp32 math on every dtype (compared
@@ -53,23 +53,6 @@ GRAD_TOL = {
 }
 LOSS_ATOL, LOSS_RTOL = 2e-6, 2e-5
 FLAG_METRICS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio", "cispo_clip_ratio")
-
-
-def assert_close(got, want, atol, rtol, what=""):
-    """|got − want| <= atol + rtol·|want| elementwise; on failure say how many and where the worst is."""
-    got = torch.as_tensor(got).detach().double().cpu()
-    want = torch.as_tensor(want).detach().double().cpu()
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got - want).abs()
-    same_inf = torch.isinf(got) & (got == want)
-    bad = ~same_inf & ~(err <= atol + rtol * want.abs())  # NaN anywhere counts as a mismatch
-    if bad.any():
-        score = torch.where(bad, torch.nan_to_num(err, nan=float("inf")), torch.zeros_like(err))
-        i = int(score.flatten().argmax())
-        where = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape)) if err.dim() else ()
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{bad.numel()} mismatches (atol {atol:g}, rtol {rtol:g}); worst at {where}: "
-            f"got {got.flatten()[i].item()!r}, want {want.flatten()[i].item()!r}")
 
 
 # ---------------------------------------------------------------------------------------------
