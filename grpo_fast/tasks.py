@@ -37,14 +37,15 @@ class CharTokenizer:
         return [self.stoi[c] for c in text]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text up to (not including) the first ``<eos>``; ``<pad>`` is dropped."""
+        """Text up to (not including) the first ``<eos>``; ``<pad>`` is dropped; an id beyond the
+        alphabet (a model with a padded vocabulary) reads as "?", which no reward accepts."""
         out = []
         for i in ids:
             i = int(i)
             if i == self.eos_id:
                 break
             if i != self.pad_id:
-                out.append(self.itos[i])
+                out.append(self.itos[i] if i < self.vocab_size else "?")
         return "".join(out)
 
 

@@ -31,6 +31,7 @@ def test_tokenizer_round_trip_stops_at_eos():
     assert tok.decode(ids) == "3071="
     assert tok.decode(ids[:2] + [tok.eos_id] + ids[2:]) == "30"
     assert tok.decode([tok.pad_id] + ids[:1]) == "3"
+    assert tok.decode(ids[:1] + [tok.vocab_size + 5]) == "3?"  # padded-vocabulary ids never read as digits
 
 
 @pytest.mark.parametrize("completion,answer,expected", [
@@ -219,7 +220,7 @@ REQUIRED = ("step", "reward_mean", "loss", "kl", "entropy", "step_time_s", "peak
 
 
 def test_one_training_run_writes_metrics_summary_plots(tmp_path):
-    cfg = small_cfg(tmp_path / "run", steps=2, plots=True)
+    cfg = small_cfg(tmp_path / "run", steps=2, plots=True, vocab_size=300)
     summary = tr.train(cfg)
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
