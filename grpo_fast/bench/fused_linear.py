@@ -23,7 +23,9 @@ reason printed when it cannot run here):
 Loss options: DAPO aggregation, ε = 0.2 / 0.28, β = 0.04 with k3 KL, off-policy old log-probs, ~10 %
 padding. Every provider computes the same loss (check column: loss, dh and dW vs eager).
 
-Time: median of ``--repeats`` runs after one warm-up (grpo_fast/bench/common.py). GFLOP/s counts the
+Time: median of ``--repeats`` runs after one warm-up; on CPU the providers' runs are interleaved
+round-robin so that load from other jobs hits them alike (CUDA: grpo_fast/bench/common.py's
+do_bench per provider). GFLOP/s counts the
 three matmuls (6·N·H·V flops) for every provider, so it compares like with like.
 
 Memory (CPU): in a fresh child process per (case, provider), with glibc's mmap threshold pinned low so
@@ -41,6 +43,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -264,11 +267,13 @@ def _check(got, want) -> str:
 
 
 def run_case(case: Case, providers: List[str], device, *, repeats: int, warmup: int, check: bool, log=print) -> List[dict]:
+    """Time every provider on one case. On CPU the runs are interleaved round-robin (run i of every
+    provider, then run i + 1 of every provider ...), so that a burst of load from other jobs on a
+    shared machine hits all providers alike instead of skewing the one measured at that moment."""
     dev = torch.device(device)
     table = provider_table(dev)
     inputs = make_inputs(case, dev)
-    rows = []
-    refs: Dict[str, tuple] = {}
+    active = {}  # name -> (fn, clear, level)
     for name in providers:
         build, level, reason = table[name]
         why = reason()
@@ -277,29 +282,55 @@ def run_case(case: Case, providers: List[str], device, *, repeats: int, warmup: 
             continue
         h, w = _leaves(inputs)
 
-        def clear():
+        def clear(h=h, w=w):
             h.grad = None
             w.grad = None
 
         try:
-            fn = build(inputs, h, w)
-            t = common.time_fn(fn, setup=clear, repeats=repeats, warmup=warmup, device=dev)
+            active[name] = (build(inputs, h, w), clear, level)
         except Exception as e:  # a peer failing on this machine is a result to report, not a crash
-            log(f"  [{case.name}] {name}: failed ({type(e).__name__}: {str(e)[:200]})")
-            continue
+            log(f"  [{case.name}] {name}: failed to build ({type(e).__name__}: {str(e)[:200]})")
+    timings: Dict[str, common.Timing] = {}
+    if dev.type == "cuda":
+        for name, (fn, clear, _) in list(active.items()):
+            try:
+                timings[name] = common.time_fn(fn, setup=clear, repeats=repeats, warmup=warmup, device=dev)
+            except Exception as e:
+                log(f"  [{case.name}] {name}: failed ({type(e).__name__}: {str(e)[:200]})")
+                del active[name]
+    else:
+        timings = {name: common.Timing(method="perf_counter, median, providers interleaved") for name in active}
+        for i in range(warmup + repeats):
+            for name, (fn, clear, _) in list(active.items()):
+                clear()
+                gc.collect()  # a collection inside the timed region would be charged to fn
+                try:
+                    t0 = time.perf_counter()
+                    fn()
+                    dt = time.perf_counter() - t0
+                except Exception as e:
+                    log(f"  [{case.name}] {name}: failed ({type(e).__name__}: {str(e)[:200]})")
+                    del active[name], timings[name]
+                    continue
+                if i >= warmup:
+                    timings[name].times.append(dt)
+    rows = []
+    refs: Dict[str, tuple] = {}
+    for name, (fn, clear, level) in active.items():
+        t = timings[name]
         row = dict(case=case.name, provider=name, level=level, ms=t.median * 1e3, spread=t.spread, times=t.times,
-                   gflops=case.flops / t.median / 1e9)
+                   gflops=case.flops / t.median / 1e9, timing=t.method)
         if check and name != "floor":
             if level not in refs:
                 hr, wr = _leaves(inputs)
                 refs[level] = _eager(inputs, hr, wr, level=level)()
             clear()
             row["check"] = _check(fn(), refs[level])
+        clear()
         rows.append(row)
         log(f"  [{case.name}] {name}: {row['ms']:.1f} ms")
-        del fn
-        clear()
-        gc.collect()
+    active.clear()
+    gc.collect()
     floor = next((r for r in rows if r["provider"] == "floor"), None)
     eager = next((r["ms"] for r in rows if r["provider"] == "eager"), None)
     for r in rows:
