@@ -36,7 +36,9 @@ import argparse
 import json
 import os
 import sys
+import statistics
 import tempfile
+import time
 import warnings
 from typing import Optional
 
@@ -190,9 +192,19 @@ def run(providers=DEFAULT_PROVIDERS, *, quick: bool = False, loss_type: str = "d
         for prov in providers:
             tr, inputs = _setup(prov, cfg, loss_type, path, os.path.join(tmp, "out"), device)
             losses = []
-            timing = common.time_fn(lambda: losses.append(loss_step(tr, inputs)), setup=lambda: _zero_grads(tr),
-                                    repeats=repeats, warmup=1, device=device)
+            cpu_times = []
+
+            def step():
+                # CPU time of this process next to the wall time: on a shared machine the wall time
+                # also counts the other processes' turns; the CPU time counts this step's own work.
+                c0 = time.process_time()
+                losses.append(loss_step(tr, inputs))
+                cpu_times.append(time.process_time() - c0)
+
+            timing = common.time_fn(step, setup=lambda: _zero_grads(tr), repeats=repeats, warmup=1, device=device)
             row = dict(provider=prov, time_s=timing.median, spread=timing.spread, loss=losses[-1])
+            if device == "cpu":
+                row["cpu_s"] = statistics.median(cpu_times[1:])  # the warm-up run excluded, as for time_s
             del tr, inputs
             if memory:
                 res = common.run_child("grpo_fast.bench.trl_step", dict(provider=prov, cfg=cfg, loss_type=loss_type,
@@ -206,10 +218,14 @@ def run(providers=DEFAULT_PROVIDERS, *, quick: bool = False, loss_type: str = "d
     for r in rows:
         if base is not None:
             r["speedup_vs_trl"] = base["time_s"] / r["time_s"]
+            if "cpu_s" in r:
+                r["cpu_speedup_vs_trl"] = base["cpu_s"] / r["cpu_s"]
             if memory and base.get("extra_peak_mb"):
                 r["memory_vs_trl"] = r["extra_peak_mb"] / base["extra_peak_mb"]
     cols = [("provider", "provider", "s"), ("time_s", "median ms", lambda v: f"{v * 1e3:.1f}"),
             ("spread", "spread", lambda v: f"{v * 100:.0f}%"), ("speedup_vs_trl", "vs trl", lambda v: f"{v:.2f}x")]
+    if device == "cpu":
+        cols += [("cpu_s", "cpu ms", lambda v: f"{v * 1e3:.1f}"), ("cpu_speedup_vs_trl", "cpu vs trl", lambda v: f"{v:.2f}x")]
     if memory:
         cols += [("extra_peak_mb", "peak MB", lambda v: f"{v:.0f}"), ("memory_vs_trl", "mem vs trl", lambda v: f"{v:.2f}x")]
     cols += [("loss", "loss", lambda v: f"{v:.6g}")]
@@ -217,7 +233,8 @@ def run(providers=DEFAULT_PROVIDERS, *, quick: bool = False, loss_type: str = "d
     print(common.format_table(rows, cols))
     if memory and rows:
         print(f"\npeak MB: {rows[0]['memory_method']}, one step after a warm-up step, fresh process per provider")
-    print("time: median of the repeats of compute_loss + backward; the batch and weights are the same for every provider")
+    print("time: median of the repeats of compute_loss + backward (wall, and this process's CPU time on CPU); "
+          "the batch and weights are the same for every provider")
     result = dict(benchmark="trl_step", config=dict(cfg, loss_type=loss_type, repeats=repeats), rows=rows,
                   machine=common.machine_info(device))
     if out_dir:
@@ -234,6 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma-separated, from {','.join(PROVIDERS)}")
     ap.add_argument("--loss-type", default="dapo")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's); 1 makes CPU time = work")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--prompt-len", type=int)
     ap.add_argument("--completion-len", type=int)
@@ -257,6 +275,9 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("[trl-step] skipped: --device cuda but no CUDA device is available")
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory children too
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     bad = [p for p in providers if p not in PROVIDERS]
     if bad:
