@@ -45,6 +45,8 @@ def _check(dtype, atol, rtol, ids, logits, grad_scale=1.0, inplace=False, **kw):
     """
     loss, metrics, grad = run_backend(logits, ids, "cpu", inplace=inplace, grad_scale=grad_scale, **kw)
     loss_o, metrics_o, grad_o = run_oracle(logits, ids, grad_scale=grad_scale, **kw)
+    # A NaN on both sides would compare equal: the inputs here must give a finite loss and gradient.
+    assert math.isfinite(float(loss_o)) and bool(torch.isfinite(grad_o).all()), "non-finite oracle: bad test inputs"
     assert sorted(metrics) == sorted(metrics_o)
     assert grad.dtype == logits.dtype
     if dtype == torch.float32:
@@ -221,23 +223,30 @@ def test_grad_output(dtype, atol, rtol):
 def test_strided_logits(inplace, dtype, atol, rtol):
     """logits = a slice along T of a bigger tensor (as model(...).logits[:, p-1:-1]): read in place, no copy."""
     B, T, V, P = 3, 5, 53, 4
-    big = make_inputs(B, T + P, V, dtype, seed=23)["logits"]
     inp = make_inputs(B, T, V, dtype, seed=24)
+    big = make_inputs(B, T + P, V, dtype, seed=23)["logits"]
+    big[:, P - 1:-1] = inp["logits"]  # (its banned entries avoid the target ids)
     kw = dict(advantages=inp["advantages"], old_logp=inp["old_logp"], completion_mask=inp["completion_mask"],
               loss_type="dapo", beta=0.04, ref_logp=inp["ref_logp"])
     leaf = big.clone().requires_grad_()
     z = leaf[:, P - 1:-1]
     assert not z.is_contiguous()
     zc = z.detach().clone()
-    if inplace:  # a non-leaf view: its own storage receives the gradient
-        z = leaf.detach().clone()[:, P - 1:-1].requires_grad_()
+    if inplace:  # a strided view of a bigger buffer: the gradient must land in that buffer (no copy)
+        buf = big.clone()
+        z = buf[:, P - 1:-1].requires_grad_()
         assert not z.is_contiguous()
     loss, metrics = grpo_fast.grpo_loss(z, inp["ids"], backend="cpu", inplace=inplace, **kw)
     loss.backward()
-    grad = (leaf.grad[:, P - 1:-1] if not inplace else z.grad)
-    if not inplace:  # rows outside the slice get no gradient
+    if inplace:
+        grad = buf[:, P - 1:-1]
+        assert torch.equal(grad, z.grad)
+        assert torch.equal(buf[:, : P - 1], big[:, : P - 1]) and torch.equal(buf[:, -1], big[:, -1])
+    else:  # rows outside the slice get no gradient
+        grad = leaf.grad[:, P - 1:-1]
         assert bool((leaf.grad[:, : P - 1] == 0).all()) and bool((leaf.grad[:, -1] == 0).all())
     loss_o, metrics_o, grad_o = run_oracle(zc, inp["ids"], **kw)
+    assert math.isfinite(float(loss_o)) and bool(torch.isfinite(grad_o).all()), "non-finite oracle: bad test inputs"
     if dtype == torch.float32:
         assert_close(loss, loss_o, 1e-6, rtol, "loss")
         assert_close_scaled(grad, grad_o, rtol, "grad")
