@@ -496,10 +496,31 @@ def supervised_warmup(lm: CausalLM, task: Task, cfg: TrainConfig, gen: torch.Gen
 # ------------------------------------------------------------------------------------------------
 # Checkpoints, metrics, plots
 # ------------------------------------------------------------------------------------------------
+def reset_peak_mem(device: torch.device) -> None:
+    """Start a new peak-memory window: the CUDA allocator's peak, or on Linux the process's peak RSS
+    (writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then covers the whole process lifetime
+        pass
+
+
 def peak_mem_mb(device: torch.device) -> float:
-    """GPU: peak allocated by torch this step. CPU: the process's peak resident set size so far."""
+    """GPU: peak bytes allocated by torch since reset_peak_mem. CPU: the process's peak resident set
+    size since then (VmHWM; it includes the Python/torch baseline of a few hundred MB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
@@ -651,8 +672,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, task: Optional[Ta
         bar = tqdm and tqdm(total=cfg.steps, initial=start_step, desc=f"grpo[{cfg.loss_backend}/{path}]", dynamic_ncols=True)
     t_train = time.perf_counter()
     for step in range(start_step + 1, cfg.steps + 1):
+        reset_peak_mem(device)
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         batch = rollout(lm, ref_lm, task, cfg, gens["prompts"], gens["sample"], rank, world, device)
