@@ -288,3 +288,24 @@ def test_hugging_face_model(tmp_path):
     torch.testing.assert_close(lm(ids, am, 4), model(input_ids=ids).logits[:, -4:], atol=1e-5, rtol=1e-5)
     summary = tr.train(small_cfg(tmp_path / "hf", steps=2, warmup_steps=1), model=model, task=task)
     assert summary["steps"] == 2
+
+
+class LogitsOnly(torch.nn.Module):
+    """A plain causal LM: forward(input_ids) -> (logits,) — no cache, no known LM head."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.inner = TinyGPT(GPTConfig(vocab_size=vocab_size, block_size=12, n_layer=1, n_head=2, n_embd=16))
+
+    def forward(self, input_ids):
+        return (self.inner(input_ids),)
+
+
+def test_any_module_returning_logits_trains(tmp_path):
+    task = get_task("reverse", n_digits=3)
+    torch.manual_seed(0)
+    model = LogitsOnly(task.tokenizer.vocab_size)
+    before = [p.detach().clone() for p in model.parameters()]
+    summary = tr.train(small_cfg(tmp_path / "plain", steps=2, warmup_steps=0, beta=0.04, num_iterations=2), model=model, task=task)
+    assert summary["loss_path"] == "logits"
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
