@@ -623,7 +623,19 @@ def build_default_model(cfg: TrainConfig, task: Task) -> nn.Module:
 
 
 def train(cfg: TrainConfig, model: Optional[nn.Module] = None, task: Optional[Task] = None) -> dict:
-    """Run GRPO; returns the summary (also written to ``cfg.out``/summary.json on rank 0)."""
+    """Run GRPO; returns the summary (also written to ``cfg.out``/summary.json on rank 0).
+
+    ``model``: any causal LM (see ``CausalLM``), trained in place; default: built from ``cfg``.
+    ``task``: a ``grpo_fast.tasks.Task`` (prompts, tokenizer, reward functions); default: ``cfg.task``.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, model, task)
+    finally:
+        torch.set_num_threads(threads)  # cfg.threads is this run's choice, not the caller's
+
+
+def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -> dict:
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     rank, world = dist_setup(device)
