@@ -65,6 +65,8 @@ struct RowKernels {
   const char* name;
   RowStats (*stats[3])(const void* zrow, int64_t V, float inv_tau, int64_t y);
   void (*grad[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c);
+  RowStats (*stats_keep[3])(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf);
+  void (*grad_kept[3])(const float* ebuf, void* grow, int64_t V, float c);
   void (*exp)(const float* x, float* y, int64_t n);
 };
 
@@ -183,14 +185,16 @@ static inline uint8_t pack_flags(const TokenTerms& tt) {
 static inline int64_t chunk_tokens(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
 
 // Writes ∂loss/∂z of one row given g = ∂loss/∂logp (already including the aggregation weight).
-static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void* zrow, void* grow, int64_t V,
-                                  int64_t y, float inv_tau, float xmax, float sum, float logp, float g) {
+// ebuf: the row's e^(x − max) kept by stats_keep, or null (then they are recomputed from the logits).
+static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void* zrow, const float* ebuf, void* grow,
+                                  int64_t V, int64_t y, float inv_tau, float xmax, float sum, float logp, float g) {
   if (g == 0.f) {  // masked, clipped or zero-advantage token: the whole row is 0 (no exp needed)
     memset(grow, 0, (size_t)(V * elem_size(dtype)));
     return;
   }
   const float gt = g * inv_tau;
-  K.grad[dtype](zrow, grow, V, inv_tau, -xmax, -gt / sum);  // −(g/τ)·p_j
+  if (ebuf) K.grad_kept[dtype](ebuf, grow, V, -gt / sum);  // −(g/τ)·p_j
+  else K.grad[dtype](zrow, grow, V, inv_tau, -xmax, -gt / sum);
   // Target: (g/τ)·(1 − p_y), with 1 − p_y = −expm1(logp) accurate even when p_y is close to 1.
   const float vy = gt * -expm1f(logp);
   char* gy = static_cast<char*>(grow) + y * elem_size(dtype);
@@ -238,29 +242,38 @@ static void fused_loss_impl(const LossArgs& a) {
   const int64_t chunk = chunk_tokens(V);
 
   // Pass 1 (token level: the only pass): row statistics, per-token terms, gradient.
+  const bool keep = a.grad && !seq;  // the gradient follows right away: keep the row's exps
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(a.nthreads)
+#pragma omp parallel num_threads(a.nthreads)
 #endif
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t b = n / T, t = n % T;
-    const void* zrow = zrow_at(b, t);
-    const RowStats rs = K.stats[a.dtype](zrow, V, inv_tau, a.ids[n]);
-    logp[n] = rs.logp;
-    ent[n] = rs.entropy;
-    if (seq) {
-      xmax[n] = rs.xmax;
-      ssum[n] = rs.sum;
-      continue;
-    }
-    const float old = a.old ? a.old[n] : rs.logp;  // on-policy: r = 1 exactly, dr/dlogp = r still
-    const float r = expf(rs.logp - old);
-    const TokenTerms tt = token_terms(P, rs.logp, ref_at(n), A_at(b, n), isr_at(b, n), r);
-    loss[n] = tt.loss;
-    kl[n] = tt.kl;
-    flags[n] = pack_flags(tt);
-    if (a.grad) {
-      const float g = a.weight[n] * (tt.d_logp + r * tt.d_ratio);
-      write_row_grad(K, a.dtype, zrow, grow_at(b, t), V, a.ids[n], inv_tau, rs.xmax, rs.sum, rs.logp, g);
+  {
+    // Per-thread fp32 scratch row of e^(x − max) (V floats, stays in L2 next to the row).
+    std::vector<float> ebuf(keep ? (size_t)V : 0);
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, chunk)
+#endif
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t b = n / T, t = n % T;
+      const void* zrow = zrow_at(b, t);
+      const RowStats rs = keep ? K.stats_keep[a.dtype](zrow, V, inv_tau, a.ids[n], ebuf.data())
+                               : K.stats[a.dtype](zrow, V, inv_tau, a.ids[n]);
+      logp[n] = rs.logp;
+      ent[n] = rs.entropy;
+      if (seq) {
+        xmax[n] = rs.xmax;
+        ssum[n] = rs.sum;
+        continue;
+      }
+      const float old = a.old ? a.old[n] : rs.logp;  // on-policy: r = 1 exactly, dr/dlogp = r still
+      const float r = expf(rs.logp - old);
+      const TokenTerms tt = token_terms(P, rs.logp, ref_at(n), A_at(b, n), isr_at(b, n), r);
+      loss[n] = tt.loss;
+      kl[n] = tt.kl;
+      flags[n] = pack_flags(tt);
+      if (a.grad) {
+        const float g = a.weight[n] * (tt.d_logp + r * tt.d_ratio);
+        write_row_grad(K, a.dtype, zrow, ebuf.data(), grow_at(b, t), V, a.ids[n], inv_tau, rs.xmax, rs.sum, rs.logp, g);
+      }
     }
   }
 
@@ -300,7 +313,8 @@ static void fused_loss_impl(const LossArgs& a) {
 #endif
       for (int64_t n = 0; n < N; ++n) {
         const int64_t b = n / T, t = n % T;
-        write_row_grad(K, a.dtype, zrow_at(b, t), grow_at(b, t), V, a.ids[n], inv_tau, xmax[n], ssum[n], logp[n], gtok[n]);
+        write_row_grad(K, a.dtype, zrow_at(b, t), nullptr, grow_at(b, t), V, a.ids[n], inv_tau, xmax[n], ssum[n], logp[n],
+                       gtok[n]);
       }
     }
   }

@@ -6,8 +6,10 @@
 //
 // A row is read at most three times, and only the first read comes from memory: a 32k-vocabulary
 // row is 64-128 KiB and stays in L2 for the next two.
-//   row_stats: max over the row, then Σ e^(x−max) and Σ e^(x−max)·(x−max) (for the entropy).
-//   row_grad:  dz_j = c·e^(x_j−max) for every j (the caller then writes the target entry).
+//   row_stats:      max over the row, then Σ e^(x−max) and Σ e^(x−max)·(x−max) (for the entropy);
+//   row_stats_keep: the same, keeping every e^(x−max) in an fp32 scratch row (L2-resident);
+//   row_grad:       dz_j = c·e^(x_j−max) for every j (the caller then writes the target entry);
+//   row_grad_kept:  the same from the kept e^(x−max): one multiply per entry instead of an exp.
 
 // Copies the last n < W entries of a row to fp32 lanes, padding with `fill`.
 template <class D>
@@ -24,8 +26,10 @@ static inline vf vshift(vf z, vf inv_tau, vf neg_max) { return vadd(vmul(z, inv_
 // One pass for the max, one for the sums. Entropy = lse − Σ p·x = log S − Σ e·t / S, where the
 // e·t term of a banned (−inf) logit is 0: t is raised to −FLT_MAX first, so e·t = 0·(−FLT_MAX) = 0,
 // never 0·(−inf) = NaN; a NaN logit stays NaN (it is max's second operand).
-template <class D>
-static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y) {
+// KEEP: also store e_j = e^(t_j) (fp32) in ebuf[0..V), so that the gradient pass that follows at once
+// needs no second exp (the same values: the gradient is bitwise the one row_grad would write).
+template <class D, bool KEEP>
+static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf) {
   using T = typename D::T;
   const D d{};
   const T* z = static_cast<const T*>(zrow);
@@ -47,6 +51,7 @@ static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y)
   for (i = 0; i < v2; i += 2 * W) {
     const vf t0 = vshift(vload(d, z + i), it, nm), t1 = vshift(vload(d, z + i + W), it, nm);
     const vf e0 = vexp(t0), e1 = vexp(t1);
+    if (KEEP) { vstore(F32{}, ebuf + i, e0); vstore(F32{}, ebuf + i + W, e1); }
     s0 = vadd(s0, e0);
     s1 = vadd(s1, e1);
     q0 = vfmadd(e0, vmax(lowest, t0), q0);
@@ -55,12 +60,18 @@ static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y)
   for (; i < v1; i += W) {
     const vf t0 = vshift(vload(d, z + i), it, nm);
     const vf e0 = vexp(t0);
+    if (KEEP) vstore(F32{}, ebuf + i, e0);
     s0 = vadd(s0, e0);
     q0 = vfmadd(e0, vmax(lowest, t0), q0);
   }
   if (i < V) {  // padding lanes: t = −inf, e = 0, e·t = 0
     const vf t1 = vshift(load_tail(d, z + i, V - i, -INFINITY), it, nm);
     const vf e1 = vexp(t1);
+    if (KEEP) {
+      alignas(64) float buf[W];
+      vstore(F32{}, buf, e1);
+      for (int64_t k = 0; k < V - i; ++k) ebuf[i + k] = buf[k];
+    }
     s1 = vadd(s1, e1);
     q1 = vfmadd(e1, vmax(lowest, t1), q1);
   }
@@ -73,6 +84,15 @@ static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y)
   o.logp = (to_f32(d, z[y]) * inv_tau + nxmax) - logS;  // (x_y − max) − log S: no large-lse cancellation
   o.entropy = logS - Q / S;
   return o;
+}
+
+template <class D>
+static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y) {
+  return row_stats_impl<D, false>(zrow, V, inv_tau, y, nullptr);
+}
+template <class D>
+static RowStats row_stats_keep(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf) {
+  return row_stats_impl<D, true>(zrow, V, inv_tau, y, ebuf);
 }
 
 // g[0..n) = c·e^(z·inv_tau − max) for the n < W entries of a row's tail, through an fp32 buffer.
@@ -107,6 +127,19 @@ static void row_grad(const void* zrow, void* grow, int64_t V, float inv_tau, flo
   if (i < V) grad_short(d, z + i, g + i, V - i, it, nm, vc);
 }
 
+// dz_j = c·e_j from the e_j row_stats_keep stored: no logits read, no exp. grow may be the logits.
+template <class D>
+static void row_grad_kept(const float* e, void* grow, int64_t V, float c) {
+  using T = typename D::T;
+  const D d{};
+  T* g = static_cast<T*>(grow);
+  const vf vc = vset1(c);
+  const int64_t v1 = V - V % W;
+  int64_t i = 0;
+  for (; i < v1; i += W) vstore(d, g + i, vmul(vload(F32{}, e + i), vc));
+  for (; i < V; ++i) g[i] = from_f32(d, e[i] * c);
+}
+
 // e^x of n floats through vexp (the tests check its accuracy and edge cases through this).
 static void exp_array(const float* x, float* y, int64_t n) {
   int64_t i = 0;
@@ -122,5 +155,7 @@ static const RowKernels kernels = {
     ISA_NAME,
     {&row_stats<F32>, &row_stats<BF16>, &row_stats<F16>},
     {&row_grad<F32>, &row_grad<BF16>, &row_grad<F16>},
+    {&row_stats_keep<F32>, &row_stats_keep<BF16>, &row_stats_keep<F16>},
+    {&row_grad_kept<F32>, &row_grad_kept<BF16>, &row_grad_kept<F16>},
     &exp_array,
 };
