@@ -1,7 +1,7 @@
 """GRPO with grpo_fast on a Hugging Face causal LM created from a config (nothing is downloaded).
 
     pip install transformers          # uses the torch already installed; does not pull another one
-    python examples/hf_llama_reverse.py --out runs/hf_llama --steps 200
+    python examples/hf_llama_reverse.py --out runs/hf_llama      # ~0.3 -> ~0.7 reward in 250 steps, ~30 s
 
 The model is a 2-layer ``LlamaForCausalLM`` built from a ``LlamaConfig`` with the built-in task's
 character vocabulary; the trainer samples with ``model.generate`` and computes the loss with
@@ -29,7 +29,7 @@ def first_digit_right(prompts, completions, answer, **_):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/hf_llama")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--loss-backend", default="auto")
     ap.add_argument("--loss-path", default="auto", choices=["auto", "fused_linear", "logits"])
     ap.add_argument("--seed", type=int, default=0)
