@@ -323,11 +323,13 @@ def advantages_for_rank(rewards: torch.Tensor, cfg: TrainConfig, rank: int, worl
     return grpo_fast.group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
 
 
-def build_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages) -> dict:
+def build_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages, max_completion_length=None) -> dict:
     """The tensors the update reads. The model reads prompt + completion[:, :-1]: position P - 1 + t
-    scores completion token t."""
+    scores completion token t. ``max_completion_length`` (dr_grpo's constant normalizer) is the
+    sampling limit, not this batch's T, so that it is the same at every step and on every rank."""
     n, T = completion_ids.shape
     return {
+        "max_completion_length": max_completion_length or T,
         "advantages": advantages, "completion_ids": completion_ids, "completion_mask": completion_mask,
         "input_ids": torch.cat([prompt_ids, completion_ids[:, :T - 1]], dim=1),
         "attention_mask": torch.cat([prompt_mask, torch.ones(n, T - 1, device=prompt_mask.device)], dim=1),
@@ -353,7 +355,7 @@ def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConf
     completions = [task.tokenizer.decode(row) for row in comp_ids.tolist()]
     rewards, parts = task.rewards(prompts, completions, examples)
     rewards = rewards.to(device)
-    batch = build_batch(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages_for_rank(rewards, cfg, rank, world))
+    batch = build_batch(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages_for_rank(rewards, cfg, rank, world), max_new)
     batch.update(prompts=prompts, completions=completions, rewards=rewards, reward_parts=parts)
     micro = math.ceil(len(prompts) / cfg.grad_accum)
     # Old log-probs only matter when the policy moves between sampling and a later update.
@@ -396,7 +398,7 @@ def micro_batch_loss(policy: nn.Module, lm: CausalLM, batch: dict, rows: slice, 
     T = ids.shape[1]
     per_call = dict(old_logp=None if batch["old_logp"] is None else batch["old_logp"][rows],
                     ref_logp=None if batch["ref_logp"] is None else batch["ref_logp"][rows],
-                    completion_mask=mask, max_completion_length=cfg.max_new_tokens or T,
+                    completion_mask=mask, max_completion_length=batch["max_completion_length"],
                     num_items_in_batch=num_items if cfg.loss_type in ("dapo", "cispo") else None)
     adv = batch["advantages"][rows]
     if path == "fused_linear":

@@ -145,7 +145,8 @@ def _random_batch(task, lm, B, G, seed, cfg):
     comp, mask = tr.sample_completions(lm, p_ids, p_mask, max_new_tokens=task.max_new_tokens, temperature=1.0,
                                        eos_id=1, pad_id=0, generator=g)
     rewards = torch.rand(B, generator=g)
-    batch = tr.build_batch(p_ids, p_mask, comp, mask, tr.advantages_for_rank(rewards, cfg, 0, 1))
+    # dr_grpo divides by the sampling limit, deliberately not the batch's T here
+    batch = tr.build_batch(p_ids, p_mask, comp, mask, tr.advantages_for_rank(rewards, cfg, 0, 1), comp.shape[1] + 3)
     if cfg.beta != 0:
         batch["ref_logp"] = torch.randn(comp.shape, generator=g) * 0.1 - 2.0
     if cfg.num_iterations > 1:
@@ -170,7 +171,8 @@ def _eager_loss_grads(lm, batch, cfg):
     opts.pop("backend")
     loss, _ = grpo_loss_reference(logits.double(), batch["completion_ids"], batch["advantages"],
                                   old_logp=batch["old_logp"], ref_logp=batch["ref_logp"],
-                                  completion_mask=batch["completion_mask"], max_completion_length=T, **opts)
+                                  completion_mask=batch["completion_mask"],
+                                  max_completion_length=batch["max_completion_length"], **opts)
     loss.backward()
     return {n: p.grad.detach().clone() for n, p in lm.named_parameters() if p.grad is not None}, float(loss.detach())
 
