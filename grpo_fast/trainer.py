@@ -828,15 +828,30 @@ def compare(cfg: TrainConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
+def _field_comments() -> Dict[str, str]:
+    """The ``# comment`` after each TrainConfig field, for --help (the defaults block is the documentation)."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): \w+ = [^#]*#\s*(.*)", line)
+        if m:
+            out[m.group(1)] = m.group(2).replace("%", "%%")
+    return out
+
+
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="grpo-fast train", description="GRPO with grpo_fast on the built-in task.")
+    notes = _field_comments()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        note = notes.get(f.name, "")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=note)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=f"(default: {f.default})")
+            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=f"{note} (default: {f.default})".strip())
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
