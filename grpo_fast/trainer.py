@@ -796,11 +796,13 @@ def compare(cfg: TrainConfig) -> dict:
     lines.append("")
     lines.append(f"step time: reference / fused = {rs['median_step_time_s'] / fs['median_step_time_s']:.2f}x; "
                  f"update time: reference / fused = {rs['median_update_time_s'] / fs['median_update_time_s']:.2f}x")
+    same_loss = max((abs(a["loss"] - b["loss"]) for a, b in zip(fa[:same], ref[:same])), default=float("nan"))
     lines.append(f"largest |difference| over {n} steps: loss {diff['loss']:.3g}, reward_mean {diff['reward_mean']:.3g} "
-                 f"(identical rewards for the first {same} steps)")
+                 f"(identical rewards for the first {same} steps, where the loss differs by at most {same_loss:.3g})")
     text = "\n".join(lines)
     print("\n" + text)
-    out = {"arms": {k: v["summary"] for k, v in results.items()}, "max_abs_diff": diff, "identical_reward_steps": same, "table": text}
+    out = {"arms": {k: v["summary"] for k, v in results.items()}, "max_abs_diff": diff, "identical_reward_steps": same,
+           "max_abs_loss_diff_while_identical": same_loss, "table": text}
     with open(os.path.join(cfg.out, "compare.json"), "w") as f:
         json.dump(out, f, indent=2)
     try:
