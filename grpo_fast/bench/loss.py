@@ -496,6 +496,9 @@ def run(*, quick: bool = False, device: str = "cpu", providers: Optional[List[st
             skipped[n] = why
             log(f"skipping provider {n}: {why}")
     cases = make_cases(shapes, dtypes)
+    if not usable:
+        log("no requested provider can run here; nothing to time")
+        cases = []
     bw_bytes = 2**30  # src and dst each far above the last-level cache, also in --quick
     bw = [common.copy_bandwidth(dev, bw_bytes)]
     log(f"copy bandwidth ({bw_bytes / 2**20:.0f} MiB src -> dst): {bw[0]:.1f} GB/s")
