@@ -580,8 +580,9 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             )
         ctx.grads = None  # release the buffers as soon as autograd takes them
         if not bool(grad_loss == 1):
+            # a float32 0-dim factor is applied in float32 (rounded once), even to a bf16 gradient
             scale = grad_loss.to(torch.float32)
-            grads = tuple(None if t is None else t.mul_(scale.to(t.dtype)) for t in grads)
+            grads = tuple(None if t is None else t.mul_(scale) for t in grads)
         return grads[0], grads[1], grads[2], None
 
 
