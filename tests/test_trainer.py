@@ -5,7 +5,6 @@ Small on purpose (a tiny model, a few steps): the whole file runs in well under 
 import dataclasses
 import json
 import math
-import os
 
 import pytest
 import torch
