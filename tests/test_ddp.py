@@ -84,6 +84,7 @@ def worker(out_dir: str) -> None:
         grads = _grads(tr_, cfg, lm, policy, path, tensors, slice(rank * per, (rank + 1) * per), rank, world)
         if rank == 0:
             torch.save(grads, os.path.join(out_dir, f"{case[0]}.pt"))
+        del policy  # release the DDP reducer before the process group goes away
     # End to end: two steps of the real loop; the replicas must stay identical.
     cfg = tr.TrainConfig(out=os.path.join(out_dir, "run"), steps=2, warmup_steps=2, prompts_per_step=4, group_size=2,
                          n_layer=1, n_embd=16, n_head=2, n_digits=3, progress=False, plots=False)
