@@ -38,6 +38,8 @@ class _FusedGRPOLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if inplace:
                 grad = inp.logits  # the kernel overwrites each row with its gradient after reading it
+            elif hasattr(backend, "empty_grad"):  # e.g. the CPU backend's huge-page buffer
+                grad = backend.empty_grad(inp.logits.shape, inp.logits.dtype)
             else:
                 grad = torch.empty(inp.logits.shape, dtype=inp.logits.dtype, device=inp.logits.device)
         stats, _ = backend.fused_loss(inp, grad)

@@ -344,3 +344,18 @@ def test_deterministic_across_threads(level, dtype):
         assert all(torch.equal(metrics[k], out[0][1][k]) for k in metrics)
         assert torch.equal(grad, out[0][2])
         assert torch.equal(logp, out[0][3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_empty_grad_buffer_is_aligned_contiguous_and_usable(dtype):
+    from grpo_fast.backends import cpu
+
+    shape = (3, 7, 300_001)  # > 8 huge pages in every dtype: the aligned, advised path
+    g = cpu.empty_grad(shape, dtype)
+    assert g.shape == shape and g.dtype == dtype and g.is_contiguous()
+    if cpu._madvise is not None:
+        assert g.data_ptr() % (2 << 20) == 0
+    g.fill_(1.5)
+    assert bool((g == 1.5).all())
+    small = cpu.empty_grad((2, 3, 5), dtype)  # small buffers: plain torch.empty
+    assert small.shape == (2, 3, 5) and small.is_contiguous()

@@ -32,6 +32,53 @@ def unavailable_reason():
     return None
 
 
+# --- gradient buffers -----------------------------------------------------------------------------
+# A fresh (B, T, V) gradient buffer costs more to fault in than the kernel takes to fill it: 4 KiB
+# pages, one fault each (measured here: 160 ms to first-touch 524 MB, 39 ms to rewrite it). With
+# transparent huge pages in "madvise" mode (the common default), asking for huge pages before the
+# first touch makes that 46 ms. So the buffer is over-allocated by 2 MiB, aligned, and advised.
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
+
+
+def _load_madvise():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.madvise
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_madvise = _load_madvise()
+
+
+def empty_grad(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous CPU tensor for the gradient, backed by huge pages when possible.
+
+    Falls back to ``torch.empty`` for small buffers, off Linux, or when madvise is refused (the
+    advice is only a hint: correctness never depends on it).
+    """
+    numel = 1
+    for s in shape:
+        numel *= s
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if _madvise is None or nbytes < 8 * _HUGE:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % _HUGE
+    _madvise(raw.data_ptr() + start, (nbytes // _HUGE) * _HUGE, _MADV_HUGEPAGE)
+    return raw[start:start + nbytes].view(dtype).view(shape)
+
+
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
