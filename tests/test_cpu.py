@@ -350,7 +350,7 @@ def test_deterministic_across_threads(level, dtype):
 def test_empty_grad_buffer_is_aligned_contiguous_and_usable(dtype):
     from grpo_fast.backends import cpu
 
-    shape = (3, 7, 300_001)  # > 8 huge pages in every dtype: the aligned, advised path
+    shape = (3, 7, 500_001)  # > 8 huge pages (16 MiB) in every dtype: the aligned, advised path
     g = cpu.empty_grad(shape, dtype)
     assert g.shape == shape and g.dtype == dtype and g.is_contiguous()
     if cpu._madvise is not None:
