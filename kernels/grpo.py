@@ -358,6 +358,30 @@ def _grpo_token_fwd_kernel(
 
 
 @triton.jit
+def _seq_tile(logp_ptr, mask_ptr, weight_ptr, adv_ptr, isr_ptr, ref_ptr, idx, valid, A_row, isr_row,
+              ADV_MODE: tl.constexpr, ISR_MODE: tl.constexpr, HAS_KL: tl.constexpr):
+    """One tile of a row's per-token inputs at flat indices ``idx``: logp, mask, weight, advantage,
+    isr and ref (the row's values where they are per row). Both passes of the sequence-level row
+    kernel read the same tile."""
+    lp = tl.load(logp_ptr + idx, mask=valid, other=0.0)
+    m = tl.load(mask_ptr + idx, mask=valid, other=0.0)
+    w = tl.load(weight_ptr + idx, mask=valid, other=0.0)
+    if ADV_MODE == ADV_TOKEN:
+        A = tl.load(adv_ptr + idx, mask=valid, other=0.0)
+    else:
+        A = A_row
+    if ISR_MODE == ISR_TOKEN:
+        isr = tl.load(isr_ptr + idx, mask=valid, other=0.0)
+    else:
+        isr = isr_row
+    if HAS_KL:
+        ref = tl.load(ref_ptr + idx, mask=valid, other=0.0)
+    else:
+        ref = lp
+    return lp, m, w, A, isr, ref
+
+
+@triton.jit
 def _grpo_seq_row_kernel(
     # pointers: inputs (all (B, T) or (B,), contiguous)
     logp_ptr, entropy_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr, ref_ptr, isr_ptr,
@@ -421,22 +445,9 @@ def _grpo_seq_row_kernel(
     for start in range(0, T, BLOCK_T):
         cols = start + offs
         valid = cols < T
-        lp = tl.load(logp_ptr + base + cols, mask=valid, other=0.0)
-        m = tl.load(mask_ptr + base + cols, mask=valid, other=0.0)
-        w = tl.load(weight_ptr + base + cols, mask=valid, other=0.0)
+        lp, m, w, A, isr, ref = _seq_tile(logp_ptr, mask_ptr, weight_ptr, adv_ptr, isr_ptr, ref_ptr, base + cols, valid,
+                                          A_row, isr_row, ADV_MODE, ISR_MODE, HAS_KL)
         ent = tl.load(entropy_ptr + base + cols, mask=valid, other=0.0)
-        if ADV_MODE == ADV_TOKEN:
-            A = tl.load(adv_ptr + base + cols, mask=valid, other=0.0)
-        else:
-            A = A_row
-        if ISR_MODE == ISR_TOKEN:
-            isr = tl.load(isr_ptr + base + cols, mask=valid, other=0.0)
-        else:
-            isr = isr_row
-        if HAS_KL:
-            ref = tl.load(ref_ptr + base + cols, mask=valid, other=0.0)
-        else:
-            ref = lp
         loss, kl, d_logp, d_ratio, low, high, cispo = _token_terms(
             lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
             LOSS_TYPE, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
@@ -473,21 +484,8 @@ def _grpo_seq_row_kernel(
         for start in range(0, T, BLOCK_T):
             cols = start + offs
             valid = cols < T
-            lp = tl.load(logp_ptr + base + cols, mask=valid, other=0.0)
-            m = tl.load(mask_ptr + base + cols, mask=valid, other=0.0)
-            w = tl.load(weight_ptr + base + cols, mask=valid, other=0.0)
-            if ADV_MODE == ADV_TOKEN:
-                A = tl.load(adv_ptr + base + cols, mask=valid, other=0.0)
-            else:
-                A = A_row
-            if ISR_MODE == ISR_TOKEN:
-                isr = tl.load(isr_ptr + base + cols, mask=valid, other=0.0)
-            else:
-                isr = isr_row
-            if HAS_KL:
-                ref = tl.load(ref_ptr + base + cols, mask=valid, other=0.0)
-            else:
-                ref = lp
+            lp, m, w, A, isr, ref = _seq_tile(logp_ptr, mask_ptr, weight_ptr, adv_ptr, isr_ptr, ref_ptr, base + cols,
+                                              valid, A_row, isr_row, ADV_MODE, ISR_MODE, HAS_KL)
             _l, _k, d_logp, _dr, _lo, _hi, _ci = _token_terms(
                 lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
                 LOSS_TYPE, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
