@@ -34,6 +34,25 @@ MB = 1e6
 # ---- timing ----------------------------------------------------------------------------------
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TokenShape:
+    """What every benchmark case derives from its B, T, V and dtype name (a key of DTYPES)."""
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+    @property
+    def elt(self) -> int:
+        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.N * self.V * self.elt
+
+
 @dataclass
 class Timing:
     """Seconds of each timed run; ``median`` is what the tables report."""

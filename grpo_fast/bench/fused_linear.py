@@ -62,24 +62,12 @@ LOSS_OPTIONS = dict(loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, beta=0
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(common.TokenShape):
     B: int
     T: int
     H: int
     V: int
     dtype: str
-
-    @property
-    def N(self) -> int:
-        return self.B * self.T
-
-    @property
-    def elt(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
-
-    @property
-    def logits_bytes(self) -> int:
-        return self.N * self.V * self.elt
 
     @property
     def grad_bytes(self) -> int:

@@ -63,23 +63,11 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(common.TokenShape):
     B: int
     T: int
     V: int
     dtype: str  # key of DTYPES
-
-    @property
-    def N(self) -> int:
-        return self.B * self.T
-
-    @property
-    def elt(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
-
-    @property
-    def logits_bytes(self) -> int:
-        return self.N * self.V * self.elt
 
     @property
     def name(self) -> str:
