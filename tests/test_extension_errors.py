@@ -1,0 +1,42 @@
+"""Errors inside the compiled extensions surface as Python exceptions with their message, never a crash."""
+import pytest
+
+from grpo_fast.backends import cpu as cpu_backend
+
+try:
+    from grpo_fast import _C_cuda
+except ImportError:  # not built (no nvcc)
+    _C_cuda = None
+
+
+@pytest.mark.skipif(cpu_backend._C_cpu is None, reason="the CPU extension is not built")
+def test_cpu_allocation_failure_is_a_python_exception():
+    # B·T = 2^60 tokens: the kernel's per-token arrays cannot be allocated. Arguments are checked and
+    # the arrays allocated before any tensor memory is read, so dummy non-null addresses are safe.
+    dummy = 4096
+    with pytest.raises((MemoryError, ValueError)):
+        cpu_backend._C_cpu.fused_loss(
+            logits=dummy, dtype=0, B=2**40, T=2**20, V=8, lsb=0, lst=0, grad=0, gsb=0, gst=0, ids=dummy,
+            mask=dummy, weight=dummy, adv=dummy, adv_ndim=1, rewards=0, group_size=0, scale_rewards=1,
+            adv_eps=1e-4, old=0, ref=0, isr=0, isr_ndim=1, loss_type=3, kl_estimator=0, level=0, has_delta=False,
+            bias_correction_kl=False, temperature=1.0, eps_low=0.2, eps_high=0.2, delta=0.0, beta=0.0,
+            sapo_temp_pos=1.0, sapo_temp_neg=1.05, logp_out=dummy, stats_out=dummy, nthreads=1)
+
+
+@pytest.mark.skipif(cpu_backend._C_cpu is None, reason="the CPU extension is not built")
+def test_cpu_bad_arguments_are_python_exceptions():
+    with pytest.raises(ValueError, match="grpo_fast._C_cpu: temperature must be > 0"):
+        cpu_backend._C_cpu.token_logprobs(logits=4096, dtype=0, B=1, T=1, V=8, lsb=8, lst=8, ids=4096,
+                                          temperature=0.0, logp_out=4096, entropy_out=0, nthreads=1)
+
+
+@pytest.mark.skipif(_C_cuda is None, reason="the CUDA extension is not built (no nvcc at install time)")
+def test_cuda_error_is_a_python_exception_with_the_cuda_message():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the call below would succeed on real memory")
+    # No device here: the first CUDA call fails; the extension must raise, naming the CUDA error.
+    with pytest.raises(RuntimeError, match="CUDA"):
+        _C_cuda.token_logprobs(logits=4096, dtype=0, B=1, T=1, V=8, stride_b=8, stride_t=8, ids=4096,
+                               temperature=1.0, logp=4096, entropy=0, device=0, stream=0)
