@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import backends as _backends
-from ._config import METRIC_STAT_INDEX, STAT_LOSS, metric_names
+from ._config import METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
 from .reference import grpo_loss_reference, group_advantages_reference
 from .validation import (
     LossInputs,
@@ -24,7 +24,6 @@ from .validation import (
     check_logits,
     validate_loss_args,
 )
-from ._config import SCALE_REWARDS
 
 __all__ = ["grpo_loss", "GRPOLoss", "group_advantages", "token_logprobs"]
 
