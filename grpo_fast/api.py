@@ -32,9 +32,9 @@ class _FusedGRPOLoss(torch.autograd.Function):
     """logits -> (loss, stats) through a kernel backend; the gradient is produced in forward."""
 
     @staticmethod
-    def forward(ctx, logits, inp: LossInputs, backend, inplace: bool):
+    def forward(ctx, logits, inp: LossInputs, backend, inplace: bool, need_grad: bool):
         grad = None
-        if ctx.needs_input_grad[0]:
+        if need_grad:
             if inplace:
                 grad = inp.logits  # the kernel overwrites each row with its gradient after reading it
             elif hasattr(backend, "empty_grad"):  # e.g. the CPU backend's huge-page buffer
@@ -53,7 +53,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         grad = ctx.grad
         if grad is None:
-            return None, None, None, None
+            return None, None, None, None, None
         if getattr(ctx, "consumed", False):
             raise RuntimeError(
                 "grpo_loss: backward ran twice through the same loss; the fused kernels precompute the "
@@ -66,7 +66,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         # A fresh tensor object over the same storage: AccumulateGrad may then adopt it as .grad
         # instead of cloning it (it clones a tensor that other references still hold, e.g. the
         # leaf logits themselves with inplace=True: a second (B, T, V) buffer).
-        return grad.detach(), None, None, None
+        return grad.detach(), None, None, None, None
 
 
 def metrics_from_sums(stats: torch.Tensor, inp: LossInputs) -> dict:
@@ -158,8 +158,25 @@ def grpo_loss(
     impl = _backends.resolve(backend, logits.device)
     if impl is None:
         return _reference_from_inputs(logits, inp)
-    loss, stats = _FusedGRPOLoss.apply(logits, inp, impl, inplace)
+    # Grad mode decides, not only requires_grad: under no_grad nothing is computed or overwritten.
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
+    # Logits whose elements share memory (an expanded batch: a stride of 0) cannot hold their own
+    # gradient: every row would write the same bytes. They get a fresh buffer instead.
+    inplace = inplace and need_grad and not _self_overlapping(inp.logits)
+    loss, stats = _FusedGRPOLoss.apply(logits, inp, impl, inplace, need_grad)
+    if inplace and inp.logits is logits:
+        # The kernel wrote through a raw pointer, which autograd cannot see. Tell it, so that any
+        # backward that saved these logits (exp, sigmoid, a z-loss built on them) raises PyTorch's
+        # "modified by an inplace operation" error instead of silently reading the gradient.
+        torch.autograd.graph.increment_version(logits)
     return loss, metrics_from_sums(stats, inp)
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """True when two elements of ``t`` are the same memory through a stride of 0 (``x.expand``,
+    broadcasting), the way logits come to share memory in practice. (Overlap built by hand with
+    as_strided is not detected; such logits should not be passed with inplace=True.)"""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
 # Availability does not change within a process: let dynamo evaluate the resolution at trace time

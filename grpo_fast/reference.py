@@ -167,7 +167,7 @@ def grpo_loss_reference(
     # Metrics: masked means over valid tokens. At sequence level with a per-row advantage the clip
     # flags are the row's (ratio and advantage are one value per row): averaged over the B rows, as
     # TRL does. Decided by the options, not by shape: at T = 1 a token-level (B, 1) is still tokens.
-    row_level = importance_sampling_level == "sequence" and A.shape[1] == 1
+    row_level = importance_sampling_level == "sequence" and advantages.dim() == 1
 
     def masked_mean(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
         x = x.detach().to(acc)
