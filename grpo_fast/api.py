@@ -216,7 +216,40 @@ def _reference_from_inputs(logits: torch.Tensor, inp: LossInputs):
     )
 
 
-class GRPOLoss(torch.nn.Module):
+class _LossModule(torch.nn.Module):
+    """A loss function as a module: options fixed at construction, tensors per call.
+
+    Subclasses name the function (``_fn``), its positional tensor arguments (``_POSITIONAL``) and the
+    keyword tensors that belong to each call (``_PER_CALL``). Unknown option names and per-call
+    tensors passed as options fail at construction, not at the first step.
+    """
+
+    _fn = None
+    _POSITIONAL: tuple = ()
+    _PER_CALL: tuple = ()
+
+    def __init__(self, **options):
+        super().__init__()
+        name = type(self).__name__
+        bad = sorted(set(options) & set(self._PER_CALL))
+        if bad:
+            raise ValueError(f"{bad} are per-call tensors: pass them to forward(), not to {name}()")
+        import inspect
+
+        known = set(inspect.signature(type(self)._fn).parameters) - set(self._POSITIONAL)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"{name} got unknown options {unknown}; known: {sorted(known - set(self._PER_CALL))}")
+        self.options = options
+
+    def forward(self, *tensors, **per_call):
+        return type(self)._fn(*tensors, **{**self.options, **per_call})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class GRPOLoss(_LossModule):
     """``grpo_loss`` as a module: options fixed at construction, tensors per call.
 
     Example:
@@ -224,27 +257,12 @@ class GRPOLoss(torch.nn.Module):
         >>> loss, metrics = crit(logits, completion_ids, rewards=rewards, ref_logp=ref, completion_mask=mask)
     """
 
+    _fn = grpo_loss
+    _POSITIONAL = ("logits", "completion_ids", "advantages")
     _PER_CALL = ("rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio", "num_items_in_batch")
 
-    def __init__(self, **options):
-        super().__init__()
-        bad = sorted(set(options) & set(self._PER_CALL))
-        if bad:
-            raise ValueError(f"{bad} are per-call tensors: pass them to forward(), not to GRPOLoss()")
-        self.options = options
-        # Fail at construction, not at the first step, on unknown names or bad option values.
-        import inspect
-
-        known = set(inspect.signature(grpo_loss).parameters) - {"logits", "completion_ids", "advantages"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f"GRPOLoss got unknown options {unknown}; known: {sorted(known - set(self._PER_CALL))}")
-
     def forward(self, logits, completion_ids, advantages=None, **per_call):
-        return grpo_loss(logits, completion_ids, advantages, **{**self.options, **per_call})
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return super().forward(logits, completion_ids, advantages, **per_call)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group", adv_eps: float = 1e-4) -> torch.Tensor:

@@ -69,7 +69,7 @@ from ._config import (
     STAT_KL,
     STAT_LOSS,
 )
-from .api import metrics_from_sums
+from .api import _LossModule, metrics_from_sums
 from .reference import group_advantages_reference, token_logprobs_reference
 from .validation import (
     LOGIT_DTYPES,
@@ -690,7 +690,7 @@ def fused_linear_grpo_loss(
     return loss, metrics_from_sums(stats, inp)
 
 
-class FusedLinearGRPOLoss(torch.nn.Module):
+class FusedLinearGRPOLoss(_LossModule):
     """``fused_linear_grpo_loss`` as a module: options fixed at construction, tensors per call.
 
     Example:
@@ -699,27 +699,13 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         ...                      completion_mask=mask)
     """
 
+    _fn = fused_linear_grpo_loss
+    _POSITIONAL = ("hidden", "weight", "completion_ids", "advantages")
     _PER_CALL = ("bias", "rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio",
                  "num_items_in_batch")
 
-    def __init__(self, **options):
-        super().__init__()
-        bad = sorted(set(options) & set(self._PER_CALL))
-        if bad:
-            raise ValueError(f"{bad} are per-call tensors: pass them to forward(), not to FusedLinearGRPOLoss()")
-        import inspect
-
-        known = set(inspect.signature(fused_linear_grpo_loss).parameters) - {"hidden", "weight", "completion_ids", "advantages"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f"FusedLinearGRPOLoss got unknown options {unknown}; known: {sorted(known - set(self._PER_CALL))}")
-        self.options = options
-
     def forward(self, hidden, weight, completion_ids, advantages=None, **per_call):
-        return fused_linear_grpo_loss(hidden, weight, completion_ids, advantages, **{**self.options, **per_call})
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return super().forward(hidden, weight, completion_ids, advantages, **per_call)
 
 
 @torch.no_grad()
