@@ -252,6 +252,21 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
 
 
 @triton.jit
+def _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt, temperature, BLOCK_V: tl.constexpr):
+    """This program's token row = b·T + t (int64): its logits row, target, the sweep over V (lse and
+    entropy), the gathered log-prob, stored to logp_ptr[row]. The start of every per-token kernel."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    z_row = logits_ptr + b * stride_lb + t * stride_lt
+    lse, entropy = _online_lse_entropy(z_row, V, temperature, BLOCK_V)
+    y = tl.load(ids_ptr + row)
+    logp = tl.load(z_row + y).to(tl.float32) / temperature - lse
+    tl.store(logp_ptr + row, logp)
+    return row, b, t, z_row, y, lse, entropy, logp
+
+
+@triton.jit
 def _token_logprobs_kernel(
     # pointers
     logits_ptr, ids_ptr, logp_ptr, entropy_ptr, lse_ptr,
@@ -263,14 +278,8 @@ def _token_logprobs_kernel(
     STORE_ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """logp[row] = x[y] − lse (and entropy, lse) of token row = b·T + t; no gradient."""
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    z_row = logits_ptr + b * stride_lb + t * stride_lt
-    lse, entropy = _online_lse_entropy(z_row, V, temperature, BLOCK_V)
-    y = tl.load(ids_ptr + row)
-    logp = tl.load(z_row + y).to(tl.float32) / temperature - lse
-    tl.store(logp_ptr + row, logp)
+    row, b, t, z_row, y, lse, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt,
+                                                        temperature, BLOCK_V)
     if STORE_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
     if STORE_LSE:
@@ -299,16 +308,8 @@ def _grpo_token_fwd_kernel(
     logp_ptr[row] = logp. Multiplying by w and m (instead of skipping masked tokens) keeps a NaN
     in the logits visible in the loss, as in the eager reference.
     """
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    z_row = logits_ptr + b * stride_lb + t * stride_lt
-
-    # the sweep over V: lse and entropy; then the gathered logit
-    lse, entropy = _online_lse_entropy(z_row, V, temperature, BLOCK_V)
-    y = tl.load(ids_ptr + row)
-    logp = tl.load(z_row + y).to(tl.float32) / temperature - lse
-    tl.store(logp_ptr + row, logp)
+    row, b, t, z_row, y, lse, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt,
+                                                        temperature, BLOCK_V)
 
     # per-token side inputs
     m = tl.load(mask_ptr + row)
