@@ -20,6 +20,7 @@ from .validation import (
     _float_tensor,
     _number,
     check_backend,
+    check_group_size,
     check_ids,
     check_logits,
     validate_loss_args,
@@ -276,15 +277,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor (B,), got {getattr(rewards, 'shape', type(rewards).__name__)}")
     B = rewards.shape[0]
-    # Reuse the loss's checks of rewards and group_size.
+    # The loss's own checks of rewards and group_size.
     r = _float_tensor("rewards", rewards, [(B,)], rewards.device, finite=True)
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2, got {group_size}")
-    if B % group_size != 0:
-        raise ValueError(f"group_size must divide the batch size B = {B}, got group_size={group_size}")
-    return group_advantages_reference(r, group_size, scale_rewards, adv_eps)
+    G = check_group_size(group_size, B)
+    return group_advantages_reference(r, G, scale_rewards, adv_eps)
 
 
 @torch.no_grad()

@@ -146,6 +146,18 @@ class LossInputs:
     num_items_in_batch: Optional[float]
 
 
+def check_group_size(group_size, B: int) -> int:
+    """G: an int >= 2 that divides the batch size B (rows [k·G, (k+1)·G) are one prompt's group)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+    G = int(group_size)
+    if G < 2:
+        raise ValueError(f"group_size must be >= 2 (a group needs two completions to compare), got {G}")
+    if B % G != 0:
+        raise ValueError(f"group_size must divide the batch size B = {B}, got group_size={G} (B % G = {B % G})")
+    return G
+
+
 def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_length: int, num_items_in_batch: Optional[float]) -> torch.Tensor:
     """w[b, t] such that loss = Σ_{b,t} w·L[b, t] (SPEC.md, Aggregation); w = 0 on padding.
 
@@ -258,13 +270,7 @@ def validate_loss_args(
         rew = _float_tensor("rewards", rewards, [(B,)], device, finite=check_values)
         if group_size is None:
             raise ValueError("rewards need group_size (the number G of completions per prompt), got group_size=None")
-        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-            raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
-        G = int(group_size)
-        if G < 2:
-            raise ValueError(f"group_size must be >= 2 (a group needs two completions to compare), got {G}")
-        if B % G != 0:
-            raise ValueError(f"group_size must divide the batch size B = {B}, got group_size={G} (B % G = {B % G})")
+        G = check_group_size(group_size, B)
 
     # -- per-token side inputs
     old = _float_tensor("old_logp", old_logp, [(B, T)], device)
