@@ -59,7 +59,7 @@ def _interpreter_off():
 
 
 def _aot_kernels_module():
-    """kernels/grpo.py loaded as a private module with the interpreter switched off.
+    """grpo_fast/kernels/grpo.py loaded as a private module with the interpreter switched off.
 
     Under TRITON_INTERPRET=1 (the CPU test setup) ``@triton.jit`` makes interpreter objects that
     ``triton.compile`` cannot take, so the file is executed again, as a module of its own.

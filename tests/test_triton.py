@@ -267,18 +267,37 @@ def test_backend_module():
 
 
 def test_kernels_ship_inside_the_package():
-    # pyproject maps grpo_fast.kernels to the top-level kernels/ folder; packages.find cannot see a
-    # mapped package, so the list is explicit — and must name every package under grpo_fast/.
+    # The Triton sources are grpo_fast/kernels/, a subpackage like the others: every folder under
+    # grpo_fast/ with an __init__.py must be in pyproject's explicit package list.
     import pathlib
     import tomllib
 
     root = pathlib.Path(__file__).resolve().parents[1]
     cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert cfg["package-dir"]["grpo_fast.kernels"] == "kernels"
     listed = set(cfg["packages"])
     assert "grpo_fast.kernels" in listed and "kernels" not in listed
     on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "grpo_fast").rglob("__init__.py")}
     assert on_disk <= listed, f"packages missing from pyproject's list: {sorted(on_disk - listed)}"
+
+
+def test_repo_root_does_not_shadow_other_packages():
+    # transformers (>= 5.23) probes for Hugging Face's `kernels` package with find_spec("kernels").
+    # From the repository root (on sys.path for `python -m grpo_fast`, pytest, notebooks), that name
+    # must find the installed package or nothing, never a folder of ours.
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = ("import importlib.util, json; s = importlib.util.find_spec('kernels'); "
+            "print(json.dumps(None if s is None else [s.origin, list(s.submodule_search_locations or [])]))")
+    found = json.loads(subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                                      check=True).stdout)
+    if found is not None:
+        origin, locations = found
+        for place in [origin or ""] + locations:
+            assert not pathlib.Path(place).resolve().is_relative_to(root), f"`import kernels` finds {place} in this repository"
 
 
 @pytest.mark.parametrize("level", LEVELS)

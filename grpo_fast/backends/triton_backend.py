@@ -1,4 +1,4 @@
-"""The Triton backend: launchers for the kernels of ``grpo_fast.kernels`` (source folder ``kernels/``).
+"""The Triton backend: launchers for the kernels of ``grpo_fast.kernels`` (grpo_fast/kernels/).
 
 What runs (N = B·T token rows, one program per row on grid axis 0):
 
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -43,42 +41,14 @@ _KERNELS = None  # the loaded kernels module, or the ImportError that prevented 
 
 
 def kernels_dir() -> Path:
-    """The folder holding the kernel sources, found without importing Triton."""
-    spec = importlib.util.find_spec("grpo_fast.kernels") if "grpo_fast.kernels" not in sys.modules else sys.modules["grpo_fast.kernels"].__spec__
-    if spec is not None and spec.origin:
-        return Path(spec.origin).resolve().parent
-    return Path(__file__).resolve().parents[2] / "kernels"
+    """The folder holding the kernel sources (grpo_fast/kernels/), found without importing Triton."""
+    return Path(__file__).resolve().parents[1] / "kernels"
 
 
 def load_kernels():
-    """The ``grpo_fast.kernels`` module: installed, or from the source tree's ``kernels/`` folder.
-
-    pyproject maps ``grpo_fast.kernels`` to the top-level ``kernels/`` folder at install time. In a
-    source checkout (tests run from the repository root) there is no ``grpo_fast/kernels``, so the
-    folder is loaded under that same name from the file system — one name, however it got there.
-    Raises ImportError when Triton (or the folder) is missing.
-    """
-    name = "grpo_fast.kernels"
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:  # the package exists but Triton (or a dependency) is missing
-            raise
-    init = kernels_dir() / "__init__.py"
-    if not init.is_file():
-        raise ImportError(f"{name} is neither installed nor found in the source tree at {init.parent}")
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    setattr(sys.modules["grpo_fast"], "kernels", mod)
-    return mod
+    """The ``grpo_fast.kernels`` module (the ``@triton.jit`` code). Raises ImportError when Triton
+    is missing."""
+    return importlib.import_module("grpo_fast.kernels")
 
 
 def _kernels():

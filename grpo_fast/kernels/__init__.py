@@ -1,4 +1,4 @@
-"""Triton kernels of grpo_fast (shipped as ``grpo_fast.kernels``; the source folder is ``kernels/``).
+"""Triton kernels of grpo_fast (``grpo_fast.kernels``).
 
 Only ``@triton.jit`` code lives here; the launchers, autotuning and the torch side are in
 ``grpo_fast/backends/triton_backend.py``. Importing this package needs Triton.
