@@ -10,9 +10,9 @@
 #      and a `pip install --no-deps` into OUT_DIR/site to check the installed layout
 #      (grpo_fast.kernels must import from there, outside the source tree)
 #   3. tests, natively on the GPU (TRITON_INTERPRET unset): pytest -m "not slow", then the gpu-marked ones
-#   4. static kernel report: python -m grpo_fast kernels (registers / spills / smem, Triton + CUDA)
+#   4. static kernel report: python -m benchmarks kernels (registers / spills / smem, Triton + CUDA)
 #   5. Triton autotuning: the config chosen per vocabulary size
-#   6. benchmarks: python -m grpo_fast bench --device cuda (eager, compile, triton, cuda, TRL when
+#   6. benchmarks: python -m benchmarks --device cuda (eager, compile, triton, cuda, TRL when
 #      installed; fwd, bwd, fwd+bwd; memory), which also prints the roofline MODEL next to the
 #      measured table; and the model alone at the measured bandwidth
 # Nothing here pip-installs torch: the machine's CUDA build of torch is used as it is.
@@ -60,7 +60,7 @@ step "pytest -m 'not slow' (GPU)" pytest_fast.txt $PY -m pytest -m "not slow" -q
 step "pytest -m gpu (GPU, slow ones included)" pytest_gpu.txt $PY -m pytest -m gpu -q -rs --junitxml="$OUT/pytest_gpu.xml"
 
 # 4. static resource report (also the CUDA C++ kernels when built)
-step "kernel resources" kernels.txt $PY -m grpo_fast kernels --json "$OUT/kernels.json"
+step "kernel resources" kernels.txt $PY -m benchmarks kernels --json "$OUT/kernels.json"
 
 # 5. which autotune config Triton picks per V (bf16, token level with gradient)
 step "triton autotune choices" autotune.txt $PY - <<'EOF'
@@ -82,8 +82,8 @@ for V in (8192, 32000, 128256, 151936):
 EOF
 
 # 6. benchmarks (measured), then the model at the measured copy bandwidth
-step "benchmarks (cuda)" bench.txt $PY -m grpo_fast bench --device cuda --out-dir "$OUT/bench"
-step "roofline model" roofline.txt $PY -m grpo_fast.roofline
+step "benchmarks (cuda)" bench.txt $PY -m benchmarks --device cuda --out-dir "$OUT/bench"
+step "roofline model" roofline.txt $PY -m benchmarks roofline
 
 echo "results in $OUT" | tee -a "$OUT/summary.txt"
 exit $FAILED

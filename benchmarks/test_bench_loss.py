@@ -4,10 +4,10 @@
     pytest benchmarks/ --benchmark-only --benchmark-autosave && pytest-benchmark compare
 
 One test per (case, provider, mode), grouped by "case mode" so each group's table compares the
-providers. Same inputs, providers and modes as `grpo-fast bench loss` (grpo_fast/bench/loss.py);
+providers. Same inputs, providers and modes as `python -m benchmarks loss` (benchmarks/loss.py);
 timing by pytest-benchmark (pedantic: 5 rounds after 1 warm-up, the restore of consumed inputs and,
 for "bwd", the forward run in its untimed setup). Peak memory and the bandwidth ratio are only in
-`grpo-fast bench loss`. Each case also checks its loss and gradient slice against the eager
+`python -m benchmarks loss`. Each case also checks its loss and gradient slice against the eager
 provider, so a benchmark of a wrong kernel fails instead of reporting a fast time.
 """
 import pytest
@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from grpo_fast.bench import loss as L  # noqa: E402
+from benchmarks import loss as L  # noqa: E402
 
 
 def _config_cases(config):

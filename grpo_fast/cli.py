@@ -1,9 +1,10 @@
 """`grpo-fast` / `python -m grpo_fast`: one command, several jobs.
 
     grpo-fast train    the GRPO trainer on its built-in task (grpo_fast.trainer)
-    grpo-fast bench    the benchmark tables (grpo_fast.bench)
-    grpo-fast kernels  static resource report of the GPU kernels: registers, spills, shared memory
     grpo-fast info     versions and which backends are available
+
+Benchmarks and the GPU kernels' resource report are tooling in the repository's benchmarks/
+folder, not in the installed package: `python -m benchmarks --help` from a checkout.
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import sys
 # subcommand -> (module, help). Modules are imported only when their command runs.
 COMMANDS = {
     "train": ("grpo_fast.trainer", "train a policy with GRPO on the built-in task"),
-    "bench": ("grpo_fast.bench", "benchmark the loss kernels against the eager reference"),
-    "kernels": ("grpo_fast.kernel_report", "registers / spills / shared memory of the GPU kernels (no GPU needed)"),
     "info": ("grpo_fast.cli", "versions and available backends"),
 }
 

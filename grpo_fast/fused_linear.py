@@ -40,7 +40,7 @@ gradient. Two strategies, chosen per call:
   logits and writes ``g·(onehot − softmax)/τ`` in place with the same kernel (``g`` enters as the
   aggregation weight of a unit k1-KL term, whose ∂/∂logp is exactly 1). Four matmuls instead of three
   and two kernel passes: measured 1.7–1.9× the three-matmul floor against 1.1–1.2× for the one-pass
-  paths (B4 T256 H512 V32000 fp32 on 2 shared CPU cores; ``grpo-fast bench fused-linear``, rows
+  paths (B4 T256 H512 V32000 fp32 on 2 shared CPU cores; ``python -m benchmarks fused-linear``, rows
   ``fused-cpu-seq`` / ``fused-cpu-seq-2pass``), i.e. ≈ 1.5× the time of the rows path. It runs
   only when a row does not fit the budget: chunking whole rows would then need a T·V buffer (5 GB at
   T = 8k, V = 152k), which is what this path exists to avoid.

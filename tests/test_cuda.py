@@ -193,7 +193,7 @@ _KERNELS = {"token_fused_kernel", "logprob_kernel", "seq_row_kernel", "seq_grad_
 
 
 def test_kernels_have_no_spills_and_no_local_memory():
-    from grpo_fast import _cuda_resources as res
+    from benchmarks import cuda_resources as res
 
     if res.extension_path() is None:
         pytest.skip("grpo_fast._C_cuda is not built")
@@ -213,7 +213,7 @@ def test_kernels_have_no_spills_and_no_local_memory():
 
 
 def test_resource_usage_parser():
-    from grpo_fast._cuda_resources import parse_resource_usage, split_kernel_name
+    from benchmarks.cuda_resources import parse_resource_usage, split_kernel_name
 
     text = """
 Fatbin elf code:

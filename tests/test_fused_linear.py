@@ -473,7 +473,7 @@ def test_gpu_backends(backend, level):
 # ------------------------------------------------------------------------------------------------
 
 def test_benchmark_smoke(tmp_path):
-    from grpo_fast.bench import fused_linear as bench
+    from benchmarks import fused_linear as bench
 
     # floor is always added; one memory child per provider (a fresh interpreter each: keep it to two)
     res = bench.run(shapes=[(2, 8, 16, 64)], providers=["fused-torch"], repeats=1, warmup=0, memory=True,

@@ -1,4 +1,4 @@
-"""`python -m grpo_fast kernels`: the Triton kernels compile for sm_80 and sm_90 without a GPU, and
+"""`python -m benchmarks kernels`: the Triton kernels compile for sm_80 and sm_90 without a GPU, and
 none of the autotune configs spills registers."""
 import importlib.util
 import sys
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 
 def _report():
-    from grpo_fast import kernel_report
+    from benchmarks import kernel_report
 
     if kernel_report.ptxas_path() is None:
         pytest.skip("ptxas is not shipped with this Triton wheel (set TRITON_PTXAS_PATH)")
@@ -45,13 +45,13 @@ def test_exit_status_and_cuda_rows(rows, monkeypatch, capsys, tmp_path):
     kr = _report()
     monkeypatch.setattr(kr, "triton_report", lambda archs, quick=False, variants=False: list(rows))
     # no CUDA resource helper (or one that reports no spills): exit 0
-    fake = types.ModuleType("grpo_fast._cuda_resources")
+    fake = types.ModuleType("benchmarks.cuda_resources")
     entries = [dict(kernel="grpo_fwd_cuda", arch="sm_90", registers=40, spill_bytes=0, shared_bytes=128, local_bytes=0)]
     fake.cuda_kernel_resources = lambda: entries
-    monkeypatch.setitem(sys.modules, "grpo_fast._cuda_resources", fake)
-    import grpo_fast
+    monkeypatch.setitem(sys.modules, "benchmarks.cuda_resources", fake)
+    import benchmarks
 
-    monkeypatch.setattr(grpo_fast, "_cuda_resources", fake, raising=False)
+    monkeypatch.setattr(benchmarks, "cuda_resources", fake, raising=False)
     out_json = tmp_path / "k.json"
     assert kr.main(["--quick", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out

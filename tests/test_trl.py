@@ -384,8 +384,8 @@ def test_training_run_matches_trl_first_step(tiny, tmp_path):
 
 
 def test_benchmark_runs_and_providers_agree(tmp_path):
-    """grpo_fast.bench.trl_step at a toy size: every provider runs one step and reports the same loss."""
-    from grpo_fast.bench import trl_step
+    """benchmarks.trl_step at a toy size: every provider runs one step and reports the same loss."""
+    from benchmarks import trl_step
 
     res = trl_step.run(trl_step.PROVIDERS, quick=True, repeats=1, memory=False, out_dir=str(tmp_path),
                        overrides=dict(batch=2, prompt_len=4, completion_len=8, hidden=32, vocab=257))

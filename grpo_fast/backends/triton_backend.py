@@ -83,7 +83,7 @@ def _next_pow2(n: int) -> int:
 
 # (BLOCK_V, num_warps, num_stages) tried by the autotuner, per distinct V. The kernels stream V
 # (memory bound); wider blocks and more warps keep more bytes in flight. All are checked for zero
-# register spills on sm_80 and sm_90 by `python -m grpo_fast kernels`.
+# register spills on sm_80 and sm_90 by `python -m benchmarks kernels`.
 AUTOTUNE_CONFIGS = (
     (1024, 4, 1),
     (2048, 8, 1),

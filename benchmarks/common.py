@@ -246,7 +246,7 @@ def run_child(module: str, payload: dict, timeout: float = 1800) -> dict:
     """``python -m module --child JSON`` in a fresh process; returns the JSON its last line prints."""
     env = dict(os.environ)
     env.update(CHILD_ENV)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: grpo_fast and benchmarks
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(payload)], env=env,
                           capture_output=True, text=True, timeout=timeout)

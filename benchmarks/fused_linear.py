@@ -1,8 +1,7 @@
 """Benchmark of the GRPO loss from hidden states and the LM head: every available provider, one table.
 
-    grpo-fast bench fused-linear [--quick] [--device cpu|cuda] [--providers a,b] [--shapes B,T,H,V ...]
-    python benchmarks/bench_fused_linear.py ...        (the same)
-
+    python -m benchmarks fused-linear [--quick] [--device cpu|cuda] [--providers a,b] [--shapes B,T,H,V ...]
+    
 Providers (fwd+bwd: the loss, then loss.backward() giving d hidden, d weight; each skipped with the
 reason printed when it cannot run here):
 
@@ -24,7 +23,7 @@ Loss options: DAPO aggregation, ε = 0.2 / 0.28, β = 0.04 with k3 KL, off-polic
 padding. Every provider computes the same loss (check column: loss, dh and dW vs eager).
 
 Time: median of ``--repeats`` runs after one warm-up; on CPU the providers' runs are interleaved
-round-robin so that load from other jobs hits them alike (CUDA: grpo_fast/bench/common.py's
+round-robin so that load from other jobs hits them alike (CUDA: benchmarks/common.py's
 do_bench per provider). GFLOP/s counts the
 three matmuls (6·N·H·V flops) for every provider, so it compares like with like.
 
@@ -157,7 +156,7 @@ def _trl(inputs, h, w):
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-    from ..reference import group_advantages_reference
+    from grpo_fast.reference import group_advantages_reference
 
     o = LOSS_OPTIONS
     A = group_advantages_reference(inputs["rewards"], inputs["group_size"], "group", 1e-4).unsqueeze(1)
@@ -184,7 +183,7 @@ def _trl(inputs, h, w):
 def _liger(inputs, h, w, device):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    from ..reference import group_advantages_reference
+    from grpo_fast.reference import group_advantages_reference
 
     o = LOSS_OPTIONS
     crit = LigerFusedLinearGRPOLoss(beta=o["beta"], compiled=torch.device(device).type == "cuda",
@@ -206,7 +205,7 @@ def _kernel_backend(device) -> str:
 
 def provider_table(device) -> Dict[str, tuple]:
     """name -> (builder(inputs, h, w) -> fn, level, unavailable() -> reason | None)."""
-    from ..backends import unavailable_reason
+    from grpo_fast.backends import unavailable_reason
 
     dev = torch.device(device)
     k = _kernel_backend(dev)
@@ -347,7 +346,7 @@ def _memory_in_process(case: Case, provider: str, device) -> dict:
 def measure_memory(case: Case, provider: str, device) -> dict:
     if torch.device(device).type == "cuda":
         return _memory_in_process(case, provider, device)
-    return common.run_child("grpo_fast.bench.fused_linear", {"case": asdict(case), "provider": provider, "device": "cpu"})
+    return common.run_child("benchmarks.fused_linear", {"case": asdict(case), "provider": provider, "device": "cpu"})
 
 
 COLUMNS = [
@@ -440,7 +439,7 @@ def _parse_shape(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="grpo-fast bench fused-linear", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks fused-linear", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats (seconds)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--providers", type=lambda s: s.split(","), default=None, help="comma-separated subset")

@@ -1,15 +1,15 @@
-"""`python -m grpo_fast kernels`: registers, spills and shared memory of the GPU kernels, no GPU needed.
+"""`python -m benchmarks kernels`: registers, spills and shared memory of the GPU kernels, no GPU needed.
 
 Each Triton kernel is compiled ahead of time (``triton.compile`` on an ``ASTSource`` with an
 explicit ``GPUTarget``) for sm_80 (A100) and sm_90 (H100), for every autotune config, and the PTX
 is run through the ``ptxas`` that ships in the Triton wheel with ``-v``, which reports registers
 per thread, spill stores/loads and static shared memory. Triton's own shared-memory scratch (for
 the cross-warp reductions) comes from the compiled kernel's metadata. The CUDA C++ kernels are
-added when ``grpo_fast._cuda_resources.cuda_kernel_resources()`` exists.
+added when ``benchmarks.cuda_resources.cuda_kernel_resources()`` exists.
 
 Exit status: 0 when nothing spills, 1 when some kernel spills, 2 when nothing could be compiled.
 
-    python -m grpo_fast kernels [--arch 80,90] [--quick | --variants] [--triton-only] [--json out.json]
+    python -m benchmarks kernels [--arch 80,90] [--quick | --variants] [--triton-only] [--json out.json]
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _aot_kernels_module():
     Under TRITON_INTERPRET=1 (the CPU test setup) ``@triton.jit`` makes interpreter objects that
     ``triton.compile`` cannot take, so the file is executed again, as a module of its own.
     """
-    from .backends.triton_backend import kernels_dir
+    from grpo_fast.backends.triton_backend import kernels_dir
 
     path = kernels_dir() / "grpo.py"
     with _interpreter_off():
@@ -221,7 +221,7 @@ def jobs(quick: bool = False):
     types at the interpreter's default config; fp32 logits at the default config. ``quick``: the
     autotune configs only.
     """
-    from .backends.triton_backend import AUTOTUNE_CONFIGS, DEFAULT_BLOCK_V, DEFAULT_WARPS
+    from grpo_fast.backends.triton_backend import AUTOTUNE_CONFIGS, DEFAULT_BLOCK_V, DEFAULT_WARPS
 
     out = []
     for bv, nw, ns in AUTOTUNE_CONFIGS:
@@ -270,7 +270,7 @@ def _triton_report_subprocess(archs, quick: bool, variants: bool = False) -> lis
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "rows.json")
-        cmd = [sys.executable, "-m", "grpo_fast.kernel_report", "--triton-only", "--json", out,
+        cmd = [sys.executable, "-m", "benchmarks.kernel_report", "--triton-only", "--json", out,
                "--arch", ",".join(map(str, archs))] + (["--quick"] if quick else []) + (["--variants"] if variants else [])
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode not in (0, 1) or not os.path.exists(out):  # 1 with a report: something spills
@@ -283,7 +283,7 @@ def variant_jobs():
     """Every constexpr flag of the loss kernels varied one at a time from a base set, plus every
     logits dtype and the token_logprobs flags, at the default config: a compile check for code
     paths the interpreter accepts but the GPU compiler might not (types differing across branches)."""
-    from .backends.triton_backend import DEFAULT_BLOCK_V, DEFAULT_WARPS
+    from grpo_fast.backends.triton_backend import DEFAULT_BLOCK_V, DEFAULT_WARPS
 
     base = _loss_flags(0)
     options = dict(LOSS_TYPE=range(7), KL_EST=range(3), HAS_DELTA=(False, True), HAS_KL=(False, True),
@@ -354,11 +354,11 @@ def triton_report(archs=ARCHS, quick: bool = False, variants: bool = False, work
 def cuda_report() -> list[KernelResources]:
     """The CUDA extension's kernels, when its helper module exists (written by the CUDA backend)."""
     try:
-        from . import _cuda_resources
+        from . import cuda_resources
     except ImportError:
         return []
     rows = []
-    for d in _cuda_resources.cuda_kernel_resources():
+    for d in cuda_resources.cuda_kernel_resources():
         rows.append(KernelResources(kernel=d["kernel"], variant=d.get("variant", ""), config=d.get("config", ""),
                                     arch=str(d["arch"]), registers=int(d["registers"]), spill_bytes=int(d["spill_bytes"]),
                                     shared_bytes=int(d["shared_bytes"]), local_bytes=int(d.get("local_bytes", 0)),
@@ -376,7 +376,7 @@ def format_table(rows: list[KernelResources]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="grpo-fast kernels", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma-separated SM versions (default 80,90)")
     ap.add_argument("--quick", action="store_true", help="only the autotune configs of the default variant")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this file")

@@ -1,6 +1,6 @@
 """Benchmark of one TRL GRPO training step: TRL's own loss vs the grpo_fast drop-in.
 
-    python -m grpo_fast.bench.trl_step [--quick] [--device cpu|cuda] [--loss-type dapo] [--repeats 5]
+    python -m benchmarks.trl_step [--quick] [--device cpu|cuda] [--loss-type dapo] [--repeats 5]
                                        [--providers trl,grpo_fast,grpo_fast-logits,grpo_fast-torch]
 
 What is timed: the part of ``GRPOTrainer.training_step`` that the drop-in changes — ``compute_loss``
@@ -20,7 +20,7 @@ Providers (each a trainer built from the same saved model and config):
     grpo_fast-logits    the drop-in with grpo_fast_fused_linear=False: full logits, then grpo_loss in place
     grpo_fast-torch     the drop-in with backend "torch" (grpo_fast's chunked eager reference)
 
-Time: median of --repeats runs after one warm-up (grpo_fast/bench/common.py time_fn). Peak memory: in a
+Time: median of --repeats runs after one warm-up (benchmarks/common.py time_fn). Peak memory: in a
 fresh child process per provider, after a warm-up step so that parameter gradients and lazy buffers
 already exist, the peak during one compute_loss + backward minus the memory just before it (CPU: peak
 RSS; CUDA: torch.cuda.max_memory_allocated).
@@ -207,7 +207,7 @@ def run(providers=DEFAULT_PROVIDERS, *, quick: bool = False, loss_type: str = "d
                 row["cpu_s"] = statistics.median(cpu_times[1:])  # the warm-up run excluded, as for time_s
             del tr, inputs
             if memory:
-                res = common.run_child("grpo_fast.bench.trl_step", dict(provider=prov, cfg=cfg, loss_type=loss_type,
+                res = common.run_child("benchmarks.trl_step", dict(provider=prov, cfg=cfg, loss_type=loss_type,
                                                                        path=path, out_dir=os.path.join(tmp, "out"),
                                                                        device=device))
                 row["extra_peak_mb"] = res["extra_peak"] / common.MB
@@ -245,7 +245,7 @@ def run(providers=DEFAULT_PROVIDERS, *, quick: bool = False, loss_type: str = "d
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m grpo_fast.bench.trl_step", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.trl_step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small batch (seconds)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma-separated, from {','.join(PROVIDERS)}")
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     if args.child:
         return _child_main(args.child)
     why = trl_missing()
-    if why:  # a skipped table, not a failure: `grpo-fast bench all` goes on with the others
+    if why:  # a skipped table, not a failure: `python -m benchmarks all` goes on with the others
         print(f"[trl-step] skipped: {why}")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():

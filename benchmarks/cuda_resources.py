@@ -3,7 +3,7 @@
 ``cuda_kernel_resources()`` runs ``cuobjdump --dump-resource-usage`` on grpo_fast/_C_cuda*.so (no GPU
 needed) and returns one dict per (kernel, template variant, arch) with the keys ``kernel``,
 ``variant``, ``arch`` ("sm_90"), ``registers``, ``spill_bytes``, ``shared_bytes``, ``local_bytes``
-and ``stack_bytes``. ``python -m grpo_fast kernels`` prints them next to the Triton kernels.
+and ``stack_bytes``. ``python -m benchmarks kernels`` prints them next to the Triton kernels.
 
 cuobjdump reports each function's STACK (its stack frame) and LOCAL (other local memory) but not
 spills by themselves. ptxas puts spilled registers in the stack frame, and these kernels have no

@@ -1,8 +1,7 @@
 """Benchmark of the GRPO loss from logits: every available provider, one table.
 
-    grpo-fast bench loss [--quick] [--device cpu|cuda] [--providers eager,cpu,...] [--compile]
-    python benchmarks/bench_loss.py ...         (the same)
-
+    python -m benchmarks loss [--quick] [--device cpu|cuda] [--providers eager,cpu,...] [--compile]
+    
 Providers (each skipped, with the reason printed, when it cannot run here):
 
     eager           grpo_loss(backend="torch"): the eager reference through autograd (the baseline)
@@ -30,7 +29,7 @@ for every provider (so GB/s compares like with like), and "%BW" divides it by th
 measured at the start and end of this run. bwd rows have no byte count.
 
 Memory: extra peak over the inputs (logits, ids, old/ref, ...), measured in a fresh child process per
-case (see grpo_fast/bench/common.py), also as a multiple of the logits' bytes.
+case (see benchmarks/common.py), also as a multiple of the logits' bytes.
 """
 from __future__ import annotations
 
@@ -142,7 +141,7 @@ class Provider:
         if device.type not in self.devices:
             return f"runs on {'/'.join(self.devices)} only"
         if self.backend is not None:
-            from ..backends import unavailable_reason
+            from grpo_fast.backends import unavailable_reason
 
             return unavailable_reason(self.backend, device)
         if self.name == "trl" and importlib.util.find_spec("trl") is None:
@@ -162,7 +161,7 @@ class Provider:
             backend, inplace = self.backend, self.inplace
             return lambda logits: grpo_loss(logits, ids, backend=backend, inplace=inplace, **kw)[0]
         if self.name == "compile":
-            from ..reference import grpo_loss_reference
+            from grpo_fast.reference import grpo_loss_reference
 
             mask = inputs["mask"].to(torch.float32)
             kw = {**kw, "completion_mask": mask}
@@ -183,7 +182,7 @@ def _trl_loss_fn(inputs: dict):
     """
     from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-    from ..reference import group_advantages_reference
+    from grpo_fast.reference import group_advantages_reference
 
     ids, old, ref = inputs["ids"], inputs["old_logp"], inputs["ref_logp"]
     mask = inputs["mask"].to(torch.float32)
@@ -384,7 +383,7 @@ def measure_memory(case: Case, providers: List[str], device) -> dict:
     device = torch.device(device)
     if device.type == "cuda":
         return _memory_in_process(case, providers, device)
-    return common.run_child("grpo_fast.bench.loss", {"case": asdict(case), "providers": providers, "device": "cpu"})
+    return common.run_child("benchmarks.loss", {"case": asdict(case), "providers": providers, "device": "cpu"})
 
 
 def _memory_in_process(case: Case, providers: List[str], device) -> dict:
@@ -576,18 +575,16 @@ def _targets(rows: List[dict]) -> List[str]:
 
 
 def _roofline(cases, device, limit_gbps, log) -> Optional[dict]:
-    """Print the analytic model of grpo_fast.roofline (the Triton helper's), when it exists, for these
+    """Print the analytic model of benchmarks.roofline (the Triton helper's), when it exists, for these
     cases, and return its rows for the JSON. It is a model of HBM traffic, labelled as such."""
-    if importlib.util.find_spec("grpo_fast.roofline") is None:
-        return None
     try:
-        from .. import roofline
+        from . import roofline
 
         spec = [(c.N, c.V, c.dtype) for c in cases]
         text = roofline.format_table(spec, device=device.type, bandwidth_gbps=limit_gbps)
         log("\n" + str(text))
         rows = roofline.rows(spec, bandwidth_gbps=limit_gbps if device.type == "cuda" else None)
-        return {"label": "MODEL (grpo_fast.roofline), not a measurement", "rows": rows}
+        return {"label": "MODEL (benchmarks.roofline), not a measurement", "rows": rows}
     except Exception as e:  # the model is an extra; never lose the measured table over it
         log(f"(roofline model not printed: {type(e).__name__}: {e})")
         return None
@@ -648,7 +645,7 @@ def _parse_shapes(text: str):
     return out
 
 
-def build_parser(prog: str = "grpo-fast bench loss") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m benchmarks loss") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Benchmark the GRPO loss providers (table, JSON, PNG).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LEGEND)
     ap.add_argument("--quick", action="store_true", help="small sizes, 3 repeats: a smoke run in well under a minute")

@@ -1,11 +1,17 @@
-"""`grpo-fast bench`: the benchmark tables.
+"""`python -m benchmarks` (from a checkout of the repository): the benchmark tables and the GPU reports.
 
-    grpo-fast bench [all] [--quick] [--device cpu|cuda] [...]   the loss table, then the fused-linear one
-    grpo-fast bench loss [options]                             the loss from logits (grpo_fast.bench.loss)
-    grpo-fast bench fused-linear [options]                     hidden states -> loss (grpo_fast.bench.fused_linear)
-    grpo-fast bench trl-step [options]                         one TRL GRPOTrainer step (grpo_fast.bench.trl_step; not in `all`)
+    python -m benchmarks [all] [--quick] [--device cpu|cuda] [...]   the loss table, then the fused-linear one
+    python -m benchmarks loss [options]                             the loss from logits (benchmarks.loss)
+    python -m benchmarks fused-linear [options]                     hidden states -> loss (benchmarks.fused_linear)
+    python -m benchmarks trl-step [options]                         one TRL GRPOTrainer step (benchmarks.trl_step; not in `all`)
+    python -m benchmarks kernels [options]                          registers / spills / shared memory of the GPU
+                                                                    kernels, compiled ahead of time (no GPU needed)
+    python -m benchmarks roofline [--markdown]                      the HBM-bytes model of the loss (a model, not a measurement)
 
-`grpo-fast bench loss --help` lists each table's options. With `all`, the options every table knows
+The benchmarks are tooling, not part of the installed library: they live in this folder, beside
+grpo_fast/, and import it from the checkout (or from an installed grpo_fast).
+
+`python -m benchmarks loss --help` lists each table's options. With `all`, the options every table knows
 (--quick, --device, --repeats, --out-dir, --no-save) are passed to both.
 """
 from __future__ import annotations
@@ -14,9 +20,9 @@ import importlib
 import importlib.util
 import sys
 
-TABLES = {"loss": "grpo_fast.bench.loss", "fused-linear": "grpo_fast.bench.fused_linear",
-          "trl-step": "grpo_fast.bench.trl_step"}
-ALL = ("loss", "fused-linear")  # what `grpo-fast bench` with no table runs
+TABLES = {"loss": "benchmarks.loss", "fused-linear": "benchmarks.fused_linear",
+          "trl-step": "benchmarks.trl_step", "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline"}
+ALL = ("loss", "fused-linear")  # what `python -m benchmarks` with no table runs
 # Options shared by the tables: name -> takes a value.
 _COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}
 
@@ -35,12 +41,12 @@ def _common_args(argv):
         a = argv[i]
         key = a.split("=", 1)[0]
         if key not in _COMMON:
-            raise SystemExit(f"grpo-fast bench all: {a!r} is not an option every table takes; "
-                             f"run `grpo-fast bench loss {a}` or `grpo-fast bench fused-linear {a}`")
+            raise SystemExit(f"python -m benchmarks all: {a!r} is not an option every table takes; "
+                             f"run `python -m benchmarks loss {a}` or `python -m benchmarks fused-linear {a}`")
         out.append(a)
         if _COMMON[key] and "=" not in a:
             if i + 1 >= len(argv):
-                raise SystemExit(f"grpo-fast bench: {a} needs a value")
+                raise SystemExit(f"python -m benchmarks: {a} needs a value")
             out.append(argv[i + 1])
             i += 1
         i += 1
