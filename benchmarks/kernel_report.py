@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from grpo_fast._config import KL_ESTIMATORS, LOSS_BY_CODE, LOSS_TABLE
+
 ARCHS = (80, 90)
 
 
@@ -205,12 +207,16 @@ def _sig_grad(ldt):
 
 
 def _loss_flags(loss_type: int, *, kl=True, grad=True, adv_mode=2, level_seq=False):
-    f = dict(LOSS_TYPE=loss_type, KL_EST=0, HAS_DELTA=loss_type <= 4, HAS_KL=kl, BIAS_KL=False, HAS_OLD=True,
+    f = dict(LOSS_TYPE=loss_type, KL_EST=0, HAS_DELTA=LOSS_BY_CODE[loss_type].delta, HAS_KL=kl, BIAS_KL=False, HAS_OLD=True,
              ADV_MODE=adv_mode, SCALE=1, ISR_MODE=2, HAS_GRAD=grad, BLOCK_G=16)
     return f
 
 
-LOSS_NAMES = {0: "grpo", 5: "cispo", 6: "sapo"}
+# One loss type of each per-token family (the kernels' code paths): the first of each in the table.
+LOSS_NAMES = {}
+for _t in LOSS_TABLE.values():
+    if _t.family not in {LOSS_BY_CODE[c].family for c in LOSS_NAMES}:
+        LOSS_NAMES[_t.code] = _t.name
 
 
 def jobs(quick: bool = False):
@@ -286,7 +292,7 @@ def variant_jobs():
     from grpo_fast.backends.triton_backend import DEFAULT_BLOCK_V, DEFAULT_WARPS
 
     base = _loss_flags(0)
-    options = dict(LOSS_TYPE=range(7), KL_EST=range(3), HAS_DELTA=(False, True), HAS_KL=(False, True),
+    options = dict(LOSS_TYPE=sorted(LOSS_BY_CODE), KL_EST=sorted(KL_ESTIMATORS.values()), HAS_DELTA=(False, True), HAS_KL=(False, True),
                    BIAS_KL=(False, True), HAS_OLD=(False, True), ADV_MODE=range(3), SCALE=range(3),
                    ISR_MODE=range(3), HAS_GRAD=(False, True))
     flag_sets = [base] + [{**base, k: v} for k, vals in options.items() for v in vals if v != base[k]]

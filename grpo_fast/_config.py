@@ -1,15 +1,57 @@
-"""Option codes shared by every backend.
+"""Option codes shared by every backend, and the table of loss types.
 
 The integers match ``csrc/common/grpo_math.h``; the Triton kernels take them as ``tl.constexpr``.
 ``KernelConfig`` is what a backend receives: validated, resolved (``epsilon_high=None`` already
 replaced, ``max_completion_length`` defaulted) and free of Python strings.
+
+Adding a loss type: a row of ``LOSS_TABLE`` below (its code is the next free integer, whatever its
+family), its per-token math in ``csrc/common/grpo_math.h`` and the Triton kernels, its line in
+``grpo_fast/reference.py``; every membership test reads this table.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-LOSS_TYPES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "luspo": 4, "cispo": 5, "sapo": 6}
-CLIP_FAMILY = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+@dataclass(frozen=True)
+class LossType:
+    """One loss type: its kernel code, its per-token formula, its aggregation and its metrics."""
+
+    name: str
+    code: int  # grpo_math.h enum LossType
+    family: str  # per-token formula (docs/spec.md, "Per-token loss"): "clip" | "cispo" | "sapo"
+    # How Σ over tokens becomes the loss (docs/spec.md, "Aggregation"):
+    #   "row_mean"           mean over rows of each row's token mean (grpo, sapo)
+    #   "batch_token_mean"   Σ m·L / Σ m over the batch (bnpo)
+    #   "fixed_length"       Σ m·L / (B · max_completion_length) (dr_grpo)
+    #   "global_token_mean"  Σ m·L / num_items_in_batch, the token count of the whole step (dapo, cispo)
+    #   "row_sum_mean"       mean over rows of each row's token sum (luspo)
+    aggregation: str
+    flag_metrics: tuple  # the clip-flag metrics it reports (besides entropy and kl)
+    delta: bool = False  # accepts delta (two-sided clipping)
+
+    @property
+    def uses_num_items(self) -> bool:
+        """True when the loss is normalized by ``num_items_in_batch`` (trainers pass the global count)."""
+        return self.aggregation == "global_token_mean"
+
+
+_CLIP_FLAGS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio")
+LOSS_TABLE = {
+    t.name: t
+    for t in (
+        LossType("grpo", 0, "clip", "row_mean", _CLIP_FLAGS, delta=True),
+        LossType("bnpo", 1, "clip", "batch_token_mean", _CLIP_FLAGS, delta=True),
+        LossType("dr_grpo", 2, "clip", "fixed_length", _CLIP_FLAGS, delta=True),
+        LossType("dapo", 3, "clip", "global_token_mean", _CLIP_FLAGS, delta=True),
+        LossType("luspo", 4, "clip", "row_sum_mean", _CLIP_FLAGS, delta=True),
+        LossType("cispo", 5, "cispo", "global_token_mean", ("cispo_clip_ratio",)),
+        LossType("sapo", 6, "sapo", "row_mean", ()),
+    )
+}
+LOSS_TYPES = {name: t.code for name, t in LOSS_TABLE.items()}  # name -> kernel code
+LOSS_BY_CODE = {t.code: t for t in LOSS_TABLE.values()}
+CLIP_FAMILY = tuple(name for name, t in LOSS_TABLE.items() if t.family == "clip")
 KL_ESTIMATORS = {"k3": 0, "k1": 1, "k2": 2}
 LEVELS = {"token": 0, "sequence": 1}
 SCALE_REWARDS = {"none": 0, "group": 1, "batch": 2}
@@ -43,8 +85,12 @@ class KernelConfig:
     num_items: float  # -1.0: not given, use Σ mask of this call
 
     @property
+    def loss(self) -> LossType:
+        return LOSS_BY_CODE[self.loss_type]
+
+    @property
     def is_clip_family(self) -> bool:
-        return self.loss_type <= LOSS_TYPES["luspo"]
+        return self.loss.family == "clip"
 
 
 def metric_names(loss_type: str, beta: float) -> list[str]:
@@ -52,11 +98,7 @@ def metric_names(loss_type: str, beta: float) -> list[str]:
     names = ["entropy"]
     if beta != 0.0:
         names.append("kl")
-    if loss_type in CLIP_FAMILY:
-        names += ["clip_ratio_low", "clip_ratio_high", "clip_ratio"]
-    elif loss_type == "cispo":
-        names.append("cispo_clip_ratio")
-    return names
+    return names + list(LOSS_TABLE[loss_type].flag_metrics)
 
 
 # Where each metric sits in the stats vector.

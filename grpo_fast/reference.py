@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._config import CLIP_FAMILY
+from ._config import LOSS_TABLE
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -126,13 +126,14 @@ def grpo_loss_reference(
     r = torch.exp(s)
 
     # Per-token loss.
-    if loss_type in CLIP_FAMILY:
+    kind = LOSS_TABLE[loss_type]
+    if kind.family == "clip":
         r2 = torch.clamp(r, 1 - epsilon_low, 1 + epsilon_high)
         r1 = torch.clamp(r, max=delta) if delta is not None else r  # two-sided clipping (INTELLECT-2)
         L = -torch.min(r1 * A, r2 * A)
-    elif loss_type == "cispo":  # MiniMax-M1: clipped, stop-gradient IS weight on the log-prob
+    elif kind.family == "cispo":  # MiniMax-M1: clipped, stop-gradient IS weight on the log-prob
         L = -torch.clamp(r, max=epsilon_high).detach() * A * logp
-    elif loss_type == "sapo":  # soft adaptive gate instead of a hard clip
+    elif kind.family == "sapo":  # soft adaptive gate instead of a hard clip
         tau = torch.where(A > 0, torch.full_like(A, sapo_temperature_pos), torch.full_like(A, sapo_temperature_neg))
         L = -(4.0 / tau) * torch.sigmoid(tau * (r - 1)) * A
     else:
@@ -151,17 +152,17 @@ def grpo_loss_reference(
 
     # Aggregation.
     row_len = mask.sum(-1).clamp(min=1.0)
-    if loss_type in ("grpo", "sapo"):
+    if kind.aggregation == "row_mean":
         loss = ((L * mask).sum(-1) / row_len).mean()
-    elif loss_type == "bnpo":
+    elif kind.aggregation == "batch_token_mean":
         loss = (L * mask).sum() / mask.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
+    elif kind.aggregation == "fixed_length":
         mcl = T if max_completion_length is None else max_completion_length
         loss = (L * mask).sum() / (B * mcl)
-    elif loss_type in ("dapo", "cispo"):
+    elif kind.aggregation == "global_token_mean":
         n = mask.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch), dtype=acc)
         loss = (L * mask).sum() / n.clamp(min=1.0)
-    else:  # luspo: sequence-length-weighted sum per row, mean over rows
+    else:  # row_sum_mean (luspo): sequence-length-weighted sum per row, mean over rows
         loss = (L * mask).sum(-1).mean()
 
     # Metrics: masked means over valid tokens. At sequence level with a per-row advantage the clip
@@ -178,12 +179,12 @@ def grpo_loss_reference(
     metrics = {"entropy": masked_mean(entropy)}
     if kl is not None:
         metrics["kl"] = masked_mean(kl)
-    if loss_type in CLIP_FAMILY:
+    if kind.family == "clip":
         low = (r < 1 - epsilon_low) & (A < 0)
         high = (r > 1 + epsilon_high) & (A > 0)
         metrics["clip_ratio_low"] = masked_mean(low, row_level)
         metrics["clip_ratio_high"] = masked_mean(high, row_level)
         metrics["clip_ratio"] = masked_mean(low | high, row_level)
-    elif loss_type == "cispo":
+    elif kind.family == "cispo":
         metrics["cispo_clip_ratio"] = masked_mean((r > epsilon_high) & (A > 0), row_level)
     return loss.float() if acc == torch.float32 else loss, metrics

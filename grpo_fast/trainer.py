@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 import grpo_fast
 
+from ._config import LOSS_TABLE
 from .model import GPTConfig, TinyGPT
 from .tasks import Task, get_task
 
@@ -399,7 +400,7 @@ def micro_batch_loss(policy: nn.Module, lm: CausalLM, batch: dict, rows: slice, 
     per_call = dict(old_logp=None if batch["old_logp"] is None else batch["old_logp"][rows],
                     ref_logp=None if batch["ref_logp"] is None else batch["ref_logp"][rows],
                     completion_mask=mask, max_completion_length=batch["max_completion_length"],
-                    num_items_in_batch=num_items if cfg.loss_type in ("dapo", "cispo") else None)
+                    num_items_in_batch=num_items if LOSS_TABLE[cfg.loss_type].uses_num_items else None)
     adv = batch["advantages"][rows]
     if path == "fused_linear":
         hidden = policy(batch["input_ids"][rows], batch["attention_mask"][rows], T, hidden=True)
@@ -424,7 +425,7 @@ def accumulate_gradients(policy: nn.Module, lm: CausalLM, batch: dict, cfg: Trai
     chunks = [slice(s, min(s + micro, B)) for s in range(0, B, micro)]
     # dapo / cispo normalize by the completion tokens of the whole step: every micro-batch, every rank.
     num_items = float(all_reduce_sum(batch["completion_mask"].sum().reshape(1).double()).item())
-    sum_normalized = cfg.loss_type in ("dapo", "cispo")
+    sum_normalized = LOSS_TABLE[cfg.loss_type].uses_num_items
     # DDP averages gradients over ranks: a sum-normalized loss is multiplied back by the world size;
     # a per-micro-batch mean is divided by the number of micro-batches.
     scale = float(world) if sum_normalized else 1.0 / len(chunks)

@@ -20,6 +20,7 @@ from ._config import (
     CLIP_FAMILY,
     KL_ESTIMATORS,
     LEVELS,
+    LOSS_TABLE,
     LOSS_TYPES,
     SCALE_REWARDS,
     KernelConfig,
@@ -166,15 +167,16 @@ def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_lengt
     """
     m = mask.to(torch.float64)
     B = m.shape[0]
-    if loss_type in ("grpo", "sapo"):
+    agg = LOSS_TABLE[loss_type].aggregation
+    if agg == "row_mean":
         c = 1.0 / (m.sum(-1, keepdim=True).clamp(min=1.0) * B)
-    elif loss_type == "bnpo":
+    elif agg == "batch_token_mean":
         c = 1.0 / m.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
+    elif agg == "fixed_length":
         c = torch.tensor(1.0 / (B * max_completion_length), dtype=torch.float64)
-    elif loss_type == "luspo":
+    elif agg == "row_sum_mean":
         c = torch.tensor(1.0 / B, dtype=torch.float64)
-    else:  # dapo, cispo: the global token count across ranks / accumulation steps when given
+    else:  # global_token_mean: the global token count across ranks / accumulation steps when given
         n = m.sum() if num_items_in_batch is None else torch.tensor(float(num_items_in_batch), dtype=torch.float64)
         c = 1.0 / n.clamp(min=1.0)
     return (m * c).to(torch.float32)
@@ -234,7 +236,7 @@ def validate_loss_args(
         raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
     delta = _number("delta", delta, allow_none=True)
     if delta is not None:
-        if loss_type in ("cispo", "sapo"):
+        if not LOSS_TABLE[loss_type].delta:
             raise ValueError(f"delta is only defined for the clip-family losses {list(CLIP_FAMILY)}, got delta={delta} with loss_type={loss_type!r}")
         if delta <= 1.0 + epsilon_high:
             raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + epsilon_high}, got {delta}")
@@ -244,7 +246,7 @@ def validate_loss_args(
         raise ValueError(f"adv_eps must be >= 0, got {adv_eps}")
     sapo_pos = _number("sapo_temperature_pos", sapo_temperature_pos)
     sapo_neg = _number("sapo_temperature_neg", sapo_temperature_neg)
-    if loss_type == "sapo" and (sapo_pos <= 0 or sapo_neg <= 0):
+    if LOSS_TABLE[loss_type].family == "sapo" and (sapo_pos <= 0 or sapo_neg <= 0):
         raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got {sapo_pos} and {sapo_neg}")
     if not isinstance(use_bias_correction_kl, bool):
         raise TypeError(f"use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")

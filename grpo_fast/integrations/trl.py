@@ -68,7 +68,7 @@ except ImportError as _e:  # an optional extra: say how to get it
     ) from _e
 
 import grpo_fast
-from grpo_fast._config import CLIP_FAMILY, LOSS_TYPES
+from grpo_fast._config import LOSS_TABLE, LOSS_TYPES
 from grpo_fast.validation import validate_loss_args
 
 __all__ = ["GRPOTrainer", "GRPOConfig", "patch_trl", "unpatch_trl", "TRL_METRIC_NAMES", "TESTED_TRL"]
@@ -333,8 +333,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
             # TRL applies delta in the clip family only; grpo_fast rejects it elsewhere instead of ignoring it.
-            delta=self.args.delta if lt in CLIP_FAMILY else None,
-            max_completion_length=self.max_completion_length if lt == "dr_grpo" else None,
+            delta=self.args.delta if LOSS_TABLE[lt].delta else None,
+            max_completion_length=self.max_completion_length if LOSS_TABLE[lt].aggregation == "fixed_length" else None,
             sapo_temperature_pos=self.args.sapo_temperature_pos,
             sapo_temperature_neg=self.args.sapo_temperature_neg,
             use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
@@ -370,7 +370,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         # remaining factor is applied to the scalar (autograd scales the fused gradient by it).
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         num_items = None
-        if lt in ("dapo", "cispo"):
+        if LOSS_TABLE[lt].uses_num_items:
             # TRL: Σ m·L / (n / P · GA / S) in train, Σ m·L / (n / P) in eval, n = max(num_items_in_batch, 1).
             n = inputs["num_items_in_batch"]
             num_items = max(float(n.item() if isinstance(n, torch.Tensor) else n), 1.0)
