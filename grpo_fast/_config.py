@@ -19,7 +19,11 @@ class LossType:
 
     name: str
     code: int  # grpo_math.h enum LossType
-    family: str  # per-token formula (docs/spec.md, "Per-token loss"): "clip" | "cispo" | "sapo"
+    # Per-token formula (docs/spec.md, "Per-token loss"), the only thing the kernels branch on:
+    #   "clip"       PPO's clipped ratio, −min(r1·A, r2·A)        (grpo, bnpo, dr_grpo, dapo, luspo)
+    #   "is_weight"  a capped, stop-gradient IS weight on log π   (cispo)
+    #   "soft_gate"  a sigmoid gate instead of a hard clip         (sapo)
+    family: str
     # How Σ over tokens becomes the loss (docs/spec.md, "Aggregation"):
     #   "row_mean"           mean over rows of each row's token mean (grpo, sapo)
     #   "batch_token_mean"   Σ m·L / Σ m over the batch (bnpo)
@@ -45,8 +49,8 @@ LOSS_TABLE = {
         LossType("dr_grpo", 2, "clip", "fixed_length", _CLIP_FLAGS, delta=True),
         LossType("dapo", 3, "clip", "global_token_mean", _CLIP_FLAGS, delta=True),
         LossType("luspo", 4, "clip", "row_sum_mean", _CLIP_FLAGS, delta=True),
-        LossType("cispo", 5, "cispo", "global_token_mean", ("cispo_clip_ratio",)),
-        LossType("sapo", 6, "sapo", "row_mean", ()),
+        LossType("cispo", 5, "is_weight", "global_token_mean", ("cispo_clip_ratio",)),
+        LossType("sapo", 6, "soft_gate", "row_mean", ()),
     )
 }
 LOSS_TYPES = {name: t.code for name, t in LOSS_TABLE.items()}  # name -> kernel code

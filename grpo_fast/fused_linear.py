@@ -258,7 +258,7 @@ def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs, seque
             stats[STAT_CLIP_LOW] = count(low)
             stats[STAT_CLIP_HIGH] = count(high)
             stats[STAT_CLIP_REGION] = count(low | high)
-    elif cfg.loss.family == "cispo":
+    elif cfg.loss.family == "is_weight":
         L = -torch.clamp(r, max=cfg.eps_high).detach() * A * logp
         with torch.no_grad():
             stats[STAT_CISPO_CLIP] = count((r > cfg.eps_high) & (A > 0))

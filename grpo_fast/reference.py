@@ -131,9 +131,9 @@ def grpo_loss_reference(
         r2 = torch.clamp(r, 1 - epsilon_low, 1 + epsilon_high)
         r1 = torch.clamp(r, max=delta) if delta is not None else r  # two-sided clipping (INTELLECT-2)
         L = -torch.min(r1 * A, r2 * A)
-    elif kind.family == "cispo":  # MiniMax-M1: clipped, stop-gradient IS weight on the log-prob
+    elif kind.family == "is_weight":  # MiniMax-M1: clipped, stop-gradient IS weight on the log-prob
         L = -torch.clamp(r, max=epsilon_high).detach() * A * logp
-    elif kind.family == "sapo":  # soft adaptive gate instead of a hard clip
+    elif kind.family == "soft_gate":  # soft adaptive gate instead of a hard clip
         tau = torch.where(A > 0, torch.full_like(A, sapo_temperature_pos), torch.full_like(A, sapo_temperature_neg))
         L = -(4.0 / tau) * torch.sigmoid(tau * (r - 1)) * A
     else:
@@ -185,6 +185,6 @@ def grpo_loss_reference(
         metrics["clip_ratio_low"] = masked_mean(low, row_level)
         metrics["clip_ratio_high"] = masked_mean(high, row_level)
         metrics["clip_ratio"] = masked_mean(low | high, row_level)
-    elif kind.family == "cispo":
+    elif kind.family == "is_weight":
         metrics["cispo_clip_ratio"] = masked_mean((r > epsilon_high) & (A > 0), row_level)
     return loss.float() if acc == torch.float32 else loss, metrics

@@ -246,7 +246,7 @@ def validate_loss_args(
         raise ValueError(f"adv_eps must be >= 0, got {adv_eps}")
     sapo_pos = _number("sapo_temperature_pos", sapo_temperature_pos)
     sapo_neg = _number("sapo_temperature_neg", sapo_temperature_neg)
-    if LOSS_TABLE[loss_type].family == "sapo" and (sapo_pos <= 0 or sapo_neg <= 0):
+    if LOSS_TABLE[loss_type].family == "soft_gate" and (sapo_pos <= 0 or sapo_neg <= 0):
         raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got {sapo_pos} and {sapo_neg}")
     if not isinstance(use_bias_correction_kl, bool):
         raise TypeError(f"use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")

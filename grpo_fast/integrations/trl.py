@@ -127,8 +127,8 @@ def unsupported_options(args) -> list:
             "use_liger_kernel=True: Liger and grpo_fast are alternative kernels for the same model; the drop-in is "
             "not tested with Liger's patches, so use one or the other (set use_liger_kernel=False)"
         )
-    if loss_type == "dr_grpo" and getattr(args, "max_completion_length", 1) is None:
-        out.append("loss_type='dr_grpo' normalizes by max_completion_length, which is None")
+    if loss_type in LOSS_TABLE and LOSS_TABLE[loss_type].aggregation == "fixed_length" and getattr(args, "max_completion_length", 1) is None:
+        out.append(f"loss_type={loss_type!r} normalizes by max_completion_length, which is None")
     return out
 
 
