@@ -13,7 +13,8 @@ import torch
 
 from . import backends as _backends
 from ._config import METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
-from .reference import grpo_loss_reference, group_advantages_reference
+from .options import GRPOOptions, with_options
+from .reference import grpo_loss_reference, group_advantages_reference, row_level_flags
 from .validation import (
     LossInputs,
     _choice,
@@ -71,11 +72,10 @@ class _FusedGRPOLoss(torch.autograd.Function):
 
 
 def metrics_from_sums(stats: torch.Tensor, inp: LossInputs) -> dict:
-    """Turn a backend's stats (sums, see _config.STAT_*) into the metric means of SPEC.md."""
+    """Turn a backend's stats (sums, see _config.STAT_*) into the metric means of docs/spec.md."""
     n_tok = inp.mask.sum().clamp(min=1.0)
-    # Sequence level with a per-row advantage: ratio and advantage are the row's, so the clip flags
-    # are counted once per row and averaged over the B rows (TRL's masked_batch_mean does the same).
-    row_flags = inp.cfg.level == 1 and (inp.advantages is None or inp.advantages.dim() == 1)
+    # Clip flags counted once per row are averaged over the B rows (TRL's masked_batch_mean does the same).
+    row_flags = row_level_flags(inp.level, inp.advantages)
     n_flag = float(inp.mask.shape[0]) if row_flags else n_tok
     out = {}
     for name in metric_names(inp.loss_type, inp.cfg.beta):
@@ -84,36 +84,23 @@ def metrics_from_sums(stats: torch.Tensor, inp: LossInputs) -> dict:
     return out
 
 
+@with_options
 def grpo_loss(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
     advantages: Optional[torch.Tensor] = None,
     *,
     rewards: Optional[torch.Tensor] = None,
-    group_size: Optional[int] = None,
-    scale_rewards: str = "group",
-    adv_eps: float = 1e-4,
     old_logp: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None,
     completion_mask: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    temperature: float = 1.0,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch=None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     importance_sampling_ratio: Optional[torch.Tensor] = None,
-    use_bias_correction_kl: bool = False,
+    num_items_in_batch=None,
     inplace: bool = False,
     backend: str = "auto",
+    **options,
 ):
-    """The GRPO loss from completion logits in one fused pass (SPEC.md).
+    """The GRPO loss from completion logits in one fused pass (docs/spec.md).
 
     Args:
         logits: (B, T, V) float32 | bfloat16 | float16 — the completion positions' logits, already
@@ -124,10 +111,14 @@ def grpo_loss(
         old_logp, ref_logp: (B, T) log-probs of the sampling and the reference policy (float32).
             ``old_logp=None`` is on-policy (ratio 1, gradient still flows).
         completion_mask: (B, T) 1 for real tokens, 0 for padding (bool/int/float); None = all ones.
+        importance_sampling_ratio: (B,) or (B, T), the rollout engine's correction (TRL's vLLM
+            importance sampling); multiplies the policy term.
+        num_items_in_batch: the dapo/cispo normalizer: the token count of the whole step (across
+            ranks and accumulation steps); None = Σ completion_mask of this call.
         inplace: let the kernel write the gradient into the logits' storage (do not read the
             logits afterwards). Saves a (B, T, V) allocation.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch".
-        The other options are TRL's GRPOConfig options of the same name; see SPEC.md.
+        The loss options (below) are TRL's GRPOConfig options of the same name.
 
     Returns:
         (loss, metrics): a float32 scalar with a gradient for ``logits``, and a dict of detached
@@ -136,23 +127,18 @@ def grpo_loss(
 
     Example:
         >>> loss, metrics = grpo_fast.grpo_loss(logits, completion_ids, rewards=rewards, group_size=8,
-        ...                                     completion_mask=mask, loss_type="dapo")
+        ...                                     completion_mask=mask, beta=0.04, ref_logp=ref_logp)
         >>> loss.backward()
     """
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     compiling = torch.compiler.is_compiling()
+    opts = GRPOOptions.from_kwargs("grpo_loss", options)
     inp = validate_loss_args(
-        logits, completion_ids, advantages, rewards=rewards, group_size=group_size,
-        scale_rewards=scale_rewards, adv_eps=adv_eps, old_logp=old_logp, ref_logp=ref_logp,
-        completion_mask=completion_mask, beta=beta, kl_estimator=kl_estimator,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, temperature=temperature,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-        importance_sampling_ratio=importance_sampling_ratio, use_bias_correction_kl=use_bias_correction_kl,
-        check_values=not compiling,
+        logits, completion_ids, advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp,
+        completion_mask=completion_mask, importance_sampling_ratio=importance_sampling_ratio,
+        num_items_in_batch=num_items_in_batch, options=opts, check_values=not compiling,
     )
     if compiling:
         return _compiled_path(logits, inp, backend)
@@ -206,14 +192,9 @@ def _compiled_path(logits: torch.Tensor, inp: LossInputs, backend: str):
 def _reference_from_inputs(logits: torch.Tensor, inp: LossInputs):
     """backend="torch": the eager reference on the validated inputs."""
     return grpo_loss_reference(
-        logits, inp.ids, inp.advantages, rewards=inp.rewards, group_size=inp.cfg.group_size or None,
-        scale_rewards=inp.scale_rewards, adv_eps=inp.cfg.adv_eps, old_logp=inp.old_logp,
-        ref_logp=inp.ref_logp, completion_mask=inp.mask, beta=inp.cfg.beta, kl_estimator=inp.kl_estimator,
-        epsilon_low=inp.cfg.eps_low, epsilon_high=inp.epsilon_high, delta=inp.delta, loss_type=inp.loss_type,
-        importance_sampling_level=inp.level, temperature=inp.cfg.temperature,
-        max_completion_length=inp.max_completion_length, num_items_in_batch=inp.num_items_in_batch,
-        sapo_temperature_pos=inp.cfg.sapo_temp_pos, sapo_temperature_neg=inp.cfg.sapo_temp_neg,
-        importance_sampling_ratio=inp.isr, use_bias_correction_kl=inp.cfg.bias_correction_kl,
+        logits, inp.ids, inp.advantages, rewards=inp.rewards, old_logp=inp.old_logp, ref_logp=inp.ref_logp,
+        completion_mask=inp.mask, importance_sampling_ratio=inp.isr, num_items_in_batch=inp.num_items_in_batch,
+        **inp.options.as_kwargs(),
     )
 
 
@@ -254,7 +235,7 @@ class GRPOLoss(_LossModule):
     """``grpo_loss`` as a module: options fixed at construction, tensors per call.
 
     Example:
-        >>> crit = grpo_fast.GRPOLoss(loss_type="grpo", beta=0.04, group_size=8)
+        >>> crit = grpo_fast.GRPOLoss(beta=0.04, group_size=8, epsilon_high=0.28)
         >>> loss, metrics = crit(logits, completion_ids, rewards=rewards, ref_logp=ref, completion_mask=mask)
     """
 

@@ -57,20 +57,16 @@ from typing import Optional
 import torch
 
 from . import backends as _backends
-from ._config import (
-    LOSS_TYPES,
-    KL_ESTIMATORS,
-    NUM_STATS,
-    STAT_CISPO_CLIP,
-    STAT_CLIP_HIGH,
-    STAT_CLIP_LOW,
-    STAT_CLIP_REGION,
-    STAT_ENTROPY,
-    STAT_KL,
-    STAT_LOSS,
-)
+from ._config import KL_ESTIMATORS, LOSS_TABLE, METRIC_STAT_INDEX, NUM_STATS, STAT_ENTROPY, STAT_KL, STAT_LOSS
 from .api import _LossModule, metrics_from_sums
-from .reference import group_advantages_reference, token_logprobs_reference
+from .options import GRPOOptions, with_options
+from .reference import (
+    flag_counts,
+    group_advantages_reference,
+    per_token_loss,
+    row_level_flags,
+    token_logprobs_reference,
+)
 from .validation import (
     LOGIT_DTYPES,
     LossInputs,
@@ -219,68 +215,23 @@ class _Transform:
 
 
 # --------------------------------------------------------------------------------------------
-# The per-token GRPO math on log-probs (torch): SPEC.md as reference.py writes it, but returning
-# the backend's SUMS so that chunks add, and differentiable in logp for the pre-pass
+# The per-token GRPO math on log-probs (torch): the reference's own terms (reference.per_token_loss,
+# flag_counts), returned as the backend's SUMS so that chunks add, and differentiable in logp for the
+# pre-pass
 # --------------------------------------------------------------------------------------------
 
-def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs, sequence: bool):
+def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs):
     """loss = Σ w·L (differentiable in logp) and the stats sums except entropy.
 
     logp: (R, T) float32; mask, weight: (R, T); A: (R,) or (R, T); old, ref, isr: (R, T) | (R,) | None.
     """
-    cfg = inp.cfg
-    old_ = logp.detach() if old is None else old  # on-policy: r = 1, dr/dlogp = 1
-    log_ratio = logp - old_
-    if sequence:
-        s = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    else:
-        s = log_ratio
-    r = torch.exp(s)
-    A = A.unsqueeze(1) if A.dim() == 1 else A
+    o = inp.options
+    L, r, kl = per_token_loss(logp, mask, A, o, old_logp=old, ref_logp=ref, importance_sampling_ratio=isr)
     stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=logp.device)
-
-    # Flags are counted once per row when they are the row's (sequence level with a per-row A: the
-    # reference averages those over all B rows), else once per valid token. Decided by the options,
-    # never by the shape: a one-token chunk is (1, 1) too.
-    row_flags = sequence and A.shape[1] == 1
-
-    def count(flag):
-        flag = flag.to(torch.float32)
-        return flag.sum() if row_flags else (flag * mask).sum()
-
-    if cfg.is_clip_family:
-        lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-        r2 = torch.clamp(r, lo, hi)
-        r1 = torch.clamp(r, max=cfg.delta) if cfg.has_delta else r
-        L = -torch.min(r1 * A, r2 * A)
-        with torch.no_grad():
-            low, high = (r < lo) & (A < 0), (r > hi) & (A > 0)
-            stats[STAT_CLIP_LOW] = count(low)
-            stats[STAT_CLIP_HIGH] = count(high)
-            stats[STAT_CLIP_REGION] = count(low | high)
-    elif cfg.loss.family == "is_weight":
-        L = -torch.clamp(r, max=cfg.eps_high).detach() * A * logp
-        with torch.no_grad():
-            stats[STAT_CISPO_CLIP] = count((r > cfg.eps_high) & (A > 0))
-    else:  # sapo
-        tau = torch.where(A > 0, torch.full_like(A, cfg.sapo_temp_pos), torch.full_like(A, cfg.sapo_temp_neg))
-        L = -(4.0 / tau) * torch.sigmoid(tau * (r - 1)) * A
-    L = L.expand(logp.shape) if L.shape[1] == 1 else L
-    if isr is not None:
-        L = L * (isr.unsqueeze(1) if isr.dim() == 1 else isr)
-    if cfg.beta != 0.0:
-        d = ref - logp
-        if cfg.kl_estimator == KL_ESTIMATORS["k3"]:
-            kl = torch.exp(d) - d - 1
-        elif cfg.kl_estimator == KL_ESTIMATORS["k1"]:
-            kl = -d
-        else:
-            kl = 0.5 * d * d
-        if cfg.bias_correction_kl:
-            kl = kl * r
-        L = L + cfg.beta * kl
-        with torch.no_grad():
-            stats[STAT_KL] = (kl * mask).sum()
+    for name, count in flag_counts(r, A, mask, o, row_level_flags(o.importance_sampling_level, A)).items():
+        stats[METRIC_STAT_INDEX[name]] = count
+    if kl is not None:
+        stats[STAT_KL] = (kl.detach() * mask).sum()
     loss = (weight * L).sum()
     stats[STAT_LOSS] = loss.detach()
     return loss, stats
@@ -301,8 +252,7 @@ class _TorchKernels:
             A = inp.advantages
             if A is None:
                 A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
-            loss, stats = _loss_from_logp(logp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr,
-                                          inp, sequence=inp.cfg.level == 1)
+            loss, stats = _loss_from_logp(logp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp)
             stats[STAT_ENTROPY] = (entropy * inp.mask).sum()
             if grad is not None:
                 (g,) = torch.autograd.grad(loss, z)
@@ -504,12 +454,15 @@ def _unit_logp_inputs(cinp: LossInputs, g: torch.Tensor) -> LossInputs:
     aggregation weight g, under cispo with zero advantage (no ratio term). The backend's fused kernel
     then writes g·(onehot − softmax)/τ, whatever backend it is."""
     n = g.numel()
-    cfg = dataclasses.replace(cinp.cfg, loss_type=LOSS_TYPES["cispo"], kl_estimator=KL_ESTIMATORS["k1"], level=0,
+    unit = next(t for t in LOSS_TABLE.values() if t.family == "is_weight")  # cispo: its L is 0 when A = 0
+    cfg = dataclasses.replace(cinp.cfg, loss_type=unit.code, kl_estimator=KL_ESTIMATORS["k1"], level=0,
                               has_delta=False, bias_correction_kl=False, beta=1.0, eps_high=1.0, delta=0.0)
     zeros = torch.zeros((1, n), dtype=torch.float32, device=g.device)
     return dataclasses.replace(cinp, advantages=zeros, old_logp=None, ref_logp=zeros, isr=None,
-                               weight=g.reshape(1, n).contiguous(), cfg=cfg, loss_type="cispo",
-                               kl_estimator="k1", level="token", delta=None)
+                               weight=g.reshape(1, n).contiguous(), cfg=cfg, loss_type=unit.name,
+                               kl_estimator="k1", level="token", delta=None,
+                               options=GRPOOptions(loss_type=unit.name, kl_estimator="k1", beta=1.0, epsilon_high=1.0,
+                                                   temperature=cinp.options.temperature))
 
 
 def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, weight_in, bias_in):
@@ -533,8 +486,7 @@ def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, wei
     # The loss as a function of the (B, T) log-probs: small, so torch autograd gives g = ∂loss/∂logp.
     with torch.enable_grad():
         lp = logp.view(B, T).detach().requires_grad_(grads.any)
-        loss, stats = _loss_from_logp(lp, inp.mask, inp.weight, plan.A, inp.old_logp, inp.ref_logp, inp.isr,
-                                      inp, sequence=True)
+        loss, stats = _loss_from_logp(lp, inp.mask, inp.weight, plan.A, inp.old_logp, inp.ref_logp, inp.isr, inp)
         g = torch.autograd.grad(loss, lp)[0].reshape(N) if grads.any else None
     stats[STAT_ENTROPY] = (entropy.view(B, T) * inp.mask).sum()
     if g is None:
@@ -595,6 +547,7 @@ def _resolve_impl(backend: str, device: torch.device):
 # Public API
 # --------------------------------------------------------------------------------------------
 
+@with_options
 def fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -605,29 +558,12 @@ def fused_linear_grpo_loss(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
-    rewards: Optional[torch.Tensor] = None,
-    group_size: Optional[int] = None,
-    scale_rewards: str = "group",
-    adv_eps: float = 1e-4,
-    old_logp: Optional[torch.Tensor] = None,
-    ref_logp: Optional[torch.Tensor] = None,
-    completion_mask: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    temperature: float = 1.0,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch=None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    importance_sampling_ratio: Optional[torch.Tensor] = None,
-    use_bias_correction_kl: bool = False,
+    rewards: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None, completion_mask: Optional[torch.Tensor] = None,
+    importance_sampling_ratio: Optional[torch.Tensor] = None, num_items_in_batch=None,
     inplace: bool = False,
     backend: str = "auto",
+    **options,
 ):
     """The GRPO loss of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
 
@@ -648,7 +584,8 @@ def fused_linear_grpo_loss(
         inplace: accepted for option compatibility with ``grpo_loss``; the chunk buffers are private,
             so the gradient is always written in place into them.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which logits kernel runs on each chunk.
-        The other options are ``grpo_loss``'s (SPEC.md).
+        rewards, old_logp, ref_logp, completion_mask, importance_sampling_ratio, num_items_in_batch:
+            as in ``grpo_loss``; the loss options (below) too.
 
     Returns:
         (loss, metrics): a float32 scalar with gradients for hidden, weight and bias, and the metrics
@@ -667,14 +604,10 @@ def fused_linear_grpo_loss(
     scale, cap = _check_transform(logit_scale, logit_softcap)
     chunk = _check_chunk_size(chunk_size)
     inp = validate_loss_args(
-        _standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages, rewards=rewards, group_size=group_size,
-        scale_rewards=scale_rewards, adv_eps=adv_eps, old_logp=old_logp, ref_logp=ref_logp,
-        completion_mask=completion_mask, beta=beta, kl_estimator=kl_estimator,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, temperature=temperature,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-        importance_sampling_ratio=importance_sampling_ratio, use_bias_correction_kl=use_bias_correction_kl,
+        _standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages, rewards=rewards,
+        old_logp=old_logp, ref_logp=ref_logp, completion_mask=completion_mask,
+        importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items_in_batch,
+        options=GRPOOptions.from_kwargs("fused_linear_grpo_loss", options),
     )
     impl = _resolve_impl(backend, hidden.device)
     transform = _Transform(scale, cap)
@@ -694,7 +627,7 @@ class FusedLinearGRPOLoss(_LossModule):
     """``fused_linear_grpo_loss`` as a module: options fixed at construction, tensors per call.
 
     Example:
-        >>> crit = grpo_fast.FusedLinearGRPOLoss(loss_type="grpo", beta=0.04, group_size=8, logit_softcap=30.0)
+        >>> crit = grpo_fast.FusedLinearGRPOLoss(beta=0.04, group_size=8, logit_softcap=30.0)
         >>> loss, metrics = crit(hidden, model.lm_head.weight, completion_ids, rewards=rewards, ref_logp=ref,
         ...                      completion_mask=mask)
     """

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ._config import LOSS_TABLE
+from .options import GRPOOptions
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -74,90 +75,118 @@ def _kl(ref: torch.Tensor, logp: torch.Tensor, estimator: str) -> torch.Tensor:
     raise ValueError(f"kl_estimator must be 'k3', 'k1' or 'k2', got {estimator!r}")
 
 
+def per_token_loss(logp: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, o: GRPOOptions, *,
+                   old_logp: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
+                   importance_sampling_ratio: Optional[torch.Tensor] = None):
+    """The per-token loss ``L`` (B, T) of docs/spec.md before aggregation, with the ratio ``r`` ((B, T),
+    or (B, 1) at sequence level) and the KL term (B, T) (None when beta = 0).
+
+    Differentiable in ``logp``; ``mask``, ``A`` ((B,) or (B, T)), old/ref and the IS ratio are
+    constants. Used by the reference and by the fused-linear path's torch code.
+    """
+    acc = logp.dtype
+    eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
+    A = A.to(acc)
+    A = A.unsqueeze(1) if A.dim() == 1 else A  # (B, 1) broadcasts over T
+
+    # Importance ratio: per token, or one per sequence (GSPO).
+    old = logp.detach() if old_logp is None else old_logp.to(acc)  # on-policy: r = 1, dr/dlogp = 1
+    log_ratio = logp - old
+    if o.importance_sampling_level == "token":
+        s = log_ratio
+    else:
+        s = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    r = torch.exp(s)
+
+    family = LOSS_TABLE[o.loss_type].family
+    if family == "clip":
+        r2 = torch.clamp(r, 1 - o.epsilon_low, 1 + eps_high)
+        r1 = torch.clamp(r, max=o.delta) if o.delta is not None else r  # two-sided clipping (INTELLECT-2)
+        L = -torch.min(r1 * A, r2 * A)
+    elif family == "is_weight":  # MiniMax-M1: clipped, stop-gradient IS weight on the log-prob
+        L = -torch.clamp(r, max=eps_high).detach() * A * logp
+    else:  # soft_gate (SAPO): a sigmoid gate instead of a hard clip
+        tau = torch.where(A > 0, torch.full_like(A, o.sapo_temperature_pos), torch.full_like(A, o.sapo_temperature_neg))
+        L = -(4.0 / tau) * torch.sigmoid(tau * (r - 1)) * A
+    L = L.expand(logp.shape) if L.shape[1] == 1 else L
+
+    if importance_sampling_ratio is not None:  # rollout-engine (vLLM) correction
+        isr = importance_sampling_ratio.to(acc)
+        L = L * (isr.unsqueeze(1) if isr.dim() == 1 else isr)
+    kl = None
+    if o.beta != 0.0:
+        kl = _kl(ref_logp.to(acc), logp, o.kl_estimator)
+        if o.use_bias_correction_kl:
+            kl = kl * r
+        L = L + o.beta * kl
+    return L, r, kl
+
+
+def row_level_flags(importance_sampling_level: str, advantages: Optional[torch.Tensor]) -> bool:
+    """Whether the clip flags are one per row (and averaged over the B rows, as TRL does) rather than
+    one per valid token: at sequence level with a per-row advantage, where ratio and advantage are the
+    row's. Decided by the options and the advantage's rank, never by the shape of a chunk (at T = 1 a
+    token-level (B, 1) is still tokens). Rewards give per-row advantages."""
+    return importance_sampling_level == "sequence" and (advantages is None or advantages.dim() == 1)
+
+
+def flag_counts(r: torch.Tensor, A: torch.Tensor, mask: torch.Tensor, o: GRPOOptions, rows: bool) -> dict:
+    """The clip-flag metrics of the loss type as SUMS (float32): flags of valid tokens, or of rows
+    when ``rows`` (``row_level_flags``). Divide by the token or row count for the metric."""
+    eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
+    A = A.unsqueeze(1) if A.dim() == 1 else A
+    family = LOSS_TABLE[o.loss_type].family
+    flags = {}
+    with torch.no_grad():
+        if family == "clip":
+            low, high = (r < 1 - o.epsilon_low) & (A < 0), (r > 1 + eps_high) & (A > 0)
+            flags = {"clip_ratio_low": low, "clip_ratio_high": high, "clip_ratio": low | high}
+        elif family == "is_weight":
+            flags = {"cispo_clip_ratio": (r > eps_high) & (A > 0)}
+        out = {}
+        for name, f in flags.items():
+            f = f.to(torch.float32)
+            out[name] = f.sum() if rows else (f.expand(mask.shape) * mask).sum()
+    return out
+
+
 def grpo_loss_reference(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
     advantages: Optional[torch.Tensor] = None,
     *,
     rewards: Optional[torch.Tensor] = None,
-    group_size: Optional[int] = None,
-    scale_rewards: str = "group",
-    adv_eps: float = 1e-4,
     old_logp: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None,
     completion_mask: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    temperature: float = 1.0,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch=None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     importance_sampling_ratio: Optional[torch.Tensor] = None,
-    use_bias_correction_kl: bool = False,
+    num_items_in_batch=None,
+    **options,
 ):
-    """The GRPO loss of SPEC.md, eagerly. Returns ``(loss, metrics)``; no argument checking."""
+    """The GRPO loss of docs/spec.md, eagerly. Returns ``(loss, metrics)``; no argument checking
+    beyond the option names (``grpo_fast.GRPOOptions``)."""
+    o = GRPOOptions.from_kwargs("grpo_loss_reference", options)
     B, T, _ = logits.shape
     acc = _acc_dtype(logits)
-    if epsilon_high is None:
-        epsilon_high = epsilon_low
 
     # Per-token log-probs (differentiable) and entropy (a metric).
-    logp, entropy = token_logprobs_reference(logits, completion_ids, temperature, return_entropy=True)
+    logp, entropy = token_logprobs_reference(logits, completion_ids, o.temperature, return_entropy=True)
 
     mask = torch.ones((B, T), dtype=acc, device=logits.device) if completion_mask is None else completion_mask.to(acc)
     if advantages is None:
-        advantages = group_advantages_reference(rewards, group_size, scale_rewards, adv_eps)
-    A = advantages.to(acc)
-    A = A.unsqueeze(1) if A.dim() == 1 else A  # (B, 1) broadcasts over T
-
-    # Importance ratio: per token, or one per sequence (GSPO).
-    old = logp.detach() if old_logp is None else old_logp.to(acc)  # on-policy: r = 1, dr/dlogp = 1
-    log_ratio = logp - old
-    if importance_sampling_level == "token":
-        s = log_ratio
-    else:
-        s = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    r = torch.exp(s)
-
-    # Per-token loss.
-    kind = LOSS_TABLE[loss_type]
-    if kind.family == "clip":
-        r2 = torch.clamp(r, 1 - epsilon_low, 1 + epsilon_high)
-        r1 = torch.clamp(r, max=delta) if delta is not None else r  # two-sided clipping (INTELLECT-2)
-        L = -torch.min(r1 * A, r2 * A)
-    elif kind.family == "is_weight":  # MiniMax-M1: clipped, stop-gradient IS weight on the log-prob
-        L = -torch.clamp(r, max=epsilon_high).detach() * A * logp
-    elif kind.family == "soft_gate":  # soft adaptive gate instead of a hard clip
-        tau = torch.where(A > 0, torch.full_like(A, sapo_temperature_pos), torch.full_like(A, sapo_temperature_neg))
-        L = -(4.0 / tau) * torch.sigmoid(tau * (r - 1)) * A
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
-    L = L.expand(B, T) if L.shape[1] == 1 else L
-
-    if importance_sampling_ratio is not None:  # rollout-engine (vLLM) correction
-        isr = importance_sampling_ratio.to(acc)
-        L = L * (isr.unsqueeze(1) if isr.dim() == 1 else isr)
-    kl = None
-    if beta != 0.0:
-        kl = _kl(ref_logp.to(acc), logp, kl_estimator)
-        if use_bias_correction_kl:
-            kl = kl * r
-        L = L + beta * kl
+        advantages = group_advantages_reference(rewards, o.group_size, o.scale_rewards, o.adv_eps)
+    L, r, kl = per_token_loss(logp, mask, advantages, o, old_logp=old_logp, ref_logp=ref_logp,
+                              importance_sampling_ratio=importance_sampling_ratio)
 
     # Aggregation.
+    kind = LOSS_TABLE[o.loss_type]
     row_len = mask.sum(-1).clamp(min=1.0)
     if kind.aggregation == "row_mean":
         loss = ((L * mask).sum(-1) / row_len).mean()
     elif kind.aggregation == "batch_token_mean":
         loss = (L * mask).sum() / mask.sum().clamp(min=1.0)
     elif kind.aggregation == "fixed_length":
-        mcl = T if max_completion_length is None else max_completion_length
+        mcl = T if o.max_completion_length is None else o.max_completion_length
         loss = (L * mask).sum() / (B * mcl)
     elif kind.aggregation == "global_token_mean":
         n = mask.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch), dtype=acc)
@@ -165,26 +194,12 @@ def grpo_loss_reference(
     else:  # row_sum_mean (luspo): sequence-length-weighted sum per row, mean over rows
         loss = (L * mask).sum(-1).mean()
 
-    # Metrics: masked means over valid tokens. At sequence level with a per-row advantage the clip
-    # flags are the row's (ratio and advantage are one value per row): averaged over the B rows, as
-    # TRL does. Decided by the options, not by shape: at T = 1 a token-level (B, 1) is still tokens.
-    row_level = importance_sampling_level == "sequence" and advantages.dim() == 1
-
-    def masked_mean(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        x = x.detach().to(acc)
-        if rows:
-            return x.mean().float()
-        return ((x * mask).sum() / mask.sum().clamp(min=1.0)).float()
-
-    metrics = {"entropy": masked_mean(entropy)}
+    # Metrics: masked means over valid tokens; clip flags over rows where they are the row's.
+    n_tok = mask.sum().clamp(min=1.0)
+    rows = row_level_flags(o.importance_sampling_level, advantages)
+    metrics = {"entropy": ((entropy.detach() * mask).sum() / n_tok).float()}
     if kl is not None:
-        metrics["kl"] = masked_mean(kl)
-    if kind.family == "clip":
-        low = (r < 1 - epsilon_low) & (A < 0)
-        high = (r > 1 + epsilon_high) & (A > 0)
-        metrics["clip_ratio_low"] = masked_mean(low, row_level)
-        metrics["clip_ratio_high"] = masked_mean(high, row_level)
-        metrics["clip_ratio"] = masked_mean(low | high, row_level)
-    elif kind.family == "is_weight":
-        metrics["cispo_clip_ratio"] = masked_mean((r > epsilon_high) & (A > 0), row_level)
+        metrics["kl"] = ((kl.detach() * mask).sum() / n_tok).float()
+    for name, count in flag_counts(r, advantages.to(acc), mask, o, rows).items():
+        metrics[name] = (count.to(acc) / (B if rows else n_tok)).float()
     return loss.float() if acc == torch.float32 else loss, metrics

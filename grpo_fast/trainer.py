@@ -51,6 +51,7 @@ import torch.nn.functional as F
 import grpo_fast
 
 from ._config import LOSS_TABLE
+from .options import GRPOOptions
 from .model import GPTConfig, TinyGPT
 from .tasks import Task, get_task
 
@@ -93,7 +94,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (the rollout batch is split)
     num_iterations: int = 1  # optimizer steps on each rollout batch (TRL's num_iterations, μ)
     # loss options (grpo_fast.grpo_loss)
-    loss_type: str = "dapo"
+    loss_type: str = GRPOOptions.loss_type
     beta: float = 0.02
     kl_estimator: str = "k3"
     epsilon_low: float = 0.2

@@ -8,6 +8,7 @@ logits are never copied here unless their last dimension is strided.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .options import GRPOOptions
 from ._config import (
     BACKENDS,
     CLIP_FAMILY,
@@ -26,6 +28,7 @@ from ._config import (
     KernelConfig,
 )
 
+OPTION_FIELDS = [f.name for f in dataclasses.fields(GRPOOptions)]  # the order unpacked in validate_loss_args
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int64, torch.int32)
 
@@ -145,6 +148,7 @@ class LossInputs:
     delta: Optional[float]
     max_completion_length: int
     num_items_in_batch: Optional[float]
+    options: Optional[GRPOOptions] = None  # the validated options, numbers as floats, epsilon_high resolved
 
 
 def check_group_size(group_size, B: int) -> int:
@@ -196,30 +200,21 @@ def validate_loss_args(
     advantages=None,
     *,
     rewards=None,
-    group_size=None,
-    scale_rewards="group",
-    adv_eps=1e-4,
     old_logp=None,
     ref_logp=None,
     completion_mask=None,
-    beta=0.0,
-    kl_estimator="k3",
-    epsilon_low=0.2,
-    epsilon_high=None,
-    delta=None,
-    loss_type="dapo",
-    importance_sampling_level="token",
-    temperature=1.0,
-    max_completion_length=None,
-    num_items_in_batch=None,
-    sapo_temperature_pos=1.0,
-    sapo_temperature_neg=1.05,
     importance_sampling_ratio=None,
-    use_bias_correction_kl=False,
+    num_items_in_batch=None,
+    options: Optional[GRPOOptions] = None,
     check_values=True,
 ) -> LossInputs:
-    """Checks and normalizes grpo_loss's arguments. ``check_values=False`` skips the checks that
-    read tensor data (ids range, finiteness): the compiled path runs those in a custom op."""
+    """Checks and normalizes grpo_loss's tensors and its ``options`` (GRPOOptions; None = the
+    defaults). ``check_values=False`` skips the checks that read tensor data (ids range,
+    finiteness): the compiled path runs those in a custom op."""
+    o = GRPOOptions() if options is None else options
+    (loss_type, importance_sampling_level, beta, kl_estimator, epsilon_low, epsilon_high, delta, temperature,
+     scale_rewards, adv_eps, group_size, max_completion_length, sapo_temperature_pos, sapo_temperature_neg,
+     use_bias_correction_kl) = (getattr(o, name) for name in OPTION_FIELDS)
     # -- options (no tensor touched yet)
     lt = _choice("loss_type", loss_type, LOSS_TYPES)
     kl = _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
@@ -322,4 +317,8 @@ def validate_loss_args(
         isr=isr, weight=aggregation_weights(mask, loss_type, mcl, n_items), cfg=cfg, loss_type=loss_type, kl_estimator=kl_estimator, level=importance_sampling_level,
         scale_rewards=scale_rewards, epsilon_high=epsilon_high, delta=delta, max_completion_length=mcl,
         num_items_in_batch=n_items,
+        options=dataclasses.replace(o, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+                                    temperature=temperature, adv_eps=adv_eps, group_size=G or None,
+                                    max_completion_length=mcl, sapo_temperature_pos=sapo_pos,
+                                    sapo_temperature_neg=sapo_neg),
     )

@@ -69,6 +69,7 @@ except ImportError as _e:  # an optional extra: say how to get it
 
 import grpo_fast
 from grpo_fast._config import LOSS_TABLE, LOSS_TYPES
+from grpo_fast.options import GRPOOptions
 from grpo_fast.validation import validate_loss_args
 
 __all__ = ["GRPOTrainer", "GRPOConfig", "patch_trl", "unpatch_trl", "TRL_METRIC_NAMES", "TESTED_TRL"]
@@ -109,7 +110,7 @@ if _trl_version() < TESTED_TRL:
 def unsupported_options(args) -> list:
     """The options of a ``GRPOConfig`` that grpo_fast cannot reproduce, each as a sentence (empty: all fine)."""
     out = []
-    loss_type = getattr(args, "loss_type", "dapo")
+    loss_type = getattr(args, "loss_type", GRPOOptions.loss_type)
     if loss_type not in LOSS_TYPES:
         out.append(f"loss_type={loss_type!r} is not implemented by grpo_fast (it implements {sorted(LOSS_TYPES)})")
     if getattr(args, "entropy_coef", 0.0) != 0.0 or getattr(args, "use_adaptive_entropy", False):
@@ -257,7 +258,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         >>> from trl import GRPOConfig
         >>> from grpo_fast.integrations.trl import GRPOTrainer
         >>> trainer = GRPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=reward_len,
-        ...                       args=GRPOConfig(loss_type="dapo", beta=0.04), train_dataset=dataset)
+        ...                       args=GRPOConfig(beta=0.04), train_dataset=dataset)
         >>> trainer.train()
     """
 
@@ -317,7 +318,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         if opts["beta"] != 0.0:
             extra["ref_logp"] = torch.zeros(1, 1)
         try:
-            validate_loss_args(logits, ids, torch.ones(1), **opts, **extra)
+            validate_loss_args(logits, ids, torch.ones(1), options=GRPOOptions(**opts), **extra)
         except (ValueError, TypeError) as e:
             raise ValueError(f"grpo_fast rejects this GRPOConfig: {e}") from e
 

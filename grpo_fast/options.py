@@ -1,0 +1,87 @@
+"""The loss options, once: one frozen record with TRL's names and defaults.
+
+``grpo_loss``, ``fused_linear_grpo_loss``, their module forms and the eager reference take these as
+keyword arguments. Each entry point builds one ``GRPOOptions`` from its keywords (unknown names are
+a ``TypeError`` listing the known ones), ``validation.validate_loss_args`` checks it once and
+carries it in ``LossInputs.options``; the kernels get it packed as ``_config.KernelConfig``.
+
+The public functions' signatures (``inspect.signature``, ``help()``) list every option explicitly:
+``with_options`` builds them from this record, and appends its documentation to their docstrings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class GRPOOptions:
+    """The options of the GRPO loss (docs/spec.md; TRL's ``GRPOConfig`` names and defaults).
+
+    Options (keyword arguments):
+        loss_type: "dapo" (default) | "grpo" | "bnpo" | "dr_grpo" | "luspo" | "cispo" | "sapo":
+            the per-token formula and the aggregation (docs/spec.md, "Per-token loss", "Aggregation").
+        importance_sampling_level: "token" (default) or "sequence" (GSPO: one ratio per row).
+        beta: weight of the KL penalty against the reference policy (needs ``ref_logp``); 0 = none.
+        kl_estimator: "k3" (default), "k1" or "k2".
+        epsilon_low, epsilon_high: the clip range [1 − ε_low, 1 + ε_high]; ``epsilon_high=None``
+            means ε_low. For cispo, ε_high is the raw cap of the IS weight (e.g. 5.0).
+        delta: two-sided clipping of the ratio at δ > 1 + ε_high (clip family only); None = off.
+        temperature: > 0; every formula uses logits / temperature.
+        scale_rewards: "group" (default), "batch" or "none", with ``rewards``: how advantages are scaled.
+        adv_eps: > 0 added to the std when scaling rewards (TRL: 1e-4).
+        group_size: G, completions per prompt, with ``rewards`` (≥ 2, divides B).
+        max_completion_length: the dr_grpo normalizer (default T).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 and A ≤ 0.
+        use_bias_correction_kl: multiply the KL term by the importance ratio.
+    """
+
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    epsilon_low: float = 0.2
+    epsilon_high: Optional[float] = None
+    delta: Optional[float] = None
+    temperature: float = 1.0
+    scale_rewards: str = "group"
+    adv_eps: float = 1e-4
+    group_size: Optional[int] = None
+    max_completion_length: Optional[int] = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    use_bias_correction_kl: bool = False
+
+    @classmethod
+    def from_kwargs(cls, where: str, kwargs: dict) -> "GRPOOptions":
+        """The record from keyword arguments; a name that is not an option raises ``TypeError``."""
+        unknown = sorted(set(kwargs) - OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"{where}() got unexpected keyword arguments {unknown}; "
+                            f"the loss options are {sorted(OPTION_NAMES)}")
+        return cls(**kwargs)
+
+    def as_kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(GRPOOptions))
+_OPTIONS_DOC = GRPOOptions.__doc__.split("Options (keyword arguments):", 1)[1].rstrip()
+
+
+def with_options(fn):
+    """Give ``fn(..., **options)`` a signature that lists every option as a keyword with its default,
+    and the options' documentation at the end of its docstring. ``fn`` itself is unchanged."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    taken = {p.name for p in params}
+    for f in dataclasses.fields(GRPOOptions):
+        if f.name not in taken:
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                            annotation=f.type))
+    fn.__signature__ = sig.replace(parameters=params)
+    if fn.__doc__:
+        fn.__doc__ = fn.__doc__.rstrip() + "\n\n    Loss options (keywords; ``grpo_fast.GRPOOptions``):" + _OPTIONS_DOC + "\n"
+    return fn
