@@ -56,6 +56,7 @@ from typing import Optional
 
 import torch
 
+from . import _autograd as _ag
 from . import backends as _backends
 from ._config import (
     LOSS_TYPES,
@@ -572,18 +573,24 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
+        # The contract (retain_graph, create_graph) is _autograd.py's: the buffers are handed out on the
+        # last backward only; a backward that keeps the graph gets copies.
+        _ag.check_first_order(_SECOND_ORDER)
         grads = ctx.grads
         if grads is None:
-            raise RuntimeError(
-                "fused_linear_grpo_loss: backward ran twice through the same loss; the gradients are computed "
-                "in forward and scaled in place, so call fused_linear_grpo_loss again instead of retain_graph=True"
-            )
-        ctx.grads = None  # release the buffers as soon as autograd takes them
-        if not bool(grad_loss == 1):
-            # a float32 0-dim factor is applied in float32 (rounded once), even to a bf16 gradient
-            scale = grad_loss.to(torch.float32)
-            grads = tuple(None if t is None else t.mul_(scale) for t in grads)
+            raise _ag.twice_error("fused_linear_grpo_loss", "call fused_linear_grpo_loss again for each backward")
+        keep = bool(_ag.graph_kept())  # unknown (old torch): as not kept; a later backward then raises
+        if not keep:
+            ctx.grads = None  # release the buffers as soon as autograd takes them
+        scale = _ag.scale_factor(grad_loss)
+        grads = tuple(None if t is None else _ag.scaled(t, scale, keep) for t in grads)
         return grads[0], grads[1], grads[2], None
+
+
+_SECOND_ORDER = _ag.second_order_message(
+    "fused_linear_grpo_loss",
+    'compute the logits (hidden @ weight.T) and use grpo_fast.grpo_loss(logits, ..., backend="torch") for a loss '
+    "that needs them")
 
 
 def _resolve_impl(backend: str, device: torch.device):
