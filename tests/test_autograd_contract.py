@@ -110,6 +110,22 @@ def test_backward_after_the_graph_was_freed_raises(backend, inplace):
         loss.backward()
 
 
+@pytest.mark.skipif(unavailable_reason("cpu", CPU) is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("inplace", INPLACE)
+def test_torch_that_cannot_tell_whether_the_graph_is_kept_raises_on_the_second_backward(inplace, monkeypatch):
+    """Without the engine's keep-graph flag (an older torch) the first backward hands the buffer out as
+    usual; a second one then says so instead of losing the gradient."""
+    from grpo_fast import _autograd
+
+    monkeypatch.setattr(_autograd, "_keep_graph", None)
+    z, y, kw = _inputs()
+    zz, loss = _loss(z, y, kw, "cpu", inplace)
+    (g,) = torch.autograd.grad(loss, zz, retain_graph=True)
+    assert_close_scaled(g, _oracle(z, y, kw), RTOL, "first backward")
+    with pytest.raises(RuntimeError, match=r"grpo_loss: backward ran twice.*cannot tell.*Call grpo_loss again"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_logits_written_between_backwards_raises(backend):
     """With inplace=True the logits hold the gradient that the next backward hands out."""
