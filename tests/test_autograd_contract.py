@@ -84,6 +84,20 @@ def test_autograd_grad_then_backward(backend, inplace, scale):
     assert_close_scaled(g, _oracle(z, y, kw, scale), RTOL, "autograd.grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("inplace", INPLACE)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retained_copy_rounds_like_the_handed_out_buffer(backend, inplace, dtype):
+    """Low precision, grad_output != 1: the copy of a retained backward and the buffer scaled in place
+    by the last one are the same bits (one multiply by a float32 factor, rounded once)."""
+    z, y, kw = _inputs()
+    zz, loss = _loss(z.to(dtype), y, kw, backend, inplace, 0.3)
+    (g,) = torch.autograd.grad(loss, zz, retain_graph=True)
+    loss.backward()
+    assert zz.grad is not None and zz.grad.dtype == dtype
+    assert torch.equal(zz.grad, g)
+
+
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("inplace", INPLACE)
 @pytest.mark.parametrize("backend", BACKENDS)
