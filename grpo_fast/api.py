@@ -23,6 +23,7 @@ from .validation import (
     check_group_size,
     check_ids,
     check_logits,
+    check_temperature,
     validate_loss_args,
 )
 
@@ -294,9 +295,7 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     logits = check_logits(logits)
     B, T, V = logits.shape
     ids = check_ids(completion_ids, B, T, V, logits.device)
-    temperature = _number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     impl = _backends.resolve(backend, logits.device)
     if impl is None:
         from .reference import token_logprobs_reference

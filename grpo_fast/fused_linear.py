@@ -78,6 +78,8 @@ from .validation import (
     _number,
     check_backend,
     check_ids,
+    check_temperature,
+    float32_option,
     validate_loss_args,
 )
 
@@ -140,13 +142,20 @@ def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
     return B, T, H, V
 
 
-def _check_transform(logit_scale, logit_softcap):
+def _check_transform(logit_scale, logit_softcap, temperature):
+    """scale > 0, cap > 0 or None, and the temperature the kernel then runs at (τ/s or τ/c) a
+    positive normal float32 like every temperature (validation.float32_option)."""
     scale = _number("logit_scale", logit_scale)
     if scale <= 0:
         raise ValueError(f"logit_scale must be > 0, got {scale}")
+    scale = float32_option("logit_scale", scale)
     cap = _number("logit_softcap", logit_softcap, allow_none=True)
     if cap is not None and cap <= 0:
         raise ValueError(f"logit_softcap must be > 0 or None, got {cap}")
+    cap = float32_option("logit_softcap", cap, allow_none=True)
+    tau = check_temperature(temperature)
+    float32_option("temperature / logit_softcap" if cap is not None else "temperature / logit_scale",
+                   _Transform(scale, cap).kernel_temperature(tau))
     return scale, cap
 
 
@@ -664,7 +673,7 @@ def fused_linear_grpo_loss(
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     cdtype, autocast = _compute_dtype(hidden)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
-    scale, cap = _check_transform(logit_scale, logit_softcap)
+    scale, cap = _check_transform(logit_scale, logit_softcap, temperature)
     chunk = _check_chunk_size(chunk_size)
     inp = validate_loss_args(
         _standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages, rewards=rewards, group_size=group_size,
@@ -734,12 +743,10 @@ def fused_linear_token_logprobs(
     backend = check_backend(backend)
     cdtype, autocast = _compute_dtype(hidden)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
-    scale, cap = _check_transform(logit_scale, logit_softcap)
+    scale, cap = _check_transform(logit_scale, logit_softcap, temperature)
     chunk = _check_chunk_size(chunk_size)
     ids = check_ids(completion_ids, B, T, V, hidden.device)
-    temperature = _number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     impl = _resolve_impl(backend, hidden.device)

@@ -115,7 +115,11 @@ def grpo_loss_reference(
     importance_sampling_ratio: Optional[torch.Tensor] = None,
     use_bias_correction_kl: bool = False,
 ):
-    """The GRPO loss of SPEC.md, eagerly. Returns ``(loss, metrics)``; no argument checking."""
+    """The GRPO loss of SPEC.md, eagerly. Returns ``(loss, metrics)``; no argument checking.
+
+    A NaN or +inf logit makes its row's log-prob NaN and so the loss NaN, also when the row is
+    masked (the mask multiplies, it does not select), as every kernel backend does.
+    """
     B, T, _ = logits.shape
     acc = _acc_dtype(logits)
     if epsilon_high is None:

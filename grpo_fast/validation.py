@@ -53,6 +53,36 @@ def _number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
     return value
 
 
+# float32's range: the kernels read every float option as float32 (temperature, ε, δ, β, the SAPO
+# temperatures, adv_eps in Triton), so an option must keep its meaning after that rounding.
+FLT_MAX = float(torch.finfo(torch.float32).max)  # 3.4028235e38; beyond it float32 is inf
+FLT_MIN = float(torch.finfo(torch.float32).tiny)  # 1.1754944e-38, the smallest normal float32
+
+
+def float32_option(name: str, value, *, allow_none: bool = False, positive: bool = False) -> Optional[float]:
+    """A real option that the kernels take as float32: finite as a float32 (|x| <= 3.4e38, so 1e39
+    is not inf on one backend and finite on another) and 0 or at least the smallest normal float32
+    in magnitude (1e-50 would round to 0: a nonzero beta would lose its KL term, a temperature
+    would divide by 0). ``positive``: must be > 0 (temperature, the SAPO temperatures)."""
+    value = _number(name, value, allow_none=allow_none)
+    if value is None:
+        return None
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if abs(value) > FLT_MAX:
+        raise ValueError(f"{name} must be finite as a float32 (|{name}| <= {FLT_MAX:.8g}; the kernels compute in "
+                         f"float32), got {value}")
+    if value != 0 and abs(value) < FLT_MIN:
+        raise ValueError(f"{name} must be 0 or at least {FLT_MIN:.8g} in magnitude (a normal float32; the kernels "
+                         f"compute in float32), got {value}")
+    return value
+
+
+def check_temperature(temperature) -> float:
+    """τ > 0 and a normal float32 (every backend divides by it in float32)."""
+    return float32_option("temperature", temperature, positive=True)
+
+
 def check_logits(logits, name: str = "logits") -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, T, V), got {type(logits).__name__}")
@@ -180,6 +210,14 @@ def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_lengt
     return (m * c).to(torch.float32)
 
 
+def check_adv_eps(adv_eps) -> float:
+    """adv_eps >= 0 (a negative one flips the sign of the advantages of groups with σ < |adv_eps|)."""
+    adv_eps = float32_option("adv_eps", adv_eps)
+    if adv_eps < 0:
+        raise ValueError(f"adv_eps must be >= 0, got {adv_eps}")
+    return adv_eps
+
+
 def check_backend(backend) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         from .backends import describe_backends
@@ -223,27 +261,23 @@ def validate_loss_args(
     kl = _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     lvl = _choice("importance_sampling_level", importance_sampling_level, LEVELS)
     sr = _choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-    temperature = _number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    epsilon_low = _number("epsilon_low", epsilon_low)
+    temperature = check_temperature(temperature)
+    epsilon_low = float32_option("epsilon_low", epsilon_low)
     if not 0.0 <= epsilon_low < 1.0:
         raise ValueError(f"epsilon_low must lie in [0, 1), got {epsilon_low}")
-    epsilon_high = epsilon_low if epsilon_high is None else _number("epsilon_high", epsilon_high)
+    epsilon_high = epsilon_low if epsilon_high is None else float32_option("epsilon_high", epsilon_high)
     if epsilon_high < 0:
         raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
-    delta = _number("delta", delta, allow_none=True)
+    delta = float32_option("delta", delta, allow_none=True)
     if delta is not None:
         if loss_type in ("cispo", "sapo"):
             raise ValueError(f"delta is only defined for the clip-family losses {list(CLIP_FAMILY)}, got delta={delta} with loss_type={loss_type!r}")
         if delta <= 1.0 + epsilon_high:
             raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + epsilon_high}, got {delta}")
-    beta = _number("beta", beta)
-    adv_eps = _number("adv_eps", adv_eps)
-    if adv_eps < 0:
-        raise ValueError(f"adv_eps must be >= 0, got {adv_eps}")
-    sapo_pos = _number("sapo_temperature_pos", sapo_temperature_pos)
-    sapo_neg = _number("sapo_temperature_neg", sapo_temperature_neg)
+    beta = float32_option("beta", beta)
+    adv_eps = check_adv_eps(adv_eps)
+    sapo_pos = float32_option("sapo_temperature_pos", sapo_temperature_pos)
+    sapo_neg = float32_option("sapo_temperature_neg", sapo_temperature_neg)
     if loss_type == "sapo" and (sapo_pos <= 0 or sapo_neg <= 0):
         raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got {sapo_pos} and {sapo_neg}")
     if not isinstance(use_bias_correction_kl, bool):

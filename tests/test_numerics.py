@@ -143,3 +143,36 @@ def test_backend_loss_with_offset(backend, kind, level):
     for k in want_met:
         assert_close_scaled(met[k], want_met[k], RTOL, k)
     assert_close_scaled(z32.grad, z64.grad, RTOL, "grad", atol_scale=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# +inf logits: NaN on every backend (README, Guarantees, "Edges")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_pos_inf_logit_gives_nan_on_every_backend(backend, level):
+    """A row with a +inf logit has no finite softmax (inf − inf): its log-prob and entropy are NaN,
+    the other rows are untouched, and the loss is NaN — even where the row is masked, as with NaN
+    logits (the kernels multiply by the mask rather than skip, so nothing non-finite is hidden).
+    Detecting +inf would need another pass over the logits; NaN is what one pass gives everywhere."""
+    z, y = _offset_logits("mixed-rows"), _ids()
+    z = z - z.amax(-1, keepdim=True)  # ordinary logits around 0
+    z[1, 2, 4] = float("inf")
+    nan_at = torch.zeros(B, T, dtype=torch.bool)
+    nan_at[1, 2] = True
+    lp, ent = grpo_fast.token_logprobs(z, y, return_entropy=True, backend=backend)
+    assert torch.equal(lp.isnan(), nan_at) and torch.equal(ent.isnan(), nan_at), (lp, ent)
+    want_lp, want_ent = token_logprobs_reference(z.double(), y, return_entropy=True)
+    assert_close_scaled(lp[~nan_at], want_lp[~nan_at], RTOL, "logp of the other rows")
+    assert_close_scaled(ent[~nan_at], want_ent[~nan_at], RTOL, "entropy of the other rows")
+
+    kw = _loss_kwargs(z.masked_fill(z.isinf(), 0.0), y, level)
+    for mask in (None, (~nan_at).float()):
+        zz = z.clone().requires_grad_(True)
+        loss, met = grpo_fast.grpo_loss(zz, y, backend=backend, completion_mask=mask, **kw)
+        assert math.isnan(loss.item()), (mask, loss)
+        loss.backward()
+        assert zz.grad[1, 2].isnan().all()
+    want, _ = grpo_loss_reference(z.double(), y, **kw)
+    assert math.isnan(want.item())

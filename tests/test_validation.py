@@ -67,6 +67,16 @@ BAD = [
     ("temperature-str", dict(temperature="1"), TypeError, ["temperature"]),
     ("max-len", dict(max_completion_length=0), ValueError, ["max_completion_length"]),
     ("num-items-neg", dict(num_items_in_batch=-3), ValueError, ["num_items_in_batch"]),
+    # float options the kernels read as float32: finite there, and not rounded to 0 when nonzero
+    ("temperature-f32-inf", dict(temperature=1e39), ValueError, ["temperature", "float32", "1e+39"]),
+    ("temperature-f32-zero", dict(temperature=1e-39), ValueError, ["temperature", "float32", "1e-39"]),
+    ("beta-f32-zero", dict(beta=1e-50, ref_logp=torch.randn(B, T)), ValueError, ["beta", "float32", "1e-50"]),
+    ("beta-f32-inf", dict(beta=-1e39, ref_logp=torch.randn(B, T)), ValueError, ["beta", "float32", "-1e+39"]),
+    ("eps-high-f32-inf", dict(epsilon_high=1e39), ValueError, ["epsilon_high", "float32"]),
+    ("delta-f32-inf", dict(delta=1e39), ValueError, ["delta", "float32"]),
+    ("sapo-pos-f32-inf", dict(loss_type="sapo", sapo_temperature_pos=1e39), ValueError, ["sapo_temperature_pos", "float32"]),
+    ("sapo-neg-f32-zero", dict(loss_type="sapo", sapo_temperature_neg=1e-45), ValueError, ["sapo_temperature_neg", "float32"]),
+    ("adv-eps-f32-inf", dict(adv_eps=1e39), ValueError, ["adv_eps", "float32"]),
 ]
 
 
@@ -126,6 +136,27 @@ def test_token_logprobs_validates():
         grpo_fast.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), temperature=0)
     with pytest.raises(ValueError, match="completion_ids"):
         grpo_fast.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T + 1, dtype=torch.long))
+
+
+def test_float32_options_agree_with_the_kernels_or_raise():
+    # 3e38 and the smallest normal float32 still pass: the bounds are float32's, not tighter
+    for kw in (dict(temperature=3e38), dict(temperature=1.2e-38), dict(beta=1.2e-38, ref_logp=torch.randn(B, T)),
+               dict(beta=0.0), dict(epsilon_high=3e38)):
+        loss, _ = call(backend="torch", **kw)
+    for t in (1e39, 1e-39, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            grpo_fast.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), temperature=t)
+
+
+def test_fused_linear_float32_options():
+    h, w, y = torch.randn(B, T, 8), torch.randn(V, 8), torch.zeros(B, T, dtype=torch.long)
+    for kw, name in ((dict(logit_scale=1e39), "logit_scale"), (dict(logit_softcap=1e39), "logit_softcap"),
+                     (dict(temperature=1e39), "temperature"),
+                     (dict(temperature=1e-30, logit_scale=1e10), "temperature / logit_scale")):
+        with pytest.raises(ValueError, match=name):
+            grpo_fast.fused_linear_token_logprobs(h, w, y, **kw)
+        with pytest.raises(ValueError, match=name):
+            grpo_fast.fused_linear_grpo_loss(h, w, y, rewards=torch.randn(B), group_size=2, **kw)
 
 
 def test_group_advantages_validates():
