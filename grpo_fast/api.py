@@ -18,7 +18,7 @@ from .validation import (
     LossInputs,
     _choice,
     _float_tensor,
-    _number,
+    check_adv_eps,
     check_backend,
     check_group_size,
     check_ids,
@@ -274,7 +274,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     "batch" (by the std of all B rewards), "none" (Dr. GRPO). A group of equal rewards gets 0.
     """
     _choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-    adv_eps = _number("adv_eps", adv_eps)
+    adv_eps = check_adv_eps(adv_eps)
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor (B,), got {getattr(rewards, 'shape', type(rewards).__name__)}")
     B = rewards.shape[0]

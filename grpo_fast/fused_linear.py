@@ -78,6 +78,7 @@ from .validation import (
     _number,
     check_backend,
     check_ids,
+    check_strided,
     check_temperature,
     float32_option,
     validate_loss_args,
@@ -109,12 +110,14 @@ def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
     (autocast decides the compute dtype). Returns (B, T, H, V)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor of shape (B, T, H), got {type(hidden).__name__}")
+    check_strided("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape (B, T, H), got {hidden.dim()} dims {_fmt_shape(hidden)}")
     if hidden.dtype not in LOGIT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor of shape (V, H), got {type(weight).__name__}")
+    check_strided("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (V, H) as in nn.Linear, got {weight.dim()} dims {_fmt_shape(weight)}")
     B, T, H = hidden.shape
@@ -133,6 +136,7 @@ def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor of shape ({V},) or None, got {type(bias).__name__}")
+        check_strided("bias", bias)
         if tuple(bias.shape) != (V,):
             raise ValueError(f"bias must have shape ({V},) to match weight's V = {V}, got {_fmt_shape(bias)}")
         if bias.dtype != weight.dtype:

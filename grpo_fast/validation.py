@@ -83,9 +83,17 @@ def check_temperature(temperature) -> float:
     return float32_option("temperature", temperature, positive=True)
 
 
+def check_strided(name: str, t: torch.Tensor) -> None:
+    """Dense (strided) tensors only: the kernels and the reference index memory by strides, and a
+    sparse or otherwise non-strided tensor would fail deep inside with an error about memory formats."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with .to_dense()")
+
+
 def check_logits(logits, name: str = "logits") -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, T, V), got {type(logits).__name__}")
+    check_strided(name, logits)
     if logits.dim() != 3:
         raise ValueError(f"{name} must have shape (B, T, V), got {logits.dim()} dims {_fmt_shape(logits)}")
     if logits.dtype not in LOGIT_DTYPES:
@@ -101,6 +109,7 @@ def check_logits(logits, name: str = "logits") -> torch.Tensor:
 def check_ids(ids, B: int, T: int, V: int, device: torch.device, name: str = "completion_ids", check_values: bool = True) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape ({B}, {T}), got {type(ids).__name__}")
+    check_strided(name, ids)
     if ids.dtype not in ID_DTYPES:
         raise TypeError(f"{name} must be int64 or int32, got {ids.dtype}")
     if tuple(ids.shape) != (B, T):
@@ -117,7 +126,7 @@ def _all_finite(name: str, t: Optional[torch.Tensor]) -> None:
 
 
 def check_token_values(ids: torch.Tensor, V: int, rewards: Optional[torch.Tensor], advantages: Optional[torch.Tensor],
-                       name: str = "completion_ids") -> None:
+                       name: str = "completion_ids", mask: Optional[torch.Tensor] = None) -> None:
     """The checks that read tensor data (one device sync). Under torch.compile they run inside the
     custom op grpo_fast::check_values instead (see _ops.py)."""
     lo, hi = int(ids.min()), int(ids.max())
@@ -126,6 +135,17 @@ def check_token_values(ids: torch.Tensor, V: int, rewards: Optional[torch.Tensor
         raise ValueError(f"{name} must lie in [0, V) = [0, {V}), got a value {bad}")
     _all_finite("rewards", rewards)
     _all_finite("advantages", advantages)
+    if mask is not None:
+        check_mask_values(mask)
+
+
+def check_mask_values(mask: torch.Tensor, name: str = "completion_mask") -> None:
+    """Every entry 0 or 1 (bool, int or float). A mask is a selection, not a weight: TRL's masks are
+    0/1, and −1 or NaN would silently give a wrong or NaN loss. Reads the (B, T) mask (one sync)."""
+    bad = (mask != 0) & (mask != 1)  # NaN is neither
+    if bool(bad.any()):
+        value = mask[bad].flatten()[0].item()
+        raise ValueError(f"{name} must hold only 0 and 1 (bool, int or float), got a value {value}")
 
 
 def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -139,6 +159,7 @@ def _float_tensor(name, t, shapes, device, *, finite: bool = False) -> Optional[
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_strided(name, t)
     if not (t.is_floating_point() or t.dtype in (torch.bool, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
         raise TypeError(f"{name} must be a real-valued tensor, got {t.dtype}")
     if tuple(t.shape) not in shapes:
@@ -255,7 +276,7 @@ def validate_loss_args(
     check_values=True,
 ) -> LossInputs:
     """Checks and normalizes grpo_loss's arguments. ``check_values=False`` skips the checks that
-    read tensor data (ids range, finiteness): the compiled path runs those in a custom op."""
+    read tensor data (ids range, finiteness, mask values): the compiled path runs those in a custom op."""
     # -- options (no tensor touched yet)
     lt = _choice("loss_type", loss_type, LOSS_TYPES)
     kl = _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
@@ -315,6 +336,8 @@ def validate_loss_args(
         mask = torch.ones((B, T), dtype=torch.float32, device=device)
     else:
         mask = _float_tensor("completion_mask", completion_mask, [(B, T)], device)
+        if check_values:
+            check_mask_values(mask)
     isr = _float_tensor("importance_sampling_ratio", importance_sampling_ratio, [(B,), (B, T)], device)
 
     if max_completion_length is None:
