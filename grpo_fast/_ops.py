@@ -36,10 +36,11 @@ def unpack_config(vals: List[float]) -> KernelConfig:
 
 @torch.library.custom_op("grpo_fast::check_values", mutates_args=())
 def check_values(ids: Tensor, vocab: int, mask: Tensor, rewards: Optional[Tensor], advantages: Optional[Tensor]) -> Tensor:
-    """Raises ValueError on out-of-range ids or non-finite rewards/advantages; returns the mask."""
+    """Raises ValueError on out-of-range ids, non-finite rewards/advantages or mask values other
+    than 0/1; returns the mask."""
     from .validation import check_token_values
 
-    check_token_values(ids, vocab, rewards, advantages)
+    check_token_values(ids, vocab, rewards, advantages, mask=mask)
     return mask.clone()
 
 

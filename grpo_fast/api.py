@@ -19,11 +19,12 @@ from .validation import (
     LossInputs,
     _choice,
     _float_tensor,
-    _number,
+    check_adv_eps,
     check_backend,
     check_group_size,
     check_ids,
     check_logits,
+    check_temperature,
     validate_loss_args,
 )
 
@@ -285,7 +286,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     "batch" (by the std of all B rewards), "none" (Dr. GRPO). A group of equal rewards gets 0.
     """
     _choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-    adv_eps = _number("adv_eps", adv_eps)
+    adv_eps = check_adv_eps(adv_eps)
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor (B,), got {getattr(rewards, 'shape', type(rewards).__name__)}")
     B = rewards.shape[0]
@@ -306,9 +307,7 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     logits = check_logits(logits)
     B, T, V = logits.shape
     ids = check_ids(completion_ids, B, T, V, logits.device)
-    temperature = _number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     impl = _backends.resolve(backend, logits.device)
     if impl is None:
         from .reference import token_logprobs_reference

@@ -79,6 +79,9 @@ from .validation import (
     _number,
     check_backend,
     check_ids,
+    check_strided,
+    check_temperature,
+    float32_option,
     validate_loss_args,
 )
 
@@ -108,12 +111,14 @@ def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
     (autocast decides the compute dtype). Returns (B, T, H, V)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor of shape (B, T, H), got {type(hidden).__name__}")
+    check_strided("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape (B, T, H), got {hidden.dim()} dims {_fmt_shape(hidden)}")
     if hidden.dtype not in LOGIT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor of shape (V, H), got {type(weight).__name__}")
+    check_strided("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (V, H) as in nn.Linear, got {weight.dim()} dims {_fmt_shape(weight)}")
     B, T, H = hidden.shape
@@ -132,6 +137,7 @@ def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor of shape ({V},) or None, got {type(bias).__name__}")
+        check_strided("bias", bias)
         if tuple(bias.shape) != (V,):
             raise ValueError(f"bias must have shape ({V},) to match weight's V = {V}, got {_fmt_shape(bias)}")
         if bias.dtype != weight.dtype:
@@ -141,13 +147,20 @@ def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
     return B, T, H, V
 
 
-def _check_transform(logit_scale, logit_softcap):
+def _check_transform(logit_scale, logit_softcap, temperature):
+    """scale > 0, cap > 0 or None, and the temperature the kernel then runs at (τ/s or τ/c) a
+    positive normal float32 like every temperature (validation.float32_option)."""
     scale = _number("logit_scale", logit_scale)
     if scale <= 0:
         raise ValueError(f"logit_scale must be > 0, got {scale}")
+    scale = float32_option("logit_scale", scale)
     cap = _number("logit_softcap", logit_softcap, allow_none=True)
     if cap is not None and cap <= 0:
         raise ValueError(f"logit_softcap must be > 0 or None, got {cap}")
+    cap = float32_option("logit_softcap", cap, allow_none=True)
+    tau = check_temperature(temperature)
+    float32_option("temperature / logit_softcap" if cap is not None else "temperature / logit_scale",
+                   _Transform(scale, cap).kernel_temperature(tau))
     return scale, cap
 
 
@@ -671,7 +684,7 @@ def fused_linear_grpo_loss(
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     cdtype, autocast = _compute_dtype(hidden)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
-    scale, cap = _check_transform(logit_scale, logit_softcap)
+    scale, cap = _check_transform(logit_scale, logit_softcap, temperature)
     chunk = _check_chunk_size(chunk_size)
     inp = validate_loss_args(
         _standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages, rewards=rewards, group_size=group_size,
@@ -741,12 +754,10 @@ def fused_linear_token_logprobs(
     backend = check_backend(backend)
     cdtype, autocast = _compute_dtype(hidden)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
-    scale, cap = _check_transform(logit_scale, logit_softcap)
+    scale, cap = _check_transform(logit_scale, logit_softcap, temperature)
     chunk = _check_chunk_size(chunk_size)
     ids = check_ids(completion_ids, B, T, V, hidden.device)
-    temperature = _number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     impl = _resolve_impl(backend, hidden.device)

@@ -262,6 +262,12 @@ def test_backend_module():
     assert DEVICE.type in triton_backend.DEVICE_TYPES
     kernels = triton_backend.load_kernels()
     assert kernels.__name__ == "grpo_fast.kernels"
+    # in a source checkout, the kernels of this checkout (not those of another one installed editable)
+    import pathlib
+
+    root = pathlib.Path(grpo_fast.__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():
+        assert pathlib.Path(kernels.__file__).resolve().parent == root / "kernels"
     for name in kernels.KERNELS:
         assert hasattr(kernels, name)
 

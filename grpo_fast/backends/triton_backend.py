@@ -42,9 +42,27 @@ BLOCK_V_OVERRIDE: Optional[int] = None
 _KERNELS = None  # the loaded kernels module, or the ImportError that prevented loading it
 
 
+def _source_tree_kernels() -> Optional[Path]:
+    """``kernels/`` of the source checkout this grpo_fast was imported from, or None when installed.
+
+    Checked first: an editable install of another checkout registers its own ``grpo_fast.kernels``
+    mapping, which would otherwise pair this tree's Python with that tree's kernels.
+    """
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "kernels" / "grpo.py").is_file():
+        return root / "kernels"
+    return None
+
+
 def kernels_dir() -> Path:
     """The folder holding the kernel sources, found without importing Triton."""
-    spec = importlib.util.find_spec("grpo_fast.kernels") if "grpo_fast.kernels" not in sys.modules else sys.modules["grpo_fast.kernels"].__spec__
+    if "grpo_fast.kernels" in sys.modules:
+        spec = sys.modules["grpo_fast.kernels"].__spec__
+    else:
+        src = _source_tree_kernels()
+        if src is not None:
+            return src
+        spec = importlib.util.find_spec("grpo_fast.kernels")
     if spec is not None and spec.origin:
         return Path(spec.origin).resolve().parent
     return Path(__file__).resolve().parents[2] / "kernels"
@@ -61,11 +79,12 @@ def load_kernels():
     name = "grpo_fast.kernels"
     if name in sys.modules:
         return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:  # the package exists but Triton (or a dependency) is missing
-            raise
+    if _source_tree_kernels() is None:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the package exists but Triton (or a dependency) is missing
+                raise
     init = kernels_dir() / "__init__.py"
     if not init.is_file():
         raise ImportError(f"{name} is neither installed nor found in the source tree at {init.parent}")
@@ -248,7 +267,8 @@ def _fused_loss(inp, grad, z, B, T, V, N, dev):
 
     # sequence level: pass 1 over z, the per-sequence pass, pass 2 over z (gradient only)
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev)
-    lse = torch.empty((B, T), dtype=torch.float32, device=dev) if grad is not None else dummy
+    # each row's lse in two parts (max, log Σ exp(x − max)): pass 3 never forms x − lse
+    lse = torch.empty((B, T, 2), dtype=torch.float32, device=dev) if grad is not None else dummy
     _launch_v("_token_logprobs_kernel", (N,), dict(
         logits_ptr=z, ids_ptr=inp.ids, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse,
         T=T, V=V, stride_lb=z.stride(0), stride_lt=z.stride(1), temperature=cfg.temperature,
