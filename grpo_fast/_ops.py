@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._autograd import check_first_order, second_order_message
 from ._config import NUM_STATS, KernelConfig
 
 _CFG_FIELDS = [f.name for f in dataclasses.fields(KernelConfig)]
@@ -35,10 +36,11 @@ def unpack_config(vals: List[float]) -> KernelConfig:
 
 @torch.library.custom_op("grpo_fast::check_values", mutates_args=())
 def check_values(ids: Tensor, vocab: int, mask: Tensor, rewards: Optional[Tensor], advantages: Optional[Tensor]) -> Tensor:
-    """Raises ValueError on out-of-range ids or non-finite rewards/advantages; returns the mask."""
+    """Raises ValueError on out-of-range ids, non-finite rewards/advantages or mask values other
+    than 0/1; returns the mask."""
     from .validation import check_token_values
 
-    check_token_values(ids, vocab, rewards, advantages)
+    check_token_values(ids, vocab, rewards, advantages, mask=mask)
     return mask.clone()
 
 
@@ -79,9 +81,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_stats, _grad_grad):
+    # No second order (the saved gradient has no graph): a create_graph backward raises instead of
+    # silently dropping the Hessian term (torch.compile refuses double backward anyway).
+    check_first_order(_SECOND_ORDER)
+    # Out of place from the saved gradient: a retained graph (retain_graph=True) can run this again.
     (grad,) = ctx.saved_tensors
     dlogits = (grad * grad_stats[0]).to(grad.dtype) if grad.numel() else None
     return (dlogits,) + (None,) * 11
+
+
+_SECOND_ORDER = second_order_message(
+    "grpo_loss", 'use backend="torch" (the eager reference, plain autograd) for a loss that needs them')
 
 
 fused_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from . import _autograd as _ag
 from . import backends as _backends
 from ._config import METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
 from .options import GRPOOptions, with_options
@@ -19,11 +20,12 @@ from .validation import (
     LossInputs,
     _choice,
     _float_tensor,
-    _number,
+    check_adv_eps,
     check_backend,
     check_group_size,
     check_ids,
     check_logits,
+    check_temperature,
     validate_loss_args,
 )
 
@@ -44,31 +46,47 @@ class _FusedGRPOLoss(torch.autograd.Function):
             else:
                 grad = torch.empty(inp.logits.shape, dtype=inp.logits.dtype, device=inp.logits.device)
         stats, _ = backend.fused_loss(inp, grad)
+        if inplace and inp.logits is logits:
+            # The kernel wrote through a raw pointer, which autograd cannot see. Tell it, so that any
+            # backward that saved these logits (exp, sigmoid, a z-loss built on them) raises PyTorch's
+            # "modified by an inplace operation" error instead of silently reading the gradient.
+            torch.autograd.graph.increment_version(logits)
         # Kept as an attribute, not save_for_backward: with inplace=True the buffer is the (already
         # overwritten) input, which the version-counter check would otherwise reject or copy.
         ctx.grad = grad
+        ctx.handed_out = False  # True once a backward has handed the buffer to autograd
+        # The buffer's version from now on: with inplace=True it is the logits' storage, and a write
+        # to the logits before a backward would silently change the gradient.
+        ctx.version = None if grad is None else grad._version
         loss = stats[STAT_LOSS].clone()
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
+        # The contract (retain_graph, create_graph) is _autograd.py's: the buffer is handed out on the
+        # last backward only; a backward that keeps the graph gets a copy.
+        _ag.check_first_order(_SECOND_ORDER)
         grad = ctx.grad
         if grad is None:
+            if ctx.handed_out:
+                raise _ag.twice_error("grpo_loss", "call grpo_loss again for each backward")
             return None, None, None, None, None
-        if getattr(ctx, "consumed", False):
+        if grad._version != ctx.version:
+            # inplace=True: the buffer is the logits' storage, and something wrote to the logits
             raise RuntimeError(
-                "grpo_loss: backward ran twice through the same loss; the fused kernels precompute the "
-                "gradient in forward and scale it in place, so call grpo_loss again instead of retain_graph=True"
-            )
-        ctx.consumed = True
-        ctx.grad = None  # release the (B, T, V) buffer as soon as autograd takes it
-        if not bool(grad_loss == 1):
-            grad.mul_(grad_loss.to(torch.float32))
-        # A fresh tensor object over the same storage: AccumulateGrad may then adopt it as .grad
-        # instead of cloning it (it clones a tensor that other references still hold, e.g. the
-        # leaf logits themselves with inplace=True: a second (B, T, V) buffer).
-        return grad.detach(), None, None, None, None
+                "grpo_loss: the logits of a loss computed with inplace=True hold its gradient, but they were "
+                "modified after the forward pass; do not write to (or reuse) such logits before the last "
+                "backward, or pass inplace=False")
+        keep = bool(_ag.graph_kept())  # unknown (old torch): as not kept; a later backward then raises
+        if not keep:
+            ctx.grad = None  # release the (B, T, V) buffer as soon as autograd takes it
+            ctx.handed_out = True
+        return _ag.scaled(grad, _ag.scale_factor(grad_loss), keep), None, None, None, None
+
+
+_SECOND_ORDER = _ag.second_order_message(
+    "grpo_loss", 'use backend="torch" (the eager reference, plain autograd) for a loss that needs them')
 
 
 def metrics_from_sums(stats: torch.Tensor, inp: LossInputs) -> dict:
@@ -151,11 +169,6 @@ def grpo_loss(
     # gradient: every row would write the same bytes. They get a fresh buffer instead.
     inplace = inplace and need_grad and not _self_overlapping(inp.logits)
     loss, stats = _FusedGRPOLoss.apply(logits, inp, impl, inplace, need_grad)
-    if inplace and inp.logits is logits:
-        # The kernel wrote through a raw pointer, which autograd cannot see. Tell it, so that any
-        # backward that saved these logits (exp, sigmoid, a z-loss built on them) raises PyTorch's
-        # "modified by an inplace operation" error instead of silently reading the gradient.
-        torch.autograd.graph.increment_version(logits)
     return loss, metrics_from_sums(stats, inp)
 
 
@@ -254,7 +267,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     "batch" (by the std of all B rewards), "none" (Dr. GRPO). A group of equal rewards gets 0.
     """
     _choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-    adv_eps = _number("adv_eps", adv_eps)
+    adv_eps = check_adv_eps(adv_eps)
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor (B,), got {getattr(rewards, 'shape', type(rewards).__name__)}")
     B = rewards.shape[0]
@@ -275,9 +288,7 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     logits = check_logits(logits)
     B, T, V = logits.shape
     ids = check_ids(completion_ids, B, T, V, logits.device)
-    temperature = _number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     impl = _backends.resolve(backend, logits.device)
     if impl is None:
         from .reference import token_logprobs_reference

@@ -56,6 +56,7 @@ from typing import Optional
 
 import torch
 
+from . import _autograd as _ag
 from . import backends as _backends
 from ._config import KL_ESTIMATORS, LOSS_TABLE, METRIC_STAT_INDEX, NUM_STATS, STAT_ENTROPY, STAT_KL, STAT_LOSS
 from .api import _LossModule, metrics_from_sums
@@ -74,6 +75,9 @@ from .validation import (
     _number,
     check_backend,
     check_ids,
+    check_strided,
+    check_temperature,
+    float32_option,
     validate_loss_args,
 )
 
@@ -103,12 +107,14 @@ def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
     (autocast decides the compute dtype). Returns (B, T, H, V)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor of shape (B, T, H), got {type(hidden).__name__}")
+    check_strided("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape (B, T, H), got {hidden.dim()} dims {_fmt_shape(hidden)}")
     if hidden.dtype not in LOGIT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor of shape (V, H), got {type(weight).__name__}")
+    check_strided("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (V, H) as in nn.Linear, got {weight.dim()} dims {_fmt_shape(weight)}")
     B, T, H = hidden.shape
@@ -127,6 +133,7 @@ def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor of shape ({V},) or None, got {type(bias).__name__}")
+        check_strided("bias", bias)
         if tuple(bias.shape) != (V,):
             raise ValueError(f"bias must have shape ({V},) to match weight's V = {V}, got {_fmt_shape(bias)}")
         if bias.dtype != weight.dtype:
@@ -136,13 +143,20 @@ def _check_linear(hidden, weight, bias, mixed_ok: bool = False):
     return B, T, H, V
 
 
-def _check_transform(logit_scale, logit_softcap):
+def _check_transform(logit_scale, logit_softcap, temperature):
+    """scale > 0, cap > 0 or None, and the temperature the kernel then runs at (τ/s or τ/c) a
+    positive normal float32 like every temperature (validation.float32_option)."""
     scale = _number("logit_scale", logit_scale)
     if scale <= 0:
         raise ValueError(f"logit_scale must be > 0, got {scale}")
+    scale = float32_option("logit_scale", scale)
     cap = _number("logit_softcap", logit_softcap, allow_none=True)
     if cap is not None and cap <= 0:
         raise ValueError(f"logit_softcap must be > 0 or None, got {cap}")
+    cap = float32_option("logit_softcap", cap, allow_none=True)
+    tau = check_temperature(temperature)
+    float32_option("temperature / logit_softcap" if cap is not None else "temperature / logit_scale",
+                   _Transform(scale, cap).kernel_temperature(tau))
     return scale, cap
 
 
@@ -524,18 +538,24 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
+        # The contract (retain_graph, create_graph) is _autograd.py's: the buffers are handed out on the
+        # last backward only; a backward that keeps the graph gets copies.
+        _ag.check_first_order(_SECOND_ORDER)
         grads = ctx.grads
         if grads is None:
-            raise RuntimeError(
-                "fused_linear_grpo_loss: backward ran twice through the same loss; the gradients are computed "
-                "in forward and scaled in place, so call fused_linear_grpo_loss again instead of retain_graph=True"
-            )
-        ctx.grads = None  # release the buffers as soon as autograd takes them
-        if not bool(grad_loss == 1):
-            # a float32 0-dim factor is applied in float32 (rounded once), even to a bf16 gradient
-            scale = grad_loss.to(torch.float32)
-            grads = tuple(None if t is None else t.mul_(scale) for t in grads)
+            raise _ag.twice_error("fused_linear_grpo_loss", "call fused_linear_grpo_loss again for each backward")
+        keep = bool(_ag.graph_kept())  # unknown (old torch): as not kept; a later backward then raises
+        if not keep:
+            ctx.grads = None  # release the buffers as soon as autograd takes them
+        scale = _ag.scale_factor(grad_loss)
+        grads = tuple(None if t is None else _ag.scaled(t, scale, keep) for t in grads)
         return grads[0], grads[1], grads[2], None
+
+
+_SECOND_ORDER = _ag.second_order_message(
+    "fused_linear_grpo_loss",
+    'compute the logits (hidden @ weight.T) and use grpo_fast.grpo_loss(logits, ..., backend="torch") for a loss '
+    "that needs them")
 
 
 def _resolve_impl(backend: str, device: torch.device):
@@ -601,13 +621,14 @@ def fused_linear_grpo_loss(
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     cdtype, autocast = _compute_dtype(hidden)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
-    scale, cap = _check_transform(logit_scale, logit_softcap)
+    opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", options)
+    scale, cap = _check_transform(logit_scale, logit_softcap, opts.temperature)
     chunk = _check_chunk_size(chunk_size)
     inp = validate_loss_args(
         _standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages, rewards=rewards,
         old_logp=old_logp, ref_logp=ref_logp, completion_mask=completion_mask,
         importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items_in_batch,
-        options=GRPOOptions.from_kwargs("fused_linear_grpo_loss", options),
+        options=opts,
     )
     impl = _resolve_impl(backend, hidden.device)
     transform = _Transform(scale, cap)
@@ -667,12 +688,10 @@ def fused_linear_token_logprobs(
     backend = check_backend(backend)
     cdtype, autocast = _compute_dtype(hidden)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
-    scale, cap = _check_transform(logit_scale, logit_softcap)
+    scale, cap = _check_transform(logit_scale, logit_softcap, temperature)
     chunk = _check_chunk_size(chunk_size)
     ids = check_ids(completion_ids, B, T, V, hidden.device)
-    temperature = _number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     impl = _resolve_impl(backend, hidden.device)

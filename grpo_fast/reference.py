@@ -4,8 +4,9 @@ Written to be read, not to be fast. Memory traffic of the eager path (N = B·T t
 which is what the fused kernels avoid:
 
     x = logits / τ                 read NV, write NV         (plus an upcast copy for bf16/fp16)
-    lse = logsumexp(x)             read NV (twice inside logsumexp: max, then exp-sum)
-    entropy = lse - Σ p·x          read NV, write NV (p), read 2NV
+    t = x - max(x)                 read 2NV, write NV        (the shifted form: no cancellation at large |x|)
+    log Σ exp(t)                   read NV, write NV
+    entropy = log Σ exp(t) - Σ p·t read NV, write NV (p), read 2NV
     backward                       write NV (softmax), read/write NV several times
 
 Called with float64 logits it computes in float64 (the tests' oracle); otherwise it accumulates in
@@ -50,17 +51,30 @@ def token_logprobs_reference(logits: torch.Tensor, completion_ids: torch.Tensor,
     """logp[b, t] = log softmax(logits[b, t] / τ)[ids[b, t]] (and the entropy of that softmax).
 
     Differentiable in ``logits`` (the public ``token_logprobs`` is not; it is for old/ref log-probs).
+
+    Computed in the shifted form, from t = x − max(x) (exact where x is near its max):
+    logp = t_y − log Σ exp(t), entropy = log Σ exp(t) − Σ p·t. Forming x − lse or lse − Σ p·x from
+    values of size 1e4 would lose one float32 ulp of 1e4 (~1e-3) to cancellation; softmax is
+    shift-invariant, so logits that share a large offset are an ordinary distribution and get
+    float32 accuracy. The max is a constant for autograd (its derivative cancels exactly).
+
+    Non-finite logits: −inf entries (banned tokens) get p = 0; a row containing NaN or +inf gives
+    NaN log-prob and entropy (+inf − +inf), as every kernel backend does.
     """
     x = logits.to(_acc_dtype(logits)) / temperature
-    lse = torch.logsumexp(x, dim=-1)
-    logp = x.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1) - lse
+    mx = x.detach().amax(dim=-1, keepdim=True)
+    # A row of only −inf: shift by 0 (as torch.logsumexp does), its log-prob is then NaN anyway.
+    mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
+    t = x - mx
+    log_s = torch.log(torch.exp(t).sum(-1))  # t <= 0 and the max entry is 0: no overflow, S >= 1
+    logp = t.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1) - log_s
     if not return_entropy:
         return logp
     with torch.no_grad():
-        p = torch.exp(x - lse.unsqueeze(-1))
-        # p·x with p = 0 for banned (-inf) entries: 0·(-inf) would be NaN, the term is 0.
-        px = torch.where(p > 0, p * x, torch.zeros_like(x))
-        entropy = lse - px.sum(-1)
+        p = torch.exp(t - log_s.unsqueeze(-1))
+        # p·t with p = 0 for banned (-inf) entries: 0·(-inf) would be NaN, the term is 0.
+        pt = torch.where(p > 0, p * t, torch.zeros_like(t))
+        entropy = log_s - pt.sum(-1)
     return logp, entropy
 
 
@@ -164,7 +178,11 @@ def grpo_loss_reference(
     **options,
 ):
     """The GRPO loss of docs/spec.md, eagerly. Returns ``(loss, metrics)``; no argument checking
-    beyond the option names (``grpo_fast.GRPOOptions``)."""
+    beyond the option names (``grpo_fast.GRPOOptions``).
+
+    A NaN or +inf logit makes its row's log-prob NaN and so the loss NaN, also when the row is
+    masked (the mask multiplies, it does not select), as every kernel backend does.
+    """
     o = GRPOOptions.from_kwargs("grpo_loss_reference", options)
     B, T, _ = logits.shape
     acc = _acc_dtype(logits)

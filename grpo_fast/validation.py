@@ -57,9 +57,47 @@ def _number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
     return value
 
 
+# float32's range: the kernels read every float option as float32 (temperature, ε, δ, β, the SAPO
+# temperatures, adv_eps in Triton), so an option must keep its meaning after that rounding.
+FLT_MAX = float(torch.finfo(torch.float32).max)  # 3.4028235e38; beyond it float32 is inf
+FLT_MIN = float(torch.finfo(torch.float32).tiny)  # 1.1754944e-38, the smallest normal float32
+
+
+def float32_option(name: str, value, *, allow_none: bool = False, positive: bool = False) -> Optional[float]:
+    """A real option that the kernels take as float32: finite as a float32 (|x| <= 3.4e38, so 1e39
+    is not inf on one backend and finite on another) and 0 or at least the smallest normal float32
+    in magnitude (1e-50 would round to 0: a nonzero beta would lose its KL term, a temperature
+    would divide by 0). ``positive``: must be > 0 (temperature, the SAPO temperatures)."""
+    value = _number(name, value, allow_none=allow_none)
+    if value is None:
+        return None
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if abs(value) > FLT_MAX:
+        raise ValueError(f"{name} must be finite as a float32 (|{name}| <= {FLT_MAX:.8g}; the kernels compute in "
+                         f"float32), got {value}")
+    if value != 0 and abs(value) < FLT_MIN:
+        raise ValueError(f"{name} must be 0 or at least {FLT_MIN:.8g} in magnitude (a normal float32; the kernels "
+                         f"compute in float32), got {value}")
+    return value
+
+
+def check_temperature(temperature) -> float:
+    """τ > 0 and a normal float32 (every backend divides by it in float32)."""
+    return float32_option("temperature", temperature, positive=True)
+
+
+def check_strided(name: str, t: torch.Tensor) -> None:
+    """Dense (strided) tensors only: the kernels and the reference index memory by strides, and a
+    sparse or otherwise non-strided tensor would fail deep inside with an error about memory formats."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with .to_dense()")
+
+
 def check_logits(logits, name: str = "logits") -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, T, V), got {type(logits).__name__}")
+    check_strided(name, logits)
     if logits.dim() != 3:
         raise ValueError(f"{name} must have shape (B, T, V), got {logits.dim()} dims {_fmt_shape(logits)}")
     if logits.dtype not in LOGIT_DTYPES:
@@ -75,6 +113,7 @@ def check_logits(logits, name: str = "logits") -> torch.Tensor:
 def check_ids(ids, B: int, T: int, V: int, device: torch.device, name: str = "completion_ids", check_values: bool = True) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape ({B}, {T}), got {type(ids).__name__}")
+    check_strided(name, ids)
     if ids.dtype not in ID_DTYPES:
         raise TypeError(f"{name} must be int64 or int32, got {ids.dtype}")
     if tuple(ids.shape) != (B, T):
@@ -91,7 +130,7 @@ def _all_finite(name: str, t: Optional[torch.Tensor]) -> None:
 
 
 def check_token_values(ids: torch.Tensor, V: int, rewards: Optional[torch.Tensor], advantages: Optional[torch.Tensor],
-                       name: str = "completion_ids") -> None:
+                       name: str = "completion_ids", mask: Optional[torch.Tensor] = None) -> None:
     """The checks that read tensor data (one device sync). Under torch.compile they run inside the
     custom op grpo_fast::check_values instead (see _ops.py)."""
     lo, hi = int(ids.min()), int(ids.max())
@@ -100,6 +139,17 @@ def check_token_values(ids: torch.Tensor, V: int, rewards: Optional[torch.Tensor
         raise ValueError(f"{name} must lie in [0, V) = [0, {V}), got a value {bad}")
     _all_finite("rewards", rewards)
     _all_finite("advantages", advantages)
+    if mask is not None:
+        check_mask_values(mask)
+
+
+def check_mask_values(mask: torch.Tensor, name: str = "completion_mask") -> None:
+    """Every entry 0 or 1 (bool, int or float). A mask is a selection, not a weight: TRL's masks are
+    0/1, and −1 or NaN would silently give a wrong or NaN loss. Reads the (B, T) mask (one sync)."""
+    bad = (mask != 0) & (mask != 1)  # NaN is neither
+    if bool(bad.any()):
+        value = mask[bad].flatten()[0].item()
+        raise ValueError(f"{name} must hold only 0 and 1 (bool, int or float), got a value {value}")
 
 
 def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -113,6 +163,7 @@ def _float_tensor(name, t, shapes, device, *, finite: bool = False) -> Optional[
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_strided(name, t)
     if not (t.is_floating_point() or t.dtype in (torch.bool, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
         raise TypeError(f"{name} must be a real-valued tensor, got {t.dtype}")
     if tuple(t.shape) not in shapes:
@@ -186,6 +237,14 @@ def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_lengt
     return (m * c).to(torch.float32)
 
 
+def check_adv_eps(adv_eps) -> float:
+    """adv_eps >= 0 (a negative one flips the sign of the advantages of groups with σ < |adv_eps|)."""
+    adv_eps = float32_option("adv_eps", adv_eps)
+    if adv_eps < 0:
+        raise ValueError(f"adv_eps must be >= 0, got {adv_eps}")
+    return adv_eps
+
+
 def check_backend(backend) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         from .backends import describe_backends
@@ -210,7 +269,7 @@ def validate_loss_args(
 ) -> LossInputs:
     """Checks and normalizes grpo_loss's tensors and its ``options`` (GRPOOptions; None = the
     defaults). ``check_values=False`` skips the checks that read tensor data (ids range,
-    finiteness): the compiled path runs those in a custom op."""
+    finiteness, mask values): the compiled path runs those in a custom op."""
     o = GRPOOptions() if options is None else options
     (loss_type, importance_sampling_level, beta, kl_estimator, epsilon_low, epsilon_high, delta, temperature,
      scale_rewards, adv_eps, group_size, max_completion_length, sapo_temperature_pos, sapo_temperature_neg,
@@ -220,27 +279,23 @@ def validate_loss_args(
     kl = _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     lvl = _choice("importance_sampling_level", importance_sampling_level, LEVELS)
     sr = _choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-    temperature = _number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    epsilon_low = _number("epsilon_low", epsilon_low)
+    temperature = check_temperature(temperature)
+    epsilon_low = float32_option("epsilon_low", epsilon_low)
     if not 0.0 <= epsilon_low < 1.0:
         raise ValueError(f"epsilon_low must lie in [0, 1), got {epsilon_low}")
-    epsilon_high = epsilon_low if epsilon_high is None else _number("epsilon_high", epsilon_high)
+    epsilon_high = epsilon_low if epsilon_high is None else float32_option("epsilon_high", epsilon_high)
     if epsilon_high < 0:
         raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
-    delta = _number("delta", delta, allow_none=True)
+    delta = float32_option("delta", delta, allow_none=True)
     if delta is not None:
         if not LOSS_TABLE[loss_type].delta:
             raise ValueError(f"delta is only defined for the clip-family losses {list(CLIP_FAMILY)}, got delta={delta} with loss_type={loss_type!r}")
         if delta <= 1.0 + epsilon_high:
             raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + epsilon_high}, got {delta}")
-    beta = _number("beta", beta)
-    adv_eps = _number("adv_eps", adv_eps)
-    if adv_eps < 0:
-        raise ValueError(f"adv_eps must be >= 0, got {adv_eps}")
-    sapo_pos = _number("sapo_temperature_pos", sapo_temperature_pos)
-    sapo_neg = _number("sapo_temperature_neg", sapo_temperature_neg)
+    beta = float32_option("beta", beta)
+    adv_eps = check_adv_eps(adv_eps)
+    sapo_pos = float32_option("sapo_temperature_pos", sapo_temperature_pos)
+    sapo_neg = float32_option("sapo_temperature_neg", sapo_temperature_neg)
     if LOSS_TABLE[loss_type].family == "soft_gate" and (sapo_pos <= 0 or sapo_neg <= 0):
         raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got {sapo_pos} and {sapo_neg}")
     if not isinstance(use_bias_correction_kl, bool):
@@ -278,6 +333,8 @@ def validate_loss_args(
         mask = torch.ones((B, T), dtype=torch.float32, device=device)
     else:
         mask = _float_tensor("completion_mask", completion_mask, [(B, T)], device)
+        if check_values:
+            check_mask_values(mask)
     isr = _float_tensor("importance_sampling_ratio", importance_sampling_ratio, [(B,), (B, T)], device)
 
     if max_completion_length is None:

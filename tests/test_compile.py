@@ -62,3 +62,26 @@ def test_unavailable_backend_under_compile_says_why():
                       fullgraph=True, backend="aot_eager")
     with pytest.raises(RuntimeError, match=f'backend="{missing[0]}" is not available'):
         f(torch.randn(2, 3, 7), torch.zeros(2, 3, dtype=torch.long), torch.rand(2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retain_graph_under_compile_matches_eager_and_double_backward_raises(backend):
+    """The autograd contract (tests/test_autograd_contract.py) on the compiled path: the custom op's
+    formula reads its saved gradient out of place, so a retained graph runs again exactly like eager;
+    torch.compile refuses double backward itself."""
+    torch._dynamo.reset()
+    z0, y, adv = torch.randn(2, 3, 37), torch.randint(0, 37, (2, 3)), torch.randn(2)
+    f = torch.compile(lambda z: grpo_fast.grpo_loss(z, y, adv, backend=backend)[0] * 0.5, fullgraph=True,
+                      backend="aot_eager")
+    ze = z0.clone().requires_grad_(True)
+    (grpo_fast.grpo_loss(ze, y, adv, backend=backend)[0] * 0.5).backward()
+    z = z0.clone().requires_grad_(True)
+    loss = f(z)
+    (g,) = torch.autograd.grad(loss, z, retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(g, ze.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(z.grad, 2 * ze.grad, rtol=1e-5, atol=1e-7)
+    (g,) = torch.autograd.grad(f(z), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.pow(2).sum().backward()

@@ -342,11 +342,13 @@ def test_grad_output_scaling_and_partial_requires_grad():
     assert "clip_ratio" in met
 
 
-def test_backward_twice_raises():
+def test_backward_twice_raises_unless_the_graph_was_retained():
+    """retain_graph=True keeps the gradients for the next backward (tests/test_autograd_contract.py)."""
     h, w, b, ids, mask, side = _case(seed=8)
     hh = h.clone().requires_grad_(True)
     loss, _ = grpo_fast.fused_linear_grpo_loss(hh, w, ids, advantages=side["adv_tok"], backend="torch")
     loss.backward(retain_graph=True)
+    loss.backward()
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
 

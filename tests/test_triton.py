@@ -262,6 +262,10 @@ def test_backend_module():
     assert DEVICE.type in triton_backend.DEVICE_TYPES
     kernels = triton_backend.load_kernels()
     assert kernels.__name__ == "grpo_fast.kernels"
+    # the kernels of the grpo_fast package that was imported (not those of another checkout)
+    import pathlib
+
+    assert pathlib.Path(kernels.__file__).resolve().parent == pathlib.Path(grpo_fast.__file__).resolve().parent / "kernels"
     for name in kernels.KERNELS:
         assert hasattr(kernels, name)
 

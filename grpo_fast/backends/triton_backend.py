@@ -218,7 +218,8 @@ def _fused_loss(inp, grad, z, B, T, V, N, dev):
 
     # sequence level: pass 1 over z, the per-sequence pass, pass 2 over z (gradient only)
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev)
-    lse = torch.empty((B, T), dtype=torch.float32, device=dev) if grad is not None else dummy
+    # each row's lse in two parts (max, log Σ exp(x − max)): pass 3 never forms x − lse
+    lse = torch.empty((B, T, 2), dtype=torch.float32, device=dev) if grad is not None else dummy
     _launch_v("_token_logprobs_kernel", (N,), dict(
         logits_ptr=z, ids_ptr=inp.ids, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse,
         T=T, V=V, stride_lb=z.stride(0), stride_lt=z.stride(1), temperature=cfg.temperature,

@@ -52,11 +52,15 @@ NUM_STATS = tl.constexpr(8)
 
 @triton.jit
 def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr):
-    """(lse, entropy) of x = z_row[0:V] / τ in one sweep (float32 accumulation).
+    """(shift, log_d, entropy) of x = z_row[0:V] / τ in one sweep (float32 accumulation);
+    lse = shift + log_d, with shift = max x (0 while the row is all −inf) and log_d = log Σ exp(x − shift).
 
     Running max m, running d = Σ exp(x − m) and s = Σ exp(x − m)·(x − m), rescaled whenever m grows;
     entropy = log d − s/d. Keeping x − m (not x) in s avoids the cancellation of lse − Σ p·x when the
-    distribution is peaked and |x| is large (entropy 1e-2 next to logits of 50). A block (or a whole
+    distribution is peaked and |x| is large (entropy 1e-2 next to logits of 50). For the same reason
+    the lse comes back in two parts: the log-prob (x_y − shift) − log_d and the probabilities
+    exp((x − shift) − log_d) never form x − lse, which at |x| ~ 1e4 loses an ulp of 1e4 (~1e-3)
+    even when the logits only spread over a few units around a common offset. A block (or a whole
     prefix) of −inf logits is legal: the shift is 0 while the max is −inf, so exp(−inf − shift)
     stays 0 instead of NaN, and p·(x − m) is taken as 0 where p == 0.
 
@@ -83,7 +87,7 @@ def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr):
         m = m_new
     shift = tl.where(m == float("-inf"), 0.0, m)
     log_d = tl.log(d)
-    return shift + log_d, log_d - s / d
+    return shift, log_d, log_d - s / d
 
 
 @triton.jit
@@ -105,8 +109,9 @@ def _round_to(x, OUT: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _write_row_grad(z_row, g_row, y, lse, gs, V, temperature, BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """g_row[j] = gs·(1[j == y] − exp(x_j − lse)) for j < V, with gs = dL/dlogp / τ and x = z / τ.
+def _write_row_grad(z_row, g_row, y, shift, log_d, gs, V, temperature, BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """g_row[j] = gs·(1[j == y] − p_j) for j < V, with gs = dL/dlogp / τ, x = z / τ and
+    p_j = exp((x_j − shift) − log_d) (the lse in its two parts, see _online_lse_entropy).
 
     z_row and g_row may be the same memory (inplace): each block is read before it is written,
     and no other program touches this row.
@@ -116,7 +121,7 @@ def _write_row_grad(z_row, g_row, y, lse, gs, V, temperature, BLOCK_V: tl.conste
         cols = start + offs
         valid = cols < V
         x = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32) / temperature
-        p = tl.exp(x - lse)
+        p = tl.exp((x - shift) - log_d)
         grad = gs * (tl.where(cols == y, 1.0, 0.0) - p)
         tl.store(g_row + cols, _round_to(grad, g_row.dtype.element_ty, SOFT_BF16), mask=valid)
 
@@ -259,11 +264,11 @@ def _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt, tempera
     b = row // T
     t = row - b * T
     z_row = logits_ptr + b * stride_lb + t * stride_lt
-    lse, entropy = _online_lse_entropy(z_row, V, temperature, BLOCK_V)
+    shift, log_d, entropy = _online_lse_entropy(z_row, V, temperature, BLOCK_V)
     y = tl.load(ids_ptr + row)
-    logp = tl.load(z_row + y).to(tl.float32) / temperature - lse
+    logp = (tl.load(z_row + y).to(tl.float32) / temperature - shift) - log_d
     tl.store(logp_ptr + row, logp)
-    return row, b, t, z_row, y, lse, entropy, logp
+    return row, b, t, z_row, y, shift, log_d, entropy, logp
 
 
 @triton.jit
@@ -277,13 +282,16 @@ def _token_logprobs_kernel(
     # meta-parameters
     STORE_ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """logp[row] = x[y] − lse (and entropy, lse) of token row = b·T + t; no gradient."""
-    row, b, t, z_row, y, lse, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt,
+    """logp[row] = (x[y] − shift) − log_d (and entropy, lse) of token row = b·T + t; no gradient.
+
+    lse_ptr (N, 2): the lse in its two parts (shift, log_d) of _online_lse_entropy, for pass 3."""
+    row, b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt,
                                                         temperature, BLOCK_V)
     if STORE_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
     if STORE_LSE:
-        tl.store(lse_ptr + row, lse)
+        tl.store(lse_ptr + 2 * row, shift)
+        tl.store(lse_ptr + 2 * row + 1, log_d)
 
 
 @triton.jit
@@ -308,7 +316,7 @@ def _grpo_token_fwd_kernel(
     logp_ptr[row] = logp. Multiplying by w and m (instead of skipping masked tokens) keeps a NaN
     in the logits visible in the loss, as in the eager reference.
     """
-    row, b, t, z_row, y, lse, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt,
+    row, b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt,
                                                         temperature, BLOCK_V)
 
     # per-token side inputs
@@ -355,7 +363,7 @@ def _grpo_token_fwd_kernel(
         # token level: dr/dlogp = r, so dL/dlogp = w·(d_logp + r·d_ratio); zero on padding (w = 0)
         g = w * (d_logp + r * d_ratio)
         g_row = grad_ptr + b * stride_gb + t * stride_gt
-        _write_row_grad(z_row, g_row, y, lse, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
+        _write_row_grad(z_row, g_row, y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
 
 
 @triton.jit
@@ -505,12 +513,14 @@ def _grpo_grad_kernel(
     # meta-parameters
     BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr = False,
 ):
-    """Sequence level, pass 3: grad[b, t, :] = g·(onehot(y) − softmax(x))/τ with pass 1's lse."""
+    """Sequence level, pass 3: grad[b, t, :] = g·(onehot(y) − softmax(x))/τ with pass 1's lse
+    (lse_ptr (N, 2): shift and log_d)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
     g = tl.load(g_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    shift = tl.load(lse_ptr + 2 * row)
+    log_d = tl.load(lse_ptr + 2 * row + 1)
     y = tl.load(ids_ptr + row)
     _write_row_grad(logits_ptr + b * stride_lb + t * stride_lt, grad_ptr + b * stride_gb + t * stride_gt,
-                    y, lse, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
+                    y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
