@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from grpo_fast._config import KL_ESTIMATORS, LOSS_BY_CODE, LOSS_TABLE
+from grpo_fast._config import FAMILY_CODES, KL_ESTIMATORS, LOSS_BY_CODE, LOSS_TABLE
 
 ARCHS = (80, 90)
 
@@ -207,7 +207,8 @@ def _sig_grad(ldt):
 
 
 def _loss_flags(loss_type: int, *, kl=True, grad=True, adv_mode=2, level_seq=False):
-    f = dict(LOSS_TYPE=loss_type, KL_EST=0, HAS_DELTA=LOSS_BY_CODE[loss_type].delta, HAS_KL=kl, BIAS_KL=False, HAS_OLD=True,
+    t = LOSS_BY_CODE[loss_type]
+    f = dict(FAMILY=FAMILY_CODES[t.family], KL_EST=0, HAS_DELTA=t.delta, HAS_KL=kl, BIAS_KL=False, HAS_OLD=True,
              ADV_MODE=adv_mode, SCALE=1, ISR_MODE=2, HAS_GRAD=grad, BLOCK_G=16)
     return f
 
@@ -292,7 +293,7 @@ def variant_jobs():
     from grpo_fast.backends.triton_backend import DEFAULT_BLOCK_V, DEFAULT_WARPS
 
     base = _loss_flags(0)
-    options = dict(LOSS_TYPE=sorted(LOSS_BY_CODE), KL_EST=sorted(KL_ESTIMATORS.values()), HAS_DELTA=(False, True), HAS_KL=(False, True),
+    options = dict(FAMILY=sorted(FAMILY_CODES.values()), KL_EST=sorted(KL_ESTIMATORS.values()), HAS_DELTA=(False, True), HAS_KL=(False, True),
                    BIAS_KL=(False, True), HAS_OLD=(False, True), ADV_MODE=range(3), SCALE=range(3),
                    ISR_MODE=range(3), HAS_GRAD=(False, True))
     flag_sets = [base] + [{**base, k: v} for k, vals in options.items() for v in vals if v != base[k]]

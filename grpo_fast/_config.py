@@ -18,7 +18,7 @@ class LossType:
     """One loss type: its kernel code, its per-token formula, its aggregation and its metrics."""
 
     name: str
-    code: int  # grpo_math.h enum LossType
+    code: int  # its number in KernelConfig (the kernels see only FAMILY_CODES[family])
     # Per-token formula (docs/spec.md, "Per-token loss"), the only thing the kernels branch on:
     #   "clip"       PPO's clipped ratio, −min(r1·A, r2·A)        (grpo, bnpo, dr_grpo, dapo, luspo)
     #   "is_weight"  a capped, stop-gradient IS weight on log π   (cispo)
@@ -53,7 +53,8 @@ LOSS_TABLE = {
         LossType("sapo", 6, "soft_gate", "row_mean", ()),
     )
 }
-LOSS_TYPES = {name: t.code for name, t in LOSS_TABLE.items()}  # name -> kernel code
+LOSS_TYPES = {name: t.code for name, t in LOSS_TABLE.items()}  # name -> code
+FAMILY_CODES = {"clip": 0, "is_weight": 1, "soft_gate": 2}  # grpo_math.h enum LossFamily; Triton FAMILY
 LOSS_BY_CODE = {t.code: t for t in LOSS_TABLE.values()}
 CLIP_FAMILY = tuple(name for name, t in LOSS_TABLE.items() if t.family == "clip")
 KL_ESTIMATORS = {"k3": 0, "k1": 1, "k2": 2}
@@ -91,6 +92,11 @@ class KernelConfig:
     @property
     def loss(self) -> LossType:
         return LOSS_BY_CODE[self.loss_type]
+
+    @property
+    def family(self) -> int:
+        """The per-token formula's code, all the kernels branch on (grpo_math.h enum LossFamily)."""
+        return FAMILY_CODES[self.loss.family]
 
     @property
     def is_clip_family(self) -> bool:

@@ -18,7 +18,7 @@ def test_cpu_allocation_failure_is_a_python_exception():
         cpu_backend._C_cpu.fused_loss(
             logits=dummy, dtype=0, B=2**40, T=2**20, V=8, lsb=0, lst=0, grad=0, gsb=0, gst=0, ids=dummy,
             mask=dummy, weight=dummy, adv=dummy, adv_ndim=1, rewards=0, group_size=0, scale_rewards=1,
-            adv_eps=1e-4, old=0, ref=0, isr=0, isr_ndim=1, loss_type=3, kl_estimator=0, level=0, has_delta=False,
+            adv_eps=1e-4, old=0, ref=0, isr=0, isr_ndim=1, family=0, kl_estimator=0, level=0, has_delta=False,
             bias_correction_kl=False, temperature=1.0, eps_low=0.2, eps_high=0.2, delta=0.0, beta=0.0,
             sapo_temp_pos=1.0, sapo_temp_neg=1.05, logp_out=dummy, stats_out=dummy, nthreads=1)
 

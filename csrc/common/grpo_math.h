@@ -24,7 +24,9 @@
 namespace grpo_fast {
 
 // Codes shared with grpo_fast/_config.py (the Python side builds the same integers).
-enum LossType : int32_t { GRPO = 0, BNPO = 1, DR_GRPO = 2, DAPO = 3, LUSPO = 4, CISPO = 5, SAPO = 6 };
+// The kernels see a loss type only through its per-token formula (LOSS_TABLE's family): loss types
+// of one family differ only in their aggregation, which the per-token weights from Python carry.
+enum LossFamily : int32_t { CLIP = 0, IS_WEIGHT = 1, SOFT_GATE = 2 };
 enum KlEstimator : int32_t { K3 = 0, K1 = 1, K2 = 2 };
 enum Level : int32_t { TOKEN = 0, SEQUENCE = 1 };
 enum ScaleRewards : int32_t { SCALE_NONE = 0, SCALE_GROUP = 1, SCALE_BATCH = 2 };
@@ -41,7 +43,7 @@ enum Stat : int32_t {
 // Run-time options. Floats are run-time values on every backend (never compile-time), so a new
 // epsilon or beta never recompiles a kernel.
 struct LossParams {
-  int32_t loss_type;           // LossType
+  int32_t family;              // LossFamily
   int32_t kl_estimator;        // KlEstimator
   int32_t level;               // Level
   int32_t has_delta;           // 1: two-sided clipping with r1 = min(r, delta)
@@ -51,8 +53,6 @@ struct LossParams {
   float beta;                  // 0 disables the KL term (ref may then be absent)
   float sapo_temp_pos, sapo_temp_neg;
 };
-
-GF_HD bool is_clip_family(int32_t loss_type) { return loss_type <= LUSPO; }
 
 // What one token contributes, before aggregation. The caller multiplies by the token's aggregation
 // weight w = m·c_b, computed once in Python (grpo_fast/validation.py: aggregation_weights).
@@ -83,7 +83,7 @@ GF_HD TokenTerms token_terms(const LossParams& p, float logp, float ref, float A
   TokenTerms o;
   float L = 0.f, dL_dr = 0.f, dL_dlogp = 0.f;
   o.clip_low = o.clip_high = o.cispo_clip = false;
-  if (is_clip_family(p.loss_type)) {
+  if (p.family == CLIP) {
     // L = -min(r1·A, r2·A), r2 = clamp(r, 1-εl, 1+εh), r1 = min(r, δ) or r.
     // The derivative follows torch: min() splits a tie half/half, clamp passes the gradient on
     // [lo, hi] inclusive, so this equals autograd through the reference.
@@ -102,13 +102,13 @@ GF_HD TokenTerms token_terms(const LossParams& p, float logp, float ref, float A
     dL_dr = -dmin_dr;
     o.clip_low = (r < lo) && (A < 0.f);
     o.clip_high = (r > hi) && (A > 0.f);
-  } else if (p.loss_type == CISPO) {
+  } else if (p.family == IS_WEIGHT) {
     // L = -stopgrad(min(r, εh))·A·logp: no gradient through the ratio.
     const float c = min_nan(r, p.eps_high);
     L = -c * A * logp;
     dL_dlogp = -c * A;
     o.cispo_clip = (r > p.eps_high) && (A > 0.f);
-  } else {  // SAPO: L = -(4/τs)·σ(τs(r-1))·A,  dL/dr = -4·σ(1-σ)·A
+  } else {  // SOFT_GATE (SAPO): L = -(4/τs)·σ(τs(r-1))·A,  dL/dr = -4·σ(1-σ)·A
     const float ts = A > 0.f ? p.sapo_temp_pos : p.sapo_temp_neg;
     const float s = sigmoidf_(ts * (r - 1.f));
     L = -(4.f / ts) * s * A;

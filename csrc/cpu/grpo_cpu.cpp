@@ -398,7 +398,7 @@ PYBIND11_MODULE(_C_cpu, m) {
       [](uintptr_t logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb, int64_t lst,
          uintptr_t grad, int64_t gsb, int64_t gst, uintptr_t ids, uintptr_t mask, uintptr_t weight,
          uintptr_t adv, int32_t adv_ndim, uintptr_t rewards, int64_t group_size, int32_t scale_rewards,
-         double adv_eps, uintptr_t old, uintptr_t ref, uintptr_t isr, int32_t isr_ndim, int32_t loss_type,
+         double adv_eps, uintptr_t old, uintptr_t ref, uintptr_t isr, int32_t isr_ndim, int32_t family,
          int32_t kl_estimator, int32_t level, bool has_delta, bool bias_correction_kl, double temperature,
          double eps_low, double eps_high, double delta, double beta, double sapo_temp_pos, double sapo_temp_neg,
          uintptr_t logp_out, uintptr_t stats_out, int nthreads) {
@@ -429,7 +429,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         a.dtype = dtype; a.adv_ndim = adv_ndim; a.isr_ndim = isr_ndim; a.scale_rewards = scale_rewards;
         a.group_size = group_size;
         a.adv_eps = adv_eps;
-        a.P.loss_type = loss_type;
+        a.P.family = family;
         a.P.kl_estimator = kl_estimator;
         a.P.level = level;
         a.P.has_delta = has_delta ? 1 : 0;
@@ -448,7 +448,7 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
       py::arg("grad"), py::arg("gsb"), py::arg("gst"), py::arg("ids"), py::arg("mask"), py::arg("weight"),
       py::arg("adv"), py::arg("adv_ndim"), py::arg("rewards"), py::arg("group_size"), py::arg("scale_rewards"),
-      py::arg("adv_eps"), py::arg("old"), py::arg("ref"), py::arg("isr"), py::arg("isr_ndim"), py::arg("loss_type"),
+      py::arg("adv_eps"), py::arg("old"), py::arg("ref"), py::arg("isr"), py::arg("isr_ndim"), py::arg("family"),
       py::arg("kl_estimator"), py::arg("level"), py::arg("has_delta"), py::arg("bias_correction_kl"),
       py::arg("temperature"), py::arg("eps_low"), py::arg("eps_high"), py::arg("delta"), py::arg("beta"),
       py::arg("sapo_temp_pos"), py::arg("sapo_temp_neg"), py::arg("logp_out"), py::arg("stats_out"),

@@ -66,7 +66,7 @@ LogitsView logits_view(Kw& kw) {
 // The run-time options of grpo_math.h (KernelConfig's fields of the same names).
 LossParams loss_params(Kw& kw) {
   LossParams p{};
-  p.loss_type = kw.get<int32_t>("loss_type");
+  p.family = kw.get<int32_t>("family");
   p.kl_estimator = kw.get<int32_t>("kl_estimator");
   p.level = kw.get<int32_t>("level");
   p.has_delta = kw.get<bool>("has_delta") ? 1 : 0;

@@ -123,7 +123,7 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
         _ptr(inp.old_logp), _ptr(inp.ref_logp) if cfg.beta != 0.0 else 0,
         _ptr(inp.isr), inp.isr.dim() if inp.isr is not None else 0,
         # options
-        cfg.loss_type, cfg.kl_estimator, cfg.level, cfg.has_delta, cfg.bias_correction_kl,
+        cfg.family, cfg.kl_estimator, cfg.level, cfg.has_delta, cfg.bias_correction_kl,
         cfg.temperature, cfg.eps_low, cfg.eps_high, cfg.delta, cfg.beta, cfg.sapo_temp_pos, cfg.sapo_temp_neg,
         # outputs
         logp.data_ptr(), stats.data_ptr(), torch.get_num_threads(),

@@ -46,7 +46,7 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 def _params(cfg: KernelConfig) -> dict:
     """KernelConfig -> the LossParams keyword arguments of _C_cuda (grpo_math.h)."""
     return dict(
-        loss_type=cfg.loss_type, kl_estimator=cfg.kl_estimator, level=cfg.level, has_delta=cfg.has_delta,
+        family=cfg.family, kl_estimator=cfg.kl_estimator, level=cfg.level, has_delta=cfg.has_delta,
         bias_correction_kl=cfg.bias_correction_kl, temperature=cfg.temperature, eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta, sapo_temp_pos=cfg.sapo_temp_pos,
         sapo_temp_neg=cfg.sapo_temp_neg,

@@ -169,7 +169,7 @@ def _common_args(inp, dummy):
     )
     floats = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
                   sapo_pos=cfg.sapo_temp_pos, sapo_neg=cfg.sapo_temp_neg, adv_eps=cfg.adv_eps)
-    flags = dict(LOSS_TYPE=cfg.loss_type, KL_EST=cfg.kl_estimator, HAS_DELTA=cfg.has_delta,
+    flags = dict(FAMILY=cfg.family, KL_EST=cfg.kl_estimator, HAS_DELTA=cfg.has_delta,
                  HAS_KL=cfg.beta != 0.0, BIAS_KL=cfg.bias_correction_kl, HAS_OLD=inp.old_logp is not None,
                  ADV_MODE=adv_mode, SCALE=cfg.scale_rewards, ISR_MODE=isr_mode,
                  BLOCK_G=_next_pow2(max(cfg.group_size, 2)))

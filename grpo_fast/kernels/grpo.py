@@ -24,9 +24,9 @@ csrc/common/grpo_math.h whose token_terms() `_token_terms` ports line by line.
 import triton
 import triton.language as tl
 
-# Loss-type codes (grpo_fast/_config.py LOSS_TYPES, grpo_math.h enum LossType).
-LUSPO = tl.constexpr(4)  # codes <= LUSPO are the clip family
-CISPO = tl.constexpr(5)
+# Per-token loss families (grpo_fast/_config.py FAMILY_CODES, grpo_math.h enum LossFamily).
+CLIP = tl.constexpr(0)
+IS_WEIGHT = tl.constexpr(1)
 # KL estimators (grpo_math.h enum KlEstimator).
 K3 = tl.constexpr(0)
 K1 = tl.constexpr(1)
@@ -154,7 +154,7 @@ def _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE: tl.conste
 
 
 @triton.jit
-def _clip_flags(r, A, eps_low, eps_high, LOSS_TYPE: tl.constexpr):
+def _clip_flags(r, A, eps_low, eps_high, FAMILY: tl.constexpr):
     """(clip_low, clip_high, cispo_clip) as float 0/1 (SPEC.md, Metrics)."""
     zero = tl.zeros_like(r + A)
     # give r and A the same shape before combining comparisons with &: the interpreter mis-types a
@@ -164,17 +164,17 @@ def _clip_flags(r, A, eps_low, eps_high, LOSS_TYPE: tl.constexpr):
     low = zero
     high = zero
     cispo = zero
-    if LOSS_TYPE <= LUSPO:
+    if FAMILY == CLIP:
         low = tl.where((r < 1.0 - eps_low) & (A < 0.0), 1.0, 0.0)
         high = tl.where((r > 1.0 + eps_high) & (A > 0.0), 1.0, 0.0)
-    elif LOSS_TYPE == CISPO:
+    elif FAMILY == IS_WEIGHT:
         cispo = tl.where((r > eps_high) & (A > 0.0), 1.0, 0.0)
     return low, high, cispo
 
 
 @triton.jit
 def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
-                 LOSS_TYPE: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr,
+                 FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr,
                  HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr):
     """grpo_math.h token_terms() in Triton; works on scalars and on blocks alike.
 
@@ -183,7 +183,7 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
       d_logp  = ∂loss/∂logp with r held fixed;  d_ratio = ∂loss/∂r with logp held fixed.
     """
     zero = tl.zeros_like(logp + r + A)
-    if LOSS_TYPE <= LUSPO:
+    if FAMILY == CLIP:
         # L = −min(r1·A, r2·A). Derivative as torch autograd takes it through the reference:
         # min() splits a tie half/half, clamp passes the gradient on [lo, hi] inclusive.
         lo = 1.0 - eps_low
@@ -202,17 +202,17 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
         L = -tl.minimum(v1, v2, propagate_nan=NAN)
         dL_dr = -dmin + zero
         dL_dlogp = zero
-        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, LOSS_TYPE)
+        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, FAMILY)
         clip_low += zero
         clip_high += zero
         cispo_clip += zero
-    elif LOSS_TYPE == CISPO:
+    elif FAMILY == IS_WEIGHT:
         # L = −stopgrad(min(r, ε_high))·A·logp: no gradient through the ratio (MiniMax-M1).
         c = tl.minimum(r, eps_high, propagate_nan=NAN)
         L = -c * A * logp
         dL_dr = zero
         dL_dlogp = -c * A + zero
-        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, LOSS_TYPE)
+        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, FAMILY)
         clip_low += zero
         clip_high += zero
         cispo_clip += zero
@@ -305,7 +305,7 @@ def _grpo_token_fwd_kernel(
     # run-time floats
     temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
     # meta-parameters
-    LOSS_TYPE: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
+    FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
     SOFT_BF16: tl.constexpr = False,
@@ -347,7 +347,7 @@ def _grpo_token_fwd_kernel(
 
     loss, kl, d_logp, d_ratio, low, high, cispo = _token_terms(
         logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
-        LOSS_TYPE, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+        FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
 
     out = stats_ptr + row * NUM_STATS
     tl.store(out + 0, w * loss)
@@ -401,7 +401,7 @@ def _grpo_seq_row_kernel(
     # run-time floats
     eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
     # meta-parameters
-    LOSS_TYPE: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
+    FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -459,7 +459,7 @@ def _grpo_seq_row_kernel(
         ent = tl.load(entropy_ptr + base + cols, mask=valid, other=0.0)
         loss, kl, d_logp, d_ratio, low, high, cispo = _token_terms(
             lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
-            LOSS_TYPE, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+            FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
         # tl.where on `valid`, not a product: lanes past T load zeros, but a non-finite row
         # ratio would still make 0·x NaN there
         acc_loss += tl.where(valid, w * loss, 0.0)
@@ -477,7 +477,7 @@ def _grpo_seq_row_kernel(
     else:
         # ratio and advantage are the row's: its flags count once, padding or not (TRL and the
         # reference average such (B, 1) flags over the B rows)
-        low_n, high_n, cispo_n = _clip_flags(r, A_row, eps_low, eps_high, LOSS_TYPE)
+        low_n, high_n, cispo_n = _clip_flags(r, A_row, eps_low, eps_high, FAMILY)
     out = stats_ptr + b * NUM_STATS
     tl.store(out + 0, tl.sum(acc_loss, 0))
     tl.store(out + 1, tl.sum(acc_ent, 0))
@@ -497,7 +497,7 @@ def _grpo_seq_row_kernel(
                                               valid, A_row, isr_row, ADV_MODE, ISR_MODE, HAS_KL)
             _l, _k, d_logp, _dr, _lo, _hi, _ci = _token_terms(
                 lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
-                LOSS_TYPE, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+                FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
             g = w * d_logp + row_dr * m
             tl.store(g_ptr + base + cols, g, mask=valid)
 
