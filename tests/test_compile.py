@@ -1,7 +1,7 @@
 """torch.compile: a training step that calls grpo_loss compiles with fullgraph=True and equals eager."""
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 import grpo_fast
 from grpo_fast.backends import unavailable_reason
@@ -84,6 +84,11 @@ DEFAULTS = {"num_items_in_batch": None, "temperature": 1.0, "epsilon_low": 0.2, 
 COMPILER = {"torch": "inductor", "cpu": "aot_eager"}
 
 
+def _graphs(fn) -> int:
+    """How many compiled graphs dynamo keeps for fn: what its recompile limit (8) counts."""
+    return len(_debug_get_cache_entry_list(fn.__code__))
+
+
 def _options_step(head, hidden, ids, rewards, old, ref, mask, backend, num_items_in_batch, temperature, epsilon_low, beta):
     logits = head(hidden)
     loss, met = grpo_fast.grpo_loss(logits, ids, rewards=rewards, group_size=2, old_logp=old, ref_logp=ref,
@@ -124,14 +129,13 @@ def test_changing_number_matches_eager_without_a_recompile_per_value(backend, op
     calls = [{option: v} for v in STEPS[option]]
     eager = _run_steps(_options_step, head, inputs, backend, calls)
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend(COMPILER[backend])
-    compiled = _run_steps(torch.compile(_options_step, fullgraph=True, backend=counter), head, inputs, backend, calls)
+    compiled = _run_steps(torch.compile(_options_step, fullgraph=True, backend=COMPILER[backend]), head, inputs, backend, calls)
     for i, ((out_c, g_c), (out_e, g_e)) in enumerate(zip(compiled, eager)):
         for a, b in zip(out_c + g_c, out_e + g_e):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {i} ({calls[i]}): {m}")
     # the steps differ (the option matters), and one recompile at most: when the number turns symbolic
     assert not torch.equal(eager[0][0][0], eager[1][0][0])
-    assert counter.frame_count == 2, f"{counter.frame_count} compilations for {len(calls)} values of {option}"
+    assert _graphs(_options_step) == 2, f"{_graphs(_options_step)} graphs for {len(calls)} values of {option}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,13 +146,12 @@ def test_num_items_in_batch_as_a_tensor_under_fullgraph(backend):
     values = [13, 17, 29, 8]
     eager = _run_steps(_options_step, head, inputs, backend, [{"num_items_in_batch": v} for v in values])
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = _run_steps(torch.compile(_options_step, fullgraph=True, backend=counter), head, inputs, backend,
+    compiled = _run_steps(torch.compile(_options_step, fullgraph=True, backend="aot_eager"), head, inputs, backend,
                           [{"num_items_in_batch": torch.tensor(v)} for v in values])
     for (out_c, g_c), (out_e, g_e) in zip(compiled, eager):
         for a, b in zip(out_c + g_c, out_e + g_e):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert counter.frame_count == 1
+    assert _graphs(_options_step) == 1
 
 
 def test_bad_changing_number_under_compile_raises_naming_it():
@@ -179,3 +182,46 @@ def test_bad_changing_number_under_compile_raises_naming_it():
     (out_c, _), = _run_steps(f, head, inputs, backend, [{k: v[2] for k, v in STEPS.items()}])
     (out_e, _), = _run_steps(_options_step, head, inputs, backend, [{k: v[2] for k, v in STEPS.items()}])
     torch.testing.assert_close(out_c[0], out_e[0], rtol=1e-5, atol=1e-6)
+
+
+def _metrics_step(head, hidden, ids, rewards, old, ref, mask, backend, opts):
+    loss, met = grpo_fast.grpo_loss(head(hidden), ids, rewards=rewards, group_size=2, old_logp=old, ref_logp=ref,
+                                    completion_mask=mask, backend=backend, **opts)
+    return loss, met
+
+
+def _compare_metrics_steps(backend, compiler, calls):
+    """Compiled vs eager over the calls (dicts of options): loss, metrics (same names) and gradients.
+    Returns the number of compiled graphs."""
+    head, inputs = _options_inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(_metrics_step, fullgraph=True, backend=compiler)
+    for opts in calls:
+        res = []
+        for fn in (compiled, _metrics_step):
+            head.zero_grad()
+            loss, met = fn(head, *inputs, backend, opts)
+            loss.backward()
+            res.append((loss.detach(), met, [p.grad.clone() for p in head.parameters()]))
+        (loss_c, met_c, g_c), (loss_e, met_e, g_e) = res
+        assert sorted(met_c) == sorted(met_e), opts
+        for a, b in zip([loss_c, *g_c] + [met_c[k] for k in sorted(met_c)], [loss_e, *g_e] + [met_e[k] for k in sorted(met_e)]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{opts}: {m}")
+    return _graphs(_metrics_step)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_changing_numbers_and_beta_switching_off(backend):
+    # epsilon_high, delta and adv_eps are data like the numbers above; beta becoming 0 drops the KL
+    # term and the "kl" metric: a different graph, compiled once per side.
+    calls = [dict(loss_type="dapo", epsilon_high=e, delta=d, adv_eps=a, beta=b) for e, d, a, b in
+             [(0.28, 1.5, 1e-4, 0.04), (0.2, 1.3, 1e-3, 0.1), (0.3, 1.4, 1e-2, 0.0), (0.25, 2.0, 1e-6, 0.2), (0.1, 1.2, 1e-3, 0.0)]]
+    assert _compare_metrics_steps(backend, COMPILER[backend], calls) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_changing_sapo_temperatures(backend):
+    # The kernels take them as data; the reference (backend="torch") fills a tensor with them,
+    # which makes them constants of the graph: each new value compiles anew there.
+    calls = [dict(loss_type="sapo", sapo_temperature_pos=p, sapo_temperature_neg=n) for p, n in [(1.0, 1.05), (0.5, 2.0), (2.0, 0.7)]]
+    assert _compare_metrics_steps(backend, "aot_eager", calls) == (3 if backend == "torch" else 2)
