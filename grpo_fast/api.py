@@ -235,7 +235,7 @@ def _reference_from_inputs(logits: torch.Tensor, inp: LossInputs):
         importance_sampling_ratio=inp.isr, use_bias_correction_kl=inp.cfg.bias_correction_kl,
     )
     if rescale:
-        n = n_items if isinstance(n_items, torch.Tensor) else torch.ones((), dtype=torch.float64) * n_items
+        n = n_items.to(inp.mask.device) if isinstance(n_items, torch.Tensor) else torch.ones((), dtype=torch.float64) * n_items
         loss = loss * (inp.mask.sum(dtype=torch.float64).clamp(min=1.0) / n.clamp(min=1.0)).to(loss.dtype)
     return loss, metrics
 
