@@ -78,9 +78,10 @@ STEPS = {  # several distinct values of each option, in the order the steps see 
     "beta": [0.04, 0.1, 0.5, 0.01],
 }
 DEFAULTS = {"num_items_in_batch": None, "temperature": 1.0, "epsilon_low": 0.2, "beta": 0.04}
-# inductor for backend="torch": the reference's formulas are traced, and inductor once gave a
-# wrong loss for a later epsilon_low (a symbolic float as a clamp bound); the kernels are opaque
-# custom ops, aot_eager (faster to compile) sees the same graph around them.
+# inductor for backend="torch": the reference's formulas are traced, and torch 2.13's inductor gives
+# a wrong loss for a later epsilon_low when it reaches a clamp bound as a symbolic float (hence the
+# 0-d tensor bounds in api._reference_from_inputs); the kernels are opaque custom ops, and aot_eager
+# (faster to compile) sees the same graph around them.
 COMPILER = {"torch": "inductor", "cpu": "aot_eager"}
 
 
@@ -133,7 +134,7 @@ def test_changing_number_matches_eager_without_a_recompile_per_value(backend, op
     for i, ((out_c, g_c), (out_e, g_e)) in enumerate(zip(compiled, eager)):
         for a, b in zip(out_c + g_c, out_e + g_e):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {i} ({calls[i]}): {m}")
-    # the steps differ (the option matters), and one recompile at most: when the number turns symbolic
+    # the steps differ (the option matters), and exactly one recompile: when the number turns symbolic
     assert not torch.equal(eager[0][0][0], eager[1][0][0])
     assert _graphs(_options_step) == 2, f"{_graphs(_options_step)} graphs for {len(calls)} values of {option}"
 
