@@ -201,33 +201,56 @@ _resolve_name_const = torch._dynamo.assume_constant_result(_backends.resolve_nam
 def _compiled_path(logits: torch.Tensor, inp: LossInputs, backend: str):
     """Under torch.compile: the value checks and the kernel as custom ops (grpo_fast/_ops.py).
 
-    The checked mask feeds everything after it, so the checks cannot be dropped as dead code and
-    always run before the kernel. ``inplace`` is a permission, not a promise: it is not used here.
+    The numbers may be symbolic (dynamo makes a number that changed between calls a graph input):
+    they reach the ops inside a tensor, and their values are checked there, at run time. The checked
+    mask feeds everything after it, so the checks cannot be dropped as dead code and always run
+    before the kernel. ``inplace`` is a permission, not a promise: it is not used here.
     """
     from . import _ops
 
-    inp.mask = _ops.check_values(inp.ids, logits.shape[-1], inp.mask, inp.rewards, inp.advantages)
+    codes, numbers = _ops.pack_config(inp.cfg)
+    n_items = inp.num_items_in_batch
+    if n_items is not None and not isinstance(n_items, torch.Tensor):
+        n_items = torch.ones((), dtype=torch.float64) * n_items
+    inp.mask = _ops.check_values(inp.ids, logits.shape[-1], inp.mask, inp.rewards, inp.advantages, codes, numbers, n_items)
     resolved = _resolve_name_const(backend, logits.device.type)
     if resolved == "torch":
         return _reference_from_inputs(logits, inp)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     stats, _ = _ops.fused_loss(inp.logits, inp.ids, inp.mask, inp.weight, inp.advantages, inp.rewards, inp.old_logp,
-                               inp.ref_logp, inp.isr, _ops.pack_config(inp.cfg), resolved, need_grad)
+                               inp.ref_logp, inp.isr, codes, numbers, resolved, need_grad)
     return stats[STAT_LOSS], metrics_from_sums(stats.detach(), inp)
 
 
 def _reference_from_inputs(logits: torch.Tensor, inp: LossInputs):
     """backend="torch": the eager reference on the validated inputs."""
-    return grpo_loss_reference(
+    n_items = inp.num_items_in_batch
+    # Under torch.compile num_items_in_batch may be symbolic or a 0-d tensor, which the reference
+    # would make a constant (a recompile per value) or read with .item() (a graph break): the
+    # reference then normalizes by this call's token count and the loss is rescaled here.
+    rescale = torch.compiler.is_compiling() and n_items is not None and inp.loss_type in ("dapo", "cispo")
+    eps_low, eps_high, delta = inp.cfg.eps_low, inp.epsilon_high, inp.delta
+    if torch.compiler.is_compiling():
+        # The clip bounds as 0-d tensors, which the reference's clamps and comparisons take as well:
+        # a symbolic float there is specialized by aot_eager (a recompile per value) and miscompiled
+        # by inductor (torch 2.13: a later value gets a wrong loss; tests/test_compile.py).
+        one = torch.ones((), dtype=torch.float64)
+        eps_low, eps_high = one * eps_low, one * eps_high
+        delta = None if delta is None else one * delta
+    loss, metrics = grpo_loss_reference(
         logits, inp.ids, inp.advantages, rewards=inp.rewards, group_size=inp.cfg.group_size or None,
         scale_rewards=inp.scale_rewards, adv_eps=inp.cfg.adv_eps, old_logp=inp.old_logp,
         ref_logp=inp.ref_logp, completion_mask=inp.mask, beta=inp.cfg.beta, kl_estimator=inp.kl_estimator,
-        epsilon_low=inp.cfg.eps_low, epsilon_high=inp.epsilon_high, delta=inp.delta, loss_type=inp.loss_type,
+        epsilon_low=eps_low, epsilon_high=eps_high, delta=delta, loss_type=inp.loss_type,
         importance_sampling_level=inp.level, temperature=inp.cfg.temperature,
-        max_completion_length=inp.max_completion_length, num_items_in_batch=inp.num_items_in_batch,
+        max_completion_length=inp.max_completion_length, num_items_in_batch=None if rescale else n_items,
         sapo_temperature_pos=inp.cfg.sapo_temp_pos, sapo_temperature_neg=inp.cfg.sapo_temp_neg,
         importance_sampling_ratio=inp.isr, use_bias_correction_kl=inp.cfg.bias_correction_kl,
     )
+    if rescale:
+        n = n_items.to(inp.mask.device) if isinstance(n_items, torch.Tensor) else torch.ones((), dtype=torch.float64) * n_items
+        loss = loss * (inp.mask.sum(dtype=torch.float64).clamp(min=1.0) / n.clamp(min=1.0)).to(loss.dtype)
+    return loss, metrics
 
 
 class _LossModule(torch.nn.Module):
