@@ -121,6 +121,14 @@ def _kernel_impl(backend: str, device: torch.device):
 # Autograd on logits
 # --------------------------------------------------------------------------------------------
 
+def _refuse_create_graph(name: str) -> None:
+    # Autograd runs backward with grad mode on exactly when create_graph=True. The kernels' backward
+    # is not itself differentiable: say so, rather than return a gradient without a graph.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"grpo_fast.{name}: the kernel backends are differentiable once; create_graph=True "
+                           f'(higher-order gradients) needs backend="torch"')
+
+
 class _Logprobs(torch.autograd.Function):
     """logits -> (logp, entropy) through a backend's kernels; backward reads the saved logits once."""
 
@@ -139,8 +147,13 @@ class _Logprobs(torch.autograd.Function):
         return logp
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_logp, g_entropy=None):
+        _refuse_create_graph("logprobs")
+        return _Logprobs._backward(ctx, g_logp, g_entropy)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, g_logp, g_entropy):
         z, ids, lse, entropy, tau_t = ctx.saved_tensors
         tau = ctx.tau if tau_t is None else tau_t
 
@@ -290,8 +303,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return logp.view(plan.out_shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_logp, g_entropy=None):
+        _refuse_create_graph("fused_linear_logprobs")
+        return _FusedLinearLogprobs._backward(ctx, g_logp, g_entropy)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, g_logp, g_entropy):
         from .fused_linear import _cast, _Grads, _matmul_chunk
 
         hidden, weight, bias, lse, entropy = ctx.saved_tensors

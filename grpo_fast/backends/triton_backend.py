@@ -42,8 +42,21 @@ BLOCK_V_OVERRIDE: Optional[int] = None
 _KERNELS = None  # the loaded kernels module, or the ImportError that prevented loading it
 
 
+def _source_tree_kernels() -> Optional[Path]:
+    """The ``kernels/`` folder beside this package when it runs from a source checkout, else None.
+
+    It wins over an installed ``grpo_fast.kernels``: with another checkout pip-installed in editable
+    mode, its finder would otherwise hand this checkout the other one's kernels."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "kernels" / "__init__.py").is_file() and not (root / "grpo_fast" / "kernels").exists():
+        return root / "kernels"
+    return None
+
+
 def kernels_dir() -> Path:
     """The folder holding the kernel sources, found without importing Triton."""
+    if "grpo_fast.kernels" not in sys.modules and _source_tree_kernels() is not None:
+        return _source_tree_kernels()
     spec = importlib.util.find_spec("grpo_fast.kernels") if "grpo_fast.kernels" not in sys.modules else sys.modules["grpo_fast.kernels"].__spec__
     if spec is not None and spec.origin:
         return Path(spec.origin).resolve().parent
@@ -61,11 +74,12 @@ def load_kernels():
     name = "grpo_fast.kernels"
     if name in sys.modules:
         return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:  # the package exists but Triton (or a dependency) is missing
-            raise
+    if _source_tree_kernels() is None:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the package exists but Triton (or a dependency) is missing
+                raise
     init = kernels_dir() / "__init__.py"
     if not init.is_file():
         raise ImportError(f"{name} is neither installed nor found in the source tree at {init.parent}")
@@ -289,3 +303,59 @@ def _token_logprobs(logits, ids, temperature, return_entropy, B, T, V, dev):
         temperature=float(temperature), STORE_ENTROPY=return_entropy, STORE_LSE=False,
     ))
     return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# grpo_fast.logprobs (differentiable log-probs and entropy; see grpo_fast/logprobs.py)
+
+
+def _tau_args(temperature, dummy):
+    """(tau_ptr, scalar, TAU_PER_ROW) for a float or a (B, T) float32 per-token temperature."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature, 1.0, True
+    return dummy, float(temperature), False
+
+
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
+    """(logp, entropy | None, lse), each (B, T) float32, in one sweep of each row of logits (B, T, V)."""
+    B, T, V = logits.shape
+    assert logits.stride(-1) == 1 and ids.dtype == torch.int64 and ids.is_contiguous()
+    dev = logits.device
+    with _device_guard(logits):
+        dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        tau_ptr, tau0, per_row = _tau_args(temperature, dummy)
+        logp = torch.empty((B, T), dtype=torch.float32, device=dev)
+        lse = torch.empty((B, T), dtype=torch.float32, device=dev)
+        entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
+        _launch_v("_logprobs_fwd_kernel", (B * T,), dict(
+            logits_ptr=logits, ids_ptr=ids, tau_ptr=tau_ptr, logp_ptr=logp,
+            entropy_ptr=entropy if return_entropy else dummy, lse_ptr=lse,
+            T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1), temperature=tau0,
+            TAU_PER_ROW=per_row, STORE_ENTROPY=return_entropy,
+        ))
+    return logp, entropy, lse
+
+
+def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad) -> None:
+    """grad (B, T, V) ← (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ: one sweep of each row.
+
+    g_logp / g_entropy: (B, T) float32 contiguous or None (zero). grad may be the logits' storage.
+    """
+    B, T, V = logits.shape
+    assert logits.stride(-1) == 1 and grad.stride(-1) == 1 and grad.shape == logits.shape
+    assert g_entropy is None or entropy is not None
+    dev = logits.device
+    inplace = grad.data_ptr() == logits.data_ptr()
+    with _device_guard(logits):
+        dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        tau_ptr, tau0, per_row = _tau_args(temperature, dummy)
+        gs = _row_strides(grad)
+        _launch_v("_logprobs_bwd_kernel", (B * T,), dict(
+            logits_ptr=logits, ids_ptr=ids, tau_ptr=tau_ptr, lse_ptr=lse,
+            entropy_ptr=entropy if entropy is not None else dummy,
+            g_logp_ptr=g_logp if g_logp is not None else dummy,
+            g_ent_ptr=g_entropy if g_entropy is not None else dummy, grad_ptr=grad,
+            T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1), stride_gb=gs[0], stride_gt=gs[1],
+            temperature=tau0, TAU_PER_ROW=per_row, HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_entropy is not None,
+            SOFT_BF16=INTERPRET,
+        ), ("grad_ptr",) if inplace else ())
