@@ -13,14 +13,44 @@ import grpo_fast
 from grpo_fast.backends import unavailable_reason
 
 from helpers import assert_close, assert_close_scaled, assert_error_within
+from test_cuda import emulated_ext  # noqa: F401  (the session fixture that builds the emulated CUDA kernels)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [
-    pytest.param(b, marks=pytest.mark.skipif(unavailable_reason(b, DEVICE) is not None,
-                                             reason=f"{b}: {unavailable_reason(b, DEVICE)}"))
-    for b in ("cpu", "triton", "torch")
-]
-KERNEL_BACKENDS = BACKENDS[:2]
+
+
+def _param(b):
+    why = unavailable_reason(b, DEVICE)
+    return pytest.param(b, marks=pytest.mark.skipif(why is not None, reason=f"{b}: {why}"))
+
+
+# "cuda-emu": the CUDA kernels built by g++ with csrc/cuda/host_emulation.h (tests/test_cuda.py's
+# emulated_ext), installed as the "cuda" backend on CPU tensors.
+KERNEL_BACKENDS = [_param("cpu"), _param("triton"), _param("cuda"), "cuda-emu"]
+BACKENDS = KERNEL_BACKENDS + [_param("torch")]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The backend name to pass (indirect parametrization; "cuda-emu" installs the emulated build)."""
+    name = request.param
+    if name != "cuda-emu":
+        return name
+    if DEVICE.type == "cuda":
+        pytest.skip("the emulated CUDA build runs on CPU tensors; this machine tests the real kernels")
+    import types
+
+    import grpo_fast.backends as backends
+    from grpo_fast.backends import cuda as cuda_backend
+
+    ext = request.getfixturevalue("emulated_ext")
+    fake = types.SimpleNamespace(
+        DEVICE_TYPES=("cpu",), unavailable_reason=lambda: None,
+        logprobs_forward=lambda *a: cuda_backend.logprobs_forward_with(ext, *a, 0, 0),
+        logprobs_backward=lambda *a: cuda_backend.logprobs_backward_with(ext, *a, 0, 0),
+    )
+    load = backends._load
+    monkeypatch.setattr(backends, "_load", lambda n: fake if n == "cuda" else load(n))
+    return "cuda"
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +145,7 @@ def _tau(tau, shape):
     return tau
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("shape,tau,which", CASES)
 def test_fp32_matches_float64_autograd(backend, shape, tau, which):
     z, ids = make(shape)
@@ -132,7 +162,7 @@ def test_fp32_matches_float64_autograd(backend, shape, tau, which):
     assert bool(torch.isfinite(grad).all()) and bool((grad[banned] == 0).all()), "−inf logits must get a 0 gradient"
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape,tau", [((2, 3, 53), 0.7), ((9, 53), "token")], ids=["BTV", "NV-tau-per-token"])
 def test_low_precision_within_twice_torch_error(backend, dtype, shape, tau):
@@ -147,7 +177,7 @@ def test_low_precision_within_twice_torch_error(backend, dtype, shape, tau):
     assert_error_within(grad, e_grad, o_grad, 1e-5, 1e-5, "grad")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_strided_logits(backend):
     # (B, T) strides of a slice, and a last dimension that is not contiguous (copied once)
     z, ids = make((3, 5, 53))
@@ -162,7 +192,7 @@ def test_strided_logits(backend):
         assert_close_scaled(grad, o_grad, rtol_for(backend), "grad")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_retain_graph_twice_equals_eager(backend):
     z, ids = make((2, 4, 53))
     x = z.clone().requires_grad_()
@@ -181,7 +211,7 @@ def test_retain_graph_twice_equals_eager(backend):
     assert_close_scaled(x.grad, xo.grad, rtol_for(backend), "accumulated over two backwards")
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 def test_create_graph_is_refused_by_kernel_backends(backend):
     z, ids = make((6, 53))
     x = z.clone().requires_grad_()
@@ -203,7 +233,7 @@ def test_torch_backend_is_twice_differentiable():
     assert_close_scaled(h, ho, 1e-4, "second derivative")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_only_logp_requested(backend):
     z, ids = make((7, 53))
     x = z.clone().requires_grad_()
@@ -218,7 +248,7 @@ def test_only_logp_requested(backend):
     assert not lp2.requires_grad and torch.equal(lp2, logp.detach())
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 def test_rows_without_upstream_gradient_are_not_read(backend):
     # A token the loss masks out (upstream gradient exactly 0 for logp and entropy) gets a zero row
     # without its logits being read: NaN there does not reach the gradient (eager backward would
@@ -255,7 +285,7 @@ def dual_clip_ppo(logp, entropy, old_logp, advantages, mask, clip_low=0.2, clip_
     return (pg * mask).sum() / n - ent_coef * (entropy * mask).sum() / n
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_arbitrary_torch_policy_loss_matches_float64(backend):
     B, T, V = 3, 5, 53
     z, ids = make((B, T, V), seed=3)
@@ -299,7 +329,7 @@ def linear_oracle(hidden, weight, bias, ids, tau, scale=1.0, cap=None):
     return eager(z, ids, tau)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("opts,layout,tau", LINEAR_CASES)
 def test_fused_linear_matches_float64(backend, opts, layout, tau):
     g = torch.Generator().manual_seed(5)
@@ -331,7 +361,7 @@ def test_fused_linear_matches_float64(backend, opts, layout, tau):
         assert_close_scaled(p.grad, o.grad, rtol_for(backend), f"d {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_fused_linear_retain_graph(backend):
     g = torch.Generator().manual_seed(6)
     hidden = torch.randn(7, 8, generator=g).to(DEVICE).requires_grad_()
