@@ -113,7 +113,7 @@ def _kernel_impl(backend: str, device: torch.device):
         if backend == "auto":
             return None
         raise RuntimeError(f'backend="{backend}" has no differentiable log-prob kernels in this build; '
-                           'use backend="cpu" (CPU tensors), "triton" (CUDA) or "torch"')
+                           'use backend="cpu" (CPU tensors), "triton" or "cuda" (CUDA tensors), or "torch"')
     return impl
 
 
@@ -183,11 +183,11 @@ def logprobs(
         logits: (N, V) or (B, T, V) float32 | bfloat16 | float16; any leading strides.
         ids: (N,) or (B, T) int64 | int32 in [0, V): the tokens whose log-probs are wanted.
         temperature: a float > 0, or a tensor of the ids' shape (one τ per token), or (B,) with
-            (B, T, V) logits (one τ per sequence).
+            (B, T, V) logits (one τ per sequence); a constant (no gradient flows to it).
         return_entropy: also return the entropy of each token's distribution, with its gradient
             ∂H/∂z_j = −p_j·(log p_j + H)/τ.
-        backend: "auto" | "cpu" | "triton" | "torch" (autograd through the eager reference; the
-            only backend that supports create_graph=True).
+        backend: "auto" | "cpu" | "triton" | "cuda" | "torch" (autograd through the eager reference;
+            the only backend that supports create_graph=True).
 
     Returns:
         (logp, entropy): float32 tensors of the ids' shape; entropy is None unless return_entropy.
@@ -376,7 +376,7 @@ def fused_linear_logprobs(
             (both before the temperature, as in ``fused_linear_grpo_loss``).
         return_entropy: also return the per-token entropy (with its gradient).
         chunk_size: tokens per chunk; None picks it from a 256 MiB budget (fused_linear.CHUNK_BUDGET_BYTES).
-        backend: "auto" | "cpu" | "triton" | "torch" — which log-prob kernels run on each chunk.
+        backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which log-prob kernels run on each chunk.
 
     Returns:
         (logp, entropy): float32 of the ids' shape; entropy is None unless return_entropy.

@@ -433,3 +433,14 @@ def test_bad_inputs_name_the_argument():
         grpo_fast.fused_linear_logprobs(torch.randn(6, 8), torch.randn(53, 8), ids)
     with pytest.raises(ValueError, match="temperature"):
         grpo_fast.fused_linear_logprobs(torch.randn(2, 3, 8), torch.randn(53, 8), ids, temperature=-1.0)
+
+
+# ---- the benchmark's own check ----------------------------------------------------------------------
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="the CPU extension is not built")
+def test_benchmark_table_runs_and_agrees_with_float64():
+    from grpo_fast.bench import logprobs as bench
+
+    rows = bench.run([(32, 97)], "fp32", "cpu", repeats=1, only=["grpo_fast-cpu", "eager"], memory=False)
+    assert [r["provider"] for r in rows] == ["grpo_fast-cpu", "eager"]
+    assert all(r["ms"] > 0 and r["max_rel_err_dz"] < 1e-5 for r in rows), rows
+    assert rows[1]["vs_eager"] == pytest.approx(1.0)
