@@ -444,3 +444,27 @@ def test_benchmark_table_runs_and_agrees_with_float64():
     assert [r["provider"] for r in rows] == ["grpo_fast-cpu", "eager"]
     assert all(r["ms"] > 0 and r["max_rel_err_dz"] < 1e-5 for r in rows), rows
     assert rows[1]["vs_eager"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_fused_linear_bf16_within_twice_eager_error(backend):
+    g = torch.Generator().manual_seed(8)
+    N, H, V = 10, 16, 53
+    hidden = torch.randn(N, H, generator=g).to(DEVICE).bfloat16()
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(DEVICE).bfloat16()
+    ids = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    gl, gh = upstream((N,), "both")
+
+    def grads(fn, dtype):
+        h, w = hidden.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()
+        lp, ent = fn(h, w)
+        ((lp.double() * gl.double()).sum() + (ent.double() * gh.double()).sum()).backward()
+        return lp.detach(), ent.detach(), h.grad, w.grad
+
+    got = grads(lambda h, w: grpo_fast.fused_linear_logprobs(h, w, ids, temperature=0.8, return_entropy=True,
+                                                              chunk_size=4, backend=backend), torch.bfloat16)
+    eager_bf16 = grads(lambda h, w: eager((h @ w.t()).float(), ids, 0.8), torch.bfloat16)
+    oracle = grads(lambda h, w: eager(h @ w.t(), ids, 0.8), torch.float64)
+    for name, a, e, o in zip(("logp", "entropy", "d hidden", "d weight"), got, eager_bf16, oracle):
+        assert a.dtype == e.dtype
+        assert_error_within(a, e, o, 1e-5, 1e-5, name)
