@@ -232,8 +232,9 @@ LOSS_NAMES = {0: "grpo", 5: "cispo", 6: "sapo"}
 def jobs(quick: bool = False):
     """(kernel, variant, fn-name, signature, constexprs, num_warps, num_stages, config label) to compile.
 
-    Every autotune config of the three V-streaming kernels with bf16 logits and the heaviest flag
-    set (clip loss with delta, k3 KL, in-kernel advantage, per-token isr, gradient); the other loss
+    Every autotune config of the five V-streaming kernels with bf16 logits and the heaviest flag
+    set (clip loss with delta, k3 KL, in-kernel advantage, per-token isr, gradient; for the logprobs
+    kernels per-token τ, entropy and both upstream gradients); the other loss
     types at the interpreter's default config; fp32 logits at the default config. ``quick``: the
     autotune configs only.
     """
@@ -301,7 +302,7 @@ def _triton_report_subprocess(archs, quick: bool, variants: bool = False) -> lis
 
 def variant_jobs():
     """Every constexpr flag of the loss kernels varied one at a time from a base set, plus every
-    logits dtype and the token_logprobs flags, at the default config: a compile check for code
+    logits dtype and the token_logprobs / logprobs flags, at the default config: a compile check for code
     paths the interpreter accepts but the GPU compiler might not (types differing across branches)."""
     from .backends.triton_backend import DEFAULT_BLOCK_V, DEFAULT_WARPS
 

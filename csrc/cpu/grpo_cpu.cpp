@@ -1,4 +1,5 @@
-// grpo_cpu.cpp — grpo_fast._C_cpu: the fused GRPO loss and token log-probs on CPU.
+// grpo_cpu.cpp — grpo_fast._C_cpu: the fused GRPO loss, token log-probs, and the forward / backward
+// of grpo_fast.logprobs (differentiable log-probs and entropy) on CPU.
 //
 // What it fuses: for every token row (b, t) of the logits (B, T, V), one read of the V logits from
 // memory gives the log-sum-exp, the target log-prob and the entropy; the per-token loss, KL and
