@@ -7,8 +7,10 @@ See SPEC.md for the math; ``grpo_fast.reference`` is that math in eager PyTorch.
 from .api import GRPOLoss, group_advantages, grpo_loss, token_logprobs
 from .backends import describe_backends
 from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_token_logprobs
+from .logprobs import fused_linear_logprobs, logprobs
 
 __version__ = "0.1.0"
 
 __all__ = ["grpo_loss", "GRPOLoss", "group_advantages", "token_logprobs", "describe_backends",
-           "fused_linear_grpo_loss", "FusedLinearGRPOLoss", "fused_linear_token_logprobs", "__version__"]
+           "fused_linear_grpo_loss", "FusedLinearGRPOLoss", "fused_linear_token_logprobs", "logprobs",
+           "fused_linear_logprobs", "__version__"]

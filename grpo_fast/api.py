@@ -324,10 +324,17 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     """Per-token log-probs (B, T) float32 of ``completion_ids`` under softmax(logits / temperature).
 
     No gradient: this is for the old-policy and reference log-probs. With ``return_entropy=True``
-    also returns the per-token entropy (B, T) float32.
+    also returns the per-token entropy (B, T) float32. ``temperature``: a float, or a (B, T) / (B,)
+    tensor (one τ per token / per sequence; computed by ``grpo_fast.logprobs``' kernels).
     """
     backend = check_backend(backend)
     logits = check_logits(logits)
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        from .logprobs import logprobs
+
+        logp, entropy = logprobs(logits, completion_ids, temperature=temperature, return_entropy=return_entropy,
+                                 backend=backend)
+        return (logp, entropy) if return_entropy else logp
     B, T, V = logits.shape
     ids = check_ids(completion_ids, B, T, V, logits.device)
     temperature = check_temperature(temperature)

@@ -4,6 +4,7 @@
     grpo-fast bench loss [options]                             the loss from logits (grpo_fast.bench.loss)
     grpo-fast bench fused-linear [options]                     hidden states -> loss (grpo_fast.bench.fused_linear)
     grpo-fast bench trl-step [options]                         one TRL GRPOTrainer step (grpo_fast.bench.trl_step; not in `all`)
+    grpo-fast bench logprobs [options]                         log-probs + entropy with gradient (grpo_fast.bench.logprobs; not in `all`)
 
 `grpo-fast bench loss --help` lists each table's options. With `all`, the options every table knows
 (--quick, --device, --repeats, --out-dir, --no-save) are passed to both.
@@ -15,7 +16,7 @@ import importlib.util
 import sys
 
 TABLES = {"loss": "grpo_fast.bench.loss", "fused-linear": "grpo_fast.bench.fused_linear",
-          "trl-step": "grpo_fast.bench.trl_step"}
+          "trl-step": "grpo_fast.bench.trl_step", "logprobs": "grpo_fast.bench.logprobs"}
 ALL = ("loss", "fused-linear")  # what `grpo-fast bench` with no table runs
 # Options shared by the tables: name -> takes a value.
 _COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}
