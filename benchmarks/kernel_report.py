@@ -206,6 +206,22 @@ def _sig_grad(ldt):
             "temperature": "fp32"}
 
 
+def _sig_lp_fwd(ldt):
+    return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "tau_ptr": "*fp32", "logp_ptr": "*fp32",
+            "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "T": "i32", "V": "i32", "stride_lb": "i32",
+            "stride_lt": "i32", "temperature": "fp32"}
+
+
+def _sig_lp_bwd(ldt):
+    return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "tau_ptr": "*fp32", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
+            "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "grad_ptr": _ptr(ldt), "T": "i32", "V": "i32",
+            "stride_lb": "i32", "stride_lt": "i32", "stride_gb": "i32", "stride_gt": "i32", "temperature": "fp32"}
+
+
+_LP_FWD_ALL = {"TAU_PER_ROW": True, "STORE_ENTROPY": True}
+_LP_BWD_ALL = {"TAU_PER_ROW": True, "HAS_G_LOGP": True, "HAS_G_ENT": True}
+
+
 def _loss_flags(loss_type: int, *, kl=True, grad=True, adv_mode=2, level_seq=False):
     t = LOSS_BY_CODE[loss_type]
     f = dict(FAMILY=FAMILY_CODES[t.family], KL_EST=0, HAS_DELTA=t.delta, HAS_KL=kl, BIAS_KL=False, HAS_OLD=True,
@@ -223,8 +239,9 @@ for _t in LOSS_TABLE.values():
 def jobs(quick: bool = False):
     """(kernel, variant, fn-name, signature, constexprs, num_warps, num_stages, config label) to compile.
 
-    Every autotune config of the three V-streaming kernels with bf16 logits and the heaviest flag
-    set (clip loss with delta, k3 KL, in-kernel advantage, per-token isr, gradient); the other loss
+    Every autotune config of the five V-streaming kernels with bf16 logits and the heaviest flag
+    set (clip loss with delta, k3 KL, in-kernel advantage, per-token isr, gradient; for the logprobs
+    kernels per-token τ, entropy and both upstream gradients); the other loss
     types at the interpreter's default config; fp32 logits at the default config. ``quick``: the
     autotune configs only.
     """
@@ -238,6 +255,10 @@ def jobs(quick: bool = False):
         out.append(("_token_logprobs_kernel", "logp+entropy+lse bf16", _sig_logprobs("bf16"),
                      {"STORE_ENTROPY": True, "STORE_LSE": True, "BLOCK_V": bv}, nw, ns, cfg))
         out.append(("_grpo_grad_kernel", "bf16", _sig_grad("bf16"), {"BLOCK_V": bv}, nw, ns, cfg))
+        out.append(("_logprobs_fwd_kernel", "tau per row+entropy bf16", _sig_lp_fwd("bf16"),
+                    {**_LP_FWD_ALL, "BLOCK_V": bv}, nw, ns, cfg))
+        out.append(("_logprobs_bwd_kernel", "tau per row+g_logp+g_entropy bf16", _sig_lp_bwd("bf16"),
+                    {**_LP_BWD_ALL, "BLOCK_V": bv}, nw, ns, cfg))
     out.append(("_grpo_seq_row_kernel", "grpo+delta+k3+rewards+grad", _sig_seq_row(),
                 {**_loss_flags(0), "BLOCK_T": 1024}, 4, 1, "BLOCK_T=1024 warps=4"))
     if quick:
@@ -288,7 +309,7 @@ def _triton_report_subprocess(archs, quick: bool, variants: bool = False) -> lis
 
 def variant_jobs():
     """Every constexpr flag of the loss kernels varied one at a time from a base set, plus every
-    logits dtype and the token_logprobs flags, at the default config: a compile check for code
+    logits dtype and the token_logprobs / logprobs flags, at the default config: a compile check for code
     paths the interpreter accepts but the GPU compiler might not (types differing across branches)."""
     from grpo_fast.backends.triton_backend import DEFAULT_BLOCK_V, DEFAULT_WARPS
 
@@ -320,6 +341,17 @@ def variant_jobs():
         for ent, lse in ((False, False), (True, False)):
             out.append(("_token_logprobs_kernel", f"logits {dt}, entropy={int(ent)}, lse={int(lse)}", _sig_logprobs(dt),
                         {"STORE_ENTROPY": ent, "STORE_LSE": lse, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+    for dt in ("bf16", "fp32", "fp16"):
+        for flags in ({}, {"TAU_PER_ROW": True}, {"STORE_ENTROPY": True}, _LP_FWD_ALL):
+            label = f"logits {dt}, " + (",".join(k for k in flags) or "no flags")
+            out.append(("_logprobs_fwd_kernel", label, _sig_lp_fwd(dt),
+                        {"TAU_PER_ROW": False, "STORE_ENTROPY": False, **flags, "BLOCK_V": DEFAULT_BLOCK_V},
+                        DEFAULT_WARPS, 1, dcfg))
+        for flags in ({"HAS_G_LOGP": True}, {"HAS_G_ENT": True}, _LP_BWD_ALL):
+            label = f"logits {dt}, " + ",".join(k for k in flags)
+            out.append(("_logprobs_bwd_kernel", label, _sig_lp_bwd(dt),
+                        {"TAU_PER_ROW": False, "HAS_G_LOGP": False, "HAS_G_ENT": False, **flags,
+                         "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
     return out
 
 

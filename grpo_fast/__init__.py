@@ -7,10 +7,11 @@ See docs/spec.md for the math; ``grpo_fast.reference`` is that math in eager PyT
 from .api import GRPOLoss, group_advantages, grpo_loss, token_logprobs
 from .backends import describe_backends
 from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_token_logprobs
+from .logprobs import fused_linear_logprobs, logprobs
 from .options import GRPOOptions
 
 __version__ = "0.1.0"
 
 __all__ = ["grpo_loss", "GRPOLoss", "group_advantages", "token_logprobs", "describe_backends",
-           "fused_linear_grpo_loss", "FusedLinearGRPOLoss", "fused_linear_token_logprobs", "GRPOOptions",
-           "__version__"]
+           "fused_linear_grpo_loss", "FusedLinearGRPOLoss", "fused_linear_token_logprobs", "logprobs",
+           "fused_linear_logprobs", "GRPOOptions", "__version__"]

@@ -7,13 +7,14 @@ the logits unless grad_output != 1.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from . import _autograd as _ag
 from . import backends as _backends
-from ._config import METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
+from ._config import LOSS_TABLE, METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
 from .options import GRPOOptions, with_options
 from .reference import grpo_loss_reference, group_advantages_reference, row_level_flags
 from .validation import (
@@ -187,28 +188,51 @@ _resolve_name_const = torch._dynamo.assume_constant_result(_backends.resolve_nam
 def _compiled_path(logits: torch.Tensor, inp: LossInputs, backend: str):
     """Under torch.compile: the value checks and the kernel as custom ops (grpo_fast/_ops.py).
 
-    The checked mask feeds everything after it, so the checks cannot be dropped as dead code and
-    always run before the kernel. ``inplace`` is a permission, not a promise: it is not used here.
+    The numbers may be symbolic (dynamo makes a number that changed between calls a graph input):
+    they reach the ops inside a tensor, and their values are checked there, at run time. The checked
+    mask feeds everything after it, so the checks cannot be dropped as dead code and always run
+    before the kernel. ``inplace`` is a permission, not a promise: it is not used here.
     """
     from . import _ops
 
-    inp.mask = _ops.check_values(inp.ids, logits.shape[-1], inp.mask, inp.rewards, inp.advantages)
+    codes, numbers = _ops.pack_config(inp.cfg)
+    n_items = inp.num_items_in_batch
+    if n_items is not None and not isinstance(n_items, torch.Tensor):
+        n_items = torch.ones((), dtype=torch.float64) * n_items
+    inp.mask = _ops.check_values(inp.ids, logits.shape[-1], inp.mask, inp.rewards, inp.advantages, codes, numbers, n_items)
     resolved = _resolve_name_const(backend, logits.device.type)
     if resolved == "torch":
         return _reference_from_inputs(logits, inp)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     stats, _ = _ops.fused_loss(inp.logits, inp.ids, inp.mask, inp.weight, inp.advantages, inp.rewards, inp.old_logp,
-                               inp.ref_logp, inp.isr, _ops.pack_config(inp.cfg), resolved, need_grad)
+                               inp.ref_logp, inp.isr, codes, numbers, resolved, need_grad)
     return stats[STAT_LOSS], metrics_from_sums(stats.detach(), inp)
 
 
 def _reference_from_inputs(logits: torch.Tensor, inp: LossInputs):
     """backend="torch": the eager reference on the validated inputs."""
-    return grpo_loss_reference(
+    n_items = inp.num_items_in_batch
+    # Under torch.compile num_items_in_batch may be symbolic or a 0-d tensor, which the reference
+    # would make a constant (a recompile per value) or read with .item() (a graph break): the
+    # reference then normalizes by this call's token count and the loss is rescaled here.
+    rescale = torch.compiler.is_compiling() and n_items is not None and LOSS_TABLE[inp.loss_type].uses_num_items
+    options = inp.options
+    if torch.compiler.is_compiling():
+        # The clip bounds as 0-d tensors, which the reference's clamps and comparisons take as well:
+        # a symbolic float there is specialized by aot_eager (a recompile per value) and miscompiled
+        # by inductor (torch 2.13: a later value gets a wrong loss; tests/test_compile.py).
+        one = torch.ones((), dtype=torch.float64)
+        options = dataclasses.replace(options, epsilon_low=one * options.epsilon_low, epsilon_high=one * options.epsilon_high,
+                                      delta=None if options.delta is None else one * options.delta)
+    loss, metrics = grpo_loss_reference(
         logits, inp.ids, inp.advantages, rewards=inp.rewards, old_logp=inp.old_logp, ref_logp=inp.ref_logp,
-        completion_mask=inp.mask, importance_sampling_ratio=inp.isr, num_items_in_batch=inp.num_items_in_batch,
-        **inp.options.as_kwargs(),
+        completion_mask=inp.mask, importance_sampling_ratio=inp.isr, num_items_in_batch=None if rescale else n_items,
+        **options.as_kwargs(),
     )
+    if rescale:
+        n = n_items.to(inp.mask.device) if isinstance(n_items, torch.Tensor) else torch.ones((), dtype=torch.float64) * n_items
+        loss = loss * (inp.mask.sum(dtype=torch.float64).clamp(min=1.0) / n.clamp(min=1.0)).to(loss.dtype)
+    return loss, metrics
 
 
 class _LossModule(torch.nn.Module):
@@ -282,10 +306,17 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     """Per-token log-probs (B, T) float32 of ``completion_ids`` under softmax(logits / temperature).
 
     No gradient: this is for the old-policy and reference log-probs. With ``return_entropy=True``
-    also returns the per-token entropy (B, T) float32.
+    also returns the per-token entropy (B, T) float32. ``temperature``: a float, or a (B, T) / (B,)
+    tensor (one τ per token / per sequence; computed by ``grpo_fast.logprobs``' kernels).
     """
     backend = check_backend(backend)
     logits = check_logits(logits)
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        from .logprobs import logprobs
+
+        logp, entropy = logprobs(logits, completion_ids, temperature=temperature, return_entropy=return_entropy,
+                                 backend=backend)
+        return (logp, entropy) if return_entropy else logp
     B, T, V = logits.shape
     ids = check_ids(completion_ids, B, T, V, logits.device)
     temperature = check_temperature(temperature)

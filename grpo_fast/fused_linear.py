@@ -682,10 +682,21 @@ def fused_linear_token_logprobs(
     bias (V,) | None as in ``fused_linear_grpo_loss``; with ``return_entropy=True`` also returns the
     per-token entropy (B, T) float32.
 
+    ``temperature``: a float, or a (B, T) / (B,) tensor (one τ per token / per sequence; computed by
+    ``grpo_fast.fused_linear_logprobs``' chunk loop).
+
     Example:
         >>> ref_logp = grpo_fast.fused_linear_token_logprobs(ref_hidden, ref_model.lm_head.weight, completion_ids)
     """
     backend = check_backend(backend)
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        from .logprobs import fused_linear_logprobs
+
+        _check_linear(hidden, weight, bias, mixed_ok=_compute_dtype(hidden)[1])  # (B, T, H) here, as below
+        logp, entropy = fused_linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
+                                              logit_scale=logit_scale, logit_softcap=logit_softcap,
+                                              return_entropy=return_entropy, chunk_size=chunk_size, backend=backend)
+        return (logp, entropy) if return_entropy else logp
     cdtype, autocast = _compute_dtype(hidden)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
     scale, cap = _check_transform(logit_scale, logit_softcap, temperature)

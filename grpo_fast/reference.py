@@ -78,6 +78,29 @@ def token_logprobs_reference(logits: torch.Tensor, completion_ids: torch.Tensor,
     return logp, entropy
 
 
+def logprobs_reference(logits: torch.Tensor, ids: torch.Tensor, temperature=1.0, *, return_entropy: bool = False):
+    """The oracle of ``grpo_fast.logprobs``: (logp, entropy | None), differentiable through BOTH.
+
+    logits (..., V) with ids (...): (B, T, V) and (B, T), or (N, V) and (N,). ``temperature`` is a
+    float or a tensor of the ids' shape (one τ per token). Unlike ``token_logprobs_reference`` (whose
+    entropy is a metric, computed without a graph), the entropy carries a gradient:
+    ∂H/∂x_j = −p_j·(log p_j + H).
+    """
+    acc = _acc_dtype(logits)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(acc).unsqueeze(-1)
+    x = logits.to(acc) / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - lse
+    if not return_entropy:
+        return logp, None
+    p = torch.exp(x - lse.unsqueeze(-1))
+    # p·x with p = 0 for banned (-inf) entries: 0·(-inf) would be NaN, the term is 0. The zero goes
+    # into x (not into the product), so that autograd never forms 0·(-inf) either.
+    entropy = lse - (p * torch.where(p > 0, x, torch.zeros_like(x))).sum(-1)
+    return logp, entropy
+
+
 def _kl(ref: torch.Tensor, logp: torch.Tensor, estimator: str) -> torch.Tensor:
     d = ref - logp
     if estimator == "k3":  # unbiased, always >= 0 (Schulman's k3; DeepSeekMath, TRL, verl low_var_kl)

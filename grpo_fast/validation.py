@@ -44,17 +44,28 @@ def _choice(name: str, value, choices) -> int:
     return choices[value]
 
 
-def _number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+def _number(name: str, value, *, allow_none: bool = False, check_value: bool = True, keep_tensor: bool = False):
+    """A real number as a float. ``check_value=False`` (under torch.compile, where the number may be
+    symbolic) skips the finiteness check: the caller runs it later (check_number_values).
+    ``keep_tensor=True`` returns a one-element tensor as a 0-d float64 tensor instead of reading it
+    with .item(), which would break a compiled graph."""
     if value is None and allow_none:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if keep_tensor and not (value.dtype == torch.bool or value.is_complex()):
+            return value.detach().reshape(()).to(torch.float64)
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
+    if check_value:
+        _finite_number(name, value)
+    return value
+
+
+def _finite_number(name: str, value: float) -> None:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 # float32's range: the kernels read every float option as float32 (temperature, ε, δ, β, the SAPO
@@ -69,8 +80,13 @@ def float32_option(name: str, value, *, allow_none: bool = False, positive: bool
     in magnitude (1e-50 would round to 0: a nonzero beta would lose its KL term, a temperature
     would divide by 0). ``positive``: must be > 0 (temperature, the SAPO temperatures)."""
     value = _number(name, value, allow_none=allow_none)
-    if value is None:
-        return None
+    if value is not None:
+        _float32_value(name, value, positive=positive)
+    return value
+
+
+def _float32_value(name: str, value: float, *, positive: bool = False) -> None:
+    """The value checks of float32_option on a finite float (also run at run time under compile)."""
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     if abs(value) > FLT_MAX:
@@ -79,7 +95,6 @@ def float32_option(name: str, value, *, allow_none: bool = False, positive: bool
     if value != 0 and abs(value) < FLT_MIN:
         raise ValueError(f"{name} must be 0 or at least {FLT_MIN:.8g} in magnitude (a normal float32; the kernels "
                          f"compute in float32), got {value}")
-    return value
 
 
 def check_temperature(temperature) -> float:
@@ -198,7 +213,7 @@ class LossInputs:
     epsilon_high: float
     delta: Optional[float]
     max_completion_length: int
-    num_items_in_batch: Optional[float]
+    num_items_in_batch: Optional[float]  # or a 0-d float64 tensor under torch.compile
     options: Optional[GRPOOptions] = None  # the validated options, numbers as floats, epsilon_high resolved
 
 
@@ -214,11 +229,12 @@ def check_group_size(group_size, B: int) -> int:
     return G
 
 
-def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_length: int, num_items_in_batch: Optional[float]) -> torch.Tensor:
+def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_length: int, num_items_in_batch) -> torch.Tensor:
     """w[b, t] such that loss = Σ_{b,t} w·L[b, t] (SPEC.md, Aggregation); w = 0 on padding.
 
     Computed once here, in float64 then rounded, so that every kernel only multiplies, and so that a
     chunk of tokens (the fused-linear path) carries the batch's normalization with it.
+    ``num_items_in_batch``: None, a number, or (under torch.compile) a 0-d tensor.
     """
     m = mask.to(torch.float64)
     B = m.shape[0]
@@ -231,8 +247,13 @@ def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_lengt
         c = torch.tensor(1.0 / (B * max_completion_length), dtype=torch.float64)
     elif agg == "row_sum_mean":
         c = torch.tensor(1.0 / B, dtype=torch.float64)
-    else:  # global_token_mean: the global token count across ranks / accumulation steps when given
-        n = m.sum() if num_items_in_batch is None else torch.tensor(float(num_items_in_batch), dtype=torch.float64)
+    elif num_items_in_batch is None:  # global_token_mean: this call's token count
+        c = 1.0 / m.sum().clamp(min=1.0)
+    else:  # global_token_mean: the global token count across ranks / accumulation steps
+        if isinstance(num_items_in_batch, torch.Tensor):  # under torch.compile (see _number)
+            n = num_items_in_batch.to(device=m.device, dtype=torch.float64)
+        else:  # ones·n rather than torch.tensor(n): a symbolic n stays a graph input, not a constant
+            n = torch.ones((), dtype=torch.float64) * num_items_in_batch
         c = 1.0 / n.clamp(min=1.0)
     return (m * c).to(torch.float32)
 
@@ -243,6 +264,38 @@ def check_adv_eps(adv_eps) -> float:
     if adv_eps < 0:
         raise ValueError(f"adv_eps must be >= 0, got {adv_eps}")
     return adv_eps
+
+
+def check_number_values(loss_type: str, *, temperature: float, epsilon_low: float, epsilon_high: float,
+                        delta: Optional[float], beta: float, adv_eps: float, sapo_temperature_pos: float,
+                        sapo_temperature_neg: float, num_items_in_batch: Optional[float]) -> None:
+    """The checks of the numeric options' values. Part of validate_loss_args; under torch.compile,
+    where a number may be symbolic, they run at run time inside the custom op grpo_fast::check_values
+    (_ops.py), with the same messages."""
+    for name, value in (("temperature", temperature), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high),
+                        ("delta", delta), ("beta", beta), ("adv_eps", adv_eps),
+                        ("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg),
+                        ("num_items_in_batch", num_items_in_batch)):
+        if value is not None:
+            _finite_number(name, value)
+    _float32_value("temperature", temperature, positive=True)
+    for name, value in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high), ("delta", delta), ("beta", beta),
+                        ("adv_eps", adv_eps), ("sapo_temperature_pos", sapo_temperature_pos),
+                        ("sapo_temperature_neg", sapo_temperature_neg)):
+        if value is not None:
+            _float32_value(name, value)
+    if not 0.0 <= epsilon_low < 1.0:
+        raise ValueError(f"epsilon_low must lie in [0, 1), got {epsilon_low}")
+    if epsilon_high < 0:
+        raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
+    if delta is not None and delta <= 1.0 + epsilon_high:
+        raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + epsilon_high}, got {delta}")
+    if adv_eps < 0:
+        raise ValueError(f"adv_eps must be >= 0, got {adv_eps}")
+    if LOSS_TABLE[loss_type].family == "soft_gate" and (sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0):
+        raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got {sapo_temperature_pos} and {sapo_temperature_neg}")
+    if num_items_in_batch is not None and num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
 
 
 def check_backend(backend) -> str:
@@ -268,8 +321,10 @@ def validate_loss_args(
     check_values=True,
 ) -> LossInputs:
     """Checks and normalizes grpo_loss's tensors and its ``options`` (GRPOOptions; None = the
-    defaults). ``check_values=False`` skips the checks that read tensor data (ids range,
-    finiteness, mask values): the compiled path runs those in a custom op."""
+    defaults). ``check_values=False`` (torch.compile) skips the checks that read tensor data (ids
+    range, finiteness, mask values) and the checks of the numbers' values (a number that changes
+    between compiled calls is symbolic): the compiled path runs those at run time in a custom op
+    (api._compiled_path). A one-element ``num_items_in_batch`` tensor then stays a tensor."""
     o = GRPOOptions() if options is None else options
     (loss_type, importance_sampling_level, beta, kl_estimator, epsilon_low, epsilon_high, delta, temperature,
      scale_rewards, adv_eps, group_size, max_completion_length, sapo_temperature_pos, sapo_temperature_neg,
@@ -279,25 +334,22 @@ def validate_loss_args(
     kl = _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     lvl = _choice("importance_sampling_level", importance_sampling_level, LEVELS)
     sr = _choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-    temperature = check_temperature(temperature)
-    epsilon_low = float32_option("epsilon_low", epsilon_low)
-    if not 0.0 <= epsilon_low < 1.0:
-        raise ValueError(f"epsilon_low must lie in [0, 1), got {epsilon_low}")
-    epsilon_high = epsilon_low if epsilon_high is None else float32_option("epsilon_high", epsilon_high)
-    if epsilon_high < 0:
-        raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
-    delta = float32_option("delta", delta, allow_none=True)
-    if delta is not None:
-        if not LOSS_TABLE[loss_type].delta:
-            raise ValueError(f"delta is only defined for the clip-family losses {list(CLIP_FAMILY)}, got delta={delta} with loss_type={loss_type!r}")
-        if delta <= 1.0 + epsilon_high:
-            raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + epsilon_high}, got {delta}")
-    beta = float32_option("beta", beta)
-    adv_eps = check_adv_eps(adv_eps)
-    sapo_pos = float32_option("sapo_temperature_pos", sapo_temperature_pos)
-    sapo_neg = float32_option("sapo_temperature_neg", sapo_temperature_neg)
-    if LOSS_TABLE[loss_type].family == "soft_gate" and (sapo_pos <= 0 or sapo_neg <= 0):
-        raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got {sapo_pos} and {sapo_neg}")
+    temperature = _number("temperature", temperature, check_value=check_values)
+    epsilon_low = _number("epsilon_low", epsilon_low, check_value=check_values)
+    epsilon_high = epsilon_low if epsilon_high is None else _number("epsilon_high", epsilon_high, check_value=check_values)
+    delta = _number("delta", delta, allow_none=True, check_value=check_values)
+    if delta is not None and not LOSS_TABLE[loss_type].delta:
+        raise ValueError(f"delta is only defined for the clip-family losses {list(CLIP_FAMILY)}, got delta={delta} with loss_type={loss_type!r}")
+    beta = _number("beta", beta, check_value=check_values)
+    adv_eps = _number("adv_eps", adv_eps, check_value=check_values)
+    sapo_pos = _number("sapo_temperature_pos", sapo_temperature_pos, check_value=check_values)
+    sapo_neg = _number("sapo_temperature_neg", sapo_temperature_neg, check_value=check_values)
+    n_items = _number("num_items_in_batch", num_items_in_batch, allow_none=True, check_value=check_values,
+                      keep_tensor=not check_values)
+    if check_values:
+        check_number_values(loss_type, temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                            delta=delta, beta=beta, adv_eps=adv_eps, sapo_temperature_pos=sapo_pos,
+                            sapo_temperature_neg=sapo_neg, num_items_in_batch=n_items)
     if not isinstance(use_bias_correction_kl, bool):
         raise TypeError(f"use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")
 
@@ -343,9 +395,6 @@ def validate_loss_args(
         if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral) or max_completion_length <= 0:
             raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
         mcl = int(max_completion_length)
-    n_items = _number("num_items_in_batch", num_items_in_batch, allow_none=True)
-    if n_items is not None and n_items < 0:
-        raise ValueError(f"num_items_in_batch must be >= 0, got {n_items}")
 
     if logits.stride(-1) != 1:  # the kernels walk V with unit stride; B and T strides are free
         logits = logits.contiguous()
@@ -367,7 +416,8 @@ def validate_loss_args(
         sapo_temp_neg=sapo_neg,
         adv_eps=adv_eps,
         max_completion_length=float(mcl),
-        num_items=-1.0 if n_items is None else n_items,
+        # -1 when not given, or given as a tensor (torch.compile): the weights carry it, no kernel reads it
+        num_items=-1.0 if n_items is None or isinstance(n_items, torch.Tensor) else n_items,
     )
     return LossInputs(
         logits=logits, ids=ids, mask=mask, advantages=adv, rewards=rew, old_logp=old, ref_logp=ref,

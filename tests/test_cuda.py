@@ -188,8 +188,8 @@ def test_header_compiled_by_nvcc_matches_float64(c):
 
 # ---- static resources of the compiled kernels
 
-_KERNELS = {"token_fused_kernel", "logprob_kernel", "seq_row_kernel", "seq_grad_kernel", "advantages_kernel",
-            "reduce_stats_kernel", "token_terms_kernel"}
+_KERNELS = {"token_fused_kernel", "logprob_kernel", "logprob_grad_kernel", "seq_row_kernel", "seq_grad_kernel",
+            "advantages_kernel", "reduce_stats_kernel", "token_terms_kernel"}
 
 
 def test_kernels_have_no_spills_and_no_local_memory():

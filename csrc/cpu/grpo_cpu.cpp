@@ -1,4 +1,5 @@
-// grpo_cpu.cpp — grpo_fast._C_cpu: the fused GRPO loss and token log-probs on CPU.
+// grpo_cpu.cpp — grpo_fast._C_cpu: the fused GRPO loss, token log-probs, and the forward / backward
+// of grpo_fast.logprobs (differentiable log-probs and entropy) on CPU.
 //
 // What it fuses: for every token row (b, t) of the logits (B, T, V), one read of the V logits from
 // memory gives the log-sum-exp, the target log-prob and the entropy; the per-token loss, KL and
@@ -67,6 +68,7 @@ struct RowKernels {
   void (*grad[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c);
   RowStats (*stats_keep[3])(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf);
   void (*grad_kept[3])(const float* ebuf, void* grow, int64_t V, float c);
+  void (*grad_lp[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float lse, float a, float b);
   void (*exp)(const float* x, float* y, int64_t n);
 };
 
@@ -377,6 +379,78 @@ static void token_logprobs_impl(const void* logits, int32_t dtype, int64_t B, in
   }
 }
 
+// ---- differentiable log-probs and entropy (grpo_fast.logprobs) ----------------------------------------
+// Forward: the row statistics of token_logprobs plus lse = max + log S per token, which is all the
+// backward needs to form p_j = e^(x_j − lse) without a reduction. tau: per-token temperatures (N,) or
+// null (then tau0 for every token).
+static void logprobs_fwd_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
+                              int64_t lst, const int64_t* ids, float tau0, const float* tau, float* logp,
+                              float* entropy, float* lse, int nthreads) {
+  const RowKernels& K = *g_kernels.load();
+  const int64_t N = B * T, chunk = chunk_tokens(V);
+  (void)nthreads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
+#endif
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t b = n / T, t = n % T;
+    const void* zrow = static_cast<const char*>(logits) + (b * lsb + t * lst) * elem_size(dtype);
+    const float inv_tau = (float)(1.0 / (double)(tau ? tau[n] : tau0));
+    const RowStats rs = K.stats[dtype](zrow, V, inv_tau, ids[n]);
+    logp[n] = rs.logp;
+    lse[n] = rs.xmax + logf(rs.sum);
+    if (entropy) entropy[n] = rs.entropy;
+  }
+}
+
+// Backward: with x = z/τ, log p_j = x_j − lse, upstream gradients gl = ∂L/∂logp and gh = ∂L/∂H
+// (either may be null: zero),
+//   ∂L/∂z_j = [gl·(1[j = y] − p_j) − gh·p_j·(log p_j + H)] / τ
+// (∂H/∂x_j = −p_j·(log p_j + H)). One read of the row, one write of its gradient. A token whose two
+// upstream gradients are 0 (padding that the loss masked out) gets a zero row without its logits
+// being read.
+static void logprobs_bwd_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
+                              int64_t lst, void* grad, int64_t gsb, int64_t gst, const int64_t* ids, float tau0,
+                              const float* tau, const float* lse, const float* entropy, const float* gl,
+                              const float* gh, int nthreads) {
+  const RowKernels& K = *g_kernels.load();
+  const int64_t N = B * T, chunk = chunk_tokens(V), es = elem_size(dtype);
+  (void)nthreads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
+#endif
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t b = n / T, t = n % T;
+    const char* zrow = static_cast<const char*>(logits) + (b * lsb + t * lst) * es;
+    char* grow = static_cast<char*>(grad) + (b * gsb + t * gst) * es;
+    const float g_l = gl ? gl[n] : 0.f, g_h = gh ? gh[n] : 0.f;
+    if (g_l == 0.f && g_h == 0.f) {
+      memset(grow, 0, (size_t)(V * es));
+      continue;
+    }
+    const float inv_tau = (float)(1.0 / (double)(tau ? tau[n] : tau0));
+    const float H = g_h != 0.f ? entropy[n] : 0.f;
+    const float a = -(g_l + g_h * H) * inv_tau, bb = -g_h * inv_tau;
+    // The target logit is read first: grow may be the logits themselves.
+    const int64_t y = ids[n];
+    float zy;
+    if (dtype == DT_F32) zy = *reinterpret_cast<const float*>(zrow + y * es);
+    else if (dtype == DT_BF16) zy = bf16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
+    else zy = f16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
+    K.grad_lp[dtype](zrow, grow, V, inv_tau, lse[n], a, bb);
+    // Target: gl·(1 − p_y)/τ with 1 − p_y = −expm1(log p_y) (accurate when p_y is near 1), plus the
+    // entropy term p_y·bb·(log p_y + H), log p_y formed as in the row kernel.
+    const float lpy = zy * inv_tau - lse[n];
+    const float py = expf(lpy);
+    float vy = g_l * inv_tau * -expm1f(lpy);
+    if (g_h != 0.f && py > 0.f) vy += py * bb * (lpy + H);
+    char* gy = grow + y * es;
+    if (dtype == DT_F32) *reinterpret_cast<float*>(gy) = vy;
+    else if (dtype == DT_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
+    else *reinterpret_cast<uint16_t*>(gy) = f32_to_f16(vy);
+  }
+}
+
 template <class T>
 static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
@@ -471,6 +545,48 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
       py::arg("ids"), py::arg("temperature"), py::arg("logp_out"), py::arg("entropy_out"), py::arg("nthreads"),
       "Per-token log-probs (B, T) f32 and, when entropy_out != 0, entropies (B, T) f32.");
+
+  m.def(
+      "logprobs_fwd",
+      [](uintptr_t logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb, int64_t lst, uintptr_t ids,
+         double temperature, uintptr_t tau, uintptr_t logp_out, uintptr_t entropy_out, uintptr_t lse_out,
+         int nthreads) {
+        check(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+        check(B > 0 && T > 0 && V > 0, "B, T, V must be > 0");
+        check(logits && ids && logp_out && lse_out, "null pointer");
+        check(tau || temperature > 0.0, "temperature must be > 0");
+        py::gil_scoped_release nogil;
+        logprobs_fwd_impl(ptr<const void>(logits), dtype, B, T, V, lsb, lst, ptr<const int64_t>(ids), (float)temperature,
+                          ptr<const float>(tau), ptr<float>(logp_out), ptr<float>(entropy_out), ptr<float>(lse_out),
+                          std::max(1, nthreads));
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
+      py::arg("ids"), py::arg("temperature"), py::arg("tau"), py::arg("logp_out"), py::arg("entropy_out"),
+      py::arg("lse_out"), py::arg("nthreads"),
+      "logprobs() forward: per-token log-probs, lse and (when entropy_out != 0) entropies, all (B, T) f32. "
+      "tau: per-token temperatures (B, T) f32, or 0 to use `temperature` for every token.");
+
+  m.def(
+      "logprobs_bwd",
+      [](uintptr_t logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb, int64_t lst, uintptr_t grad,
+         int64_t gsb, int64_t gst, uintptr_t ids, double temperature, uintptr_t tau, uintptr_t lse, uintptr_t entropy,
+         uintptr_t g_logp, uintptr_t g_entropy, int nthreads) {
+        check(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+        check(B > 0 && T > 0 && V > 0, "B, T, V must be > 0");
+        check(logits && grad && ids && lse, "null pointer");
+        check(!g_entropy || entropy, "the entropy gradient needs the saved entropy");
+        check(tau || temperature > 0.0, "temperature must be > 0");
+        py::gil_scoped_release nogil;
+        logprobs_bwd_impl(ptr<const void>(logits), dtype, B, T, V, lsb, lst, ptr<void>(grad), gsb, gst,
+                          ptr<const int64_t>(ids), (float)temperature, ptr<const float>(tau), ptr<const float>(lse),
+                          ptr<const float>(entropy), ptr<const float>(g_logp), ptr<const float>(g_entropy),
+                          std::max(1, nthreads));
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
+      py::arg("grad"), py::arg("gsb"), py::arg("gst"), py::arg("ids"), py::arg("temperature"), py::arg("tau"),
+      py::arg("lse"), py::arg("entropy"), py::arg("g_logp"), py::arg("g_entropy"), py::arg("nthreads"),
+      "logprobs() backward: grad (B, T, V) in the logits' dtype = (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ "
+      "from the saved lse (and entropy); g_logp / g_entropy (B, T) f32 or 0 (zero). grad may equal logits.");
 
   m.def("isa", []() { return std::string(g_kernels.load()->name); },
         "The instruction set the row kernels use now: 'avx512', 'avx2' or 'generic'.");

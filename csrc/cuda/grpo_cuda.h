@@ -64,17 +64,39 @@ int64_t fused_scratch_floats(int64_t B, int64_t T, int32_t level, bool has_rewar
 // Asynchronous on `stream`, like any kernel launch.
 void fused_loss(const FusedArgs& a);
 
-// No-grad per-token log-probs (and entropy when entropy != null), both (B, T) float32.
+// Per-token log-probs (and entropy when entropy != null), both (B, T) float32; with lse != null also
+// each row's logsumexp of z/τ (the forward of grpo_fast.logprobs, which keeps it for backward).
 struct LogprobArgs {
   LogitsView logits;
   const int64_t* ids = nullptr;
   double temperature = 1.0;
+  const float* tau_rows = nullptr;  // (B, T) per-token temperatures, or null: `temperature` everywhere
   float* logp = nullptr;
   float* entropy = nullptr;
+  float* lse = nullptr;
   int32_t device = 0;
   void* stream = nullptr;
 };
 void token_logprobs(const LogprobArgs& a);
+
+// Backward of grpo_fast.logprobs: grad (B, T, V) in the logits' dtype (may equal logits.ptr) =
+// (g_logp·(1[j = y] − p_j) − g_entropy·p_j·(log p_j + H))/τ with p = exp(z/τ − lse). g_logp and
+// g_entropy are (B, T) float32 or null (zero); entropy is required with g_entropy.
+struct LogprobGradArgs {
+  LogitsView logits;
+  void* grad = nullptr;
+  int64_t grad_stride_b = 0, grad_stride_t = 0;
+  const int64_t* ids = nullptr;
+  double temperature = 1.0;
+  const float* tau_rows = nullptr;
+  const float* lse = nullptr;
+  const float* entropy = nullptr;
+  const float* g_logp = nullptr;
+  const float* g_entropy = nullptr;
+  int32_t device = 0;
+  void* stream = nullptr;
+};
+void logprobs_backward(const LogprobGradArgs& a);
 
 // token_terms() of grpo_math.h evaluated on n inputs, to check that the header compiled by nvcc
 // gives the numbers the CPU build gives. out is (n, 7): loss, kl, d_logp, d_ratio, clip_low,

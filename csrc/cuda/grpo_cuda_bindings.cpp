@@ -157,6 +157,53 @@ PYBIND11_MODULE(GF_CUDA_MODULE, m) {
       "Per-token log-probs (and entropy) without gradient.");
 
   m.def(
+      "logprobs_fwd",
+      [](py::kwargs kwargs) {
+        Kw kw(kwargs);
+        LogprobArgs a;
+        a.logits = logits_view(kw);
+        a.ids = kw.ptr<const int64_t>("ids");
+        a.temperature = kw.get<double>("temperature");
+        a.tau_rows = kw.ptr<const float>("tau_rows");
+        a.logp = kw.ptr<float>("logp");
+        a.entropy = kw.ptr<float>("entropy");
+        a.lse = kw.ptr<float>("lse");
+        a.device = kw.get<int32_t>("device");
+        a.stream = kw.ptr<void>("stream");
+        kw.done();
+        if (!a.lse) throw py::value_error("logprobs_fwd: lse is required");
+        py::gil_scoped_release release;
+        token_logprobs(a);
+      },
+      "grpo_fast.logprobs forward: per-token logp, lse and (entropy != 0) entropy, (B, T) float32; "
+      "tau_rows: per-token temperatures (B, T) float32 or 0.");
+
+  m.def(
+      "logprobs_bwd",
+      [](py::kwargs kwargs) {
+        Kw kw(kwargs);
+        LogprobGradArgs a;
+        a.logits = logits_view(kw);
+        a.grad = kw.ptr<void>("grad");
+        a.grad_stride_b = kw.get<int64_t>("grad_stride_b");
+        a.grad_stride_t = kw.get<int64_t>("grad_stride_t");
+        a.ids = kw.ptr<const int64_t>("ids");
+        a.temperature = kw.get<double>("temperature");
+        a.tau_rows = kw.ptr<const float>("tau_rows");
+        a.lse = kw.ptr<const float>("lse");
+        a.entropy = kw.ptr<const float>("entropy");
+        a.g_logp = kw.ptr<const float>("g_logp");
+        a.g_entropy = kw.ptr<const float>("g_entropy");
+        a.device = kw.get<int32_t>("device");
+        a.stream = kw.ptr<void>("stream");
+        kw.done();
+        py::gil_scoped_release release;
+        logprobs_backward(a);
+      },
+      "grpo_fast.logprobs backward: grad (B, T, V) = (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ "
+      "from the saved lse; g_logp / g_entropy (B, T) float32 or 0.");
+
+  m.def(
       "token_terms",
       [](py::kwargs kwargs) {
         Kw kw(kwargs);

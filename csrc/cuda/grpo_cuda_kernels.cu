@@ -10,7 +10,10 @@
 //
 // Kernels:
 //   token_fused_kernel<T>   token level: everything above in one kernel, two sweeps of each row
-//   logprob_kernel<T>       lse / logp / entropy only: token_logprobs(), and pass 1 of sequence level
+//   logprob_kernel<T>       lse / logp / entropy only: token_logprobs(), pass 1 of sequence level, and
+//                           the forward of grpo_fast.logprobs (per-token τ, the lse kept for backward)
+//   logprob_grad_kernel<T>  backward of grpo_fast.logprobs: one read of each row, writes
+//                           (g_logp·(1[j=y] − p_j) − g_H·p_j·(log p_j + H))/τ from the saved lse
 //   seq_row_kernel          sequence level (GSPO): one block per sequence computes the row's ratio
 //                           r_b and Σ_t w·d_ratio, then each token's upstream gradient g_bt
 //   seq_grad_kernel<T>      sequence level pass 2: rereads the logits and writes the gradient
@@ -427,6 +430,11 @@ struct DevArgs {
   float* log2s;      // out (B, T) or null: each row's log2 Σ 2^((x − max)·k2)
   float* parts;      // out: per-token (token level) or per-row (sequence level) stats, NUM_STATS each
   float* gbuf;       // sequence level: the upstream gradient g of each token (B, T)
+  float* lse;        // out (B, T) or null: each row's lse = max/τ + ln s (grpo_fast.logprobs forward);
+                     // in for logprob_grad_kernel
+  const float* tau_rows;  // (B, T) per-token temperatures, or null: tau for every row (logprobs only)
+  const float* g_logp;    // logprob_grad_kernel: ∂L/∂logp (B, T) or null (0)
+  const float* g_ent;     // logprob_grad_kernel: ∂L/∂entropy (B, T) or null (0); then entropy is read
   // sizes and strides (elements)
   int64_t N, T, V;  // N = B·T token rows
   int64_t stride_b, stride_t, grad_stride_b, grad_stride_t;
@@ -509,14 +517,104 @@ __global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a
     const int64_t b = n / a.T, t = n - b * a.T;
     const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
     const float xy = threadIdx.x == 0 ? Io<T>::load1(row + a.ids[n]) : 0.f;
-    const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2), a.k2);
+    // Per-token temperature (grpo_fast.logprobs with a τ tensor): every thread reads the row's τ.
+    const double tau = a.tau_rows ? (double)a.tau_rows[n] : a.tau;
+    const float k2 = a.tau_rows ? (float)(1.4426950408889634 / tau) : a.k2;
+    const Lse st = block_reduce_lse(row_lse(row, (int)a.V, k2), k2);
     if (threadIdx.x == 0) {
-      const RowStats rs = row_stats(st, xy, a.tau);
+      const RowStats rs = row_stats(st, xy, tau);
       a.logp[n] = rs.logp;
       if (a.entropy) a.entropy[n] = rs.entropy;
       if (a.rmax) a.rmax[n] = st.m;
       if (a.log2s) a.log2s[n] = rs.log2s;
+      // lse as logprob_grad_kernel undoes it: x·(1/τ) rounded, then − lse. The max entry then gets
+      // log p = −ln s exactly in float32 (0 when it is the only finite logit, e.g. V = 1).
+      if (a.lse) a.lse[n] = __fmul_rn(st.m, (float)(1.0 / tau)) + logf(st.s);
     }
+  }
+}
+
+// What logprob_grad_kernel needs of a row: log p_j = x_j·inv_tau − lse, the upstream gradients and H.
+struct RowLpGrad {
+  float inv_tau, lse, gl, gh, H;
+};
+
+// ∂L/∂z_j = (g_logp·(1[j = y] − p_j) − g_H·p_j·(log p_j + H))/τ. A −inf logit has p_j = 0 and its
+// log p_j is replaced by 0 (never 0·(−inf)); a NaN logit stays NaN.
+__device__ __forceinline__ float lp_grad_value(float x, int j, int y, const RowLpGrad& r) {
+  const float lp = __fmul_rn(x, r.inv_tau) - r.lse;  // no FMA contraction: the forward's rounding of x/τ
+  const float p = expf(lp);
+  const float d = r.gl * ((j == y ? 1.f : 0.f) - p) - r.gh * p * ((p > 0.f ? lp : 0.f) + r.H);
+  return d * r.inv_tau;
+}
+
+// One sweep of a row writing lp_grad_value, in the shape of row_grad (aligned head, 16-byte body,
+// tail); `row` and `grow` may be the same memory (each element is read, then written, by one thread).
+// zero: both upstream gradients are 0 (a token the loss masked out): zeros, the row is not read.
+template <typename T>
+__device__ __forceinline__ void row_lp_grad(const T* row, T* grow, int V, int y, bool zero, const RowLpGrad& r) {
+  constexpr int VEC = Io<T>::kVec;
+  const int step = blockDim.x;
+  const int head = aligned_head(grow, V);
+  if (head != aligned_head(row, V)) {
+    for (int j = threadIdx.x; j < V; j += step)
+      Io<T>::store1(grow + j, zero ? 0.f : lp_grad_value(Io<T>::load1(row + j), j, y, r));
+    return;
+  }
+  const int nvec = (V - head) / VEC;
+  const int tail = head + nvec * VEC;
+  for (int j = threadIdx.x; j < head; j += step)
+    Io<T>::store1(grow + j, zero ? 0.f : lp_grad_value(Io<T>::load1(row + j), j, y, r));
+  const uint4* in = reinterpret_cast<const uint4*>(row + head);
+  uint4* out = reinterpret_cast<uint4*>(grow + head);
+  if (zero) {
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);  // +0.0 in every dtype
+    for (int i = threadIdx.x; i < nvec; i += step) out[i] = z;
+  } else {
+    int i = threadIdx.x;
+    for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) raw[q] = in[i + q * step];
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        const int v = i + q * step;
+        float x[VEC];
+        Io<T>::unpack(raw[q], x);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) x[k] = lp_grad_value(x[k], head + v * VEC + k, y, r);
+        out[v] = Io<T>::pack(x);
+      }
+    }
+    for (; i < nvec; i += step) {
+      float x[VEC];
+      Io<T>::unpack(in[i], x);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) x[k] = lp_grad_value(x[k], head + i * VEC + k, y, r);
+      out[i] = Io<T>::pack(x);
+    }
+  }
+  for (int j = tail + threadIdx.x; j < V; j += step)
+    Io<T>::store1(grow + j, zero ? 0.f : lp_grad_value(Io<T>::load1(row + j), j, y, r));
+}
+
+// Backward of grpo_fast.logprobs: one block per token row at a time, one read of the row (the saved
+// lse gives p_j without a reduction), one write of its gradient.
+template <typename T>
+__global__ void __launch_bounds__(kMaxRowThreads) logprob_grad_kernel(const DevArgs a) {
+  for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
+    const int64_t b = n / a.T, t = n - b * a.T;
+    const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
+    T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
+    const float gl = load_or(a.g_logp, n, 0.f), gh = load_or(a.g_ent, n, 0.f);
+    const bool zero = gl == 0.f && gh == 0.f;
+    RowLpGrad r{0.f, 0.f, gl, gh, 0.f};
+    if (!zero) {
+      r.inv_tau = a.tau_rows ? (float)(1.0 / (double)a.tau_rows[n]) : (float)(1.0 / a.tau);
+      r.lse = a.lse[n];
+      r.H = gh != 0.f ? a.entropy[n] : 0.f;
+    }
+    row_lp_grad(row, grow, (int)a.V, (int)a.ids[n], zero, r);
   }
 }
 
@@ -727,6 +825,13 @@ static void launch_logprob(const DevArgs& d, int device, cudaStream_t stream) {
 }
 
 template <typename T>
+static void launch_logprob_grad(const DevArgs& d, int device, cudaStream_t stream) {
+  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
+  GF_LAUNCH(logprob_grad_kernel<T>, grid, row_threads<T>(d.V), stream, d);
+  GF_LAUNCH_CHECK(logprob_grad_kernel);
+}
+
+template <typename T>
 static void launch_seq_grad(const DevArgs& d, int device, cudaStream_t stream) {
   const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
   GF_LAUNCH(seq_grad_kernel<T>, grid, row_threads<T>(d.V), stream, d);
@@ -839,13 +944,15 @@ void token_logprobs(const LogprobArgs& a) {
   check_logits(a.logits);
   GF_CHECK_PTR(a.ids);
   GF_CHECK_PTR(a.logp);
-  GF_REQUIRE(a.temperature > 0.f, "temperature must be > 0");
+  GF_REQUIRE(a.tau_rows != nullptr || a.temperature > 0.f, "temperature must be > 0");
   DeviceGuard guard(a.device);
   DevArgs d{};
   d.logits = a.logits.ptr;
   d.ids = a.ids;
   d.logp = a.logp;
   d.entropy = a.entropy;
+  d.lse = a.lse;
+  d.tau_rows = a.tau_rows;
   d.N = a.logits.B * a.logits.T;
   d.T = a.logits.T;
   d.V = a.logits.V;
@@ -856,6 +963,35 @@ void token_logprobs(const LogprobArgs& a) {
   d.k2 = (float)(1.4426950408889634 / a.temperature);
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, a.device, stream); });
+}
+
+void logprobs_backward(const LogprobGradArgs& a) {
+  check_logits(a.logits);
+  GF_CHECK_PTR(a.grad);
+  GF_CHECK_PTR(a.ids);
+  GF_CHECK_PTR(a.lse);
+  GF_REQUIRE(a.g_entropy == nullptr || a.entropy != nullptr, "the entropy gradient needs the saved entropy");
+  GF_REQUIRE(a.tau_rows != nullptr || a.temperature > 0.0, "temperature must be > 0");
+  DeviceGuard guard(a.device);
+  DevArgs d{};
+  d.logits = a.logits.ptr;
+  d.grad = a.grad;
+  d.ids = a.ids;
+  d.entropy = const_cast<float*>(a.entropy);  // read only (DevArgs' entropy is an output elsewhere)
+  d.lse = const_cast<float*>(a.lse);          // read only here
+  d.tau_rows = a.tau_rows;
+  d.g_logp = a.g_logp;
+  d.g_ent = a.g_entropy;
+  d.N = a.logits.B * a.logits.T;
+  d.T = a.logits.T;
+  d.V = a.logits.V;
+  d.stride_b = a.logits.stride_b;
+  d.stride_t = a.logits.stride_t;
+  d.grad_stride_b = a.grad_stride_b;
+  d.grad_stride_t = a.grad_stride_t;
+  d.tau = a.temperature;
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob_grad<decltype(tag)>(d, a.device, stream); });
 }
 
 void token_terms_host(const LossParams& p, int64_t n, const float* logp, const float* ref, const float* adv,

@@ -148,3 +148,56 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, 
         ids.data_ptr(), float(temperature), logp.data_ptr(), _ptr(entropy), torch.get_num_threads(),
     )
     return logp, entropy
+
+
+def _temperature_args(temperature):
+    """(scalar, pointer) for the kernels: a float, or per-token temperatures (B, T) float32 contiguous."""
+    if isinstance(temperature, torch.Tensor):
+        _check_small("temperature", temperature)
+        return 1.0, temperature.data_ptr()
+    return float(temperature), 0
+
+
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
+    """Forward of grpo_fast.logprobs: (logp, entropy | None, lse), each (B, T) float32.
+
+    Args:
+        logits: (B, T, V) fp32/bf16/fp16 with stride(-1) == 1 (any B/T strides).
+        ids: (B, T) int64 contiguous.
+        temperature: a float > 0, or (B, T) float32 contiguous per-token temperatures.
+    """
+    B, T, V = logits.shape
+    assert logits.device.type == "cpu" and logits.stride(-1) == 1
+    assert ids.dtype == torch.int64 and ids.is_contiguous()
+    tau0, tau_ptr = _temperature_args(temperature)
+    logp = torch.empty((B, T), dtype=torch.float32)
+    lse = torch.empty((B, T), dtype=torch.float32)
+    entropy = torch.empty((B, T), dtype=torch.float32) if return_entropy else None
+    _C_cpu.logprobs_fwd(
+        logits.data_ptr(), _DTYPE_CODES[logits.dtype], B, T, V, logits.stride(0), logits.stride(1),
+        ids.data_ptr(), tau0, tau_ptr, logp.data_ptr(), _ptr(entropy), lse.data_ptr(), torch.get_num_threads(),
+    )
+    return logp, entropy, lse
+
+
+def logprobs_backward(logits: torch.Tensor, ids: torch.Tensor, temperature, lse: torch.Tensor,
+                      entropy: Optional[torch.Tensor], g_logp: Optional[torch.Tensor],
+                      g_entropy: Optional[torch.Tensor], grad: torch.Tensor) -> None:
+    """Backward of grpo_fast.logprobs: grad (B, T, V) ← ∂L/∂logits from the upstream gradients.
+
+    grad_j = (g_logp·(1[j = y] − p_j) − g_entropy·p_j·(log p_j + H)) / τ, p = exp(logits/τ − lse).
+    g_logp / g_entropy: (B, T) float32 contiguous or None (zero); entropy is needed with g_entropy.
+    grad: (B, T, V) of the logits' dtype, stride(-1) == 1 (may be the logits themselves).
+    """
+    B, T, V = logits.shape
+    assert logits.device.type == "cpu" and logits.stride(-1) == 1
+    assert grad.shape == logits.shape and grad.dtype == logits.dtype and grad.stride(-1) == 1
+    for name, t in (("lse", lse), ("entropy", entropy), ("g_logp", g_logp), ("g_entropy", g_entropy)):
+        _check_small(name, t)
+    assert g_entropy is None or entropy is not None
+    tau0, tau_ptr = _temperature_args(temperature)
+    _C_cpu.logprobs_bwd(
+        logits.data_ptr(), _DTYPE_CODES[logits.dtype], B, T, V, logits.stride(0), logits.stride(1),
+        grad.data_ptr(), grad.stride(0), grad.stride(1), ids.data_ptr(), tau0, tau_ptr, lse.data_ptr(),
+        _ptr(entropy), _ptr(g_logp), _ptr(g_entropy), torch.get_num_threads(),
+    )

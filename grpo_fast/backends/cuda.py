@@ -85,8 +85,52 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, 
         return token_logprobs_with(_C_cuda, logits, ids, temperature, return_entropy, *_device_and_stream(logits))
 
 
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
+    """Forward of grpo_fast.logprobs: (logp, entropy | None, lse), each (B, T) float32 (see grpo_fast/logprobs.py)."""
+    with torch.cuda.device(logits.device):
+        return logprobs_forward_with(_C_cuda, logits, ids, temperature, return_entropy, *_device_and_stream(logits))
+
+
+def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad) -> None:
+    """Backward of grpo_fast.logprobs: grad (B, T, V) ← (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ."""
+    with torch.cuda.device(logits.device):
+        logprobs_backward_with(_C_cuda, logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad,
+                               *_device_and_stream(logits))
+
+
 # The calls themselves, with the extension module, device index and stream given explicitly (the
 # tests run them on the host-emulation build of the same kernels too).
+
+
+def _tau_kwargs(temperature) -> dict:
+    """A float, or (B, T) float32 contiguous per-token temperatures."""
+    if isinstance(temperature, torch.Tensor):
+        assert temperature.dtype == torch.float32 and temperature.is_contiguous()
+        return dict(temperature=1.0, tau_rows=temperature.data_ptr())
+    return dict(temperature=float(temperature), tau_rows=0)
+
+
+def logprobs_forward_with(ext, logits, ids, temperature, return_entropy: bool, device: int, stream: int):
+    B, T, _ = logits.shape
+    dev = logits.device
+    assert ids.dtype == torch.int64 and ids.is_contiguous()
+    logp = torch.empty((B, T), dtype=torch.float32, device=dev)
+    lse = torch.empty((B, T), dtype=torch.float32, device=dev)
+    entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
+    ext.logprobs_fwd(**_logits_kwargs(logits), ids=ids.data_ptr(), **_tau_kwargs(temperature), logp=logp.data_ptr(),
+                     entropy=_ptr(entropy), lse=lse.data_ptr(), device=device, stream=stream)
+    return logp, entropy, lse
+
+
+def logprobs_backward_with(ext, logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad,
+                           device: int, stream: int) -> None:
+    assert grad.shape == logits.shape and grad.dtype == logits.dtype and grad.stride(-1) == 1
+    for t in (lse, entropy, g_logp, g_entropy):
+        assert t is None or (t.dtype == torch.float32 and t.is_contiguous())
+    ext.logprobs_bwd(**_logits_kwargs(logits), grad=grad.data_ptr(), grad_stride_b=grad.stride(0),
+                     grad_stride_t=grad.stride(1), ids=ids.data_ptr(), **_tau_kwargs(temperature), lse=lse.data_ptr(),
+                     entropy=_ptr(entropy), g_logp=_ptr(g_logp), g_entropy=_ptr(g_entropy), device=device,
+                     stream=stream)
 
 
 def fused_loss_with(ext, inp, grad: Optional[torch.Tensor], device: int, stream: int):

@@ -260,3 +260,59 @@ def _token_logprobs(logits, ids, temperature, return_entropy, B, T, V, dev):
         temperature=float(temperature), STORE_ENTROPY=return_entropy, STORE_LSE=False,
     ))
     return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# grpo_fast.logprobs (differentiable log-probs and entropy; see grpo_fast/logprobs.py)
+
+
+def _tau_args(temperature, dummy):
+    """(tau_ptr, scalar, TAU_PER_ROW) for a float or a (B, T) float32 per-token temperature."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature, 1.0, True
+    return dummy, float(temperature), False
+
+
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
+    """(logp, entropy | None, lse), each (B, T) float32, in one sweep of each row of logits (B, T, V)."""
+    B, T, V = logits.shape
+    assert logits.stride(-1) == 1 and ids.dtype == torch.int64 and ids.is_contiguous()
+    dev = logits.device
+    with _device_guard(logits):
+        dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        tau_ptr, tau0, per_row = _tau_args(temperature, dummy)
+        logp = torch.empty((B, T), dtype=torch.float32, device=dev)
+        lse = torch.empty((B, T), dtype=torch.float32, device=dev)
+        entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
+        _launch_v("_logprobs_fwd_kernel", (B * T,), dict(
+            logits_ptr=logits, ids_ptr=ids, tau_ptr=tau_ptr, logp_ptr=logp,
+            entropy_ptr=entropy if return_entropy else dummy, lse_ptr=lse,
+            T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1), temperature=tau0,
+            TAU_PER_ROW=per_row, STORE_ENTROPY=return_entropy,
+        ))
+    return logp, entropy, lse
+
+
+def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad) -> None:
+    """grad (B, T, V) ← (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ: one sweep of each row.
+
+    g_logp / g_entropy: (B, T) float32 contiguous or None (zero). grad may be the logits' storage.
+    """
+    B, T, V = logits.shape
+    assert logits.stride(-1) == 1 and grad.stride(-1) == 1 and grad.shape == logits.shape
+    assert g_entropy is None or entropy is not None
+    dev = logits.device
+    inplace = grad.data_ptr() == logits.data_ptr()
+    with _device_guard(logits):
+        dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        tau_ptr, tau0, per_row = _tau_args(temperature, dummy)
+        gs = _row_strides(grad)
+        _launch_v("_logprobs_bwd_kernel", (B * T,), dict(
+            logits_ptr=logits, ids_ptr=ids, tau_ptr=tau_ptr, lse_ptr=lse,
+            entropy_ptr=entropy if entropy is not None else dummy,
+            g_logp_ptr=g_logp if g_logp is not None else dummy,
+            g_ent_ptr=g_entropy if g_entropy is not None else dummy, grad_ptr=grad,
+            T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1), stride_gb=gs[0], stride_gt=gs[1],
+            temperature=tau0, TAU_PER_ROW=per_row, HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_entropy is not None,
+            SOFT_BF16=INTERPRET,
+        ), ("grad_ptr",) if inplace else ())

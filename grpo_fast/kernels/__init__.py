@@ -7,7 +7,10 @@ from .grpo import (  # noqa: F401
     _grpo_grad_kernel,
     _grpo_seq_row_kernel,
     _grpo_token_fwd_kernel,
+    _logprobs_bwd_kernel,
+    _logprobs_fwd_kernel,
     _token_logprobs_kernel,
 )
 
-KERNELS = ("_token_logprobs_kernel", "_grpo_token_fwd_kernel", "_grpo_seq_row_kernel", "_grpo_grad_kernel")
+KERNELS = ("_token_logprobs_kernel", "_grpo_token_fwd_kernel", "_grpo_seq_row_kernel", "_grpo_grad_kernel",
+           "_logprobs_fwd_kernel", "_logprobs_bwd_kernel")

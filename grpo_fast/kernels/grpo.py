@@ -15,6 +15,9 @@ Kernels:
   _grpo_seq_row_kernel     sequence level (GSPO), pass 2: one program per sequence computes the
                            row's ratio, the per-token terms, the row's stats and each token's dL/dlogp.
   _grpo_grad_kernel        sequence level, pass 3: writes dL/dz = g·(onehot(y) − p)/τ from the lse of pass 1.
+  _logprobs_fwd_kernel     grpo_fast.logprobs forward: lse, logp, entropy per token (per-token τ allowed).
+  _logprobs_bwd_kernel     grpo_fast.logprobs backward: one sweep writing
+                           dL/dz = [g_logp·(onehot(y) − p) − g_H·p·(log p + H)]/τ from the saved lse.
 
 Conventions: row offsets in int64 (B·T·V passes 2^31 at real sizes); every float option is a
 run-time argument (a new epsilon or beta never recompiles); loss type and flags are tl.constexpr.
@@ -524,3 +527,94 @@ def _grpo_grad_kernel(
     y = tl.load(ids_ptr + row)
     _write_row_grad(logits_ptr + b * stride_lb + t * stride_lt, grad_ptr + b * stride_gb + t * stride_gt,
                     y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
+
+
+# ---------------------------------------------------------------------------------------------
+# differentiable log-probs and entropy (grpo_fast/logprobs.py)
+
+
+@triton.jit
+def _row_tau(tau_ptr, row, temperature, TAU_PER_ROW: tl.constexpr):
+    if TAU_PER_ROW:
+        return tl.load(tau_ptr + row)
+    else:
+        return temperature
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    # pointers
+    logits_ptr, ids_ptr, tau_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    # sizes and strides (elements)
+    T, V, stride_lb, stride_lt,
+    # run-time floats
+    temperature,
+    # meta-parameters
+    TAU_PER_ROW: tl.constexpr, STORE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """logp[row] = x[y] − lse, lse[row], and entropy[row] when STORE_ENTROPY, with x = z / τ."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    z_row = logits_ptr + b * stride_lb + t * stride_lt
+    tau = _row_tau(tau_ptr, row, temperature, TAU_PER_ROW)
+    shift, log_d, entropy = _online_lse_entropy(z_row, V, tau, BLOCK_V)
+    lse = shift + log_d
+    y = tl.load(ids_ptr + row)
+    tl.store(logp_ptr + row, tl.load(z_row + y).to(tl.float32) / tau - lse)
+    tl.store(lse_ptr + row, lse)
+    if STORE_ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    # pointers
+    logits_ptr, ids_ptr, tau_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, grad_ptr,
+    # sizes and strides (elements)
+    T, V, stride_lb, stride_lt, stride_gb, stride_gt,
+    # run-time floats
+    temperature,
+    # meta-parameters
+    TAU_PER_ROW: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    SOFT_BF16: tl.constexpr = False,
+):
+    """grad[row, :] = (g_logp·(onehot(y) − p) − g_H·p·(log p + H)) / τ from the forward's lse.
+
+    z_row and g_row may be the same memory (fused-linear chunks): each block is read before it is
+    written, and no other program touches this row. A banned (−inf) logit has p = 0: log p is
+    replaced by 0 there, so its gradient is 0 and never 0·(−inf).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    z_row = logits_ptr + b * stride_lb + t * stride_lt
+    g_row = grad_ptr + b * stride_gb + t * stride_gt
+    if HAS_G_LOGP:
+        gl = tl.load(g_logp_ptr + row)
+    else:
+        gl = 0.0
+    if HAS_G_ENT:
+        gh = tl.load(g_ent_ptr + row)
+        H = tl.load(entropy_ptr + row)
+    else:
+        gh = 0.0
+        H = 0.0
+    offs = tl.arange(0, BLOCK_V)
+    if (gl == 0.0) & (gh == 0.0):
+        # padding the loss masked out: zeros, without reading the row
+        zero = tl.zeros((BLOCK_V,), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            tl.store(g_row + cols, zero.to(g_row.dtype.element_ty), mask=cols < V)
+    else:
+        tau = _row_tau(tau_ptr, row, temperature, TAU_PER_ROW)
+        lse = tl.load(lse_ptr + row)
+        y = tl.load(ids_ptr + row)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            valid = cols < V
+            lp = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32) / tau - lse
+            p = tl.exp(lp)
+            d = gl * (tl.where(cols == y, 1.0, 0.0) - p) - gh * p * (tl.where(p > 0.0, lp, 0.0) + H)
+            tl.store(g_row + cols, _round_to(d / tau, g_row.dtype.element_ty, SOFT_BF16), mask=valid)

@@ -1,0 +1,418 @@
+"""Differentiable per-token log-probs and entropy: the primitive under any policy loss.
+
+    logp, entropy = grpo_fast.logprobs(logits, ids, temperature=0.7, return_entropy=True)
+    loss = my_policy_loss(logp, entropy, ...)        # plain torch on (N,) / (B, T) vectors
+    loss.backward()                                   # one fused kernel pass over the logits
+
+Forward is the backends' log-prob sweep (one read of the logits: lse, the target's log-prob and the
+entropy per token); it keeps the per-token lse (and entropy), 8 bytes a token. Backward is ONE more
+read of the logits and one write of their gradient, with no reduction, since p_j = exp(x_j − lse):
+
+    ∂L/∂z_j = [g_logp·(1[j = y] − p_j) − g_H·p_j·(log p_j + H)] / τ,     x = z/τ, log p_j = x_j − lse
+
+(∂H/∂x_j = −p_j·(log p_j + H); a banned −inf logit has p_j = 0 and gets 0). Eager PyTorch holds a
+float32 copy, the softmax and several (N, V) temporaries for the same two outputs.
+
+``fused_linear_logprobs`` does the same from hidden states and the LM head without ever holding the
+(N, V) logits: forward walks the tokens in chunks (one matmul each, lse kept per token); backward
+recomputes each chunk's logits (one matmul), applies the formula above through the logit_scale /
+softcap chain rule, and accumulates ∂hidden, ∂weight, ∂bias (two matmuls). It reuses the chunking,
+transform and gradient-accumulation helpers of ``grpo_fast/fused_linear.py``.
+
+Each kernel backend (grpo_fast/backends/*) provides
+
+    logprobs_forward(logits (B, T, V), ids (B, T) int64, temperature, return_entropy)
+        -> (logp, entropy | None, lse), each (B, T) float32
+    logprobs_backward(logits, ids, temperature, lse, entropy | None, g_logp | None, g_entropy | None,
+                      grad (B, T, V) in the logits' dtype)        # grad may be the logits' storage
+
+with ``temperature`` a float or a (B, T) float32 tensor (one τ per token). backend="torch" is
+autograd through ``reference.logprobs_reference`` (twice differentiable).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import backends as _backends
+from .reference import logprobs_reference
+from .validation import LOGIT_DTYPES, _fmt_shape, check_backend, check_ids, check_logits, float32_option
+
+__all__ = ["logprobs", "fused_linear_logprobs"]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+def _check_logits_nd(logits) -> torch.Tensor:
+    """logits (N, V) or (B, T, V); returned as the (B, T, V) view the kernels take ((N, V) -> (1, N, V))."""
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        if logits.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+        N, V = logits.shape
+        if V == 0:
+            raise ValueError(f"logits must have a vocabulary dimension V > 0, got shape {_fmt_shape(logits)}")
+        if N == 0:
+            raise ValueError(f"logits must have N > 0 rows, got shape {_fmt_shape(logits)}")
+        return logits.unsqueeze(0)
+    if isinstance(logits, torch.Tensor) and logits.dim() != 3:
+        raise ValueError(f"logits must have shape (N, V) or (B, T, V), got {logits.dim()} dims {_fmt_shape(logits)}")
+    return check_logits(logits)
+
+
+def _check_ids_nd(ids, lead: tuple, V: int, device: torch.device, name: str = "ids") -> torch.Tensor:
+    """ids of shape ``lead`` ((N,) or (B, T)), integer, in [0, V): returned as (B, T) int64 contiguous."""
+    if isinstance(ids, torch.Tensor) and tuple(ids.shape) != lead:
+        raise ValueError(f"{name} must have shape {lead} to match the logits' leading dimensions, got {_fmt_shape(ids)}")
+    if isinstance(ids, torch.Tensor) and len(lead) == 1:
+        ids = ids.unsqueeze(0)
+    B, T = (1, lead[0]) if len(lead) == 1 else lead
+    return check_ids(ids, B, T, V, device, name=name)
+
+
+def _check_temperature(temperature, lead: tuple, device: torch.device, name: str = "temperature"):
+    """A float > 0, or a tensor of shape ``lead`` (one τ per token) or (B,) (one per row of (B, T)),
+    all finite and > 0: returned as a float or a (B, T) float32 contiguous tensor (B = 1 for (N,))."""
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        rows = (lead[0],) if len(lead) == 2 else None
+        shape = tuple(temperature.shape)
+        if shape != lead and shape != rows:
+            want = f"{lead}" + (f" or {rows}" if rows else "")
+            raise ValueError(f"{name} must be a float or a tensor of shape {want}, got {_fmt_shape(temperature)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {temperature.dtype}")
+        if temperature.device != device:
+            raise ValueError(f"{name} must be on the logits' device {device}, got {temperature.device}")
+        tau = temperature.detach().to(torch.float32)
+        bad = ~(torch.isfinite(tau) & (tau > 0))
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be finite and > 0 everywhere, got {tau[bad].flatten()[0].item()}")
+        if shape == rows:
+            tau = tau.unsqueeze(1).expand(lead)
+        return tau.reshape(1, -1).contiguous() if len(lead) == 1 else tau.contiguous()
+    return float32_option(name, temperature, positive=True)  # > 0 and a normal float32, as everywhere
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _kernel_impl(backend: str, device: torch.device):
+    """The backend module for logprobs (None: the torch reference, through autograd)."""
+    impl = _backends.resolve(backend, device)
+    if impl is not None and not hasattr(impl, "logprobs_backward"):
+        if backend == "auto":
+            return None
+        raise RuntimeError(f'backend="{backend}" has no differentiable log-prob kernels in this build; '
+                           'use backend="cpu" (CPU tensors), "triton" or "cuda" (CUDA tensors), or "torch"')
+    return impl
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd on logits
+# --------------------------------------------------------------------------------------------
+
+def _refuse_create_graph(name: str) -> None:
+    # Autograd runs backward with grad mode on exactly when create_graph=True. The kernels' backward
+    # is not itself differentiable: say so, rather than return a gradient without a graph.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"grpo_fast.{name}: the kernel backends are differentiable once; create_graph=True "
+                           f'(higher-order gradients) needs backend="torch"')
+
+
+class _Logprobs(torch.autograd.Function):
+    """logits -> (logp, entropy) through a backend's kernels; backward reads the saved logits once."""
+
+    @staticmethod
+    def forward(ctx, logits, z, ids, tau, impl, return_entropy: bool):
+        # z: the (B, T, V) view (or, for stride(-1) != 1, a contiguous copy) of ``logits`` the kernels read
+        logp, entropy, lse = impl.logprobs_forward(z, ids, tau, return_entropy)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: its term is skipped
+        ctx.impl, ctx.shape = impl, logits.shape
+        ctx.tau = tau if not isinstance(tau, torch.Tensor) else None
+        ctx.save_for_backward(z, ids, lse, entropy, tau if isinstance(tau, torch.Tensor) else None)
+        out_shape = ids.shape[1:] if logits.dim() == 2 else ids.shape
+        logp = logp.view(out_shape)
+        if return_entropy:
+            return logp, entropy.view(out_shape)
+        return logp
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy=None):
+        _refuse_create_graph("logprobs")
+        return _Logprobs._backward(ctx, g_logp, g_entropy)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, g_logp, g_entropy):
+        z, ids, lse, entropy, tau_t = ctx.saved_tensors
+        tau = ctx.tau if tau_t is None else tau_t
+
+        def small(g):
+            return None if g is None else g.reshape(ids.shape).to(torch.float32).contiguous()
+
+        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        ctx.impl.logprobs_backward(z, ids, tau, lse, entropy, small(g_logp), small(g_entropy), grad)
+        return grad.view(ctx.shape), None, None, None, None, None
+
+
+def logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    temperature: Union[float, torch.Tensor] = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """Per-token log-probs (and entropies) of ``ids`` under softmax(logits / temperature), differentiable.
+
+    The building block for policy losses grpo_fast does not ship: write the loss in plain torch on
+    the per-token vectors, and its gradient flows back through one fused kernel pass over the logits
+    (no float32 copy, softmax or other (N, V) temporary, unlike eager log_softmax + entropy).
+
+    Args:
+        logits: (N, V) or (B, T, V) float32 | bfloat16 | float16; any leading strides.
+        ids: (N,) or (B, T) int64 | int32 in [0, V): the tokens whose log-probs are wanted.
+        temperature: a float > 0, or a tensor of the ids' shape (one τ per token), or (B,) with
+            (B, T, V) logits (one τ per sequence); a constant (no gradient flows to it).
+        return_entropy: also return the entropy of each token's distribution, with its gradient
+            ∂H/∂z_j = −p_j·(log p_j + H)/τ.
+        backend: "auto" | "cpu" | "triton" | "cuda" | "torch" (autograd through the eager reference;
+            the only backend that supports create_graph=True).
+
+    Returns:
+        (logp, entropy): float32 tensors of the ids' shape; entropy is None unless return_entropy.
+        Both carry gradients to ``logits`` (backward may run several times with retain_graph=True).
+
+    Example:
+        >>> logp, ent = grpo_fast.logprobs(logits, ids, temperature=0.7, return_entropy=True)
+        >>> ratio = torch.exp(logp - old_logp)
+        >>> loss = -(torch.min(ratio * A, ratio.clamp(0.8, 1.2) * A) * mask).sum() / mask.sum() - 1e-3 * ent.mean()
+        >>> loss.backward()
+    """
+    backend = check_backend(backend)
+    return_entropy = _check_bool("return_entropy", return_entropy)
+    z = _check_logits_nd(logits)
+    lead = tuple(logits.shape[:-1])
+    ids3 = _check_ids_nd(ids, lead, z.shape[-1], z.device)
+    tau = _check_temperature(temperature, lead, z.device)
+    impl = _kernel_impl(backend, z.device)
+    if impl is None:
+        tau_ref = tau if not isinstance(tau, torch.Tensor) else tau.view(lead)
+        logp, entropy = logprobs_reference(logits, ids3.view(lead), tau_ref, return_entropy=return_entropy)
+        return logp.float(), (entropy.float() if entropy is not None else None)
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    out = _Logprobs.apply(logits, z, ids3, tau, impl, return_entropy)
+    return out if return_entropy else (out, None)
+
+
+# --------------------------------------------------------------------------------------------
+# From hidden states and the LM head
+# --------------------------------------------------------------------------------------------
+
+class _TorchLogprobKernels:
+    """backend="torch" on the fused-linear path: the backend interface above in eager torch, on one
+    chunk of logits at a time (so its float32 temporaries stay chunk-sized)."""
+
+    @staticmethod
+    def _x(logits, temperature):
+        tau = temperature.unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
+        return logits.float() / tau
+
+    @staticmethod
+    def logprobs_forward(logits, ids, temperature, return_entropy):
+        x = _TorchLogprobKernels._x(logits, temperature)
+        lse = torch.logsumexp(x, -1)
+        logp = x.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+        entropy = None
+        if return_entropy:
+            p = torch.exp(x - lse.unsqueeze(-1))
+            entropy = lse - (p * torch.where(p > 0, x, torch.zeros_like(x))).sum(-1)
+        return logp, entropy, lse
+
+    @staticmethod
+    def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad):
+        tau = temperature.unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
+        t = _TorchLogprobKernels._x(logits, temperature) - lse.unsqueeze(-1)  # log p
+        p = torch.exp(t)
+        d = torch.zeros_like(t)
+        if g_entropy is not None:
+            d -= g_entropy.unsqueeze(-1) * p * (torch.where(p > 0, t, torch.zeros_like(t)) + entropy.unsqueeze(-1))
+        if g_logp is not None:
+            d -= g_logp.unsqueeze(-1) * p
+            d.scatter_add_(-1, ids.unsqueeze(-1), g_logp.unsqueeze(-1))
+        grad.copy_(d / tau)
+
+
+@dataclasses.dataclass
+class _LinearPlan:
+    impl: object  # a backend module or _TorchLogprobKernels
+    transform: object  # fused_linear._Transform
+    chunk: int
+    dtype: torch.dtype  # of the chunk GEMMs and logits buffers
+    ids: torch.Tensor  # (N,) int64
+    tau_k: object  # the kernels' temperature: float, or (N,) float32 (τ folded with scale / softcap)
+    return_entropy: bool
+    out_shape: tuple
+
+
+def _chunk_tau(tau_k, s: int, e: int):
+    return tau_k[s:e].view(1, e - s) if isinstance(tau_k, torch.Tensor) else tau_k
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """(hidden, weight, bias) -> (logp, entropy); backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan: _LinearPlan):
+        from .fused_linear import _cast, _matmul_chunk
+
+        N, H = plan.ids.shape[0], hidden.shape[-1]
+        V = weight.shape[0]
+        hidden2d = hidden.reshape(N, H)
+        w, b = _cast(weight, plan.dtype), _cast(bias, plan.dtype)
+        buf = torch.empty((min(plan.chunk, N), V), dtype=plan.dtype, device=hidden.device)
+        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(N, dtype=torch.float32, device=hidden.device) if plan.return_entropy else None
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes explicit (plan.dtype) from here on
+            for s in range(0, N, plan.chunk):
+                e = min(s + plan.chunk, N)
+                z = plan.transform.forward_(_matmul_chunk(_cast(hidden2d[s:e], plan.dtype), w, b, buf[:e - s]))
+                lp, ent, ls = plan.impl.logprobs_forward(z.view(1, e - s, V), plan.ids[s:e].view(1, -1),
+                                                         _chunk_tau(plan.tau_k, s, e), plan.return_entropy)
+                logp[s:e] = lp.reshape(-1)
+                lse[s:e] = ls.reshape(-1)
+                if entropy is not None:
+                    entropy[s:e] = ent.reshape(-1)
+        ctx.set_materialize_grads(False)
+        ctx.plan = plan
+        ctx.save_for_backward(hidden, weight, bias, lse, entropy)
+        if plan.return_entropy:
+            return logp.view(plan.out_shape), entropy.view(plan.out_shape)
+        return logp.view(plan.out_shape)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy=None):
+        _refuse_create_graph("fused_linear_logprobs")
+        return _FusedLinearLogprobs._backward(ctx, g_logp, g_entropy)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, g_logp, g_entropy):
+        from .fused_linear import _cast, _Grads, _matmul_chunk
+
+        hidden, weight, bias, lse, entropy = ctx.saved_tensors
+        plan: _LinearPlan = ctx.plan
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        N, H = plan.ids.shape[0], hidden.shape[-1]
+        V = weight.shape[0]
+        hidden2d = hidden.reshape(N, H)
+        if not hidden2d.is_contiguous():
+            hidden2d = hidden2d.contiguous()
+        grads = _Grads(hidden2d, weight, bias, needs, plan.dtype)
+        if (g_logp is None and g_entropy is None) or not grads.any:
+            return None, None, None, None
+        gl = None if g_logp is None else g_logp.reshape(N).to(torch.float32).contiguous()
+        gh = None if g_entropy is None else g_entropy.reshape(N).to(torch.float32).contiguous()
+        w, b = _cast(weight, plan.dtype), _cast(bias, plan.dtype)
+        buf = torch.empty((min(plan.chunk, N), V), dtype=plan.dtype, device=hidden.device)
+        # The softcap's chain rule needs t = tanh(·) after the kernel wrote the gradient: a second buffer.
+        gbuf = torch.empty_like(buf) if plan.transform.softcap is not None else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, N, plan.chunk):
+                e = min(s + plan.chunk, N)
+                n = e - s
+                h_c = _cast(hidden2d[s:e], plan.dtype)
+                # The same GEMM and transform as forward: the same logits, so the saved lse matches them.
+                z = plan.transform.forward_(_matmul_chunk(h_c, w, b, buf[:n]))
+                grad = z if gbuf is None else gbuf[:n]  # in place: each row is read before it is written
+                plan.impl.logprobs_backward(
+                    z.view(1, n, V), plan.ids[s:e].view(1, n), _chunk_tau(plan.tau_k, s, e),
+                    lse[s:e].view(1, n), None if entropy is None else entropy[s:e].view(1, n),
+                    None if gl is None else gl[s:e].view(1, n), None if gh is None else gh[s:e].view(1, n),
+                    grad.view(1, n, V))
+                grads.add_chunk(plan.transform.backward_(grad, z), h_c, w, s, e)
+            dh, dw, db = grads.finish(hidden, weight, bias)
+        return dh, dw, db, None
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: Union[float, torch.Tensor] = 1.0,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+):
+    """``logprobs`` of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
+
+    Differentiable in hidden, weight and bias through both outputs; never holds more than a chunk of
+    logits (forward: one matmul per chunk; backward: the chunk's logits recomputed, then ∂hidden and
+    ∂weight: three matmuls per chunk in backward).
+
+    Args:
+        hidden: (N, H) or (B, T, H) float32 | bfloat16 | float16 (``hidden[i]`` predicts ``ids[i]``).
+        weight: (V, H), the LM head as in ``nn.Linear`` (hidden's dtype and device).
+        ids: (N,) or (B, T) int64 | int32 in [0, V).
+        bias: (V,) or None.
+        temperature: a float > 0, or a tensor of the ids' shape, or (B,) with (B, T, H) hidden.
+        logit_scale: > 0, multiplies the logits; logit_softcap: c > 0 or None, ``c·tanh(logits/c)``
+            (both before the temperature, as in ``fused_linear_grpo_loss``).
+        return_entropy: also return the per-token entropy (with its gradient).
+        chunk_size: tokens per chunk; None picks it from a 256 MiB budget (fused_linear.CHUNK_BUDGET_BYTES).
+        backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which log-prob kernels run on each chunk.
+
+    Returns:
+        (logp, entropy): float32 of the ids' shape; entropy is None unless return_entropy.
+
+    Example:
+        >>> logp, ent = grpo_fast.fused_linear_logprobs(hidden, model.lm_head.weight, ids, return_entropy=True)
+    """
+    from .fused_linear import (_auto_chunk, _check_chunk_size, _check_linear, _check_transform, _compute_dtype,
+                               _Transform)
+
+    backend = check_backend(backend)
+    return_entropy = _check_bool("return_entropy", return_entropy)
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:
+        hidden3 = hidden.unsqueeze(0)
+    elif isinstance(hidden, torch.Tensor) and hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape (N, H) or (B, T, H), got {hidden.dim()} dims {_fmt_shape(hidden)}")
+    else:
+        hidden3 = hidden
+    cdtype, autocast = _compute_dtype(hidden3)
+    B, T, H, V = _check_linear(hidden3, weight, bias, mixed_ok=autocast)
+    lead = tuple(hidden.shape[:-1])
+    tau = _check_temperature(temperature, lead, hidden.device)
+    # a per-token τ is checked above; the scalar one also as the temperature the kernel runs at
+    scale, cap = _check_transform(logit_scale, logit_softcap, 1.0 if isinstance(tau, torch.Tensor) else tau)
+    chunk = _check_chunk_size(chunk_size)
+    ids3 = _check_ids_nd(ids, lead, V, hidden.device)
+    impl = _kernel_impl(backend, hidden.device)
+    if impl is None:
+        impl = _TorchLogprobKernels
+    transform = _Transform(scale, cap)
+    N = B * T
+    if chunk is None:
+        chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
+                            impl is _TorchLogprobKernels)
+    if isinstance(tau, torch.Tensor):  # x = z/τ with z = s·pre or c·t: the kernels read pre at τ/s, t at τ/c
+        tau_k = (tau / (cap if cap is not None else scale)).reshape(N).contiguous()
+    else:
+        tau_k = transform.kernel_temperature(tau)
+    plan = _LinearPlan(impl=impl, transform=transform, chunk=chunk, dtype=cdtype, ids=ids3.reshape(N),
+                       tau_k=tau_k, return_entropy=return_entropy, out_shape=lead)
+    out = _FusedLinearLogprobs.apply(hidden, weight, bias, plan)
+    return out if return_entropy else (out, None)
