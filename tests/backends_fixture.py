@@ -5,7 +5,7 @@ on a GPU, in Triton's CPU interpreter otherwise), "cuda-emulated" (csrc/cuda/grp
 by g++ with csrc/cuda/host_emulation.h and installed as the "cuda" backend for CPU tensors) and "cuda"
 (the real kernels on a GPU, marked ``gpu``). Each one that cannot run is skipped with the reason.
 
-A test gets a :class:`Backend`: ``name`` to pass as ``backend=`` to grpo_fast, ``device`` to put the
+``backend_params(...)`` selects some of them for ``indirect`` parametrization. A test gets a :class:`Backend`: ``name`` to pass as ``backend=`` to grpo_fast, ``device`` to put the
 tensors on (``put`` moves tensors, and the tensors inside tuples/lists/dicts), and ``slow`` — the
 backend executes kernels in Python or one OS thread per CUDA thread, so big parametrizations take a
 subset by default (``full_matrix()``: GRPO_FAST_FULL_MATRIX=1 runs everything).
@@ -110,6 +110,12 @@ BACKEND_PARAMS = [
     pytest.param("cuda-emulated", id="cuda-emulated"),  # skipped by emulated_ext without g++/pybind11
     pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, *_skip_unless_available("cuda", GPU)]),
 ]
+
+
+def backend_params(*ids: str) -> list:
+    """The parameters (with their marks) of the given ids, for a test that only wants some backends:
+    ``@pytest.mark.parametrize("backend", backend_params("cuda-emulated", "cuda"), indirect=True)``."""
+    return [p for p in BACKEND_PARAMS if p.id in ids]
 
 
 @pytest.fixture(params=BACKEND_PARAMS)
