@@ -19,7 +19,7 @@ import grpo_fast
 from grpo_fast.backends import unavailable_reason
 from grpo_fast.reference import grpo_loss_reference, token_logprobs_reference
 from helpers import assert_close_scaled
-from test_cuda import emulated_ext, tgt  # noqa: F401  (fixtures: the cuda backend in host emulation)
+from backends_fixture import backend_params
 
 CPU = torch.device("cpu")
 
@@ -174,14 +174,14 @@ def test_create_graph_raises_instead_of_a_detached_gradient(backend, inplace):
     assert_close_scaled(zt.grad, zr.grad, 1e-4, "gradient-penalty gradient, backend torch")
 
 
-def test_cuda_emulated_backend_keeps_the_contract(tgt):  # noqa: F811
-    """The cuda backend (host emulation without a GPU) goes through the same autograd Function."""
-    z, y, kw = _inputs()
-    z, y = tgt.to(z), tgt.to(y)
-    kw = {k: tgt.to(v) for k, v in kw.items()}
+@pytest.mark.parametrize("backend", backend_params("cuda-emulated", "cuda"), indirect=True)
+def test_cuda_backend_keeps_the_contract(backend):
+    """The cuda backend (host emulation without a GPU, the real kernels with one) goes through the same
+    autograd Function."""
+    z, y, kw = backend.put(_inputs())
     want = _oracle(z, y, kw, -0.5)
     for inplace in (False, True):
-        zz, loss = _loss(z, y, kw, tgt.backend, inplace, -0.5)
+        zz, loss = _loss(z, y, kw, backend.name, inplace, -0.5)
         (g,) = torch.autograd.grad(loss, zz, retain_graph=True)
         loss.backward(retain_graph=True)
         loss.backward()
@@ -189,7 +189,7 @@ def test_cuda_emulated_backend_keeps_the_contract(tgt):  # noqa: F811
         assert_close_scaled(g, want, RTOL, f"cuda inplace={inplace}")
         with pytest.raises(RuntimeError, match=TWICE.format(name="grpo_loss")):
             loss.backward()
-        zz, loss = _loss(z, y, kw, tgt.backend, inplace)
+        zz, loss = _loss(z, y, kw, backend.name, inplace)
         with pytest.raises(RuntimeError, match=SECOND_ORDER):
             torch.autograd.grad(loss, zz, create_graph=True)
 

@@ -6,46 +6,19 @@ distribution; only an implementation that forms ``x − lse`` or ``lse − Σ p�
 gradient. Every backend here is compared with the float64 reference on the same float32 logits,
 and the float32 reference itself too (it is what backend="auto" falls back to without the extension).
 
-The CUDA kernels run in host emulation (tests/test_cuda.py builds grpo_cuda_kernels.cu with g++).
+The backends come from the shared ``backend`` fixture (tests/backends_fixture.py): torch, cpu, triton,
+the CUDA kernels in host emulation (built by g++), and the real CUDA kernels on a GPU.
 """
 import math
-import types
-
 import pytest
 import torch
 
 import grpo_fast
-from grpo_fast.backends import unavailable_reason
 from grpo_fast.reference import grpo_loss_reference, token_logprobs_reference
 from helpers import assert_close, assert_close_scaled
-from test_cuda import emulated_ext  # noqa: F401  (the session fixture that builds the emulated kernels)
 
 B, T, V = 4, 5, 67
 RTOL = 1e-5  # README, "Correct against float64": fp32 to 1e-5 relative
-
-BACKENDS = [b for b in ("torch", "cpu", "triton") if unavailable_reason(b, torch.device("cpu")) is None] + ["cuda-emulated"]
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    """A backend name for grpo_fast's public functions; "cuda-emulated" installs the host-emulated
-    CUDA kernels as the "cuda" backend for CPU tensors (as tests/test_cuda.py's ``tgt`` does)."""
-    name = request.param
-    if name != "cuda-emulated":
-        return name
-    import grpo_fast.backends as backends
-    from grpo_fast.backends import cuda as cuda_backend
-
-    ext = request.getfixturevalue("emulated_ext")
-    fake = types.SimpleNamespace(
-        DEVICE_TYPES=("cpu",), unavailable_reason=lambda: None,
-        fused_loss=lambda inp, grad: cuda_backend.fused_loss_with(ext, inp, grad, 0, 0),
-        token_logprobs=lambda z, y, temp, ent: cuda_backend.token_logprobs_with(ext, z, y, temp, ent, 0, 0),
-    )
-    load = backends._load
-    monkeypatch.setattr(backends, "_load", lambda n: fake if n == "cuda" else load(n))
-    return "cuda"
-
 
 OFFSETS = ["plus1e4", "minus1e4", "all-minus1e4", "mixed-rows"]
 
@@ -117,24 +90,22 @@ def test_reference_loss_with_offset(kind, level):
 # every backend against float64
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("kind", OFFSETS)
 def test_backend_token_logprobs_with_offset(backend, kind):
-    z, y = _offset_logits(kind), _ids()
-    lp, ent = grpo_fast.token_logprobs(z, y, return_entropy=True, backend=backend)
+    z, y = backend.put((_offset_logits(kind), _ids()))
+    lp, ent = grpo_fast.token_logprobs(z, y, return_entropy=True, backend=backend.name)
     want_lp, want_ent = token_logprobs_reference(z.double(), y, return_entropy=True)
     assert_close_scaled(lp, want_lp, RTOL, "logp")
     assert_close_scaled(ent, want_ent, RTOL, "entropy")
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("kind", OFFSETS)
 def test_backend_loss_with_offset(backend, kind, level):
     z, y = _offset_logits(kind), _ids()
-    kw = _loss_kwargs(z, y, level)
+    z, y, kw = backend.put((z, y, _loss_kwargs(z, y, level)))
     z32 = z.clone().requires_grad_(True)
-    loss, met = grpo_fast.grpo_loss(z32, y, backend=backend, **kw)
+    loss, met = grpo_fast.grpo_loss(z32, y, backend=backend.name, **kw)
     loss.backward()
     z64 = z.double().requires_grad_(True)
     want, want_met = grpo_loss_reference(z64, y, **kw)
@@ -149,7 +120,6 @@ def test_backend_loss_with_offset(backend, kind, level):
 # +inf logits: NaN on every backend (README, Guarantees, "Edges")
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_pos_inf_logit_gives_nan_on_every_backend(backend, level):
     """A row with a +inf logit has no finite softmax (inf − inf): its log-prob and entropy are NaN,
@@ -161,16 +131,17 @@ def test_pos_inf_logit_gives_nan_on_every_backend(backend, level):
     z[1, 2, 4] = float("inf")
     nan_at = torch.zeros(B, T, dtype=torch.bool)
     nan_at[1, 2] = True
-    lp, ent = grpo_fast.token_logprobs(z, y, return_entropy=True, backend=backend)
+    z, y, nan_at = backend.put((z, y, nan_at))
+    lp, ent = grpo_fast.token_logprobs(z, y, return_entropy=True, backend=backend.name)
     assert torch.equal(lp.isnan(), nan_at) and torch.equal(ent.isnan(), nan_at), (lp, ent)
     want_lp, want_ent = token_logprobs_reference(z.double(), y, return_entropy=True)
     assert_close_scaled(lp[~nan_at], want_lp[~nan_at], RTOL, "logp of the other rows")
     assert_close_scaled(ent[~nan_at], want_ent[~nan_at], RTOL, "entropy of the other rows")
 
-    kw = _loss_kwargs(z.masked_fill(z.isinf(), 0.0), y, level)
+    kw = backend.put(_loss_kwargs(z.masked_fill(z.isinf(), 0.0).cpu(), y.cpu(), level))
     for mask in (None, (~nan_at).float()):
         zz = z.clone().requires_grad_(True)
-        loss, met = grpo_fast.grpo_loss(zz, y, backend=backend, completion_mask=mask, **kw)
+        loss, met = grpo_fast.grpo_loss(zz, y, backend=backend.name, completion_mask=mask, **kw)
         assert math.isnan(loss.item()), (mask, loss)
         loss.backward()
         assert zz.grad[1, 2].isnan().all()
