@@ -93,6 +93,8 @@ def install_emulated_cuda(monkeypatch, ext) -> None:
         DEVICE_TYPES=("cpu",), unavailable_reason=lambda: None,
         fused_loss=lambda inp, grad: cuda_backend.fused_loss_with(ext, inp, grad, 0, 0),
         token_logprobs=lambda z, y, temp, ent: cuda_backend.token_logprobs_with(ext, z, y, temp, ent, 0, 0),
+        logprobs_forward=lambda *a: cuda_backend.logprobs_forward_with(ext, *a, 0, 0),
+        logprobs_backward=lambda *a: cuda_backend.logprobs_backward_with(ext, *a, 0, 0),
     )
     load = backends._load
     monkeypatch.setattr(backends, "_load", lambda n: fake if n == "cuda" else load(n))

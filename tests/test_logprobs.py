@@ -13,7 +13,6 @@ import grpo_fast
 from grpo_fast.backends import unavailable_reason
 
 from helpers import assert_close, assert_close_scaled, assert_error_within
-from test_cuda import emulated_ext  # noqa: F401  (the session fixture that builds the emulated CUDA kernels)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -23,8 +22,8 @@ def _param(b):
     return pytest.param(b, marks=pytest.mark.skipif(why is not None, reason=f"{b}: {why}"))
 
 
-# "cuda-emu": the CUDA kernels built by g++ with csrc/cuda/host_emulation.h (tests/test_cuda.py's
-# emulated_ext), installed as the "cuda" backend on CPU tensors.
+# "cuda-emu": the CUDA kernels built by g++ with csrc/cuda/host_emulation.h (the emulated_ext fixture
+# of tests/backends_fixture.py), installed as the "cuda" backend on CPU tensors.
 KERNEL_BACKENDS = [_param("cpu"), _param("triton"), _param("cuda"), "cuda-emu"]
 BACKENDS = KERNEL_BACKENDS + [_param("torch")]
 
@@ -37,19 +36,9 @@ def backend(request, monkeypatch):
         return name
     if DEVICE.type == "cuda":
         pytest.skip("the emulated CUDA build runs on CPU tensors; this machine tests the real kernels")
-    import types
+    from backends_fixture import install_emulated_cuda
 
-    import grpo_fast.backends as backends
-    from grpo_fast.backends import cuda as cuda_backend
-
-    ext = request.getfixturevalue("emulated_ext")
-    fake = types.SimpleNamespace(
-        DEVICE_TYPES=("cpu",), unavailable_reason=lambda: None,
-        logprobs_forward=lambda *a: cuda_backend.logprobs_forward_with(ext, *a, 0, 0),
-        logprobs_backward=lambda *a: cuda_backend.logprobs_backward_with(ext, *a, 0, 0),
-    )
-    load = backends._load
-    monkeypatch.setattr(backends, "_load", lambda n: fake if n == "cuda" else load(n))
+    install_emulated_cuda(monkeypatch, request.getfixturevalue("emulated_ext"))
     return "cuda"
 
 
