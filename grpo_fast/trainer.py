@@ -80,6 +80,7 @@ class TrainConfig:
     warmup_steps: int = 150
     warmup_lr: float = 3e-3
     warmup_answer_frac: float = 0.2  # share of warm-up targets that are the right answer (the rest: random digits)
+    warmup_batch: int = 32  # sequences per warm-up step
     # GRPO
     steps: int = 250
     prompts_per_step: int = 16  # P, across all ranks
@@ -215,9 +216,21 @@ class CausalLM(nn.Module):
 # Sampling
 # ------------------------------------------------------------------------------------------------
 def _sample_next(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) -> (B,) token ids drawn from softmax(logits / temperature)."""
+    """logits (B, V) -> (B,) token ids drawn from softmax(logits / temperature).
+
+    Inverse-CDF sampling: one uniform u per row, the first token whose cumulative probability
+    exceeds u·total. The same distribution as torch.multinomial, ~15x faster on the CPU for
+    V = 32k (multinomial re-normalizes in float64). A token of probability 0 is never drawn: its
+    cumulative sum equals its predecessor's, and the search takes the first one strictly above u.
+    """
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype) * total
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    # u rounding up to the total (rare) would give V: take the last token of positive probability.
+    last = (cdf < total).sum(dim=-1)
+    return torch.minimum(idx, last)
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -467,7 +480,7 @@ def supervised_warmup(lm: CausalLM, task: Task, cfg: TrainConfig, gen: torch.Gen
     if cfg.warmup_steps <= 0 or task.warmup_target is None:
         return float("nan")
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
-    n = cfg.prompts_per_step * cfg.group_size
+    n = cfg.warmup_batch
     loss = torch.tensor(float("nan"))
     for _ in range(cfg.warmup_steps):
         examples = task.sample(n, gen)
@@ -691,7 +704,11 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         batch = rollout(lm, ref_lm, task, cfg, gens["prompts"], gens["sample"], rank, world, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t1 = time.perf_counter()
+        rollout_peak = peak_mem_mb(device)
+        reset_peak_mem(device)  # the update's own peak: loss forward + backward + optimizer
         logs = update(policy, lm, optimizer, batch, cfg, path, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -703,7 +720,8 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
         vals = all_reduce_sum(torch.tensor(local, dtype=torch.float64)) / world
         row = {"step": step, **{k: float(v) for k, v in zip(names, vals)}}
         row.setdefault("kl", None)  # not computed when beta == 0 (no reference model)
-        row.update(step_time_s=t2 - t0, rollout_time_s=t1 - t0, update_time_s=t2 - t1, peak_mem_mb=peak_mem_mb(device))
+        row.update(step_time_s=t2 - t0, rollout_time_s=t1 - t0, update_time_s=t2 - t1, peak_mem_mb=peak_mem_mb(device),
+                   rollout_peak_mem_mb=rollout_peak)
         if is_main:
             rows.append(row)
             with open(metrics_path, "a") as f:
