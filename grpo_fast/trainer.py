@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 import grpo_fast
 
+from ._config import BACKENDS, KL_ESTIMATORS, LEVELS, LOSS_TYPES, SCALE_REWARDS
 from .model import GPTConfig, TinyGPT
 from .tasks import Task, get_task
 
@@ -108,6 +109,116 @@ class TrainConfig:
     compare: bool = False  # train twice (fused loss / eager reference) and compare
     progress: bool = True
     plots: bool = True
+
+    def __post_init__(self):
+        check_config(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# The valid range of every field, checked in one place (TrainConfig.__post_init__): a config that
+# exists is valid. The command line turns the error into argparse's exit code 2 naming the flag.
+# ------------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """An out-of-range TrainConfig field: ``field``, ``expected`` (the valid range in words), ``value``."""
+
+    def __init__(self, field: str, expected: str, value):
+        super().__init__(f"TrainConfig.{field} must be {expected}, got {value!r}")
+        self.field, self.expected, self.value = field, expected, value
+
+
+def _int(lo: int):
+    return (lambda v, c: isinstance(v, int) and not isinstance(v, bool) and v >= lo), f"an integer >= {lo}"
+
+
+def _num(lo: float, strict: bool, hi: Optional[float] = None):
+    def ok(v, c):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > lo if strict else v >= lo) and (hi is None or v <= hi)
+    return ok, f"a finite number {'>' if strict else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+
+
+def _one_of(*choices):
+    return (lambda v, c: v in choices), "one of " + ", ".join(choices)
+
+
+def _flag():
+    return (lambda v, c: isinstance(v, bool)), "true or false"
+
+
+def _device_ok(v, c) -> bool:
+    if v == "auto":
+        return True
+    try:
+        d = torch.device(v)
+    except (RuntimeError, TypeError):
+        return False
+    return d.type != "cuda" or torch.cuda.is_available()
+
+
+def _resume_ok(v, c) -> bool:
+    return isinstance(v, str) and (v == "" or os.path.isfile(v) or os.path.isfile(os.path.join(v, "ckpt.pt")))
+
+
+def _task_names():
+    from .tasks import TASKS
+    return tuple(TASKS)
+
+
+# field -> (check(value, config) -> bool, the valid range in words)
+CONFIG_CHECKS = {
+    "out": ((lambda v, c: isinstance(v, str) and v != "" and not (os.path.exists(v) and not os.path.isdir(v))),
+            "a directory (created if missing), not an existing file"),
+    "seed": _int(0),
+    "device": (_device_ok, "auto, cpu, or cuda[:N] when CUDA is available (a torch.device string)"),
+    "dtype": _one_of("float32", "bfloat16"),
+    "threads": _int(0),
+    "task": ((lambda v, c: v in _task_names()), "one of " + ", ".join(_task_names())),
+    "n_digits": _int(1),
+    "model": _one_of("tiny", "llama"),
+    "vocab_size": _int(0),
+    "n_layer": _int(1),
+    "n_head": _int(1),
+    "n_embd": ((lambda v, c: _int(1)[0](v, c) and (not isinstance(c.n_head, int) or c.n_head < 1 or v % c.n_head == 0)),
+               "a positive integer, a multiple of --n-head"),
+    "warmup_steps": _int(0),
+    "warmup_lr": _num(0, True),
+    "warmup_answer_frac": _num(0, False, 1),
+    "warmup_batch": _int(1),
+    "steps": _int(1),
+    "prompts_per_step": _int(1),
+    "group_size": (_int(2)[0], "an integer >= 2 (GRPO compares the completions of a group)"),
+    "temperature": _num(0, True),
+    "max_new_tokens": (_int(0)[0], "an integer >= 0 (0: the task's default)"),
+    "lr": _num(0, False),
+    "weight_decay": _num(0, False),
+    "max_grad_norm": _num(0, True),
+    "grad_accum": _int(1),
+    "num_iterations": _int(1),
+    "loss_type": _one_of(*LOSS_TYPES),
+    "beta": _num(0, False),
+    "kl_estimator": _one_of(*KL_ESTIMATORS),
+    "epsilon_low": ((lambda v, c: _num(0, False)[0](v, c) and v < 1), "a number >= 0 and < 1"),
+    "epsilon_high": _num(0, False),
+    "scale_rewards": _one_of(*SCALE_REWARDS),
+    "importance_sampling_level": _one_of(*LEVELS),
+    "loss_backend": _one_of(*BACKENDS),
+    "loss_path": _one_of("auto", "fused_linear", "logits"),
+    "save_every": (_int(0)[0], "an integer >= 0 (0: only at the end)"),
+    "resume": (_resume_ok, "empty, a checkpoint file, or a run directory holding ckpt.pt"),
+    "compare": _flag(),
+    "progress": _flag(),
+    "plots": _flag(),
+}
+
+
+def check_config(cfg: "TrainConfig") -> None:
+    """Raise ConfigError (a ValueError) for the first field outside its valid range."""
+    for f in dataclasses.fields(cfg):
+        ok, expected = CONFIG_CHECKS[f.name]
+        v = getattr(cfg, f.name)
+        if not ok(v, cfg):
+            raise ConfigError(f.name, expected, v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,7 +464,6 @@ def build_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, advant
 def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConfig, step_gen: torch.Generator,
             sample_gen: torch.Generator, rank: int, world: int, device) -> dict:
     """One step's experience for this rank: its share of the prompts, G completions each, scored."""
-    assert cfg.prompts_per_step % world == 0, "prompts_per_step must be divisible by the world size"
     examples = task.sample(cfg.prompts_per_step, step_gen)  # every rank draws the same prompts ...
     per_rank = cfg.prompts_per_step // world
     examples = examples[rank * per_rank:(rank + 1) * per_rank]  # ... and keeps its own slice
@@ -654,6 +764,8 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     rank, world = dist_setup(device)
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of processes ({world})")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -861,8 +973,14 @@ def _field_comments() -> Dict[str, str]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """argparse's convention (exit code 2, "prog: error: ..."), on one line: no usage dump of 40 flags."""
+        self.exit(2, f"{self.prog}: error: {message} (all flags: {self.prog} --help)\n")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="grpo-fast train", description="GRPO with grpo_fast on the built-in task.")
+    p = _Parser(prog="grpo-fast train", description="GRPO with grpo_fast on the built-in task.")
     notes = _field_comments()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -872,7 +990,10 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=f"{note} (default: {f.default})".strip())
-    return TrainConfig(**vars(p.parse_args(argv)))
+    try:
+        return TrainConfig(**vars(p.parse_args(argv)))
+    except ConfigError as e:
+        p.error(f"argument --{e.field.replace('_', '-')}: must be {e.expected}, got {e.value}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -310,3 +310,75 @@ def test_any_module_returning_logits_trains(tmp_path):
     summary = tr.train(small_cfg(tmp_path / "plain", steps=2, warmup_steps=0, beta=0.04, num_iterations=2), model=model, task=task)
     assert summary["loss_path"] == "logits"
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ---- configuration checks: every invalid flag is exit code 2 and one line, before any training ----
+
+def _tiny_argv(out):
+    return ["--out", str(out), "--steps", "1", "--warmup-steps", "0", "--prompts-per-step", "2", "--group-size", "2",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--vocab-size", "0", "--no-progress", "--no-plots"]
+
+
+# (flag, value, words the error line must contain: the flag and its valid range)
+INVALID_FLAGS = [
+    ("--steps", "0", ">= 1"),
+    ("--group-size", "0", ">= 2"),
+    ("--group-size", "1", ">= 2"),
+    ("--prompts-per-step", "0", ">= 1"),
+    ("--grad-accum", "0", ">= 1"),
+    ("--temperature", "0", "> 0"),
+    ("--temperature", "nan", "> 0"),
+    ("--max-new-tokens", "-1", ">= 0"),
+    ("--num-iterations", "0", ">= 1"),
+    ("--lr", "-1", ">= 0"),
+    ("--loss-type", "foo", "dapo"),
+    ("--n-embd", "15", "multiple of --n-head"),
+]
+
+
+@pytest.mark.parametrize("flag,value,expected", INVALID_FLAGS)
+def test_invalid_flag_exits_2_with_one_line(tmp_path, capfd, flag, value, expected):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        tr.main(_tiny_argv(out) + [flag, value])
+    assert e.value.code == 2
+    err = capfd.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert flag in err and expected in err and value in err, err
+    assert not (out / "metrics.jsonl").exists()  # rejected before training
+
+
+def test_out_that_is_a_file_exits_2(tmp_path, capfd):
+    f = tmp_path / "taken"
+    f.write_text("not a directory")
+    with pytest.raises(SystemExit) as e:
+        tr.main(_tiny_argv(f))
+    assert e.value.code == 2
+    err = capfd.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "--out" in err and "directory" in err, err
+    assert f.read_text() == "not a directory"
+
+
+def test_invalid_flag_from_the_command_line_is_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "grpo_fast", "train", *_tiny_argv(tmp_path / "run"), "--group-size", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "--group-size" in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("group_size", 1), ("temperature", 0.0), ("num_iterations", 0),
+                                         ("grad_accum", 0), ("max_new_tokens", -1), ("steps", "3"), ("dtype", "float16")])
+def test_train_config_rejects_out_of_range_fields(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        tr.train(small_cfg(tmp_path / "run", **{field: value}))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_every_default_and_the_test_config_are_valid(tmp_path):
+    tr.TrainConfig()
+    small_cfg(tmp_path)
+    for f in dataclasses.fields(tr.TrainConfig):
+        assert f.name in tr.CONFIG_CHECKS, f"TrainConfig.{f.name} has no range check"
