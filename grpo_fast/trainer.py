@@ -71,24 +71,25 @@ class TrainConfig:
     task: str = "reverse"  # reverse | add (grpo_fast/tasks.py)
     n_digits: int = 3
     model: str = "tiny"  # tiny: grpo_fast.model.TinyGPT | llama: transformers' LlamaForCausalLM from a config
-    # 0: the task's 13 tokens. Larger (e.g. 32768) pads the vocabulary with tokens the task never uses, so
-    # the LM head and the loss weigh as in a real LLM (V=32k-150k) and --compare shows the fused loss's effect.
-    vocab_size: int = 0
+    # The LM head's size. The task uses 13 tokens; the rest pad the vocabulary, as in an LLM (V = 32k-150k
+    # with H = 1k-8k: V >> H), so that the LM head and the loss weigh in the update as they do there.
+    # 0: the task's 13 tokens only (the loss is then a negligible part of a step).
+    vocab_size: int = 32768
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
     # supervised warm-up: the output format, and the answer on a fraction of the examples (see tasks.py)
-    warmup_steps: int = 150
+    warmup_steps: int = 80  # leaves the policy partly right (reward ~0.4-0.5); GRPO does the rest
     warmup_lr: float = 3e-3
-    warmup_answer_frac: float = 0.2  # share of warm-up targets that are the right answer (the rest: random digits)
+    warmup_answer_frac: float = 1.0  # share of warm-up targets that are the right answer (the rest: random digits)
     warmup_batch: int = 32  # sequences per warm-up step
     # GRPO
-    steps: int = 250
-    prompts_per_step: int = 16  # P, across all ranks
+    steps: int = 100
+    prompts_per_step: int = 8  # P, across all ranks
     group_size: int = 8  # G completions per prompt
     temperature: float = 1.0
     max_new_tokens: int = 0  # 0 = the task's default
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     grad_accum: int = 1  # micro-batches per optimizer step (the rollout batch is split)
@@ -621,12 +622,33 @@ def supervised_warmup(lm: CausalLM, task: Task, cfg: TrainConfig, gen: torch.Gen
 # ------------------------------------------------------------------------------------------------
 # Checkpoints, metrics, plots
 # ------------------------------------------------------------------------------------------------
-def reset_peak_mem(device: torch.device) -> None:
+_LIBC = None
+
+
+def _malloc_trim() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim), so that the next peak-RSS
+    window starts from the memory in use, not from what an earlier phase freed but malloc kept."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def reset_peak_mem(device: torch.device, trim: bool = False) -> None:
     """Start a new peak-memory window: the CUDA allocator's peak, or on Linux the process's peak RSS
-    (writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    (writing 5 to /proc/self/clear_refs resets VmHWM; ``trim`` first returns freed heap pages)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    if trim:
+        _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -820,7 +842,8 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
         rollout_peak = peak_mem_mb(device)
-        reset_peak_mem(device)  # the update's own peak: loss forward + backward + optimizer
+        reset_peak_mem(device, trim=True)  # the update's own peak: loss forward + backward + optimizer
+        t1u = time.perf_counter()
         logs = update(policy, lm, optimizer, batch, cfg, path, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -832,7 +855,7 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
         vals = all_reduce_sum(torch.tensor(local, dtype=torch.float64)) / world
         row = {"step": step, **{k: float(v) for k, v in zip(names, vals)}}
         row.setdefault("kl", None)  # not computed when beta == 0 (no reference model)
-        row.update(step_time_s=t2 - t0, rollout_time_s=t1 - t0, update_time_s=t2 - t1, peak_mem_mb=peak_mem_mb(device),
+        row.update(step_time_s=(t1 - t0) + (t2 - t1u), rollout_time_s=t1 - t0, update_time_s=t2 - t1u, peak_mem_mb=peak_mem_mb(device),
                    rollout_peak_mem_mb=rollout_peak)
         if is_main:
             rows.append(row)
@@ -859,6 +882,10 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
             "warmup_final_loss": warmup_loss, "reward_first_tenth": first, "reward_last_tenth": last,
             "reward_gain": last - first, "median_step_time_s": times[len(times) // 2] if times else None,
             "median_update_time_s": sorted(r["update_time_s"] for r in rows)[len(rows) // 2] if rows else None,
+            "median_rollout_time_s": sorted(r["rollout_time_s"] for r in rows)[len(rows) // 2] if rows else None,
+            "vocab_size": lm.lm_head().out_features if lm.lm_head() is not None else None,
+            "hidden_size": lm.lm_head().in_features if lm.lm_head() is not None else None,
+            "threads": torch.get_num_threads(),
             "peak_mem_mb": max((r["peak_mem_mb"] for r in rows), default=None),
             "train_time_s": train_time, "config": dataclasses.asdict(cfg),
             "plots": write_plots(cfg.out, rows, f"{task.name}: GRPO ({cfg.loss_backend}, {path})") if (cfg.plots and rows) else [],
@@ -891,6 +918,127 @@ def _read_rows(path: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _machine() -> str:
+    """'AMD EPYC 9654, 2 cores, grpo_fast CPU kernel: avx512' (the CPU model from /proc/cpuinfo)."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    name = name or platform.processor() or platform.machine()
+    try:
+        from . import _C_cpu
+
+        isa = f", grpo_fast CPU kernel: {_C_cpu.isa()}"
+    except ImportError:
+        isa = ""
+    return f"{name}, {os.cpu_count()} cores{isa}"
+
+
+def _ratio_words(ref: float, fused: float) -> str:
+    """'4.2x faster' / '1.10x slower' for the fused arm, from the two times."""
+    r = ref / fused
+    return f"{r:.1f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
+
+
+def compare_report(fs: dict, rs: dict, fa: List[dict], ref: List[dict]) -> tuple:
+    """The comparison of two arms' summaries (fs: fused, rs: reference) and metric rows, as
+    (text, numbers): a table, then in words what to look at — the update's speed-up, the memory
+    saved during the update, and whether both arms learned the same way."""
+    n = min(len(fa), len(ref))
+    diff = {k: max((abs(a[k] - b[k]) for a, b in zip(fa[:n], ref[:n])), default=float("nan")) for k in ("loss", "reward_mean")}
+    # Sampling is discrete: the tiniest rounding difference eventually flips a sampled token and the
+    # two runs then see different batches. Report how long they stayed identical, too.
+    same = next((i for i, (a, b) in enumerate(zip(fa, ref)) if a["reward_mean"] != b["reward_mean"]), n)
+    same_loss = max((abs(a["loss"] - b["loss"]) for a, b in zip(fa[:same], ref[:same])), default=float("nan"))
+    first = abs(fa[0]["loss"] - ref[0]["loss"]) if n else float("nan")
+    c = fs["config"]
+    lines = [
+        f"GRPO on '{fs['task']}' ({fs['task_description']}), {c['model']} model, vocabulary V={fs.get('vocab_size')}, "
+        f"hidden H={fs.get('hidden_size')}, {c['prompts_per_step']} prompts x {c['group_size']} completions, "
+        f"{fs['steps']} steps, seed {c['seed']}",
+        f"machine: {_machine()}; device {fs['device']}, {fs.get('threads')} torch thread(s) per arm, the arms run one after the other",
+        "",
+        "arm       | loss                     | update s (median) | update peak MB | rollout s (median) | reward first 10% -> last 10%",
+        "--------- | ------------------------ | ----------------- | -------------- | ------------------ | ----------------------------",
+    ]
+    for name, s in (("fused", fs), ("reference", rs)):
+        loss = f"{s['loss_backend']}, {s['loss_path']}"
+        lines.append(f"{name:<9} | {loss:<24} | {s['median_update_time_s']:17.4f} | {s['peak_mem_mb']:14.0f} | "
+                     f"{s['median_rollout_time_s']:18.4f} | {s['reward_first_tenth']:.3f} -> {s['reward_last_tenth']:.3f}")
+    upd = rs["median_update_time_s"] / fs["median_update_time_s"]
+    step = rs["median_step_time_s"] / fs["median_step_time_s"]
+    saved = rs["peak_mem_mb"] - fs["peak_mem_mb"]
+    frac = saved / rs["peak_mem_mb"]
+    gain_f, gain_r = fs["reward_gain"], rs["reward_gain"]
+    lines += [
+        "",
+        "What to look at:",
+        f"  update (loss forward + backward + AdamW step): the fused loss is "
+        f"{_ratio_words(rs['median_update_time_s'], fs['median_update_time_s'])} "
+        f"(median {fs['median_update_time_s']:.3g} s vs {rs['median_update_time_s']:.3g} s per step)",
+        f"  peak memory during the update: {abs(saved):.0f} MB {'less' if saved >= 0 else 'more'} "
+        f"({abs(frac) * 100:.0f}% {'lower' if saved >= 0 else 'higher'}: {fs['peak_mem_mb']:.0f} vs {rs['peak_mem_mb']:.0f} MB "
+        f"{'peak RSS, which includes ~400 MB of Python + torch' if fs['device'] == 'cpu' else 'max allocated'})",
+        f"  learning: the mean reward went {fs['reward_first_tenth']:.2f} -> {fs['reward_last_tenth']:.2f} ({gain_f:+.2f}) with the fused "
+        f"loss and {rs['reward_first_tenth']:.2f} -> {rs['reward_last_tenth']:.2f} ({gain_r:+.2f}) with the reference "
+        f"(first and last tenth of the steps; reward.png)",
+        f"  agreement: at step 1 (same weights, same samples) the losses differ by {first:.2g}; identical rewards for the "
+        f"first {same} of {n} steps (losses within {same_loss:.2g}), then the runs sample different tokens: AdamW's first "
+        f"steps move each weight by about ±lr whatever its gradient's size, which turns rounding differences into "
+        f"different weights (largest |difference| over all steps: loss {diff['loss']:.2g}, reward {diff['reward_mean']:.2g})",
+        f"  whole step, sampling included (the same code in both arms): {_ratio_words(rs['median_step_time_s'], fs['median_step_time_s'])}",
+    ]
+    numbers = {"update_speedup": upd, "step_speedup": step, "update_peak_mem_saved_mb": saved,
+               "update_peak_mem_saved_frac": frac, "reward_gain": {"fused": gain_f, "reference": gain_r},
+               "max_abs_diff": diff, "identical_reward_steps": same, "max_abs_loss_diff_while_identical": same_loss,
+               "first_step_loss_diff": first}
+    return "\n".join(lines), numbers
+
+
+def compare_plot(path: str, fs: dict, rs: dict, fa: List[dict], ref: List[dict]) -> bool:
+    """compare.png: the two reward curves, then bars of the median update time and the update's peak memory."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    colors = {"fused": "tab:blue", "reference": "tab:orange"}
+    names = {"fused": f"fused ({fs['loss_backend']}, {fs['loss_path']})", "reference": f"reference ({rs['loss_backend']}, {rs['loss_path']})"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    ax = axes[0]
+    for key, rows in (("fused", fa), ("reference", ref)):
+        ax.plot([r["step"] for r in rows], [r["reward_mean"] for r in rows], label=names[key], color=colors[key], alpha=0.85)
+    ax.set_title("mean reward per step (both arms learn)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    bars = (("update time per step, s (median)", "median_update_time_s", "{:.3f} s",
+             f"update: {rs['median_update_time_s'] / fs['median_update_time_s']:.1f}x faster fused"),
+            ("peak memory during the update, MB", "peak_mem_mb", "{:.0f} MB",
+             f"{(rs['peak_mem_mb'] - fs['peak_mem_mb']) / rs['peak_mem_mb'] * 100:.0f}% less memory fused"))
+    for ax, (ylabel, key, fmt, title) in zip(axes[1:], bars):
+        vals = [fs[key], rs[key]]
+        b = ax.bar(["fused", "reference"], vals, color=[colors["fused"], colors["reference"]])
+        for rect, v in zip(b, vals):
+            ax.annotate(fmt.format(v), (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_ylim(0, max(vals) * 1.15)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"grpo_fast train --compare: V={fs.get('vocab_size')}, H={fs.get('hidden_size')}, {fs['steps']} steps, {fs['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def compare(cfg: TrainConfig) -> dict:
     """Train from the same seed with the fused loss and with backend="torch"; print a table.
 
@@ -907,53 +1055,14 @@ def compare(cfg: TrainConfig) -> dict:
         subprocess.run([sys.executable, "-m", "grpo_fast", "train", *_cli_args(arm)], check=True)
         with open(os.path.join(arm.out, "summary.json")) as f:
             results[name] = {"summary": json.load(f), "rows": _read_rows(os.path.join(arm.out, "metrics.jsonl"))}
-    fa, ref = results["fused"]["rows"], results["reference"]["rows"]
-    n = min(len(fa), len(ref))
-    diff = {k: max((abs(a[k] - b[k]) for a, b in zip(fa[:n], ref[:n])), default=float("nan")) for k in ("loss", "reward_mean")}
-    # Sampling is discrete: the tiniest rounding difference eventually flips a sampled token and the
-    # two runs then see different batches. Report how long they stayed identical, too.
-    same = next((i for i, (a, b) in enumerate(zip(fa, ref)) if a["reward_mean"] != b["reward_mean"]), n)
-    table = []
-    for name in ("fused", "reference"):
-        s = results[name]["summary"]
-        table.append((name, s["loss_backend"], s["loss_path"], s["median_step_time_s"], s["median_update_time_s"],
-                      s["peak_mem_mb"], s["reward_first_tenth"], s["reward_last_tenth"]))
-    header = ("arm", "backend", "loss path", "step s (median)", "update s (median)", "peak MB", "reward first 10%", "reward last 10%")
-    lines = [" | ".join(header), " | ".join("---" for _ in header)]
-    for r in table:
-        lines.append(" | ".join(x if isinstance(x, str) else f"{x:.4g}" for x in r))
     fs, rs = results["fused"]["summary"], results["reference"]["summary"]
-    lines.append("")
-    lines.append(f"step time: reference / fused = {rs['median_step_time_s'] / fs['median_step_time_s']:.2f}x; "
-                 f"update time: reference / fused = {rs['median_update_time_s'] / fs['median_update_time_s']:.2f}x")
-    same_loss = max((abs(a["loss"] - b["loss"]) for a, b in zip(fa[:same], ref[:same])), default=float("nan"))
-    lines.append(f"largest |difference| over {n} steps: loss {diff['loss']:.3g}, reward_mean {diff['reward_mean']:.3g} "
-                 f"(identical rewards for the first {same} steps, where the loss differs by at most {same_loss:.3g})")
-    text = "\n".join(lines)
+    fa, ref = results["fused"]["rows"], results["reference"]["rows"]
+    text, numbers = compare_report(fs, rs, fa, ref)
     print("\n" + text)
-    out = {"arms": {k: v["summary"] for k, v in results.items()}, "max_abs_diff": diff, "identical_reward_steps": same,
-           "max_abs_loss_diff_while_identical": same_loss, "table": text}
+    out = {"arms": {k: v["summary"] for k, v in results.items()}, **numbers, "table": text}
     with open(os.path.join(cfg.out, "compare.json"), "w") as f:
         json.dump(out, f, indent=2)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        for ax, key in zip(axes, ("reward_mean", "loss")):
-            for name, rows in (("fused", fa), ("reference (torch)", ref)):
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
-            ax.set_title(key)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(cfg.out, "compare.png"), dpi=100)
-        plt.close(fig)
-    except ImportError:
-        pass
+    compare_plot(os.path.join(cfg.out, "compare.png"), fs, rs, fa, ref)
     return out
 
 
@@ -1006,7 +1115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = train(cfg)
     if summary:
         print(f"reward: first tenth {summary['reward_first_tenth']:.3f} -> last tenth {summary['reward_last_tenth']:.3f} "
-              f"(+{summary['reward_gain']:.3f}); median step {summary['median_step_time_s']:.3f}s; "
+              f"({summary['reward_gain']:+.3f}); median step {summary['median_step_time_s']:.3f}s, of which the update "
+              f"{summary['median_update_time_s']:.3f}s; update peak memory {summary['peak_mem_mb']:.0f} MB; "
               f"wrote {cfg.out}/metrics.jsonl, summary.json, {', '.join(summary['plots'])}")
     if dist.is_initialized():
         dist.destroy_process_group()
