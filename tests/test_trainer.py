@@ -328,6 +328,10 @@ def test_compare_report_says_the_ratios_in_words():
     text, num = tr.compare_report(slow, rs, fa, ref)
     assert num["update_speedup"] == pytest.approx(0.5)
     assert "the fused loss is 2.00x slower" in text and "80 MB more (10% higher" in text and "(+0.00)" in text
+    same = _arm_summary("auto", "fused_linear", 0.42, 0.65, 800.0, 0.45, 0.9)
+    text, num = tr.compare_report(same, rs, fa, fa)
+    assert "the same (800 vs 800 MB" in text and "identical rewards for the first 4 of 4 steps (losses within 0)" in text
+    assert "sample different tokens" not in text
 
 
 def test_hugging_face_model(tmp_path):
@@ -438,3 +442,27 @@ def test_every_default_and_the_test_config_are_valid(tmp_path):
     small_cfg(tmp_path)
     for f in dataclasses.fields(tr.TrainConfig):
         assert f.name in tr.CONFIG_CHECKS, f"TrainConfig.{f.name} has no range check"
+
+
+def test_warmup_stops_at_the_target_reward(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_reward(lm, task, cfg, device, n=128):
+        seen.append(n)
+        return [0.1, 0.3, 0.45, 0.9][len(seen) - 1]
+
+    monkeypatch.setattr(tr, "policy_reward", fake_reward)
+    s = tr.train(small_cfg(tmp_path / "a", steps=1, warmup_steps=40, warmup_target_reward=0.4))
+    assert (s["warmup_steps_done"], s["warmup_final_reward"], len(seen)) == (15, 0.45, 3)  # checked every 5 steps
+    seen.clear()
+    s = tr.train(small_cfg(tmp_path / "b", steps=1, warmup_steps=12, warmup_target_reward=0.0))
+    assert (s["warmup_steps_done"], s["warmup_final_reward"], seen) == (12, None, [])
+
+
+def test_policy_reward_is_the_task_reward_of_sampled_completions(tmp_path):
+    task = get_task("reverse", n_digits=3)
+    torch.manual_seed(0)
+    lm = tr.CausalLM(TinyGPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, block_size=9, n_layer=1, n_head=2, n_embd=16)))
+    cfg = small_cfg(tmp_path)
+    r = tr.policy_reward(lm, task, cfg, "cpu", n=32)
+    assert 0.0 <= r <= 1.0 and r == tr.policy_reward(lm, task, cfg, "cpu", n=32)  # fixed prompts and samples
