@@ -1094,7 +1094,8 @@ def compare(cfg: TrainConfig) -> dict:
     out = {"arms": {k: v["summary"] for k, v in results.items()}, **numbers, "table": text}
     with open(os.path.join(cfg.out, "compare.json"), "w") as f:
         json.dump(out, f, indent=2)
-    compare_plot(os.path.join(cfg.out, "compare.png"), fs, rs, fa, ref)
+    if cfg.plots:
+        compare_plot(os.path.join(cfg.out, "compare.png"), fs, rs, fa, ref)
     return out
 
 
