@@ -11,10 +11,11 @@ A task gives the trainer four things:
 The default, ``reverse``: the prompt is a string of digits followed by "=", and the completion must
 be those digits in reverse order, then the end token. "307=" -> "703<eos>". Its reward lies in
 [0, 1]: 0.8 × the fraction of positions right + 0.2 × the format (only digits, the right length).
-A freshly initialized model writes random tokens (reward ~0.1). The trainer's short supervised
-warm-up teaches the format (targets: random digits of the right length, ``warmup_target``) and
-shows the right answer for a fifth of the examples only, which leaves the policy near chance on
-the digits (reward ~0.3): GRPO has to find the reversal from the reward.
+A freshly initialized model writes random tokens (reward ~0). The trainer's short supervised
+warm-up (32 examples a step) teaches the format and starts on the answer, and stops once the
+policy's sampled reward reaches 0.4 (``warmup_target_reward``), while it is only partly right: GRPO
+has to take it the rest of the way from the reward. ``warmup_answer_frac`` < 1 replaces that share of the warm-up targets by
+``warmup_target`` (random digits of the right length: the format without the answer).
 """
 from __future__ import annotations
 

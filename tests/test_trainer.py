@@ -17,7 +17,7 @@ from grpo_fast.tasks import CharTokenizer, addition_exact, digits_format, get_ta
 
 def small_cfg(out, **kw) -> tr.TrainConfig:
     base = dict(out=str(out), steps=2, warmup_steps=2, prompts_per_step=4, group_size=4, n_layer=1, n_embd=32,
-                n_head=2, progress=False, plots=False, threads=1)
+                n_head=2, vocab_size=0, progress=False, plots=False, threads=1)
     base.update(kw)
     return tr.TrainConfig(**base)
 
@@ -107,6 +107,19 @@ def test_sampling_follows_softmax_over_temperature(temperature):
     p = torch.softmax(z.double() / temperature, 0)
     # 12,000 draws: the standard error of each frequency is below 0.005
     torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
+
+
+def test_sampler_never_draws_a_token_of_probability_zero(monkeypatch):
+    z = torch.randn(256, 50, generator=torch.Generator().manual_seed(0))
+    banned = [0, *range(10, 20), 49]
+    z[:, banned] = float("-inf")
+    g = torch.Generator().manual_seed(1)
+    drawn = torch.cat([tr._sample_next(z, 0.7, g) for _ in range(40)])
+    assert not bool(torch.isin(drawn, torch.tensor(banned)).any())
+    assert len(set(drawn.tolist())) == 50 - len(banned)  # and every allowed token does come up
+    # u rounding up to the total: the last token of positive probability (48), never V or a banned one
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=kw.get("dtype")))
+    assert tr._sample_next(z[:3], 1.0, None).tolist() == [48, 48, 48]
 
 
 def test_sampling_stops_and_pads_after_eos_and_is_reproducible():
@@ -243,7 +256,7 @@ def test_resume_reproduces_the_next_step(tmp_path):
     a = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
     b = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["step"] for r in b] == [1, 2, 3]
-    skip = ("step_time_s", "rollout_time_s", "update_time_s", "peak_mem_mb")
+    skip = ("step_time_s", "rollout_time_s", "update_time_s", "peak_mem_mb", "rollout_peak_mem_mb")
     for ra, rb in zip(a, b):
         assert {k: v for k, v in ra.items() if k not in skip} == {k: v for k, v in rb.items() if k not in skip}
     sa = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
@@ -262,16 +275,63 @@ def test_cli_flags_round_trip():
 def test_compare_prints_table_and_writes_both_runs(tmp_path, capfd):
     out = tmp_path / "cmp"
     rc = tr.main(["--compare", "--out", str(out), "--steps", "2", "--warmup-steps", "1", "--prompts-per-step", "4",
-                  "--group-size", "2", "--n-layer", "1", "--n-embd", "16", "--no-progress", "--threads", "1"])
+                  "--group-size", "2", "--n-layer", "1", "--n-embd", "16", "--vocab-size", "300", "--no-progress",
+                  "--threads", "1"])
     assert rc == 0
     text = capfd.readouterr().out
-    assert "reference / fused" in text and "largest |difference|" in text
     res = json.load(open(out / "compare.json"))
-    assert res["arms"]["reference"]["loss_backend"] == "torch"
-    assert res["arms"]["fused"]["loss_backend"] != "torch"
+    fs, rs = res["arms"]["fused"], res["arms"]["reference"]
+    assert rs["loss_backend"] == "torch" and rs["loss_path"] == "logits" and fs["loss_backend"] != "torch"
+    assert fs["vocab_size"] == rs["vocab_size"] == 300 and fs["hidden_size"] == 16
+    # the ratios in compare.json are the arms' own numbers, and the printed table says them in words
+    assert res["update_speedup"] == pytest.approx(rs["median_update_time_s"] / fs["median_update_time_s"])
+    assert res["update_peak_mem_saved_mb"] == pytest.approx(rs["peak_mem_mb"] - fs["peak_mem_mb"])
+    assert res["table"] in text
+    for words in ("What to look at", "update (loss forward + backward + AdamW step): the fused loss is",
+                  "peak memory during the update", "learning: the mean reward went", "agreement: at step 1 (same weights, same samples)",
+                  "V=300", "H=16", "machine:"):
+        assert words in text, words
     for arm in ("fused", "reference"):
         assert (out / arm / "metrics.jsonl").exists() and (out / arm / "reward.png").exists()
-    assert (out / "compare.png").exists()
+    assert (out / "compare.png").stat().st_size > 1000
+
+
+def _arm_summary(backend, path, update_s, step_s, peak, first, last):
+    return {"task": "reverse", "task_description": "reverse 3 digits", "steps": 100, "device": "cpu", "loss_backend": backend,
+            "loss_path": path, "median_update_time_s": update_s, "median_step_time_s": step_s, "median_rollout_time_s": step_s - update_s,
+            "peak_mem_mb": peak, "reward_first_tenth": first, "reward_last_tenth": last, "reward_gain": last - first,
+            "vocab_size": 32768, "hidden_size": 64, "threads": 1,
+            "config": {"model": "tiny", "prompts_per_step": 8, "group_size": 8, "seed": 0}}
+
+
+def _rows(rewards, losses):
+    return [{"step": i + 1, "reward_mean": r, "loss": l} for i, (r, l) in enumerate(zip(rewards, losses))]
+
+
+def test_compare_report_says_the_ratios_in_words():
+    fs = _arm_summary("auto", "fused_linear", 0.1, 0.3, 500.0, 0.45, 0.85)
+    rs = _arm_summary("torch", "logits", 0.42, 0.65, 800.0, 0.45, 0.9)
+    fa = _rows([0.4, 0.5, 0.6, 0.7], [0.1, 0.2, 0.3, 0.4])
+    ref = _rows([0.4, 0.5, 0.65, 0.7], [0.1, 0.2 + 1e-7, 0.25, 0.4])
+    text, num = tr.compare_report(fs, rs, fa, ref)
+    assert num["update_speedup"] == pytest.approx(4.2) and num["step_speedup"] == pytest.approx(0.65 / 0.3)
+    assert num["update_peak_mem_saved_mb"] == pytest.approx(300) and num["update_peak_mem_saved_frac"] == pytest.approx(0.375)
+    assert num["identical_reward_steps"] == 2 and num["max_abs_loss_diff_while_identical"] == pytest.approx(1e-7, rel=1e-3)
+    assert num["max_abs_diff"]["reward_mean"] == pytest.approx(0.05)
+    assert "the fused loss is 4.2x faster (median 0.1 s vs 0.42 s per step)" in text
+    assert "300 MB less (38% lower: 500 vs 800 MB" in text
+    assert "0.45 -> 0.85 (+0.40) with the fused loss and 0.45 -> 0.90 (+0.45) with the reference" in text
+    assert "identical rewards for the first 2 of 4 steps" in text and num["first_step_loss_diff"] == 0.0
+    assert "whole step, sampling included (the same code in both arms): 2.2x faster" in text
+    # a run where the fused loss loses says so
+    slow = _arm_summary("auto", "fused_linear", 0.84, 1.0, 880.0, 0.3, 0.3)
+    text, num = tr.compare_report(slow, rs, fa, ref)
+    assert num["update_speedup"] == pytest.approx(0.5)
+    assert "the fused loss is 2.00x slower" in text and "80 MB more (10% higher" in text and "(+0.00)" in text
+    same = _arm_summary("auto", "fused_linear", 0.42, 0.65, 800.0, 0.45, 0.9)
+    text, num = tr.compare_report(same, rs, fa, fa)
+    assert "the same (800 vs 800 MB" in text and "identical rewards for the first 4 of 4 steps (losses within 0)" in text
+    assert "sample different tokens" not in text
 
 
 def test_hugging_face_model(tmp_path):
@@ -310,3 +370,99 @@ def test_any_module_returning_logits_trains(tmp_path):
     summary = tr.train(small_cfg(tmp_path / "plain", steps=2, warmup_steps=0, beta=0.04, num_iterations=2), model=model, task=task)
     assert summary["loss_path"] == "logits"
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ---- configuration checks: every invalid flag is exit code 2 and one line, before any training ----
+
+def _tiny_argv(out):
+    return ["--out", str(out), "--steps", "1", "--warmup-steps", "0", "--prompts-per-step", "2", "--group-size", "2",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--vocab-size", "0", "--no-progress", "--no-plots"]
+
+
+# (flag, value, words the error line must contain: the flag and its valid range)
+INVALID_FLAGS = [
+    ("--steps", "0", ">= 1"),
+    ("--group-size", "0", ">= 2"),
+    ("--group-size", "1", ">= 2"),
+    ("--prompts-per-step", "0", ">= 1"),
+    ("--grad-accum", "0", ">= 1"),
+    ("--temperature", "0", "> 0"),
+    ("--temperature", "nan", "> 0"),
+    ("--max-new-tokens", "-1", ">= 0"),
+    ("--num-iterations", "0", ">= 1"),
+    ("--lr", "-1", ">= 0"),
+    ("--loss-type", "foo", "dapo"),
+    ("--n-embd", "15", "multiple of --n-head"),
+]
+
+
+@pytest.mark.parametrize("flag,value,expected", INVALID_FLAGS)
+def test_invalid_flag_exits_2_with_one_line(tmp_path, capfd, flag, value, expected):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        tr.main(_tiny_argv(out) + [flag, value])
+    assert e.value.code == 2
+    err = capfd.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert flag in err and expected in err and value in err, err
+    assert not (out / "metrics.jsonl").exists()  # rejected before training
+
+
+def test_out_that_is_a_file_exits_2(tmp_path, capfd):
+    f = tmp_path / "taken"
+    f.write_text("not a directory")
+    with pytest.raises(SystemExit) as e:
+        tr.main(_tiny_argv(f))
+    assert e.value.code == 2
+    err = capfd.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "--out" in err and "directory" in err, err
+    assert f.read_text() == "not a directory"
+
+
+def test_invalid_flag_from_the_command_line_is_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "grpo_fast", "train", *_tiny_argv(tmp_path / "run"), "--group-size", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "--group-size" in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("group_size", 1), ("temperature", 0.0), ("num_iterations", 0),
+                                         ("grad_accum", 0), ("max_new_tokens", -1), ("steps", "3"), ("dtype", "float16")])
+def test_train_config_rejects_out_of_range_fields(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        tr.train(small_cfg(tmp_path / "run", **{field: value}))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_every_default_and_the_test_config_are_valid(tmp_path):
+    tr.TrainConfig()
+    small_cfg(tmp_path)
+    for f in dataclasses.fields(tr.TrainConfig):
+        assert f.name in tr.CONFIG_CHECKS, f"TrainConfig.{f.name} has no range check"
+
+
+def test_warmup_stops_at_the_target_reward(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_reward(lm, task, cfg, device, n=128):
+        seen.append(n)
+        return [0.1, 0.3, 0.45, 0.9][len(seen) - 1]
+
+    monkeypatch.setattr(tr, "policy_reward", fake_reward)
+    s = tr.train(small_cfg(tmp_path / "a", steps=1, warmup_steps=40, warmup_target_reward=0.4))
+    assert (s["warmup_steps_done"], s["warmup_final_reward"], len(seen)) == (15, 0.45, 3)  # checked every 5 steps
+    seen.clear()
+    s = tr.train(small_cfg(tmp_path / "b", steps=1, warmup_steps=12, warmup_target_reward=0.0))
+    assert (s["warmup_steps_done"], s["warmup_final_reward"], seen) == (12, None, [])
+
+
+def test_policy_reward_is_the_task_reward_of_sampled_completions(tmp_path):
+    task = get_task("reverse", n_digits=3)
+    torch.manual_seed(0)
+    lm = tr.CausalLM(TinyGPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, block_size=9, n_layer=1, n_head=2, n_embd=16)))
+    cfg = small_cfg(tmp_path)
+    r = tr.policy_reward(lm, task, cfg, "cpu", n=32)
+    assert 0.0 <= r <= 1.0 and r == tr.policy_reward(lm, task, cfg, "cpu", n=32)  # fixed prompts and samples
