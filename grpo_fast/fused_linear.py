@@ -10,7 +10,7 @@ The (B·T) × V logits of an RL batch are the largest tensor of a GRPO step (8k 
     dW   += ∂preᵀ · h_c,  db += Σ ∂pre      matmul                             n·H·V MACs
 
 Three matmuls in all and nothing recomputed: the gradient is produced in the forward pass (every
-aggregation weight depends only on the mask, SPEC.md "Gradient") and backward only scales it by
+aggregation weight depends only on the mask, docs/spec.md "Gradient") and backward only scales it by
 grad_output, as ``api._FusedGRPOLoss`` does for logits. TRL's ``ChunkedLogProbFunction`` and
 Liger's fused-linear GRPO recompute each chunk's logits in backward (four matmuls).
 

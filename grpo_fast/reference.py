@@ -1,4 +1,4 @@
-"""The eager PyTorch reference: SPEC.md in code, the oracle every backend is tested against.
+"""The eager PyTorch reference: docs/spec.md in code, the oracle every backend is tested against.
 
 Written to be read, not to be fast. Memory traffic of the eager path (N = B·T tokens, V vocab),
 which is what the fused kernels avoid:
@@ -10,7 +10,7 @@ which is what the fused kernels avoid:
     backward                       write NV (softmax), read/write NV several times
 
 Called with float64 logits it computes in float64 (the tests' oracle); otherwise it accumulates in
-float32 whatever the logits' dtype, as SPEC.md asks, and autograd returns the gradient in the
+float32 whatever the logits' dtype, as docs/spec.md asks, and autograd returns the gradient in the
 logits' own dtype.
 """
 from __future__ import annotations

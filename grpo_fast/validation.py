@@ -1,4 +1,4 @@
-"""The one place where arguments are checked (SPEC.md, "Bad input").
+"""The one place where arguments are checked (docs/spec.md, "Bad input").
 
 ``validate_loss_args`` runs before any backend, raises ``ValueError`` (``TypeError`` for a wrong
 dtype or type) whose message names the argument, what was expected and what was given, and never
@@ -230,7 +230,7 @@ def check_group_size(group_size, B: int) -> int:
 
 
 def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_length: int, num_items_in_batch) -> torch.Tensor:
-    """w[b, t] such that loss = Σ_{b,t} w·L[b, t] (SPEC.md, Aggregation); w = 0 on padding.
+    """w[b, t] such that loss = Σ_{b,t} w·L[b, t] (docs/spec.md, Aggregation); w = 0 on padding.
 
     Computed once here, in float64 then rounded, so that every kernel only multiplies, and so that a
     chunk of tokens (the fused-linear path) carries the batch's normalization with it.

@@ -8,7 +8,7 @@ real barriers and warp shuffles; it checks the kernels' logic but not the device
 on a GPU, as "cuda" (marked ``gpu``). Here:
   * the extension is built and imports whenever nvcc is present, and its argument checking;
   * backend="cuda" raises a RuntimeError saying why (no CUDA device, or not built and how to build);
-  * grpo_math.h compiled by nvcc (its __host__ side) gives the float64 per-token math of SPEC.md;
+  * grpo_math.h compiled by nvcc (its __host__ side) gives the float64 per-token math of docs/spec.md;
   * every kernel for every compiled arch has 0 spill bytes and 0 local memory (cuobjdump), and the
     parser of cuobjdump's report;
   * the host-emulation build itself (tests/backends_fixture.py builds it for the whole session);
@@ -113,7 +113,7 @@ def _terms_inputs(n=257, seed=0, device="cpu"):
 
 
 def _terms_float64(c: dict, logp, ref, adv, isr, ratio):
-    """SPEC.md's per-token loss in float64 with autograd: (loss, kl, d_logp, d_ratio, flags)."""
+    """docs/spec.md's per-token loss in float64 with autograd: (loss, kl, d_logp, d_ratio, flags)."""
     lp = logp.double().requires_grad_(True)
     r = ratio.double().requires_grad_(True)
     A, w, rf = adv.double(), isr.double(), ref.double()

@@ -1,4 +1,4 @@
-"""The eager reference against hand-worked values, an independent scalar re-derivation of SPEC.md,
+"""The eager reference against hand-worked values, an independent scalar re-derivation of docs/spec.md,
 and finite differences (torch.autograd.gradcheck) in float64."""
 import itertools
 import math
@@ -14,7 +14,7 @@ CLIP = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent oracle: SPEC.md written as plain Python loops over floats (no torch ops).
+# An independent oracle: docs/spec.md written as plain Python loops over floats (no torch ops).
 
 
 def scalar_loss(z, y, A, old, ref, m, *, beta, kl_estimator, eps_low, eps_high, delta, loss_type, level,

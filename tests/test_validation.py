@@ -1,4 +1,4 @@
-"""Every bad input of SPEC.md raises before any kernel runs, naming the argument; tensors untouched."""
+"""Every bad input of docs/spec.md raises before any kernel runs, naming the argument; tensors untouched."""
 import pytest
 import torch
 

@@ -9,7 +9,7 @@
 // group-relative advantage. What does not: the pass over the V logits (online logsumexp), which each
 // backend writes in its own idiom (SIMD on CPU, warps on CUDA).
 //
-// The formulas are ../../shared/SPEC.md; grpo_fast/reference.py is the same math in eager PyTorch.
+// The formulas are docs/spec.md (in the repository root); grpo_fast/reference.py is the same math in eager PyTorch.
 #pragma once
 
 #include <math.h>

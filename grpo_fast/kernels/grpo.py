@@ -158,7 +158,7 @@ def _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE: tl.conste
 
 @triton.jit
 def _clip_flags(r, A, eps_low, eps_high, FAMILY: tl.constexpr):
-    """(clip_low, clip_high, cispo_clip) as float 0/1 (SPEC.md, Metrics)."""
+    """(clip_low, clip_high, cispo_clip) as float 0/1 (docs/spec.md, Metrics)."""
     zero = tl.zeros_like(r + A)
     # give r and A the same shape before combining comparisons with &: the interpreter mis-types a
     # scalar int1 broadcast against a block (a row's ratio against per-token advantages)
