@@ -1,7 +1,7 @@
 """A small causal transformer (GPT-2 style, pre-norm) for the built-in task, with a KV cache.
 
 Created from a config and trained from scratch: nothing is downloaded. Any other causal LM works
-with the trainer too (see grpo_fast/trainer.py, ``CausalLM``); this one exists so that
+with the trainer too (see grpo_fast/trainer/loop.py, ``CausalLM``); this one exists so that
 ``grpo-fast train`` runs on a fresh machine.
 
     model = TinyGPT(GPTConfig(vocab_size=16, block_size=32))

@@ -28,7 +28,7 @@ CASES = [
 
 def _setup(case, out_dir):
     """Model, config and the full (B rows) batch ingredients; identical in every process."""
-    from grpo_fast import trainer as tr
+    from grpo_fast.trainer import loop as tr
     from grpo_fast.model import GPTConfig, TinyGPT
     from grpo_fast.tasks import get_task
 
@@ -71,7 +71,7 @@ def worker(out_dir: str) -> None:
     import grpo_fast
 
     torch.set_num_threads(1)
-    from grpo_fast import trainer as tr
+    from grpo_fast.trainer import loop as tr
 
     rank, world = tr.dist_setup(torch.device("cpu"))
     assert world == 2

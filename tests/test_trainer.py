@@ -114,12 +114,12 @@ def test_sampler_never_draws_a_token_of_probability_zero(monkeypatch):
     banned = [0, *range(10, 20), 49]
     z[:, banned] = float("-inf")
     g = torch.Generator().manual_seed(1)
-    drawn = torch.cat([tr._sample_next(z, 0.7, g) for _ in range(40)])
+    drawn = torch.cat([tr.loop._sample_next(z, 0.7, g) for _ in range(40)])
     assert not bool(torch.isin(drawn, torch.tensor(banned)).any())
     assert len(set(drawn.tolist())) == 50 - len(banned)  # and every allowed token does come up
     # u rounding up to the total: the last token of positive probability (48), never V or a banned one
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=kw.get("dtype")))
-    assert tr._sample_next(z[:3], 1.0, None).tolist() == [48, 48, 48]
+    assert tr.loop._sample_next(z[:3], 1.0, None).tolist() == [48, 48, 48]
 
 
 def test_sampling_stops_and_pads_after_eos_and_is_reproducible():
@@ -451,7 +451,7 @@ def test_warmup_stops_at_the_target_reward(tmp_path, monkeypatch):
         seen.append(n)
         return [0.1, 0.3, 0.45, 0.9][len(seen) - 1]
 
-    monkeypatch.setattr(tr, "policy_reward", fake_reward)
+    monkeypatch.setattr(tr.loop, "policy_reward", fake_reward)
     s = tr.train(small_cfg(tmp_path / "a", steps=1, warmup_steps=40, warmup_target_reward=0.4))
     assert (s["warmup_steps_done"], s["warmup_final_reward"], len(seen)) == (15, 0.45, 3)  # checked every 5 steps
     seen.clear()
