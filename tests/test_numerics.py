@@ -235,6 +235,29 @@ def test_backend_fused_linear_logprobs_with_offset(backend, kind):
         assert_close_scaled(p.grad, o.grad, RTOL, f"d {name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_backend_fused_linear_gspo_prepass_with_offset(backend):
+    """fused_linear_grpo_loss at sequence level with rows longer than a chunk (the log-prob pre-pass:
+    pass 1 logprobs_forward, pass 2 logprobs_backward with the saved lse parts) on per-token offsets
+    of ±1e4: the loss, its metrics and the hidden / weight / bias gradients against float64."""
+    hidden, weight, bias = _linear_with_offset("weight-column")
+    y = _ids()
+    z = (hidden @ weight.t() + bias).view(B, T, V)
+    kw = _loss_kwargs(z, y, "sequence")
+    params = [t.clone().requires_grad_(True) for t in (hidden.view(B, T, -1), weight, bias)]
+    loss, met = grpo_fast.fused_linear_grpo_loss(params[0], params[1], y, bias=params[2], chunk_size=3,
+                                                 backend=backend, **kw)
+    loss.backward()
+    oparams = [t.double().requires_grad_(True) for t in (hidden.view(B, T, -1), weight, bias)]
+    want, want_met = grpo_loss_reference(oparams[0] @ oparams[1].t() + oparams[2], y, **kw)
+    want.backward()
+    assert_close(loss, want, 1e-7, RTOL, "loss")
+    for k in want_met:
+        assert_close_scaled(met[k], want_met[k], RTOL, k)
+    for name, p, o in zip(("hidden", "weight", "bias"), params, oparams):
+        assert_close_scaled(p.grad, o.grad, RTOL, f"d {name}", atol_scale=RTOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # +inf logits: NaN on every backend (README, Guarantees, "Edges")
 
