@@ -34,11 +34,12 @@ gradient. Two strategies, chosen per call:
   chunk by whole rows. The backend's kernel does the sequence-level math itself (it reads the chunk
   twice: statistics, then the gradient once the row's ratio is known): still three matmuls.
 * a row does not fit (long rows × big vocabularies): a log-prob pre-pass. Pass 1 computes each
-  chunk's logits and per-token log-prob / entropy (kernel ``token_logprobs``); the loss as a function
-  of the small (B, T) log-prob tensor is then differentiated by torch autograd, with the reference's
-  math (``_loss_from_logp``), giving per-token ``g = ∂loss/∂logp``; pass 2 recomputes each chunk's
-  logits and writes ``g·(onehot − softmax)/τ`` in place with the same kernel (``g`` enters as the
-  aggregation weight of a unit k1-KL term, whose ∂/∂logp is exactly 1). Four matmuls instead of three
+  chunk's logits and per-token log-prob / entropy with the backend's ``logprobs_forward`` (the kernels
+  of ``grpo_fast.logprobs``), keeping each token's lse in its two parts (shift, log_d); the loss as a
+  function of the small (B, T) log-prob tensor is then differentiated by torch autograd, with the
+  reference's math (``_loss_from_logp``), giving per-token ``g = ∂loss/∂logp``; pass 2 recomputes each
+  chunk's logits and writes ``g·(onehot − softmax)/τ`` in place with the backend's
+  ``logprobs_backward`` (g_logp = g, no entropy term). Four matmuls instead of three
   and two kernel passes: measured 1.7–1.9× the three-matmul floor against 1.1–1.2× for the one-pass
   paths (B4 T256 H512 V32000 fp32 on 2 shared CPU cores; ``python -m benchmarks fused-linear``, rows
   ``fused-cpu-seq`` / ``fused-cpu-seq-2pass``), i.e. ≈ 1.5× the time of the rows path. It runs
@@ -58,7 +59,7 @@ import torch
 
 from . import _autograd as _ag
 from . import backends as _backends
-from ._config import KL_ESTIMATORS, LOSS_TABLE, METRIC_STAT_INDEX, NUM_STATS, STAT_ENTROPY, STAT_KL, STAT_LOSS
+from ._config import METRIC_STAT_INDEX, NUM_STATS, STAT_ENTROPY, STAT_KL, STAT_LOSS
 from .api import _LossModule, metrics_from_sums
 from .options import GRPOOptions, with_options
 from .reference import (
@@ -278,6 +279,19 @@ class _TorchKernels:
         out = token_logprobs_reference(logits, ids, temperature, return_entropy=return_entropy)
         return (out[0].float(), out[1].float()) if return_entropy else (out.float(), None)
 
+    # The log-prob kernels of grpo_fast.logprobs (the sequence-level pre-pass uses them), in eager torch.
+    @staticmethod
+    def logprobs_forward(logits, ids, temperature, return_entropy):
+        from .logprobs import _TorchLogprobKernels
+
+        return _TorchLogprobKernels.logprobs_forward(logits, ids, temperature, return_entropy)
+
+    @staticmethod
+    def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad):
+        from .logprobs import _TorchLogprobKernels
+
+        _TorchLogprobKernels.logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad)
+
 
 # --------------------------------------------------------------------------------------------
 # Chunk planning and the loop
@@ -463,22 +477,6 @@ def _run_chunks(plan: _Plan, hidden, weight, bias, needs):
     return (stats,) + grads.finish(hidden, weight_in, bias_in)
 
 
-def _unit_logp_inputs(cinp: LossInputs, g: torch.Tensor) -> LossInputs:
-    """Chunk inputs whose loss is Σ g·logp: a k1 KL term (kl = logp − 0, ∂kl/∂logp = 1) with β = 1 and
-    aggregation weight g, under cispo with zero advantage (no ratio term). The backend's fused kernel
-    then writes g·(onehot − softmax)/τ, whatever backend it is."""
-    n = g.numel()
-    unit = next(t for t in LOSS_TABLE.values() if t.family == "is_weight")  # cispo: its L is 0 when A = 0
-    cfg = dataclasses.replace(cinp.cfg, loss_type=unit.code, kl_estimator=KL_ESTIMATORS["k1"], level=0,
-                              has_delta=False, bias_correction_kl=False, beta=1.0, eps_high=1.0, delta=0.0)
-    zeros = torch.zeros((1, n), dtype=torch.float32, device=g.device)
-    return dataclasses.replace(cinp, advantages=zeros, old_logp=None, ref_logp=zeros, isr=None,
-                               weight=g.reshape(1, n).contiguous(), cfg=cfg, loss_type=unit.name,
-                               kl_estimator="k1", level="token", delta=None,
-                               options=GRPOOptions(loss_type=unit.name, kl_estimator="k1", beta=1.0, epsilon_high=1.0,
-                                                   temperature=cinp.options.temperature))
-
-
 def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, weight_in, bias_in):
     """Sequence level with rows longer than a chunk: log-prob pre-pass, then one gradient pass."""
     B, T, V = plan.B, plan.T, plan.V
@@ -489,14 +487,18 @@ def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, wei
     tau_k = plan.transform.kernel_temperature(inp.cfg.temperature)
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    # each token's lse in its two parts (shift, log_d), which pass 2 forms the softmax from
+    lse = torch.empty((N, 2), dtype=torch.float32, device=hidden.device) if grads.any else None
     ids = inp.ids.view(N)
     # Pass 1: log-probs and entropies, chunk by chunk (no gradient buffer).
     for s in range(0, N, step):
         e = min(s + step, N)
         chunk = plan.transform.forward_(_matmul_chunk(_cast(hidden2d[s:e], plan.dtype), weight, bias, buf[:e - s]))
-        lp, ent = plan.impl.token_logprobs(chunk.view(1, e - s, V), ids[s:e].view(1, -1), tau_k, True)
+        lp, ent, ls = plan.impl.logprobs_forward(chunk.view(1, e - s, V), ids[s:e].view(1, -1), tau_k, True)
         logp[s:e] = lp.reshape(-1)
         entropy[s:e] = ent.reshape(-1)
+        if lse is not None:
+            lse[s:e] = ls.reshape(e - s, 2)
     # The loss as a function of the (B, T) log-probs: small, so torch autograd gives g = ∂loss/∂logp.
     with torch.enable_grad():
         lp = logp.view(B, T).detach().requires_grad_(grads.any)
@@ -505,16 +507,17 @@ def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, wei
     stats[STAT_ENTROPY] = (entropy.view(B, T) * inp.mask).sum()
     if g is None:
         return (stats,) + grads.finish(hidden, weight_in, bias_in)
-    # Pass 2: recompute each chunk's logits; the kernel writes g·(onehot − softmax)/τ in place.
+    # Pass 2: recompute each chunk's logits (the same GEMM and transform: the saved lse parts match
+    # them); the log-prob backward kernel writes g·(onehot − softmax)/τ in place.
     gbuf = torch.empty_like(buf) if plan.transform.softcap is not None else None
     for s in range(0, N, step):
         e = min(s + step, N)
         n = e - s
         h_c = _cast(hidden2d[s:e], plan.dtype)
         chunk = plan.transform.forward_(_matmul_chunk(h_c, weight, bias, buf[:n]))
-        cinp = _unit_logp_inputs(_chunk_inputs(plan, chunk, s, e, rows=False), g[s:e])
         grad = chunk if gbuf is None else gbuf[:n]
-        plan.impl.fused_loss(cinp, grad.view(cinp.logits.shape))
+        plan.impl.logprobs_backward(chunk.view(1, n, V), ids[s:e].view(1, n), tau_k, lse[s:e].view(1, n, 2), None,
+                                    g[s:e].view(1, n), None, grad.view(1, n, V))
         grads.add_chunk(plan.transform.backward_(grad, chunk), h_c, weight, s, e)
     return (stats,) + grads.finish(hidden, weight_in, bias_in)
 

@@ -5,10 +5,15 @@
     loss.backward()                                   # one fused kernel pass over the logits
 
 Forward is the backends' log-prob sweep (one read of the logits: lse, the target's log-prob and the
-entropy per token); it keeps the per-token lse (and entropy), 8 bytes a token. Backward is ONE more
-read of the logits and one write of their gradient, with no reduction, since p_j = exp(x_j − lse):
+entropy per token); it keeps the per-token lse in two parts (and the entropy), 12 bytes a token.
+Backward is ONE more read of the logits and one write of their gradient, with no reduction:
 
-    ∂L/∂z_j = [g_logp·(1[j = y] − p_j) − g_H·p_j·(log p_j + H)] / τ,     x = z/τ, log p_j = x_j − lse
+    ∂L/∂z_j = [g_logp·(1[j = y] − p_j) − g_H·p_j·(log p_j + H)] / τ,
+    x = z/τ,   log p_j = (x_j − shift) − log_d,   lse = shift + log_d
+
+with shift = max_j x_j and log_d = log Σ_j exp(x_j − shift). The two parts are never added: x_j − lse
+would lose one float32 ulp of |x| to cancellation (~1e-3 at logits near ±1e4, an ordinary distribution
+since softmax is shift invariant), and with it ~1e-3 of every p_j and of the gradient.
 
 (∂H/∂x_j = −p_j·(log p_j + H); a banned −inf logit has p_j = 0 and gets 0). Eager PyTorch holds a
 float32 copy, the softmax and several (N, V) temporaries for the same two outputs.
@@ -22,7 +27,9 @@ transform and gradient-accumulation helpers of ``grpo_fast/fused_linear.py``.
 Each kernel backend (grpo_fast/backends/*) provides
 
     logprobs_forward(logits (B, T, V), ids (B, T) int64, temperature, return_entropy)
-        -> (logp, entropy | None, lse), each (B, T) float32
+        -> (logp, entropy | None, lse): logp and entropy (B, T) float32, lse (B, T, 2) float32
+           contiguous, lse[..., 0] = shift and lse[..., 1] = log_d as above (x in the backend's own
+           float32 rounding of z/τ; only the same backend's logprobs_backward reads them)
     logprobs_backward(logits, ids, temperature, lse, entropy | None, g_logp | None, g_entropy | None,
                       grad (B, T, V) in the logits' dtype)        # grad may be the logits' storage
 
@@ -229,18 +236,22 @@ class _TorchLogprobKernels:
     @staticmethod
     def logprobs_forward(logits, ids, temperature, return_entropy):
         x = _TorchLogprobKernels._x(logits, temperature)
-        lse = torch.logsumexp(x, -1)
-        logp = x.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+        shift = x.amax(-1, keepdim=True)
+        shift = torch.where(shift == float("-inf"), torch.zeros_like(shift), shift)
+        t = x - shift
+        del x
+        log_d = torch.logsumexp(t, -1)
+        logp = t.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - log_d
         entropy = None
         if return_entropy:
-            p = torch.exp(x - lse.unsqueeze(-1))
-            entropy = lse - (p * torch.where(p > 0, x, torch.zeros_like(x))).sum(-1)
-        return logp, entropy, lse
+            p = torch.exp(t - log_d.unsqueeze(-1))
+            entropy = log_d - (p * torch.where(p > 0, t, torch.zeros_like(t))).sum(-1)
+        return logp, entropy, torch.stack((shift.squeeze(-1), log_d), -1)
 
     @staticmethod
     def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad):
         tau = temperature.unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
-        t = _TorchLogprobKernels._x(logits, temperature) - lse.unsqueeze(-1)  # log p
+        t = (_TorchLogprobKernels._x(logits, temperature) - lse[..., :1]) - lse[..., 1:]  # log p = (x − shift) − log_d
         p = torch.exp(t)
         d = torch.zeros_like(t)
         if g_entropy is not None:
@@ -280,7 +291,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         w, b = _cast(weight, plan.dtype), _cast(bias, plan.dtype)
         buf = torch.empty((min(plan.chunk, N), V), dtype=plan.dtype, device=hidden.device)
         logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty((N, 2), dtype=torch.float32, device=hidden.device)  # (shift, log_d) per token
         entropy = torch.empty(N, dtype=torch.float32, device=hidden.device) if plan.return_entropy else None
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes explicit (plan.dtype) from here on
             for s in range(0, N, plan.chunk):
@@ -289,7 +300,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 lp, ent, ls = plan.impl.logprobs_forward(z.view(1, e - s, V), plan.ids[s:e].view(1, -1),
                                                          _chunk_tau(plan.tau_k, s, e), plan.return_entropy)
                 logp[s:e] = lp.reshape(-1)
-                lse[s:e] = ls.reshape(-1)
+                lse[s:e] = ls.reshape(e - s, 2)
                 if entropy is not None:
                     entropy[s:e] = ent.reshape(-1)
         ctx.set_materialize_grads(False)
@@ -331,12 +342,12 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 e = min(s + plan.chunk, N)
                 n = e - s
                 h_c = _cast(hidden2d[s:e], plan.dtype)
-                # The same GEMM and transform as forward: the same logits, so the saved lse matches them.
+                # The same GEMM and transform as forward: the same logits, so the saved lse parts match them.
                 z = plan.transform.forward_(_matmul_chunk(h_c, w, b, buf[:n]))
                 grad = z if gbuf is None else gbuf[:n]  # in place: each row is read before it is written
                 plan.impl.logprobs_backward(
                     z.view(1, n, V), plan.ids[s:e].view(1, n), _chunk_tau(plan.tau_k, s, e),
-                    lse[s:e].view(1, n), None if entropy is None else entropy[s:e].view(1, n),
+                    lse[s:e].view(1, n, 2), None if entropy is None else entropy[s:e].view(1, n),
                     None if gl is None else gl[s:e].view(1, n), None if gh is None else gh[s:e].view(1, n),
                     grad.view(1, n, V))
                 grads.add_chunk(plan.transform.backward_(grad, z), h_c, w, s, e)

@@ -90,14 +90,20 @@ def logprobs_reference(logits: torch.Tensor, ids: torch.Tensor, temperature=1.0,
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.to(acc).unsqueeze(-1)
     x = logits.to(acc) / temperature
-    lse = torch.logsumexp(x, dim=-1)
-    logp = x.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - lse
+    # The shifted form of token_logprobs_reference: t = x − max(x) (a constant for autograd, its
+    # derivative cancels), log p = t − log Σ exp(t); never x − lse, which loses an ulp of |x| (~1e-3
+    # at logits near ±1e4) in the log-probs, the entropy and both gradients.
+    mx = x.detach().amax(dim=-1, keepdim=True)
+    mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)  # a row of only −inf: NaN anyway
+    t = x - mx
+    log_s = torch.logsumexp(t, dim=-1)
+    logp = t.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - log_s
     if not return_entropy:
         return logp, None
-    p = torch.exp(x - lse.unsqueeze(-1))
-    # p·x with p = 0 for banned (-inf) entries: 0·(-inf) would be NaN, the term is 0. The zero goes
-    # into x (not into the product), so that autograd never forms 0·(-inf) either.
-    entropy = lse - (p * torch.where(p > 0, x, torch.zeros_like(x))).sum(-1)
+    p = torch.exp(t - log_s.unsqueeze(-1))
+    # p·t with p = 0 for banned (-inf) entries: 0·(-inf) would be NaN, the term is 0. The zero goes
+    # into t (not into the product), so that autograd never forms 0·(-inf) either.
+    entropy = log_s - (p * torch.where(p > 0, t, torch.zeros_like(t))).sum(-1)
     return logp, entropy
 
 

@@ -73,7 +73,7 @@ def test_every_flag_variant_compiles_for_sm90():
 
 
 def test_roofline_model():
-    from grpo_fast import roofline
+    from benchmarks import roofline
 
     rows = roofline.rows([(1024, 151936, "bf16")])
     by = {r["variant"]: r for r in rows}

@@ -483,7 +483,7 @@ def test_token_logprobs_accept_per_row_temperature(backend):
 @pytest.mark.parametrize("tau", [1e-3, 100.0])
 def test_extreme_temperatures(backend, tau):
     # |x| ~ 1e3 at τ = 1e-3 (eager float32 autograd loses ~1e-4 of the gradient there; the kernels
-    # form log p = x·(1/τ) − lse from the forward's own rounding and keep 1e-5)
+    # form log p = (x·(1/τ) − shift) − log_d from the forward's own rounding and keep 1e-5)
     z, ids = make((6, 53), banned=False)
     logp, ent, grad = run(backend, z, ids, tau, "both")
     o_logp, o_ent, o_grad = run_oracle(z, ids, tau, "both")

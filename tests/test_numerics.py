@@ -8,6 +8,10 @@ and the float32 reference itself too (it is what backend="auto" falls back to wi
 
 The backends come from the shared ``backend`` fixture (tests/backends_fixture.py): torch, cpu, triton,
 the CUDA kernels in host emulation (built by g++), and the real CUDA kernels on a GPU.
+
+The same holds for the differentiable primitive (``grpo_fast.logprobs``, ``fused_linear_logprobs``):
+its forward keeps each token's lse in two parts (shift, log Σ exp(x − shift)) and its backward forms
+log p_j = (x_j − shift) − log_d, never x_j − lse.
 """
 import math
 import pytest
@@ -114,6 +118,111 @@ def test_backend_loss_with_offset(backend, kind, level):
     for k in want_met:
         assert_close_scaled(met[k], want_met[k], RTOL, k)
     assert_close_scaled(z32.grad, z64.grad, RTOL, "grad", atol_scale=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# the differentiable primitive: grpo_fast.logprobs and fused_linear_logprobs against float64 autograd
+
+
+def _eager_logprobs(z, ids):
+    """(logp, entropy) by eager log_softmax, in z's dtype (float64 for the oracle)."""
+    logq = torch.log_softmax(z, dim=-1)
+    p = logq.exp()
+    return logq.gather(-1, ids.unsqueeze(-1)).squeeze(-1), -(p * logq).sum(-1)
+
+
+def _upstream(shape, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("kind", OFFSETS)
+def test_backend_logprobs_with_offset(backend, kind):
+    z, y = backend.put((_offset_logits(kind), _ids()))
+    gl, gh = backend.put(_upstream((B, T)))
+    x = z.clone().requires_grad_(True)
+    lp, ent = grpo_fast.logprobs(x, y, return_entropy=True, backend=backend.name)
+    ((lp * gl).sum() + (ent * gh).sum()).backward()
+    xo = z.double().requires_grad_(True)
+    want_lp, want_ent = _eager_logprobs(xo, y)
+    ((want_lp * gl.double()).sum() + (want_ent * gh.double()).sum()).backward()
+    assert_close_scaled(lp, want_lp, RTOL, "logp")
+    assert_close_scaled(ent, want_ent, RTOL, "entropy")
+    assert_close_scaled(x.grad, xo.grad, RTOL, "grad")
+    # each upstream gradient alone (the backward kernels skip the other term), atol on the scale of the
+    # full gradient (the uniform rows' entropy gradient is 0, and only absolutely small)
+    atol = RTOL * float(xo.grad.abs().max())
+    for g_lp, g_h in ((gl, None), (None, gh)):
+        x.grad = None
+        lp, ent = grpo_fast.logprobs(x, y, return_entropy=True, backend=backend.name)
+        (lp * g_lp).sum().backward() if g_lp is not None else (ent * g_h).sum().backward()
+        xo.grad = None
+        want_lp, want_ent = _eager_logprobs(xo, y)
+        (want_lp * g_lp.double()).sum().backward() if g_lp is not None else (want_ent * g_h.double()).sum().backward()
+        assert_close(x.grad, xo.grad, atol, RTOL, "grad of " + ("logp" if g_lp is not None else "entropy"))
+
+
+def _linear_with_offset(kind: str, H: int = 16):
+    """hidden (B·T, H), weight (V, H), bias (V,) in float32 whose logits hidden·weightᵀ + bias are
+    EXACT in float32 (multiples of 2^-9 below 2^14: the GEMM rounds nothing in any order), so that the
+    float64 oracle sees the same logits and only the kernels' lse can lose accuracy. The offset comes
+    from the bias ("bias": every logit near +1e4) or from a weight column of ones against a hidden
+    coordinate of ±1e4, 3e3, … per token ("weight-column": a different offset on every token)."""
+    g = torch.Generator().manual_seed(4)
+    N = B * T
+    hidden = torch.randint(-16, 17, (N, H), generator=g).float() / 16
+    weight = torch.randint(-32, 33, (V, H), generator=g).float() / 32
+    bias = torch.randint(-8, 9, (V,), generator=g).float() / 8
+    if kind == "bias":
+        bias = bias + 1e4
+    else:
+        hidden[:, 0] = torch.tensor([1e4, -1e4, 3e3, -3e3, 0.0, 5e3])[torch.randint(0, 6, (N,), generator=g)]
+        weight[:, 0] = 1.0
+    return hidden, weight, bias
+
+
+@pytest.mark.parametrize("kind", ["bias", "weight-column"])
+def test_backend_fused_linear_logprobs_with_offset(backend, kind):
+    hidden, weight, bias = backend.put(_linear_with_offset(kind))
+    z64 = hidden.double() @ weight.double().t() + bias.double()
+    assert torch.equal((hidden @ weight.t() + bias).double(), z64)  # the float32 logits are exact
+    assert float(z64.abs().min()) > 2e3 if kind == "bias" else float(z64.abs().max()) > 9e3
+    y = backend.put(_ids().reshape(-1))
+    gl, gh = backend.put(_upstream((B * T,)))
+    params = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    lp, ent = grpo_fast.fused_linear_logprobs(params[0], params[1], y, bias=params[2], return_entropy=True,
+                                              chunk_size=7, backend=backend.name)
+    ((lp * gl).sum() + (ent * gh).sum()).backward()
+    oparams = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    want_lp, want_ent = _eager_logprobs(oparams[0] @ oparams[1].t() + oparams[2], y)
+    ((want_lp * gl.double()).sum() + (want_ent * gh.double()).sum()).backward()
+    assert_close_scaled(lp, want_lp, RTOL, "logp")
+    assert_close_scaled(ent, want_ent, RTOL, "entropy")
+    for name, p, o in zip(("hidden", "weight", "bias"), params, oparams):
+        assert_close_scaled(p.grad, o.grad, RTOL, f"d {name}")
+
+
+def test_backend_fused_linear_gspo_prepass_with_offset(backend):
+    """fused_linear_grpo_loss at sequence level with rows longer than a chunk (the log-prob pre-pass:
+    pass 1 logprobs_forward, pass 2 logprobs_backward with the saved lse parts) on per-token offsets
+    of ±1e4: the loss, its metrics and the hidden / weight / bias gradients against float64."""
+    hidden, weight, bias = _linear_with_offset("weight-column")
+    y = _ids()
+    z = (hidden @ weight.t() + bias).view(B, T, V)
+    kw = backend.put(_loss_kwargs(z, y, "sequence"))
+    hidden, weight, bias, y = backend.put((hidden, weight, bias, y))
+    params = [t.clone().requires_grad_(True) for t in (hidden.view(B, T, -1), weight, bias)]
+    loss, met = grpo_fast.fused_linear_grpo_loss(params[0], params[1], y, bias=params[2], chunk_size=3,
+                                                 backend=backend.name, **kw)
+    loss.backward()
+    oparams = [t.double().requires_grad_(True) for t in (hidden.view(B, T, -1), weight, bias)]
+    want, want_met = grpo_loss_reference(oparams[0] @ oparams[1].t() + oparams[2], y, **kw)
+    want.backward()
+    assert_close(loss, want, 1e-7, RTOL, "loss")
+    for k in want_met:
+        assert_close_scaled(met[k], want_met[k], RTOL, k)
+    for name, p, o in zip(("hidden", "weight", "bias"), params, oparams):
+        assert_close_scaled(p.grad, o.grad, RTOL, f"d {name}", atol_scale=RTOL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ struct RowKernels {
   void (*grad[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c);
   RowStats (*stats_keep[3])(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf);
   void (*grad_kept[3])(const float* ebuf, void* grow, int64_t V, float c);
-  void (*grad_lp[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float lse, float a, float b);
+  void (*grad_lp[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float xmax, float log_s, float a,
+                     float b);
   void (*exp)(const float* x, float* y, int64_t n);
 };
 
@@ -380,9 +381,11 @@ static void token_logprobs_impl(const void* logits, int32_t dtype, int64_t B, in
 }
 
 // ---- differentiable log-probs and entropy (grpo_fast.logprobs) ----------------------------------------
-// Forward: the row statistics of token_logprobs plus lse = max + log S per token, which is all the
-// backward needs to form p_j = e^(x_j − lse) without a reduction. tau: per-token temperatures (N,) or
-// null (then tau0 for every token).
+// Forward: the row statistics of token_logprobs plus the lse in two parts per token, lse[2n] = max x and
+// lse[2n + 1] = log S (S = Σ e^(x − max)), which is all the backward needs to form
+// p_j = e^((x_j − max) − log S) without a reduction. The parts are never added: x_j − (max + log S)
+// would lose an ulp of |x| (~1e-3 at logits near ±1e4) to cancellation. tau: per-token temperatures
+// (N,) or null (then tau0 for every token).
 static void logprobs_fwd_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
                               int64_t lst, const int64_t* ids, float tau0, const float* tau, float* logp,
                               float* entropy, float* lse, int nthreads) {
@@ -398,12 +401,13 @@ static void logprobs_fwd_impl(const void* logits, int32_t dtype, int64_t B, int6
     const float inv_tau = (float)(1.0 / (double)(tau ? tau[n] : tau0));
     const RowStats rs = K.stats[dtype](zrow, V, inv_tau, ids[n]);
     logp[n] = rs.logp;
-    lse[n] = rs.xmax + logf(rs.sum);
+    lse[2 * n] = rs.xmax;
+    lse[2 * n + 1] = logf(rs.sum);  // the log S that rs.logp and rs.entropy were formed with
     if (entropy) entropy[n] = rs.entropy;
   }
 }
 
-// Backward: with x = z/τ, log p_j = x_j − lse, upstream gradients gl = ∂L/∂logp and gh = ∂L/∂H
+// Backward: with x = z/τ, log p_j = (x_j − max) − log S (the forward's two parts), upstream gradients gl = ∂L/∂logp and gh = ∂L/∂H
 // (either may be null: zero),
 //   ∂L/∂z_j = [gl·(1[j = y] − p_j) − gh·p_j·(log p_j + H)] / τ
 // (∂H/∂x_j = −p_j·(log p_j + H)). One read of the row, one write of its gradient. A token whose two
@@ -437,10 +441,11 @@ static void logprobs_bwd_impl(const void* logits, int32_t dtype, int64_t B, int6
     if (dtype == DT_F32) zy = *reinterpret_cast<const float*>(zrow + y * es);
     else if (dtype == DT_BF16) zy = bf16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
     else zy = f16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
-    K.grad_lp[dtype](zrow, grow, V, inv_tau, lse[n], a, bb);
+    const float xmax = lse[2 * n], log_s = lse[2 * n + 1];
+    K.grad_lp[dtype](zrow, grow, V, inv_tau, xmax, log_s, a, bb);
     // Target: gl·(1 − p_y)/τ with 1 − p_y = −expm1(log p_y) (accurate when p_y is near 1), plus the
     // entropy term p_y·bb·(log p_y + H), log p_y formed as in the row kernel.
-    const float lpy = zy * inv_tau - lse[n];
+    const float lpy = (zy * inv_tau - xmax) - log_s;  // -ffp-contract=off: x_y rounded first, as vshift does
     const float py = expf(lpy);
     float vy = g_l * inv_tau * -expm1f(lpy);
     if (g_h != 0.f && py > 0.f) vy += py * bb * (lpy + H);
@@ -563,7 +568,8 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
       py::arg("ids"), py::arg("temperature"), py::arg("tau"), py::arg("logp_out"), py::arg("entropy_out"),
       py::arg("lse_out"), py::arg("nthreads"),
-      "logprobs() forward: per-token log-probs, lse and (when entropy_out != 0) entropies, all (B, T) f32. "
+      "logprobs() forward: per-token log-probs and (when entropy_out != 0) entropies, (B, T) f32, and the lse "
+      "in two parts, (B, T, 2) f32: (max x, log Σ exp(x − max)). "
       "tau: per-token temperatures (B, T) f32, or 0 to use `temperature` for every token.");
 
   m.def(
@@ -586,7 +592,7 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("grad"), py::arg("gsb"), py::arg("gst"), py::arg("ids"), py::arg("temperature"), py::arg("tau"),
       py::arg("lse"), py::arg("entropy"), py::arg("g_logp"), py::arg("g_entropy"), py::arg("nthreads"),
       "logprobs() backward: grad (B, T, V) in the logits' dtype = (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ "
-      "from the saved lse (and entropy); g_logp / g_entropy (B, T) f32 or 0 (zero). grad may equal logits.");
+      "from the saved two-part lse (B, T, 2) (and entropy); g_logp / g_entropy (B, T) f32 or 0 (zero). grad may equal logits.");
 
   m.def("isa", []() { return std::string(g_kernels.load()->name); },
         "The instruction set the row kernels use now: 'avx512', 'avx2' or 'generic'.");

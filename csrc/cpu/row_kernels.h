@@ -10,8 +10,9 @@
 //   row_stats_keep: the same, keeping every e^(x−max) in an fp32 scratch row (L2-resident);
 //   row_grad:       dz_j = c·e^(x_j−max) for every j (the caller then writes the target entry);
 //   row_grad_kept:  the same from the kept e^(x−max): one multiply per entry instead of an exp.
-//   row_grad_lp:    dz_j = p_j·(a + b·log p_j) from a saved lse: the backward of logprobs() (log-prob
-//                   and entropy upstream gradients), one read of the row, no reduction.
+//   row_grad_lp:    dz_j = p_j·(a + b·log p_j) from a saved lse in two parts (max, log S): the backward
+//                   of logprobs() (log-prob and entropy upstream gradients), one read of the row, no
+//                   reduction.
 
 // Copies the last n < W entries of a row to fp32 lanes, padding with `fill`.
 template <class D>
@@ -142,35 +143,39 @@ static void row_grad_kept(const float* e, void* grow, int64_t V, float c) {
   for (; i < V; ++i) g[i] = from_f32(d, e[i] * c);
 }
 
-// dz_j = e_j·(a + b·t_j) with t_j = x_j − lse = log p_j and e_j = e^(t_j) = p_j, in the row's dtype:
+// dz_j = e_j·(a + b·t_j) with t_j = (x_j − xmax) − log S = log p_j and e_j = e^(t_j) = p_j, in the row's
+// dtype. The lse comes in its two parts, xmax and log S, and is never added up: x_j − lse at |x| ~ 1e4
+// would lose an ulp of 1e4 (~1e-3) in log p_j, whereas x_j − xmax is exact near the max. Then:
 // logprobs()' backward, p_j·(−g_logp − g_H·(log p_j + H))/τ for every j, where the caller folds
 // a = −(g_logp + g_H·H)/τ and b = −g_H/τ and then rewrites the target entry. t is raised to −1000
 // before the product: a banned (−inf) logit has e = 0 and must give 0, never 0·(−inf) = NaN (any
 // t < ln(FLT_MIN) ≈ −87.3 already has e = 0, so the clamp changes no other term). A NaN logit stays
 // NaN (it is max's second operand). grow may equal zrow: each vector is read before it is written.
 template <class D>
-static void row_grad_lp(const void* zrow, void* grow, int64_t V, float inv_tau, float lse, float a, float b) {
+static void row_grad_lp(const void* zrow, void* grow, int64_t V, float inv_tau, float xmax, float log_s, float a,
+                        float b) {
   using T = typename D::T;
   const D d{};
   const T* z = static_cast<const T*>(zrow);
   T* g = static_cast<T*>(grow);
-  const vf it = vset1(inv_tau), nl = vset1(-lse), va = vset1(a), vb = vset1(b), floor_t = vset1(-1000.f);
+  const vf it = vset1(inv_tau), nm = vset1(-xmax), nl = vset1(-log_s), va = vset1(a), vb = vset1(b),
+           floor_t = vset1(-1000.f);
   const int64_t v1 = V - V % W, v2 = V - V % (2 * W);
   int64_t i = 0;
   for (; i < v2; i += 2 * W) {
-    const vf t0 = vshift(vload(d, z + i), it, nl), t1 = vshift(vload(d, z + i + W), it, nl);
+    const vf t0 = vadd(vshift(vload(d, z + i), it, nm), nl), t1 = vadd(vshift(vload(d, z + i + W), it, nm), nl);
     const vf r0 = vmul(vexp(t0), vfmadd(vb, vmax(floor_t, t0), va));
     const vf r1 = vmul(vexp(t1), vfmadd(vb, vmax(floor_t, t1), va));
     vstore(d, g + i, r0);
     vstore(d, g + i + W, r1);
   }
   for (; i < v1; i += W) {
-    const vf t0 = vshift(vload(d, z + i), it, nl);
+    const vf t0 = vadd(vshift(vload(d, z + i), it, nm), nl);
     vstore(d, g + i, vmul(vexp(t0), vfmadd(vb, vmax(floor_t, t0), va)));
   }
   if (i < V) {
     alignas(64) float buf[W];
-    const vf t0 = vshift(load_tail(d, z + i, V - i, -INFINITY), it, nl);
+    const vf t0 = vadd(vshift(load_tail(d, z + i, V - i, -INFINITY), it, nm), nl);
     vstore(F32{}, buf, vmul(vexp(t0), vfmadd(vb, vmax(floor_t, t0), va)));
     for (int64_t k = 0; k < V - i; ++k) g[i + k] = from_f32(d, buf[k]);
   }

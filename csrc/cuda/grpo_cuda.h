@@ -65,7 +65,8 @@ int64_t fused_scratch_floats(int64_t B, int64_t T, int32_t level, bool has_rewar
 void fused_loss(const FusedArgs& a);
 
 // Per-token log-probs (and entropy when entropy != null), both (B, T) float32; with lse != null also
-// each row's logsumexp of z/τ (the forward of grpo_fast.logprobs, which keeps it for backward).
+// each row's logsumexp of x = z/τ in two parts, (B, T, 2) float32: shift = max x and ln Σ exp(x − shift)
+// (the forward of grpo_fast.logprobs, which keeps them for backward; never added up).
 struct LogprobArgs {
   LogitsView logits;
   const int64_t* ids = nullptr;
@@ -80,7 +81,8 @@ struct LogprobArgs {
 void token_logprobs(const LogprobArgs& a);
 
 // Backward of grpo_fast.logprobs: grad (B, T, V) in the logits' dtype (may equal logits.ptr) =
-// (g_logp·(1[j = y] − p_j) − g_entropy·p_j·(log p_j + H))/τ with p = exp(z/τ − lse). g_logp and
+// (g_logp·(1[j = y] − p_j) − g_entropy·p_j·(log p_j + H))/τ with log p = (z/τ − lse[0]) − lse[1] (the
+// forward's two parts, (B, T, 2)). g_logp and
 // g_entropy are (B, T) float32 or null (zero); entropy is required with g_entropy.
 struct LogprobGradArgs {
   LogitsView logits;

@@ -175,7 +175,8 @@ PYBIND11_MODULE(GF_CUDA_MODULE, m) {
         py::gil_scoped_release release;
         token_logprobs(a);
       },
-      "grpo_fast.logprobs forward: per-token logp, lse and (entropy != 0) entropy, (B, T) float32; "
+      "grpo_fast.logprobs forward: per-token logp and (entropy != 0) entropy, (B, T) float32, and the lse "
+      "in two parts (B, T, 2) float32 (max x, ln Σ exp(x − max)); "
       "tau_rows: per-token temperatures (B, T) float32 or 0.");
 
   m.def(
@@ -201,7 +202,7 @@ PYBIND11_MODULE(GF_CUDA_MODULE, m) {
         logprobs_backward(a);
       },
       "grpo_fast.logprobs backward: grad (B, T, V) = (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ "
-      "from the saved lse; g_logp / g_entropy (B, T) float32 or 0.");
+      "from the saved two-part lse (B, T, 2); g_logp / g_entropy (B, T) float32 or 0.");
 
   m.def(
       "token_terms",

@@ -14,6 +14,7 @@
 //                           the forward of grpo_fast.logprobs (per-token τ, the lse kept for backward)
 //   logprob_grad_kernel<T>  backward of grpo_fast.logprobs: one read of each row, writes
 //                           (g_logp·(1[j=y] − p_j) − g_H·p_j·(log p_j + H))/τ from the saved lse
+//                           parts (shift, ln s): log p_j = (x_j − shift) − ln s, never x_j − lse
 //   seq_row_kernel          sequence level (GSPO): one block per sequence computes the row's ratio
 //                           r_b and Σ_t w·d_ratio, then each token's upstream gradient g_bt
 //   seq_grad_kernel<T>      sequence level pass 2: rereads the logits and writes the gradient
@@ -430,8 +431,8 @@ struct DevArgs {
   float* log2s;      // out (B, T) or null: each row's log2 Σ 2^((x − max)·k2)
   float* parts;      // out: per-token (token level) or per-row (sequence level) stats, NUM_STATS each
   float* gbuf;       // sequence level: the upstream gradient g of each token (B, T)
-  float* lse;        // out (B, T) or null: each row's lse = max/τ + ln s (grpo_fast.logprobs forward);
-                     // in for logprob_grad_kernel
+  float* lse;        // out (B, T, 2) or null: each row's lse in two parts, shift = max/τ and ln s
+                     // (grpo_fast.logprobs forward); in for logprob_grad_kernel
   const float* tau_rows;  // (B, T) per-token temperatures, or null: tau for every row (logprobs only)
   const float* g_logp;    // logprob_grad_kernel: ∂L/∂logp (B, T) or null (0)
   const float* g_ent;     // logprob_grad_kernel: ∂L/∂entropy (B, T) or null (0); then entropy is read
@@ -527,22 +528,29 @@ __global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a
       if (a.entropy) a.entropy[n] = rs.entropy;
       if (a.rmax) a.rmax[n] = st.m;
       if (a.log2s) a.log2s[n] = rs.log2s;
-      // lse as logprob_grad_kernel undoes it: x·(1/τ) rounded, then − lse. The max entry then gets
-      // log p = −ln s exactly in float32 (0 when it is the only finite logit, e.g. V = 1).
-      if (a.lse) a.lse[n] = __fmul_rn(st.m, (float)(1.0 / tau)) + logf(st.s);
+      // The lse in two parts, as logprob_grad_kernel uses them: log p = (x·(1/τ) rounded − shift) − ln s.
+      // The max entry then gets log p = −ln s exactly in float32 (0 when it is the only finite logit,
+      // e.g. V = 1), and no x − lse is ever formed: at |x| ~ 1e4 that difference would lose an ulp
+      // of 1e4 (~1e-3) even for logits that spread over a few units around a common offset.
+      if (a.lse) {
+        a.lse[2 * n] = __fmul_rn(st.m, (float)(1.0 / tau));
+        a.lse[2 * n + 1] = logf(st.s);
+      }
     }
   }
 }
 
-// What logprob_grad_kernel needs of a row: log p_j = x_j·inv_tau − lse, the upstream gradients and H.
+// What logprob_grad_kernel needs of a row: log p_j = (x_j·inv_tau − shift) − log_s, the upstream
+// gradients and H.
 struct RowLpGrad {
-  float inv_tau, lse, gl, gh, H;
+  float inv_tau, shift, log_s, gl, gh, H;
 };
 
 // ∂L/∂z_j = (g_logp·(1[j = y] − p_j) − g_H·p_j·(log p_j + H))/τ. A −inf logit has p_j = 0 and its
 // log p_j is replaced by 0 (never 0·(−inf)); a NaN logit stays NaN.
 __device__ __forceinline__ float lp_grad_value(float x, int j, int y, const RowLpGrad& r) {
-  const float lp = __fmul_rn(x, r.inv_tau) - r.lse;  // no FMA contraction: the forward's rounding of x/τ
+  // no FMA contraction: the forward's rounding of x/τ; x − shift is exact near the max
+  const float lp = (__fmul_rn(x, r.inv_tau) - r.shift) - r.log_s;
   const float p = expf(lp);
   const float d = r.gl * ((j == y ? 1.f : 0.f) - p) - r.gh * p * ((p > 0.f ? lp : 0.f) + r.H);
   return d * r.inv_tau;
@@ -599,7 +607,7 @@ __device__ __forceinline__ void row_lp_grad(const T* row, T* grow, int V, int y,
 }
 
 // Backward of grpo_fast.logprobs: one block per token row at a time, one read of the row (the saved
-// lse gives p_j without a reduction), one write of its gradient.
+// lse parts give p_j without a reduction), one write of its gradient.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) logprob_grad_kernel(const DevArgs a) {
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
@@ -608,10 +616,11 @@ __global__ void __launch_bounds__(kMaxRowThreads) logprob_grad_kernel(const DevA
     T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
     const float gl = load_or(a.g_logp, n, 0.f), gh = load_or(a.g_ent, n, 0.f);
     const bool zero = gl == 0.f && gh == 0.f;
-    RowLpGrad r{0.f, 0.f, gl, gh, 0.f};
+    RowLpGrad r{0.f, 0.f, 0.f, gl, gh, 0.f};
     if (!zero) {
       r.inv_tau = a.tau_rows ? (float)(1.0 / (double)a.tau_rows[n]) : (float)(1.0 / a.tau);
-      r.lse = a.lse[n];
+      r.shift = a.lse[2 * n];
+      r.log_s = a.lse[2 * n + 1];
       r.H = gh != 0.f ? a.entropy[n] : 0.f;
     }
     row_lp_grad(row, grow, (int)a.V, (int)a.ids[n], zero, r);

@@ -18,6 +18,10 @@ A kernel backend is a module with:
         grad:  None, or a (B, T, V) tensor of the logits' dtype (stride(-1) == 1, possibly the logits
                themselves for inplace=True) that receives ∂loss/∂logits for grad_output = 1.
     token_logprobs(logits, ids, temperature, return_entropy) -> (logp (B,T) f32, entropy (B,T) f32 | None)
+    logprobs_forward(logits, ids, temperature, return_entropy) -> (logp, entropy | None, lse (B,T,2) f32)
+    logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad) -> None
+        The differentiable log-probs of grpo_fast/logprobs.py (see its docstring): lse is kept in two
+        parts (shift = max x, log Σ exp(x − shift)) and backward forms log p = (x − shift) − log_d.
 
 "torch" is the eager reference and goes through autograd instead (see grpo_fast/api.py).
 Importing a backend never fails: a missing compiled extension or Triton only makes it unavailable.

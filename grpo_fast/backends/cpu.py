@@ -159,7 +159,8 @@ def _temperature_args(temperature):
 
 
 def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
-    """Forward of grpo_fast.logprobs: (logp, entropy | None, lse), each (B, T) float32.
+    """Forward of grpo_fast.logprobs: (logp, entropy | None, lse); logp and entropy (B, T) float32, lse
+    (B, T, 2) float32 in two parts (max x, log Σ exp(x − max)) (see grpo_fast/logprobs.py).
 
     Args:
         logits: (B, T, V) fp32/bf16/fp16 with stride(-1) == 1 (any B/T strides).
@@ -171,7 +172,7 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, retur
     assert ids.dtype == torch.int64 and ids.is_contiguous()
     tau0, tau_ptr = _temperature_args(temperature)
     logp = torch.empty((B, T), dtype=torch.float32)
-    lse = torch.empty((B, T), dtype=torch.float32)
+    lse = torch.empty((B, T, 2), dtype=torch.float32)
     entropy = torch.empty((B, T), dtype=torch.float32) if return_entropy else None
     _C_cpu.logprobs_fwd(
         logits.data_ptr(), _DTYPE_CODES[logits.dtype], B, T, V, logits.stride(0), logits.stride(1),
@@ -185,7 +186,8 @@ def logprobs_backward(logits: torch.Tensor, ids: torch.Tensor, temperature, lse:
                       g_entropy: Optional[torch.Tensor], grad: torch.Tensor) -> None:
     """Backward of grpo_fast.logprobs: grad (B, T, V) ← ∂L/∂logits from the upstream gradients.
 
-    grad_j = (g_logp·(1[j = y] − p_j) − g_entropy·p_j·(log p_j + H)) / τ, p = exp(logits/τ − lse).
+    grad_j = (g_logp·(1[j = y] − p_j) − g_entropy·p_j·(log p_j + H)) / τ, log p = (x − lse[..., 0]) − lse[..., 1]
+    with x = logits/τ and lse (B, T, 2) float32 contiguous from logprobs_forward.
     g_logp / g_entropy: (B, T) float32 contiguous or None (zero); entropy is needed with g_entropy.
     grad: (B, T, V) of the logits' dtype, stride(-1) == 1 (may be the logits themselves).
     """
@@ -195,6 +197,7 @@ def logprobs_backward(logits: torch.Tensor, ids: torch.Tensor, temperature, lse:
     for name, t in (("lse", lse), ("entropy", entropy), ("g_logp", g_logp), ("g_entropy", g_entropy)):
         _check_small(name, t)
     assert g_entropy is None or entropy is not None
+    assert lse.shape == (B, T, 2), "lse: (B, T, 2) (max, log Σ exp(x − max)) from logprobs_forward"
     tau0, tau_ptr = _temperature_args(temperature)
     _C_cpu.logprobs_bwd(
         logits.data_ptr(), _DTYPE_CODES[logits.dtype], B, T, V, logits.stride(0), logits.stride(1),

@@ -86,7 +86,8 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, 
 
 
 def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
-    """Forward of grpo_fast.logprobs: (logp, entropy | None, lse), each (B, T) float32 (see grpo_fast/logprobs.py)."""
+    """Forward of grpo_fast.logprobs: (logp, entropy | None, lse): (B, T) float32, lse (B, T, 2) float32 in
+    two parts (see grpo_fast/logprobs.py)."""
     with torch.cuda.device(logits.device):
         return logprobs_forward_with(_C_cuda, logits, ids, temperature, return_entropy, *_device_and_stream(logits))
 
@@ -115,7 +116,7 @@ def logprobs_forward_with(ext, logits, ids, temperature, return_entropy: bool, d
     dev = logits.device
     assert ids.dtype == torch.int64 and ids.is_contiguous()
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
-    lse = torch.empty((B, T), dtype=torch.float32, device=dev)
+    lse = torch.empty((B, T, 2), dtype=torch.float32, device=dev)  # (max x, ln Σ exp(x − max))
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
     ext.logprobs_fwd(**_logits_kwargs(logits), ids=ids.data_ptr(), **_tau_kwargs(temperature), logp=logp.data_ptr(),
                      entropy=_ptr(entropy), lse=lse.data_ptr(), device=device, stream=stream)
@@ -125,6 +126,7 @@ def logprobs_forward_with(ext, logits, ids, temperature, return_entropy: bool, d
 def logprobs_backward_with(ext, logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad,
                            device: int, stream: int) -> None:
     assert grad.shape == logits.shape and grad.dtype == logits.dtype and grad.stride(-1) == 1
+    assert lse.shape == (*logits.shape[:2], 2), "lse: (B, T, 2) (max x, ln Σ exp(x − max)) from logprobs_forward"
     for t in (lse, entropy, g_logp, g_entropy):
         assert t is None or (t.dtype == torch.float32 and t.is_contiguous())
     ext.logprobs_bwd(**_logits_kwargs(logits), grad=grad.data_ptr(), grad_stride_b=grad.stride(0),

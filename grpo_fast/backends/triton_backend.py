@@ -274,7 +274,8 @@ def _tau_args(temperature, dummy):
 
 
 def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
-    """(logp, entropy | None, lse), each (B, T) float32, in one sweep of each row of logits (B, T, V)."""
+    """(logp, entropy | None, lse) in one sweep of each row of logits (B, T, V): logp and entropy (B, T)
+    float32, lse (B, T, 2) float32 in two parts (shift = max x, log_d = log Σ exp(x − shift))."""
     B, T, V = logits.shape
     assert logits.stride(-1) == 1 and ids.dtype == torch.int64 and ids.is_contiguous()
     dev = logits.device
@@ -282,7 +283,7 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, retur
         dummy = torch.empty(1, dtype=torch.float32, device=dev)
         tau_ptr, tau0, per_row = _tau_args(temperature, dummy)
         logp = torch.empty((B, T), dtype=torch.float32, device=dev)
-        lse = torch.empty((B, T), dtype=torch.float32, device=dev)
+        lse = torch.empty((B, T, 2), dtype=torch.float32, device=dev)
         entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
         _launch_v("_logprobs_fwd_kernel", (B * T,), dict(
             logits_ptr=logits, ids_ptr=ids, tau_ptr=tau_ptr, logp_ptr=logp,
@@ -296,10 +297,12 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, retur
 def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad) -> None:
     """grad (B, T, V) ← (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ: one sweep of each row.
 
-    g_logp / g_entropy: (B, T) float32 contiguous or None (zero). grad may be the logits' storage.
+    g_logp / g_entropy: (B, T) float32 contiguous or None (zero); lse (B, T, 2) float32 contiguous from
+    logprobs_forward. grad may be the logits' storage.
     """
     B, T, V = logits.shape
     assert logits.stride(-1) == 1 and grad.stride(-1) == 1 and grad.shape == logits.shape
+    assert lse.shape == (B, T, 2) and lse.dtype == torch.float32 and lse.is_contiguous()
     assert g_entropy is None or entropy is not None
     dev = logits.device
     inplace = grad.data_ptr() == logits.data_ptr()

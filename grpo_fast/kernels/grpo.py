@@ -15,9 +15,9 @@ Kernels:
   _grpo_seq_row_kernel     sequence level (GSPO), pass 2: one program per sequence computes the
                            row's ratio, the per-token terms, the row's stats and each token's dL/dlogp.
   _grpo_grad_kernel        sequence level, pass 3: writes dL/dz = g·(onehot(y) − p)/τ from the lse of pass 1.
-  _logprobs_fwd_kernel     grpo_fast.logprobs forward: lse, logp, entropy per token (per-token τ allowed).
+  _logprobs_fwd_kernel     grpo_fast.logprobs forward: lse (two parts), logp, entropy per token (per-token τ allowed).
   _logprobs_bwd_kernel     grpo_fast.logprobs backward: one sweep writing
-                           dL/dz = [g_logp·(onehot(y) − p) − g_H·p·(log p + H)]/τ from the saved lse.
+                           dL/dz = [g_logp·(onehot(y) − p) − g_H·p·(log p + H)]/τ from the saved lse parts.
 
 Conventions: row offsets in int64 (B·T·V passes 2^31 at real sizes); every float option is a
 run-time argument (a new epsilon or beta never recompiles); loss type and flags are tl.constexpr.
@@ -552,17 +552,18 @@ def _logprobs_fwd_kernel(
     # meta-parameters
     TAU_PER_ROW: tl.constexpr, STORE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """logp[row] = x[y] − lse, lse[row], and entropy[row] when STORE_ENTROPY, with x = z / τ."""
+    """logp[row] = (x[y] − shift) − log_d, the lse in its two parts (lse_ptr (N, 2): shift, log_d; see
+    _online_lse_entropy) for backward, and entropy[row] when STORE_ENTROPY, with x = z / τ."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
     z_row = logits_ptr + b * stride_lb + t * stride_lt
     tau = _row_tau(tau_ptr, row, temperature, TAU_PER_ROW)
     shift, log_d, entropy = _online_lse_entropy(z_row, V, tau, BLOCK_V)
-    lse = shift + log_d
     y = tl.load(ids_ptr + row)
-    tl.store(logp_ptr + row, tl.load(z_row + y).to(tl.float32) / tau - lse)
-    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, (tl.load(z_row + y).to(tl.float32) / tau - shift) - log_d)
+    tl.store(lse_ptr + 2 * row, shift)
+    tl.store(lse_ptr + 2 * row + 1, log_d)
     if STORE_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
 
@@ -579,7 +580,8 @@ def _logprobs_bwd_kernel(
     TAU_PER_ROW: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
     SOFT_BF16: tl.constexpr = False,
 ):
-    """grad[row, :] = (g_logp·(onehot(y) − p) − g_H·p·(log p + H)) / τ from the forward's lse.
+    """grad[row, :] = (g_logp·(onehot(y) − p) − g_H·p·(log p + H)) / τ from the forward's lse parts,
+    log p = (x − shift) − log_d (lse_ptr (N, 2)), never x − lse (an ulp of |x| lost at |x| ~ 1e4).
 
     z_row and g_row may be the same memory (fused-linear chunks): each block is read before it is
     written, and no other program touches this row. A banned (−inf) logit has p = 0: log p is
@@ -609,12 +611,13 @@ def _logprobs_bwd_kernel(
             tl.store(g_row + cols, zero.to(g_row.dtype.element_ty), mask=cols < V)
     else:
         tau = _row_tau(tau_ptr, row, temperature, TAU_PER_ROW)
-        lse = tl.load(lse_ptr + row)
+        shift = tl.load(lse_ptr + 2 * row)
+        log_d = tl.load(lse_ptr + 2 * row + 1)
         y = tl.load(ids_ptr + row)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             valid = cols < V
-            lp = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32) / tau - lse
+            lp = (tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32) / tau - shift) - log_d
             p = tl.exp(lp)
             d = gl * (tl.where(cols == y, 1.0, 0.0) - p) - gh * p * (tl.where(p > 0.0, lp, 0.0) + H)
             tl.store(g_row + cols, _round_to(d / tau, g_row.dtype.element_ty, SOFT_BF16), mask=valid)
