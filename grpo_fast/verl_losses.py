@@ -364,9 +364,9 @@ def cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="toke
                           ppo_kl=masked_mean(-s, response_mask), pg_clipfrac_lower=0.0)
 
 
+# verl's loss_mode names, which are these functions' names (verl's namespace, not grpo_fast's LOSS_TABLE).
 POLICY_LOSSES: dict[str, Callable] = {
-    "vanilla": vanilla, "dppo_tv": dppo_tv, "dppo_kl": dppo_kl, "gspo": gspo, "sapo": sapo, "gpg": gpg,
-    "clip_cov": clip_cov, "kl_cov": kl_cov, "geo_mean": geo_mean, "dro": dro, "cispo": cispo,
+    f.__name__: f for f in (vanilla, dppo_tv, dppo_kl, gspo, sapo, gpg, clip_cov, kl_cov, geo_mean, dro, cispo)
 }
 _NOT_SUPPORTED = {
     "bypass_mode": "its rollout correction (IS weights, rejection sampling and their ~40 diagnostics) is not "
