@@ -21,8 +21,9 @@ floats under verl's metric names (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``act
 (tests/test_verl_losses.py). This module does not import verl.
 
 Policy losses (``POLICY_LOSSES``): vanilla, dppo_tv, dppo_kl, gspo, sapo, gpg, clip_cov, kl_cov,
-geo_mean, dro, cispo — every one verl 0.9.1 registers except ``bypass_mode`` (its rollout-correction
-machinery is not reproduced: ``get_policy_loss_fn("bypass_mode")`` raises ``ValueError``).
+geo_mean, dro, cispo and bypass_mode (with its rollout correction: IS weights, rejection sampling and
+the ``rollout_corr/*`` diagnostics of ``config.policy_loss.rollout_correction``) — every one verl
+0.9.1 registers. Bad option values raise ``ValueError`` (verl asserts).
 """
 from __future__ import annotations
 
@@ -364,14 +365,282 @@ def cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="toke
                           ppo_kl=masked_mean(-s, response_mask), pg_clipfrac_lower=0.0)
 
 
+# ---- bypass_mode: the rollout correction (verl's rollout_corr_helper) ------------------------------------
+# In bypass mode old_log_prob is the rollout engine's log-prob; the correction compares the current policy
+# (log_prob, detached) with it: s = log π − log π_rollout per token.
+
+_RS_KINDS = {"token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
+             "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3"}
+
+
+def _item(x) -> float:
+    return x.item() if isinstance(x, torch.Tensor) else float(x)
+
+
+def _parse_is_threshold(spec):
+    """rollout_is_threshold: a number (TIS: cap) or "lower_upper" (IcePop: zero outside) -> (upper, lower | None)."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        raise TypeError(f"rollout_is_threshold must be a number or a 'lower_upper' string, got {spec!r}")
+    lower = None
+    try:
+        if isinstance(spec, str):
+            parts = spec.strip().split("_", 1)
+            upper = float(parts[-1])
+            lower = float(parts[0]) if len(parts) == 2 else None
+        else:
+            upper = float(spec)
+    except ValueError as e:
+        raise ValueError(f"invalid rollout_is_threshold {spec!r}") from e
+    if upper <= 0 or (lower is not None and not 0 < lower <= upper):
+        raise ValueError(f"rollout_is_threshold {spec!r}: bounds must be positive with lower <= upper")
+    return upper, lower
+
+
+def _parse_rs(rollout_rs, spec):
+    """rollout_rs ("token_k1,seq_mean_k3", ...) and its thresholds -> [(kind, lower | None, upper)]."""
+    if not isinstance(rollout_rs, str) or not rollout_rs.strip():
+        raise ValueError("rollout_rs must be a non-empty string of comma-separated options")
+    if spec is None:
+        raise ValueError("rollout_rs_threshold must be provided when rollout_rs is set")
+    kinds = list(dict.fromkeys(k.strip() for k in rollout_rs.split(",") if k.strip()))
+    bad = [k for k in kinds if k not in _RS_KINDS]
+    if bad:
+        raise ValueError(f"rollout_rs option {bad[0]!r} is not one of {sorted(_RS_KINDS)}")
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        specs = [str(spec)]
+    elif isinstance(spec, str):
+        specs = [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        raise TypeError(f"rollout_rs_threshold must be a number or a string, got {spec!r}")
+    if len(specs) not in (1, len(kinds)):
+        raise ValueError(f"rollout_rs_threshold: give one threshold or one per rollout_rs option ({len(kinds)})")
+    specs = specs * len(kinds) if len(specs) == 1 else specs
+    out = []
+    for kind, sp in zip(kinds, specs):
+        try:
+            if kind.endswith("k1"):  # a ratio range; a single number u means [1/u, u]
+                lo, up = (float(x) for x in sp.split("_", 1)) if "_" in sp else (1.0 / float(sp), float(sp))
+                if lo <= 0 or up <= 0 or lo > up:
+                    raise ValueError
+            else:
+                if "_" in sp:
+                    raise ValueError
+                lo, up = None, float(sp)
+                if up <= 0:
+                    raise ValueError
+        except ValueError as e:
+            raise ValueError(f"rollout_rs_threshold {sp!r} is not valid for {kind!r} (k1: 'lower_upper' or one "
+                             "positive number; k2/k3: one positive number)") from e
+        out.append((kind, lo, up))
+    return out
+
+
+def _clamped_std(x, mask, lo, hi):
+    if mask.sum() <= 1:
+        return 0.0
+    xc = x.clamp(min=lo, max=hi)
+    return torch.sqrt((masked_mean(xc.square(), mask) - masked_mean(xc, mask).square()).clamp(min=0.0)).item()
+
+
+def _is_weights(s, mask, level, spec, batch_normalize):
+    """Truncated (TIS) or masked (IcePop) rollout IS weights (B, T), detached, and their diagnostics."""
+    if level not in ("token", "sequence"):
+        raise ValueError(f"rollout_is must be 'token', 'sequence' or None, got {level!r}")
+    upper, lower = _parse_is_threshold(spec)
+    m = {}
+    if level == "token":
+        log_w = s
+        raw = torch.exp(s.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    else:
+        log_w = _masked_sum(s, mask, -1).unsqueeze(-1)  # log of the product of the token ratios
+        raw = torch.exp(log_w.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)).expand_as(s)
+    raw = raw * mask
+    if lower is None:
+        w = raw.clamp(max=upper)
+    else:
+        w = torch.where((raw >= lower) & (raw <= upper), raw, torch.zeros_like(raw))
+    lo_eff = 1.0 / upper if lower is None else lower
+    if not mask.any():
+        raise ValueError("response_mask must contain at least one valid token")
+    m["rollout_is_mean"] = masked_mean(w, mask).item()
+    if level == "sequence":
+        m["rollout_is_max"] = torch.exp(log_w.max().clamp(max=_LOG_RATIO_CLAMP)).item()
+        m["rollout_is_min"] = torch.exp(log_w.min()).item()
+        m["rollout_is_ratio_fraction_high"] = (log_w > torch.log(torch.tensor(upper))).float().mean().item()
+        m["rollout_is_ratio_fraction_low"] = (log_w < torch.log(torch.tensor(lo_eff))).float().mean().item()
+    else:
+        m["rollout_is_ratio_fraction_high"] = masked_mean((raw > upper).float(), mask).item()
+        m["rollout_is_ratio_fraction_low"] = masked_mean((raw < lo_eff).float(), mask).item()
+        m["rollout_is_max"] = w.masked_fill(~mask.bool(), float("-inf")).max().item()
+        m["rollout_is_min"] = w.masked_fill(~mask.bool(), float("inf")).min().item()
+    m["rollout_is_std"] = _clamped_std(w, mask, 0.0, upper)
+    wc = w.clamp(min=0.0, max=upper)
+    m["rollout_is_eff_sample_size"] = 1.0 / masked_mean((wc / (masked_mean(wc, mask) + _EPS)).square(), mask).item()
+    row = masked_mean(w, mask, -1)
+    m["rollout_is_seq_mean"] = row.mean().item()
+    m["rollout_is_seq_std"] = row.std().item() if row.numel() > 1 else 0.0
+    m["rollout_is_seq_max"] = row.max().item()
+    m["rollout_is_seq_min"] = row.min().item()
+    m["rollout_is_seq_max_deviation"] = (row - 1.0).abs().max().item()
+    raw_row = masked_mean(raw, mask, -1)  # before truncation: a truncated mean can never exceed the cap
+    m["rollout_is_seq_fraction_high"] = (raw_row > upper).float().mean().item()
+    m["rollout_is_seq_fraction_low"] = (raw_row < lo_eff).float().mean().item()
+    if lower is not None:
+        m["rollout_is_oob_ratio"] = masked_mean(((raw < lower) | (raw > upper)).float(), mask).item()
+    if batch_normalize:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ValueError("rollout_is_batch_normalize across ranks (torch.distributed) is not supported by grpo_fast")
+        if level == "token":
+            mean = masked_mean(w, mask)
+        else:
+            rows = (mask.sum(-1) > 0).to(w.dtype)
+            mean = (masked_mean(w, mask, -1) * rows).sum() / rows.sum().clamp_min(_EPS)
+        if mean > _EPS:
+            w = w / mean
+            m["rollout_is_batch_norm_factor"] = mean.item()
+        else:
+            m["rollout_is_batch_norm_factor"] = 1.0
+    return w, m
+
+
+def _rejection(s, mask, rollout_rs, spec):
+    """Rejection sampling: the mask with tokens / rows outside every option's trust region set to 0, and diagnostics."""
+    options = _parse_rs(rollout_rs, spec)
+    if s.shape[0] == 0:
+        return mask, {}
+    sc = s.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    per_token = {"k1": -sc, "k2": 0.5 * sc.square(), "k3": torch.exp(sc) - 1.0 - sc}
+    mb = mask.bool()
+    rows_valid = mask.sum(-1) > 0
+    keep_all = torch.ones_like(s)
+    m = {}
+    for kind, lo, up in options:
+        est = per_token[kind[-2:]]
+        k1 = kind.endswith("k1")
+        lo_t, up_t = (math.log(lo), math.log(up)) if k1 else (0.0, up)  # k1 bounds are on the log-ratio
+        if kind.startswith("token"):
+            stat, row_stat, level = est, None, "token"
+        else:
+            if kind.startswith("seq_sum"):
+                row_stat = _masked_sum(est, mask, -1)
+            elif kind.startswith("seq_mean"):
+                row_stat = masked_mean(est, mask, -1)
+            else:
+                mx = est.masked_fill(~mb, float("-inf")).max(-1).values
+                row_stat = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
+            stat, level = row_stat.unsqueeze(-1).expand_as(s), "sequence"
+        keep = ((stat >= lo_t) & (stat <= up_t)) if k1 else (stat <= up_t)
+        keep_f = keep.to(s.dtype)
+        keep_all = keep_all * keep_f
+        m.update(_rs_metrics(f"rollout_rs_{kind}", stat, mask, rows_valid, level, row_stat, up_t, lo_t, k1))
+        m[f"rollout_rs_{kind}_masked_fraction"] = masked_mean(1 - keep_f, mask).item()
+        rv = rows_valid.float()
+        row_kept = (~(~keep & mb)).all(-1).to(s.dtype)
+        m[f"rollout_rs_{kind}_seq_masked_fraction"] = (((1.0 - row_kept) * rv).sum() / rv.sum()).item() if rv.sum() > 0 else 0.0
+    m["rollout_rs_masked_fraction"] = masked_mean(1 - keep_all, mask).item()
+    m["rollout_rs_seq_masked_fraction"] = (~((keep_all > 0.5) & mb) & mb).any(-1).float().mean().item()
+    return (mask * keep_all).to(mask.dtype), m
+
+
+def _rs_metrics(prefix, stat, mask, rows_valid, level, row_stat, upper, lower, use_lower):
+    if not mask.any():
+        raise ValueError("response_mask must contain at least one valid token")
+    rows = (masked_mean(stat, mask, -1) if row_stat is None else row_stat)[rows_valid]
+    seq = level == "sequence" and rows.numel() > 0
+    m = {f"{prefix}_mean": masked_mean(stat, mask).item()}
+    if seq:
+        m[f"{prefix}_max"], m[f"{prefix}_min"] = rows.max().item(), rows.min().item()
+        m[f"{prefix}_fraction_high"] = (rows > upper).float().mean().item()
+        m[f"{prefix}_fraction_low"] = (rows < lower).float().mean().item() if use_lower else 0.0
+    else:
+        m[f"{prefix}_max"] = stat.masked_fill(~mask.bool(), float("-inf")).max().item()
+        m[f"{prefix}_min"] = stat.masked_fill(~mask.bool(), float("inf")).min().item()
+        m[f"{prefix}_fraction_high"] = masked_mean((stat > upper).float(), mask).item()
+        m[f"{prefix}_fraction_low"] = masked_mean((stat < lower).float(), mask).item() if use_lower else 0.0
+    m[f"{prefix}_std"] = _clamped_std(stat, mask, lower if use_lower else 0.0, upper)
+    if rows.numel() > 0:
+        m[f"{prefix}_seq_mean"] = rows.mean().item()
+        m[f"{prefix}_seq_std"] = rows.std().item() if rows.numel() > 1 else 0.0
+        m[f"{prefix}_seq_max"], m[f"{prefix}_seq_min"] = rows.max().item(), rows.min().item()
+        m[f"{prefix}_seq_max_deviation"] = rows.abs().max().item()
+        m[f"{prefix}_seq_fraction_high"] = (rows > upper).float().mean().item()
+        if use_lower:
+            m[f"{prefix}_seq_fraction_low"] = (rows < lower).float().mean().item()
+    else:
+        for k in ("seq_mean", "seq_std", "seq_max", "seq_min", "seq_max_deviation", "seq_fraction_high", "seq_fraction_low"):
+            m[f"{prefix}_{k}"] = 0.0
+    return m
+
+
+def _offpolicy_metrics(logp, rollout, mask):
+    """Policy-mismatch diagnostics: perplexities, KL (k1, k3), χ² of the token and sequence ratios."""
+    if not mask.any():
+        raise ValueError("response_mask must contain at least one valid token")
+    row_train, row_roll = masked_mean(logp, mask, -1), masked_mean(rollout, mask, -1)
+    s = logp - rollout
+    diff = row_roll - row_train
+    rho = torch.exp(s.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    row_s = _masked_sum(s, mask, -1).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return {
+        "training_ppl": torch.exp(-row_train).mean().item(), "training_log_ppl": (-row_train).mean().item(),
+        "kl": masked_mean(-s, mask).item(), "k3_kl": masked_mean(torch.exp(s) - s - 1, mask).item(),
+        "rollout_ppl": torch.exp(-row_roll).mean().item(), "rollout_log_ppl": (-row_roll).mean().item(),
+        "log_ppl_diff": diff.mean().item(), "log_ppl_abs_diff": diff.abs().mean().item(),
+        "log_ppl_diff_max": diff.max().item(), "log_ppl_diff_min": diff.min().item(),
+        "ppl_ratio": torch.exp(diff).mean().item(),
+        "chi2_token": (masked_mean(rho.square(), mask) - 1.0).item(),
+        "chi2_seq": (torch.exp(2.0 * row_s).mean() - 1.0).item(),
+    }
+
+
+def bypass_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                rollout_is_weights=None):
+    """Bypass mode (old_log_prob is the rollout engine's log-prob): the rollout correction of
+    ``config.policy_loss.rollout_correction`` — IS weights (rollout_is token | sequence | None, TIS cap or
+    IcePop range, optional batch normalization) and rejection sampling (rollout_rs) from
+    s = sg(log π) − log π_rollout — then loss_type "ppo_clip" (vanilla on the rejection-masked tokens, no
+    IS weights: the ratio already is π/π_rollout) or "reinforce" (−w·A·log π). The passed
+    rollout_is_weights are ignored (computed here), as in verl. Metrics: the loss's, plus rollout_corr/*."""
+    rc = _cfg(_cfg(config, "policy_loss"), "rollout_correction")
+    if rc is None:
+        raise ValueError("bypass_mode needs config.policy_loss.rollout_correction")
+    loss_type = _cfg(rc, "loss_type", "ppo_clip")
+    if loss_type not in ("ppo_clip", "reinforce"):
+        raise ValueError(f"rollout_correction.loss_type must be 'ppo_clip' or 'reinforce', got {loss_type!r}")
+    level, is_spec = _cfg(rc, "rollout_is"), _cfg(rc, "rollout_is_threshold", 2.0)
+    if not response_mask.any():
+        raise ValueError("response_mask must contain at least one valid token")
+    if not (old_log_prob.shape == log_prob.shape == response_mask.shape):
+        raise ValueError(f"bypass_mode: log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and "
+                         f"response_mask {tuple(response_mask.shape)} must have one shape")
+    corr = {}
+    with torch.no_grad():
+        s = log_prob.detach() - old_log_prob
+        weights = None
+        if level is not None and is_spec is not None:
+            weights, m = _is_weights(s, response_mask, level, is_spec, bool(_cfg(rc, "rollout_is_batch_normalize", False)))
+            corr.update(m)
+        mask = response_mask.clone()
+        if _cfg(rc, "rollout_rs") is not None:
+            mask, m = _rejection(s, response_mask, _cfg(rc, "rollout_rs"), _cfg(rc, "rollout_rs_threshold"))
+            corr.update(m)
+        corr.update(_offpolicy_metrics(log_prob.detach(), old_log_prob, response_mask))
+    if loss_type == "reinforce":
+        pg = -advantages * log_prob * (1.0 if weights is None else weights)
+        loss = _agg(pg, mask, loss_agg_mode, config)
+        metrics = _metrics(ppo_kl=masked_mean(-(log_prob - old_log_prob), mask))
+    else:
+        loss, metrics = vanilla(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, None)
+    metrics.update({f"rollout_corr/{k}": _item(v) for k, v in corr.items()})
+    return loss, metrics
+
+
 # verl's loss_mode names, which are these functions' names (verl's namespace, not grpo_fast's LOSS_TABLE).
 POLICY_LOSSES: dict[str, Callable] = {
-    f.__name__: f for f in (vanilla, dppo_tv, dppo_kl, gspo, sapo, gpg, clip_cov, kl_cov, geo_mean, dro, cispo)
+    f.__name__: f for f in (vanilla, dppo_tv, dppo_kl, gspo, sapo, gpg, clip_cov, kl_cov, geo_mean, dro, cispo,
+                            bypass_mode)
 }
-_NOT_SUPPORTED = {
-    "bypass_mode": "its rollout correction (IS weights, rejection sampling and their ~40 diagnostics) is not "
-                   "reproduced by grpo_fast; compute rollout_is_weights yourself and use 'vanilla'",
-}
+_NOT_SUPPORTED: dict = {}  # verl losses refused with a reason (none at present)
 
 
 def get_policy_loss_fn(name: str) -> Callable:

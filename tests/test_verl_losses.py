@@ -16,6 +16,7 @@ core_algos = pytest.importorskip(
     reason="verl is not installed: pip install --no-deps verl==0.9.1 && pip install ray tensordict omegaconf codetiming "
            "(the 'verl' extra of pyproject.toml lists them)",
 )
+from verl.trainer.config import RolloutCorrectionConfig  # noqa: E402
 from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
 
 import grpo_fast  # noqa: E402
@@ -29,9 +30,11 @@ def test_every_verl_loss_is_covered():
     assert set(core_algos.POLICY_LOSS_REGISTRY) == set(gv.POLICY_LOSSES) | set(gv._NOT_SUPPORTED)
 
 
-def _config(loss_mode="vanilla", global_info=None, **kw):
+def _config(loss_mode="vanilla", global_info=None, rollout_correction=None, **kw):
     pl = dict(loss_mode=loss_mode, clip_cov_ratio=0.2, clip_cov_lb=0.05, clip_cov_ub=5.0, kl_cov_ratio=0.2,
               ppo_kl_coef=0.7, dro_beta=0.3)
+    if rollout_correction is not None:
+        pl["rollout_correction"] = RolloutCorrectionConfig(**rollout_correction)
     fields = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=1.0, tau_neg=1.05)
     fields.update(kw)
     return FSDPActorConfig(ppo_micro_batch_size_per_gpu=2, rollout_n=4, policy_loss=PolicyLossConfig(**pl),
@@ -103,6 +106,42 @@ def test_policy_loss_far_off_policy_and_options(name):
     _compare(name, logp, old, A, mask, "seq-mean-token-mean", cfg, None, rtol=1e-10)
 
 
+BYPASS_CASES = {
+    "default_seq_is": dict(),
+    "token_tis_reinforce": dict(rollout_is="token", rollout_is_threshold=1.5, loss_type="reinforce"),
+    "seq_icepop_batchnorm": dict(rollout_is="sequence", rollout_is_threshold="0.3_3.0", rollout_is_batch_normalize=True),
+    "token_icepop_batchnorm_reinforce": dict(rollout_is="token", rollout_is_threshold="0.7_1.4",
+                                             rollout_is_batch_normalize=True, loss_type="reinforce"),
+    "no_is_rs_token_k1": dict(rollout_is=None, rollout_rs="token_k1", rollout_rs_threshold="0.8_1.3"),
+    "rs_k1_single_number": dict(rollout_is="token", rollout_rs="seq_mean_k1", rollout_rs_threshold=1.2,
+                                loss_type="reinforce"),
+    "rs_chain": dict(rollout_is="token", rollout_rs="token_k2,seq_sum_k3,seq_max_k2", rollout_rs_threshold="0.05,1.0,0.1"),
+    "rs_seq_k1_k3": dict(rollout_is=None, rollout_rs="seq_sum_k1,seq_mean_k3,token_k3,seq_max_k3,seq_mean_k2,seq_sum_k2",
+                         rollout_rs_threshold="0.5_2.0,0.05,0.3,0.2,0.04,0.3", loss_type="reinforce"),
+}
+
+
+@pytest.mark.parametrize("case", list(BYPASS_CASES))
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
+def test_bypass_mode_matches_verl(case, mode):
+    """bypass_mode's rollout correction: IS weights (token / sequence, TIS / IcePop, batch-normalized) and
+    rejection sampling (every option kind), ppo_clip and reinforce: loss, every rollout_corr/* metric, gradient."""
+    for seed in range(2):
+        logp, old, A, mask, _ = _inputs(seed, spread=0.3)
+        _compare("bypass_mode", logp, old, A, mask, mode, _config("bypass_mode", rollout_correction=BYPASS_CASES[case]),
+                 None, rtol=1e-10)
+
+
+def test_bypass_mode_rejects_and_weights():
+    """The bypass cases are not vacuous: rejection sampling drops tokens and the IS weights are not all 1."""
+    logp, old, A, mask, _ = _inputs(0, spread=0.3)
+    _, m, _ = _run(gv.bypass_mode, logp, old, A, mask, "token-mean", _config("bypass_mode", rollout_correction=BYPASS_CASES["rs_chain"]))
+    assert 0 < m["rollout_corr/rollout_rs_masked_fraction"] < 1 and m["rollout_corr/rollout_is_std"] > 0
+    with pytest.raises(ValueError, match="rollout_rs"):
+        _run(gv.bypass_mode, logp, old, A, mask, "token-mean",
+             _config("bypass_mode", rollout_correction=dict(rollout_rs="token_k4", rollout_rs_threshold=1.0)))
+
+
 def test_clip_cov_actually_drops_tokens():
     """The parity above is not vacuous for clip_cov / kl_cov: tokens are selected."""
     logp, old, A, mask, _ = _inputs(1)
@@ -142,8 +181,6 @@ def test_kl_penalty_matches_verl(kind):
 
 
 def test_unsupported_are_refused():
-    with pytest.raises(ValueError, match="bypass_mode"):
-        gv.get_policy_loss_fn("bypass_mode")
     with pytest.raises(ValueError, match="unknown policy loss"):
         gv.get_policy_loss_fn("ppo")
     with pytest.raises(ValueError, match="full"):
