@@ -107,7 +107,7 @@ def logprobs_reference(logits: torch.Tensor, ids: torch.Tensor, temperature=1.0,
     return logp, entropy
 
 
-def _kl(ref: torch.Tensor, logp: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_estimate(ref: torch.Tensor, logp: torch.Tensor, estimator: str) -> torch.Tensor:
     d = ref - logp
     if estimator == "k3":  # unbiased, always >= 0 (Schulman's k3; DeepSeekMath, TRL, verl low_var_kl)
         return torch.exp(d) - d - 1
@@ -116,6 +116,35 @@ def _kl(ref: torch.Tensor, logp: torch.Tensor, estimator: str) -> torch.Tensor:
     if estimator == "k2":
         return 0.5 * d * d
     raise ValueError(f"kl_estimator must be 'k3', 'k1' or 'k2', got {estimator!r}")
+
+
+def importance_ratio(logp: torch.Tensor, mask: torch.Tensor, level: str, old_logp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """r = exp(s): (B, T) at token level, (B, 1) at sequence level (GSPO: s the row's masked mean log-ratio).
+
+    ``old_logp=None`` is on-policy: old = logp.detach(), so r = 1 but dr/dlogp = 1.
+    """
+    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+    log_ratio = logp - old
+    if level == "token":
+        return torch.exp(log_ratio)
+    return torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+
+
+def aggregate(L: torch.Tensor, mask: torch.Tensor, aggregation: str, *, max_completion_length=None, num_items_in_batch=None) -> torch.Tensor:
+    """The loss from the per-token ``L`` (B, T) by one of ``LossType.aggregation`` (docs/spec.md, "Aggregation")."""
+    B, T = mask.shape
+    if aggregation == "row_mean":
+        return ((L * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if aggregation == "batch_token_mean":
+        return (L * mask).sum() / mask.sum().clamp(min=1.0)
+    if aggregation == "fixed_length":
+        return (L * mask).sum() / (B * (T if max_completion_length is None else max_completion_length))
+    if aggregation == "global_token_mean":
+        n = mask.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch), dtype=L.dtype)
+        return (L * mask).sum() / n.clamp(min=1.0)
+    if aggregation == "row_sum_mean":  # luspo: sequence-length-weighted sum per row, mean over rows
+        return (L * mask).sum(-1).mean()
+    raise ValueError(f"unknown aggregation {aggregation!r}")
 
 
 def per_token_loss(logp: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, o: GRPOOptions, *,
@@ -132,14 +161,7 @@ def per_token_loss(logp: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, o: G
     A = A.to(acc)
     A = A.unsqueeze(1) if A.dim() == 1 else A  # (B, 1) broadcasts over T
 
-    # Importance ratio: per token, or one per sequence (GSPO).
-    old = logp.detach() if old_logp is None else old_logp.to(acc)  # on-policy: r = 1, dr/dlogp = 1
-    log_ratio = logp - old
-    if o.importance_sampling_level == "token":
-        s = log_ratio
-    else:
-        s = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    r = torch.exp(s)
+    r = importance_ratio(logp, mask, o.importance_sampling_level, old_logp)
 
     family = LOSS_TABLE[o.loss_type].family
     if family == "clip":
@@ -158,7 +180,7 @@ def per_token_loss(logp: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, o: G
         L = L * (isr.unsqueeze(1) if isr.dim() == 1 else isr)
     kl = None
     if o.beta != 0.0:
-        kl = _kl(ref_logp.to(acc), logp, o.kl_estimator)
+        kl = kl_estimate(ref_logp.to(acc), logp, o.kl_estimator)
         if o.use_bias_correction_kl:
             kl = kl * r
         L = L + o.beta * kl
@@ -225,21 +247,8 @@ def grpo_loss_reference(
     L, r, kl = per_token_loss(logp, mask, advantages, o, old_logp=old_logp, ref_logp=ref_logp,
                               importance_sampling_ratio=importance_sampling_ratio)
 
-    # Aggregation.
-    kind = LOSS_TABLE[o.loss_type]
-    row_len = mask.sum(-1).clamp(min=1.0)
-    if kind.aggregation == "row_mean":
-        loss = ((L * mask).sum(-1) / row_len).mean()
-    elif kind.aggregation == "batch_token_mean":
-        loss = (L * mask).sum() / mask.sum().clamp(min=1.0)
-    elif kind.aggregation == "fixed_length":
-        mcl = T if o.max_completion_length is None else o.max_completion_length
-        loss = (L * mask).sum() / (B * mcl)
-    elif kind.aggregation == "global_token_mean":
-        n = mask.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch), dtype=acc)
-        loss = (L * mask).sum() / n.clamp(min=1.0)
-    else:  # row_sum_mean (luspo): sequence-length-weighted sum per row, mean over rows
-        loss = (L * mask).sum(-1).mean()
+    loss = aggregate(L, mask, LOSS_TABLE[o.loss_type].aggregation, max_completion_length=o.max_completion_length,
+                     num_items_in_batch=num_items_in_batch)
 
     # Metrics: masked means over valid tokens; clip flags over rows where they are the row's.
     n_tok = mask.sum().clamp(min=1.0)

@@ -165,7 +165,7 @@ def _assert_same_step(ref, ours, *, rtol=RTOL):
                          f"{g0[worst].flatten()[idx].item()!r} grpo_fast {g1[worst].flatten()[idx].item()!r}")
     # Every TRL metric the drop-in logs, under TRL's name; only the per-sequence extremes are not logged.
     for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio",
-                 "aux_loss"):
+                 "aux_loss", "vespo/phi_seq_mean", "policy_loss", "entropy_coef"):
         assert (name in m0) == (name in m1), f"metric {name}: logged by trl {name in m0}, by grpo_fast {name in m1}"
         if name in m0:
             assert math.isclose(m1[name], m0[name], rel_tol=1e-5, abs_tol=1e-6), f"metric {name}: trl {m0[name]} grpo_fast {m1[name]}"
@@ -221,6 +221,27 @@ OPTION_CASES = {
     "backend_torch": dict(config=dict(loss_type="dapo", beta=0.04), ours_kwargs=dict(grpo_fast_backend="torch")),
     "cast_lm_head_fp32": dict(config=dict(loss_type="dapo", beta=0.04, cast_lm_head_to_fp32=True)),
     "logits_path": dict(config=dict(loss_type="grpo", beta=0.04), ours_kwargs=dict(grpo_fast_fused_linear=False)),
+    # On the log-prob primitive (fused_linear_logprobs + the loss in torch on (B, T) vectors):
+    "vespo": dict(config=dict(loss_type="vespo", beta=0.04)),
+    "vespo_params_seq_bias_kl": dict(config=dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.1,
+                                                  use_bias_correction_kl=True, vespo_k_pos=1.5, vespo_lambda_pos=2.0,
+                                                  vespo_k_neg=2.5, vespo_lambda_neg=1.5), step=dict(ga=1)),
+    "vespo_vllm_is": dict(config=dict(loss_type="vespo", beta=0.04), batch=dict(isr="token"), step=dict(use_vllm=True)),
+    "vespo_eval": dict(config=dict(loss_type="vespo", top_entropy_quantile=0.5), step=dict(train=False)),
+    "entropy_coef_dapo": dict(config=dict(loss_type="dapo", beta=0.04, entropy_coef=0.05)),
+    "entropy_coef_grpo_seq": dict(config=dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.1,
+                                              beta=0.04)),
+    "entropy_coef_top_quantile": dict(config=dict(loss_type="bnpo", entropy_coef=0.1, top_entropy_quantile=0.4)),
+    "entropy_coef_logits_path": dict(config=dict(loss_type="sapo", entropy_coef=0.1, beta=0.04),
+                                     ours_kwargs=dict(grpo_fast_fused_linear=False)),
+    "entropy_coef_eval": dict(config=dict(loss_type="cispo", entropy_coef=0.1, epsilon_high=1.1), step=dict(train=False)),
+    "off_policy_mask": dict(config=dict(loss_type="grpo", off_policy_mask_threshold=0.3, beta=0.04)),
+    "off_policy_mask_seq_luspo": dict(config=dict(loss_type="luspo", importance_sampling_level="sequence",
+                                                  off_policy_mask_threshold=0.1)),
+    "off_policy_mask_vllm_dr_grpo": dict(config=dict(loss_type="dr_grpo", off_policy_mask_threshold=0.2, beta=0.04),
+                                         batch=dict(isr="token"), step=dict(use_vllm=True)),
+    "all_three": dict(config=dict(loss_type="vespo", off_policy_mask_threshold=0.3, entropy_coef=0.02, beta=0.04,
+                                  top_entropy_quantile=0.6)),
 }
 
 
@@ -287,14 +308,31 @@ def test_bf16_autocast_close_to_trl(tiny, tmp_path, fused_linear):
 # ---- unsupported options fail when the trainer is built ---------------------------------------------
 
 
+def test_off_policy_mask_drops_rows(tiny, tmp_path):
+    """The off-policy mask case above is not vacuous: it changes the loss (some rows are dropped)."""
+    with_mask = _compare(tiny, tmp_path, **OPTION_CASES["off_policy_mask"])[0][0]
+    without = _compare(tiny, tmp_path, config=dict(loss_type="grpo", beta=0.04))[0][0]
+    assert not math.isclose(with_mask.item(), without.item(), rel_tol=1e-3)
+
+
+def test_adaptive_entropy_matches_trl_over_steps(tiny, tmp_path):
+    """use_adaptive_entropy: the coefficient TRL's controller sets after each optimizer step, and the
+    bonus it then applies, are the drop-in's too (three steps; the first applies no bonus)."""
+    config = dict(loss_type="dapo", beta=0.04, use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=10.0,
+                  entropy_coef_delta=0.02)
+    ref_tr = _build(trl.GRPOTrainer, tiny, tmp_path, **config)
+    our_tr = _build(GRPOTrainer, tiny, tmp_path, **config)
+    for seed in range(3):
+        inputs = _batch(ref_tr, seed=seed)
+        _assert_same_step(_step(ref_tr, inputs), _step(our_tr, inputs))
+        assert our_tr.entropy_coef == ref_tr.entropy_coef and our_tr._last_world_entropy == ref_tr._last_world_entropy
+    assert ref_tr.entropy_coef > 0.05  # the controller moved (entropy below the target: the coefficient grows)
+
+
 @pytest.mark.parametrize("config, words", [
-    (dict(loss_type="vespo"), "vespo"),
-    (dict(entropy_coef=0.01), "entropy bonus"),
-    (dict(use_adaptive_entropy=True), "entropy bonus"),
-    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
     (dict(use_liger_kernel=True), "use_liger_kernel"),
     (dict(epsilon=1.5), "epsilon_low"),  # a value grpo_fast rejects: at build time, not at step 1
-], ids=["vespo", "entropy_coef", "adaptive_entropy", "off_policy_mask", "liger", "bad_epsilon"])
+], ids=["liger", "bad_epsilon"])
 def test_unsupported_option_raises_at_build(tiny, tmp_path, config, words):
     with pytest.raises(ValueError, match=words):
         _build(GRPOTrainer, tiny, tmp_path, **config)
@@ -303,8 +341,8 @@ def test_unsupported_option_raises_at_build(tiny, tmp_path, config, words):
 def test_unsupported_option_set_later_raises_at_step(tiny, tmp_path):
     tr = _build(GRPOTrainer, tiny, tmp_path)
     inputs = _batch(tr)
-    tr.off_policy_mask_threshold = 0.5  # changed on a built trainer: still refused, never bypassed
-    with pytest.raises(ValueError, match="off_policy_mask_threshold"):
+    tr.loss_type = "not_a_loss"  # changed on a built trainer: still refused, never bypassed
+    with pytest.raises(ValueError, match="not_a_loss"):
         _step(tr, inputs)
 
 
@@ -330,8 +368,8 @@ def test_patch_trl(tiny, tmp_path):
         from trl.trainer.grpo_trainer import GRPOTrainer as Patched2
 
         assert Patched is GRPOTrainer and Patched2 is GRPOTrainer
-        with pytest.raises(ValueError, match="vespo"):
-            _build(trl.GRPOTrainer, tiny, tmp_path, loss_type="vespo")
+        with pytest.raises(ValueError, match="use_liger_kernel"):
+            _build(trl.GRPOTrainer, tiny, tmp_path, use_liger_kernel=True)
     finally:
         unpatch_trl()
     assert trl.GRPOTrainer is original

@@ -24,7 +24,8 @@ TRL's names (``entropy``, ``kl``, ``clip_ratio/low_mean``, ``clip_ratio/high_mea
 
 TRL options and what they map to (all read from ``GRPOConfig`` / the trainer, as TRL reads them):
 
-    loss_type                    loss_type (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo)
+    loss_type                    loss_type (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo); vespo on the
+                                 log-prob primitive (below)
     beta                         beta, with kl_estimator="k3" (TRL's only estimator)
     epsilon / epsilon_high       epsilon_low / epsilon_high
     delta                        delta (clip family; TRL ignores it for cispo and sapo, so do we)
@@ -40,9 +41,18 @@ TRL options and what they map to (all read from ``GRPOConfig`` / the trainer, as
     router_aux_loss_coef         MoE models: the router load-balancing loss is computed from the same
                                  backbone call and added as TRL adds it
 
-Options grpo_fast does not implement raise ``ValueError`` when the trainer is built, never a silent
-fallback: loss_type="vespo", the entropy bonus (entropy_coef != 0 or use_adaptive_entropy),
-off_policy_mask_threshold, use_liger_kernel, vision-language models, and a subclass that overrides ``_compute_loss``, ``compute_loss`` or
+On the log-prob primitive: loss_type="vespo", the entropy bonus (entropy_coef, use_adaptive_entropy
+with entropy_target / entropy_coef_delta / _min / _max) and off_policy_mask_threshold need the
+per-token log-probs (and the entropy's gradient) before the loss. With any of them the drop-in runs
+``grpo_fast.fused_linear_logprobs`` (no (B, T, V) logits; one fused backward) and evaluates TRL's loss
+in torch on the (B, T) vectors: ``reference.per_token_loss`` and ``reference.aggregate`` (the math every
+kernel is tested against), TRL's own ``get_gamma_weights`` (VESPO's φ), ``get_off_policy_mask`` and
+``get_high_entropy_mask``, TRL's entropy-bonus scaling and its adaptive coefficient update, logged as
+TRL logs them (``vespo/phi_seq_mean``, ``policy_loss``, ``entropy_coef``).
+
+Refused with ``ValueError`` when the trainer is built, never a silent fallback: use_liger_kernel (in
+trl 1.16 it patches the model's layers with Liger's Triton kernels; untested together), vision-language
+models, and a subclass that overrides ``_compute_loss``, ``compute_loss`` or
 ``_get_per_token_logps_and_entropies`` (its loss would otherwise be replaced without notice).
 """
 from __future__ import annotations
@@ -68,6 +78,7 @@ except ImportError as _e:  # an optional extra: say how to get it
     ) from _e
 
 import grpo_fast
+from grpo_fast import reference
 from grpo_fast._config import LOSS_TABLE, LOSS_TYPES
 from grpo_fast.options import GRPOOptions
 from grpo_fast.validation import validate_loss_args
@@ -87,6 +98,10 @@ TRL_METRIC_NAMES = {
     "clip_ratio": "clip_ratio/region_mean",
     "cispo_clip_ratio": "cispo_clip_ratio",
 }
+
+# Loss types computed on the log-prob primitive (fused_linear_logprobs, then the loss in torch on (B, T)
+# vectors), with the loss type whose aggregation they share.
+PRIMITIVE_LOSS_TYPES = {"vespo": "dapo"}
 
 # Methods whose override in a subclass would change the policy loss that the drop-in replaces.
 _LOSS_METHODS = ("_compute_loss", "compute_loss", "_get_per_token_logps_and_entropies")
@@ -111,18 +126,9 @@ def unsupported_options(args) -> list:
     """The options of a ``GRPOConfig`` that grpo_fast cannot reproduce, each as a sentence (empty: all fine)."""
     out = []
     loss_type = getattr(args, "loss_type", GRPOOptions.loss_type)
-    if loss_type not in LOSS_TYPES:
-        out.append(f"loss_type={loss_type!r} is not implemented by grpo_fast (it implements {sorted(LOSS_TYPES)})")
-    if getattr(args, "entropy_coef", 0.0) != 0.0 or getattr(args, "use_adaptive_entropy", False):
-        out.append(
-            f"the entropy bonus (entropy_coef={args.entropy_coef}, use_adaptive_entropy={args.use_adaptive_entropy}) "
-            "is not implemented by grpo_fast; set entropy_coef=0.0 and use_adaptive_entropy=False"
-        )
-    if getattr(args, "off_policy_mask_threshold", None) is not None:
-        out.append(
-            f"off_policy_mask_threshold={args.off_policy_mask_threshold} (off-policy sequence masking) is not "
-            "implemented by grpo_fast; set it to None"
-        )
+    if loss_type not in LOSS_TYPES and loss_type not in PRIMITIVE_LOSS_TYPES:
+        out.append(f"loss_type={loss_type!r} is not implemented by grpo_fast (it implements "
+                   f"{sorted(LOSS_TYPES) + sorted(PRIMITIVE_LOSS_TYPES)})")
     if getattr(args, "use_liger_kernel", False):
         out.append(
             "use_liger_kernel=True: Liger and grpo_fast are alternative kernels for the same model; the drop-in is "
@@ -166,6 +172,21 @@ def _linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, *, logit
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
         inplace = False  # tanh's backward reads its output: do not overwrite it
     return grpo_fast.grpo_loss(logits, completion_ids, advantages, inplace=inplace, **options)
+
+
+def _linear_logprobs(hidden, weight, bias, completion_ids, *, temperature, logit_scale, logit_softcap, backend, fused_linear, chunk_size):
+    """Per-token (logp, entropy) (B, T) float32, both differentiable in hidden, weight and bias: the
+    log-prob primitive, from the hidden states (fused_linear) or from projected logits."""
+    if fused_linear:
+        return grpo_fast.fused_linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
+                                               logit_scale=logit_scale, logit_softcap=logit_softcap,
+                                               return_entropy=True, chunk_size=chunk_size, backend=backend)
+    logits = F.linear(hidden, weight, bias)
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return grpo_fast.logprobs(logits, completion_ids, temperature=temperature, return_entropy=True, backend=backend)
 
 
 @torch.no_grad()
@@ -324,7 +345,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
 
     def _grpo_fast_options(self) -> dict:
         """grpo_fast's loss options from the trainer's current settings (read where TRL's _compute_loss reads them)."""
-        lt = self.loss_type
+        # vespo runs on the log-prob primitive; its options here are those of the loss type it aggregates like.
+        lt = PRIMITIVE_LOSS_TYPES.get(self.loss_type, self.loss_type)
         return dict(
             loss_type=lt,
             importance_sampling_level=self.importance_sampling_level,
@@ -334,7 +356,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
             # TRL applies delta in the clip family only; grpo_fast rejects it elsewhere instead of ignoring it.
-            delta=self.args.delta if LOSS_TABLE[lt].delta else None,
+            delta=self.args.delta if LOSS_TABLE[lt].delta and self.loss_type not in PRIMITIVE_LOSS_TYPES else None,
             max_completion_length=self.max_completion_length if LOSS_TABLE[lt].aggregation == "fixed_length" else None,
             sapo_temperature_pos=self.args.sapo_temperature_pos,
             sapo_temperature_neg=self.args.sapo_temperature_neg,
@@ -393,6 +415,11 @@ class GRPOTrainer(_TRLGRPOTrainer):
         top_q = self.top_entropy_quantile
         backend, fused_linear, chunk = self.grpo_fast_backend, self.grpo_fast_fused_linear, self.grpo_fast_chunk_size
         cast_fp32 = self._grpo_fast_cast_fp32
+        # vespo, the entropy bonus and the off-policy mask need the log-probs (and the entropy's gradient)
+        # before the loss: the log-prob primitive, then TRL's loss in torch on the (B, T) vectors.
+        primitive = (self.loss_type in PRIMITIVE_LOSS_TYPES or self._entropy_bonus_enabled
+                     or self.off_policy_mask_threshold is not None)
+        extra = {}
 
         def loss_fn(hidden, weight, bias, logit_scale, softcap):
             h = hidden[:, -T - 1:-1]  # position i scores token i + 1: the completion's T positions
@@ -403,6 +430,13 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 ctx = torch.autocast(h.device.type, enabled=False)
             ids = completion_ids.to(h.device)
             ratio = isr
+            if primitive:
+                with ctx:
+                    logp, ent = _linear_logprobs(h, weight, bias, ids, temperature=opts["temperature"],
+                                                 logit_scale=logit_scale, logit_softcap=softcap, backend=backend,
+                                                 fused_linear=fused_linear, chunk_size=chunk)
+                return self._grpo_fast_primitive_loss(logp, ent, inputs, mask, advantages, isr, opts, per_call,
+                                                      scale, ga, mode, extra)
             with ctx:
                 if top_q < 1.0:
                     # TRL's high-entropy mask multiplies the policy term before the vLLM ratio and before the
@@ -424,7 +458,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             out = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=loss_fn,
                         grpo_fast_aux=aux_enabled)
         loss, metrics = out[0], out[1]
-        if scale != 1.0:
+        if scale != 1.0 and not primitive:  # the primitive path returns the scaled loss (and the entropy bonus)
             loss = loss * scale
         if aux_enabled:
             # MoE load balancing, scaled for gradient accumulation like the policy loss (TRL's order and factor).
@@ -434,7 +468,108 @@ class GRPOTrainer(_TRLGRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / ga
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._grpo_fast_log(mode, metrics, mask, advantages, opts["importance_sampling_level"])
+        if "phi_seq" in extra:  # TRL's global_masked_mean of a (B, 1) tensor: a mean over rows
+            phi = extra["phi_seq"]
+            totals = self.accelerator.reduce(torch.stack([phi.sum(), phi.new_tensor(float(phi.shape[0]))]), reduction="sum")
+            self._metrics[mode]["vespo/phi_seq_mean"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        if self._entropy_bonus_enabled:
+            self._grpo_fast_entropy_controller(mode, extra)
         return loss
+
+    def _grpo_fast_primitive_loss(self, logp, ent, inputs, mask, advantages, isr, opts, per_call, scale, ga, mode, extra):
+        """TRL 1.16's _compute_loss on per-token log-probs and entropies (B, T) from the log-prob primitive:
+        the per-token loss (reference.per_token_loss, or vespo's gamma-weighted REINFORCE term), the
+        off-policy sequence mask, the high-entropy mask, the vLLM ratio, the KL, TRL's aggregation and
+        scaling, then the entropy bonus. Returns (loss, metrics) as the fused path does."""
+        o = GRPOOptions(**opts)
+        maskf = mask.to(logp.dtype)
+        old = per_call["old_logp"]
+        old_t = logp.detach() if old is None else old.to(logp.dtype)
+        A2 = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # TRL's (B, 1) or (B, T)
+        multiplier = None  # what multiplies the policy term before the KL is added, in TRL's order
+
+        def times(x):
+            nonlocal multiplier
+            x = x.to(logp.dtype)
+            multiplier = x if multiplier is None else multiplier * x
+
+        if self.off_policy_mask_threshold is not None:
+            sampling = inputs.get("sampling_per_token_logps", old_t)
+            times(self.get_off_policy_mask(A2, logp.detach(), sampling, mask, self.off_policy_mask_threshold))
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(ent.detach(), mask, 1 - self.top_entropy_quantile)
+            times(entropy_mask)
+        vespo = self.loss_type == "vespo"
+        if isr is not None and not vespo:
+            times(isr.unsqueeze(1) if isr.dim() == 1 else isr)
+
+        ref = per_call["ref_logp"]
+        if vespo:
+            # TRL's own gamma weights φ(w) (B, 1), detached; the vLLM ratio enters w, not the loss.
+            phi = self.get_gamma_weights(A2, logp.detach() - old_t, mask, inputs.get("importance_sampling_ratio"),
+                                         k_pos=self.args.vespo_k_pos, lambda_pos=self.args.vespo_lambda_pos,
+                                         k_neg=self.args.vespo_k_neg, lambda_neg=self.args.vespo_lambda_neg)
+            extra["phi_seq"] = phi.detach()
+            L = -phi * A2 * logp
+            if multiplier is not None:
+                L = L * multiplier
+            r = reference.importance_ratio(logp, maskf, o.importance_sampling_level, old)
+            kl = None
+            if o.beta != 0.0:
+                kl = reference.kl_estimate(ref.to(logp.dtype), logp, o.kl_estimator)
+                if o.use_bias_correction_kl:
+                    kl = kl * r
+                L = L + o.beta * kl
+        else:
+            L, r, kl = reference.per_token_loss(logp, maskf, advantages, o, old_logp=old, ref_logp=ref,
+                                                importance_sampling_ratio=multiplier)
+        agg = reference.aggregate(L, maskf, LOSS_TABLE[o.loss_type].aggregation,
+                                  max_completion_length=o.max_completion_length,
+                                  num_items_in_batch=per_call["num_items_in_batch"])
+        loss = agg * scale
+        # TRL's policy_loss metric: the policy term before the accumulation division (after it for the
+        # num_items_in_batch types, whose normalizer includes it).
+        extra["policy_loss"] = (loss if LOSS_TABLE[o.loss_type].uses_num_items else agg).detach()
+
+        if self._entropy_bonus_enabled:
+            eff = maskf if entropy_mask is None else maskf * entropy_mask
+            entropy_loss = (ent * eff).sum() / eff.sum().clamp(min=1.0) / (ga if mode == "train" else 1.0)
+            if self.use_adaptive_entropy:
+                coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+            else:
+                coef = self.entropy_coef
+            loss = loss - coef * entropy_loss
+            extra["entropy_stats"] = torch.stack([(ent * eff).sum(), eff.sum()]).detach()
+
+        n_tok = maskf.sum().clamp(min=1.0)
+        metrics = {"entropy": (ent.detach() * maskf).sum() / n_tok}
+        if kl is not None:
+            metrics["kl"] = (kl.detach() * maskf).sum() / n_tok
+        if not vespo:
+            rows = reference.row_level_flags(o.importance_sampling_level, advantages)
+            for name, count in reference.flag_counts(r, advantages.to(logp.dtype), maskf, o, rows).items():
+                metrics[name] = count / (mask.shape[0] if rows else n_tok)
+        return loss, metrics
+
+    def _grpo_fast_entropy_controller(self, mode, extra) -> None:
+        """TRL's entropy-bonus bookkeeping: the policy_loss metric, the adaptive coefficient's window
+        statistics and its update at the optimizer-step boundary, the entropy_coef metric."""
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(extra["policy_loss"]).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            stats = extra["entropy_stats"]
+            self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            if self.accelerator.sync_gradients:
+                window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                if world_entropy <= self.args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + self.args.entropy_coef_delta, self.args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - self.args.entropy_coef_delta, self.args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _grpo_fast_log(self, mode, metrics, mask, advantages, level) -> None:
         """Append grpo_fast's metric means under TRL's names, reduced over processes as TRL's global_masked_mean."""

@@ -11,6 +11,9 @@ It does not import verl. The implementation is ``grpo_fast.fused_linear_logprobs
 (N, V) logits are never held; backward recomputes each chunk's logits), on the best backend for the
 tensors' device. A vocabulary split over a process group (verl's ``dist_process_group``) is not
 implemented: a group other than None is refused with ValueError.
+
+verl's policy losses themselves (vanilla, gspo, cispo, ..., agg_loss, kl_penalty) on these
+log-probs are in ``grpo_fast.verl_losses``.
 """
 from __future__ import annotations
 
