@@ -28,7 +28,7 @@ the ``rollout_corr/*`` diagnostics of ``config.policy_loss.rollout_correction``)
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

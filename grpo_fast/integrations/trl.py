@@ -58,7 +58,6 @@ models, and a subclass that overrides ``_compute_loss``, ``compute_loss`` or
 from __future__ import annotations
 
 import functools
-import math
 import types
 import warnings
 from contextlib import nullcontext
