@@ -132,7 +132,8 @@ def per_token_loss(logp: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, o: G
     if o.importance_sampling_level == "token":
         s = log_ratio
     else:
-        s = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        # where, not a product: a masked token's terms are skipped, not multiplied by 0
+        s = torch.where(mask != 0, log_ratio, torch.zeros_like(log_ratio)).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
     r = torch.exp(s)
 
     family = LOSS_TABLE[o.loss_type].family
@@ -203,17 +204,23 @@ def grpo_loss_reference(
     """The GRPO loss of docs/spec.md, eagerly. Returns ``(loss, metrics)``; no argument checking
     beyond the option names (``grpo_fast.GRPOOptions``).
 
-    A NaN or +inf logit makes its row's log-prob NaN and so the loss NaN, also when the row is
-    masked (the mask multiplies, it does not select), as every kernel backend does.
+    Masked rows (mask 0) are not read: only the valid rows' logits go through the softmax, so a NaN
+    or inf in a masked row does not reach the loss and the row's gradient is exactly 0 (as every
+    kernel backend does; Liger and flash-attn's losses behave so too). A NaN or +inf logit in a
+    valid row makes its log-prob NaN and so the loss NaN.
     """
     o = GRPOOptions.from_kwargs("grpo_loss_reference", options)
     B, T, _ = logits.shape
     acc = _acc_dtype(logits)
-
-    # Per-token log-probs (differentiable) and entropy (a metric).
-    logp, entropy = token_logprobs_reference(logits, completion_ids, o.temperature, return_entropy=True)
-
     mask = torch.ones((B, T), dtype=acc, device=logits.device) if completion_mask is None else completion_mask.to(acc)
+
+    # Per-token log-probs (differentiable) and entropy (a metric), of the valid rows only: the
+    # masked rows' log-prob and entropy are 0 and no gradient reaches their logits.
+    valid = mask != 0
+    lp_v, ent_v = token_logprobs_reference(logits[valid], completion_ids[valid], o.temperature, return_entropy=True)
+    zeros = torch.zeros((B, T), dtype=lp_v.dtype, device=logits.device)
+    logp = zeros.index_put(torch.nonzero(valid, as_tuple=True), lp_v)
+    entropy = zeros.index_put(torch.nonzero(valid, as_tuple=True), ent_v)
     if advantages is None:
         advantages = group_advantages_reference(rewards, o.group_size, o.scale_rewards, o.adv_eps)
     L, r, kl = per_token_loss(logp, mask, advantages, o, old_logp=old_logp, ref_logp=ref_logp,
