@@ -207,3 +207,23 @@ def test_packed_fused_linear_equals_padded(backend, level, loss_type):
     assert_close_scaled(h.grad, hd.grad[row, col], 1e-5, f"grad hidden {what}")
     assert_close_scaled(W1.grad, Wd.grad, 1e-5, f"grad weight {what}")
     assert_close_scaled(b1.grad, bd.grad, 1e-5, f"grad bias {what}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
+def test_logprobs_accept_cu_seqlens(backend):
+    """logprobs / fused_linear_logprobs take cu_seqlens: checked, per-token results unchanged, and a
+    per-sequence (S,) temperature is spread over each sequence's tokens."""
+    _, packed, (row, _) = _batch()
+    z, y, cu = packed["logits"], packed["completion_ids"], packed["cu_seqlens"]
+    tau = torch.rand(len(LENS)) + 0.5
+    a, _ = grpo_fast.logprobs(z, y, temperature=tau, cu_seqlens=cu, backend=backend)
+    b, _ = grpo_fast.logprobs(z, y, temperature=tau[row], backend=backend)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="cu_seqlens must end at"):
+        grpo_fast.logprobs(z, y, cu_seqlens=torch.tensor([0, 3]), backend=backend)
+    with pytest.raises(ValueError, match="logits must have shape"):
+        grpo_fast.logprobs(z.view(3, 7, V), y.view(3, 7), cu_seqlens=cu, backend=backend)
+    h, W = torch.randn(z.shape[0], 8), torch.randn(V, 8)
+    a, _ = grpo_fast.fused_linear_logprobs(h, W, y, temperature=tau, cu_seqlens=cu, backend=backend)
+    b, _ = grpo_fast.fused_linear_logprobs(h, W, y, temperature=tau[row], backend=backend)
+    assert torch.equal(a, b)

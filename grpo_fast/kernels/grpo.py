@@ -492,7 +492,7 @@ def _grpo_seq_row_kernel(
             old = tl.load(old_ptr + base + cols, mask=valid, other=0.0)
         else:
             old = lp
-        acc_s += m * (lp - old)
+        acc_s += tl.where(m != 0.0, m * (lp - old), 0.0)  # a masked token is skipped, not multiplied by 0
         acc_m += m
     n = tl.maximum(tl.sum(acc_m, 0), 1.0)
     r = tl.exp(tl.sum(acc_s, 0) / n)
@@ -563,7 +563,7 @@ def _grpo_seq_row_kernel(
             _l, _k, d_logp, _dr, _lo, _hi, _ci = _token_terms(
                 lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
                 FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
-            g = w * d_logp + row_dr * m
+            g = tl.where(m != 0.0, w * d_logp + row_dr * m, 0.0)  # a masked token: 0, its row is not read
             tl.store(g_ptr + base + cols, g, mask=valid)
 
 
