@@ -212,8 +212,8 @@ def _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref
         inplace = inplace and need_grad and not _self_overlapping(logits3)
         loss, stats = _FusedGRPOLoss.apply(logits3, flat, impl, inplace, need_grad)
         return loss, metrics_from_sums(stats, flat)
-    logp, entropy = _logprobs(rows, lay.unpad(inp.ids)[0], temperature=inp.cfg.temperature, return_entropy=True,
-                              backend=backend)
+    logp, entropy = _pk.valid_logprobs(_logprobs, rows, inp, lay, impl is None, temperature=inp.cfg.temperature,
+                                       backend=backend)
     loss, stats = _pk.loss_from_logp(logp, entropy, inp, lay)
     return loss, metrics_from_sums(stats.detach(), inp)
 

@@ -672,10 +672,10 @@ def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewar
     inp = validate_loss_args(_standin_logits(lay.S, lay.T, V, cdtype, hidden.device),
                              num_items_in_batch=num_items_in_batch, options=opts, **padded)
     if inp.cfg.level == 1:
-        logp, entropy = fused_linear_logprobs(
-            hidden[0], weight, lay.unpad(inp.ids)[0], bias=bias, temperature=inp.cfg.temperature,
-            logit_scale=logit_scale, logit_softcap=logit_softcap, return_entropy=True, chunk_size=chunk,
-            backend=backend)
+        logp, entropy = _pk.valid_logprobs(
+            lambda h, y, **kw: fused_linear_logprobs(h, weight, y, **kw), hidden[0], inp, lay,
+            _resolve_impl(backend, hidden.device) is _TorchKernels, bias=bias, temperature=inp.cfg.temperature, logit_scale=logit_scale,
+            logit_softcap=logit_softcap, chunk_size=chunk, backend=backend)
         loss, stats = _pk.loss_from_logp(logp, entropy, inp, lay)
         return loss, metrics_from_sums(stats.detach(), inp)
     flat = _pk.flat_inputs(inp, lay, _standin_logits(1, N, V, cdtype, hidden.device))

@@ -188,8 +188,28 @@ def loss_from_logp(logp: torch.Tensor, entropy: torch.Tensor, inp: LossInputs, l
     A = inp.advantages
     if A is None:
         A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps).float()
+    valid = inp.mask != 0
+    # where, not a product: a masked token's log-prob (NaN if its logits hold one) is replaced by 0,
+    # its upstream gradient is exactly 0, and the primitive's backward writes its row as zeros
+    # without reading it.
     lp = lay.pad(logp.reshape(-1).float())
+    lp = torch.where(valid, lp, torch.zeros_like(lp))
     loss, stats = _loss_from_logp(lp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp)
     ent = lay.pad(entropy.detach().reshape(-1).float())
-    stats[STAT_ENTROPY] = (ent * inp.mask).sum()
+    stats[STAT_ENTROPY] = torch.where(valid, ent, torch.zeros_like(ent)).sum()
     return loss, stats
+
+
+def valid_logprobs(fn, rows: torch.Tensor, inp: LossInputs, lay: Layout, eager: bool, **kw):
+    """(logp, entropy) (N,) of the packed rows through the primitive ``fn`` (logprobs or
+    fused_linear_logprobs). ``eager`` (backend="torch", autograd through the eager softmax, where
+    0·NaN would carry a masked row's NaN into its gradient): only the valid rows are evaluated and
+    the others get 0; the kernel backends take every row (their backward skips zero rows)."""
+    ids = lay.unpad(inp.ids)[0]
+    if not eager:
+        return fn(rows, ids, return_entropy=True, **kw)
+    idx = torch.nonzero(lay.unpad(inp.mask)[0] != 0, as_tuple=True)[0]
+    lp_v, ent_v = fn(rows[idx], ids[idx], return_entropy=True, **kw)
+    zeros = torch.zeros(lay.N, dtype=lp_v.dtype, device=lp_v.device)
+    return zeros.index_put((idx,), lp_v), zeros.index_put((idx,), ent_v.detach())
+

@@ -227,3 +227,23 @@ def test_logprobs_accept_cu_seqlens(backend):
     a, _ = grpo_fast.fused_linear_logprobs(h, W, y, temperature=tau, cu_seqlens=cu, backend=backend)
     b, _ = grpo_fast.fused_linear_logprobs(h, W, y, temperature=tau[row], backend=backend)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_packed_nan_in_masked_token(backend, level):
+    """Item 3 on packed rows: a NaN in a masked token's logits (completion_mask 0 inside a sequence,
+    a fully masked sequence) leaves the loss, metrics and other gradients unchanged; its gradient is 0."""
+    _, packed, _ = _batch(adv="rows")
+    opts = dict(loss_type="grpo", importance_sampling_level=level, beta=0.04)
+    want = _run(packed, backend, **opts)
+    bad = dict(packed)
+    z = packed["logits"].clone()
+    masked = packed["completion_mask"] == 0
+    z[masked] = float("nan")
+    bad["logits"] = z
+    got = _run(bad, backend, **opts)
+    assert torch.equal(got[0], want[0]), (got[0], want[0])
+    for name in want[1]:
+        assert torch.equal(got[1][name], want[1][name]), name
+    assert torch.equal(got[2], want[2]) and bool((got[2][masked] == 0).all())
