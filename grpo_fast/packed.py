@@ -178,10 +178,11 @@ def flat_inputs(inp: LossInputs, lay: Layout, logits3: torch.Tensor) -> LossInpu
                    isr=flat(isr), cfg=replace(inp.cfg, group_size=0))
 
 
-def loss_from_logp(logp: torch.Tensor, entropy: torch.Tensor, inp: LossInputs, lay: Layout):
+def loss_from_logp(logp: torch.Tensor, entropy: torch.Tensor, inp: LossInputs, lay: Optional[Layout]):
     """(loss, stats) from the packed (N,) log-probs (differentiable) and entropies: the policy loss
     in torch on the (S, T_max) layout (fused_linear._loss_from_logp: reference.per_token_loss and
-    flag_counts, the aggregation weights). Padding positions get log-prob 0, weight 0 and mask 0."""
+    flag_counts, the aggregation weights). Padding positions get log-prob 0, weight 0 and mask 0.
+    ``lay=None``: a padded (B, T) batch (logp and entropy already (B, T))."""
     from .fused_linear import _loss_from_logp
     from .reference import group_advantages_reference
 
@@ -192,10 +193,11 @@ def loss_from_logp(logp: torch.Tensor, entropy: torch.Tensor, inp: LossInputs, l
     # where, not a product: a masked token's log-prob (NaN if its logits hold one) is replaced by 0,
     # its upstream gradient is exactly 0, and the primitive's backward writes its row as zeros
     # without reading it.
-    lp = lay.pad(logp.reshape(-1).float())
+    pad = (lambda x: x.reshape(inp.mask.shape)) if lay is None else lay.pad  # noqa: E731  (None: already (B, T))
+    lp = pad(logp.reshape(-1).float())
     lp = torch.where(valid, lp, torch.zeros_like(lp))
     loss, stats = _loss_from_logp(lp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp)
-    ent = lay.pad(entropy.detach().reshape(-1).float())
+    ent = pad(entropy.detach().reshape(-1).float())
     stats[STAT_ENTROPY] = torch.where(valid, ent, torch.zeros_like(ent)).sum()
     return loss, stats
 

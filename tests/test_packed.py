@@ -247,3 +247,43 @@ def test_packed_nan_in_masked_token(backend, level):
     for name in want[1]:
         assert torch.equal(got[1][name], want[1][name]), name
     assert torch.equal(got[2], want[2]) and bool((got[2][masked] == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
+def test_temperature_tensor(backend, level, loss_type):
+    """Issue 12 item 4: grpo_loss takes a temperature tensor, (B,) per row or (B, T) per token (packed:
+    (S,) or (N,)): the loss, metrics and gradient of the float64 reference on logits / τ."""
+    padded, packed, (row, col) = _batch(seed=5, adv="rewards", isr="rows")
+    S, T = len(LENS), max(LENS)
+    g = torch.Generator().manual_seed(11)
+    opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04, group_size=2,
+                epsilon_high=1.2 if loss_type == "cispo" else 0.28)
+    for tau in (torch.rand(S, generator=g) + 0.5, torch.rand(S, T, generator=g) + 0.5):
+        tau_bt = tau[:, None].expand(S, T) if tau.dim() == 1 else tau
+        zd = padded["logits"].double().requires_grad_(True)
+        ref_kw = {k: v for k, v in padded.items() if k != "logits"}
+        want, want_m = grpo_loss_reference(zd / tau_bt[..., None].double(), **ref_kw, **opts)
+        want.backward()
+        want = want.detach()
+        what = f"{backend} {loss_type} {level} tau{tuple(tau.shape)}"
+        for kw, pick in ((padded, lambda x: x[row, col]), (packed, lambda x: x)):
+            t = tau if kw is padded else (tau if tau.dim() == 1 else tau[row, col])
+            loss, m, grad = _run(kw, backend, temperature=t, **opts)
+            assert_close(loss, want, RTOL * max(abs(float(want)), 1e-3), RTOL, f"loss {what}")
+            for name in want_m:
+                assert_close(m[name], want_m[name], 1e-5, 1e-5, f"metric {name} {what}")
+            assert_close_scaled(pick(grad), zd.grad[row, col], RTOL, f"grad {what}")
+
+
+def test_temperature_tensor_bad_input():
+    padded, packed, _ = _batch(adv="rows")
+    kw = {k: v for k, v in padded.items() if k != "logits"}
+    with pytest.raises(ValueError, match="temperature must be a float or a tensor of shape"):
+        grpo_fast.grpo_loss(padded["logits"], temperature=torch.ones(5), backend="torch", **kw)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        grpo_fast.grpo_loss(padded["logits"], temperature=torch.zeros(6), backend="torch", **kw)
+    kw = {k: v for k, v in packed.items() if k != "logits"}
+    with pytest.raises(ValueError, match="temperature must be a float or a tensor of shape \\(21,\\)"):
+        grpo_fast.grpo_loss(packed["logits"], temperature=torch.ones(5), backend="torch", **kw)
