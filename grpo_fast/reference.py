@@ -204,9 +204,10 @@ def grpo_loss_reference(
     """The GRPO loss of docs/spec.md, eagerly. Returns ``(loss, metrics)``; no argument checking
     beyond the option names (``grpo_fast.GRPOOptions``).
 
-    Masked rows (mask 0) are not read: only the valid rows' logits go through the softmax, so a NaN
-    or inf in a masked row does not reach the loss and the row's gradient is exactly 0 (as every
-    kernel backend does; Liger and flash-attn's losses behave so too). A NaN or +inf logit in a
+    Masked rows (mask 0) do not count: their logits are replaced by zeros before the softmax, so a
+    NaN or inf in a masked row does not reach the loss and the row's gradient is exactly 0 (as with
+    every kernel backend, which does not read such rows at all; Liger and flash-attn's losses behave
+    so too). A NaN or +inf logit in a
     valid row makes its log-prob NaN and so the loss NaN.
     """
     o = GRPOOptions.from_kwargs("grpo_loss_reference", options)
@@ -214,13 +215,14 @@ def grpo_loss_reference(
     acc = _acc_dtype(logits)
     mask = torch.ones((B, T), dtype=acc, device=logits.device) if completion_mask is None else completion_mask.to(acc)
 
-    # Per-token log-probs (differentiable) and entropy (a metric), of the valid rows only: the
-    # masked rows' log-prob and entropy are 0 and no gradient reaches their logits.
+    # Per-token log-probs (differentiable) and entropy (a metric) of the valid rows: a masked row's
+    # logits are replaced by zeros first (where, not a product: static shapes for torch.compile),
+    # its log-prob and entropy are 0, and where's backward gives its logits an exact 0 gradient.
     valid = mask != 0
-    lp_v, ent_v = token_logprobs_reference(logits[valid], completion_ids[valid], o.temperature, return_entropy=True)
-    zeros = torch.zeros((B, T), dtype=lp_v.dtype, device=logits.device)
-    logp = zeros.index_put(torch.nonzero(valid, as_tuple=True), lp_v)
-    entropy = zeros.index_put(torch.nonzero(valid, as_tuple=True), ent_v)
+    z = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    logp, entropy = token_logprobs_reference(z, completion_ids, o.temperature, return_entropy=True)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     if advantages is None:
         advantages = group_advantages_reference(rewards, o.group_size, o.scale_rewards, o.adv_eps)
     L, r, kl = per_token_loss(logp, mask, advantages, o, old_logp=old_logp, ref_logp=ref_logp,
