@@ -178,6 +178,12 @@ def _sig_logprobs(ldt):
             "T": "i32", "V": "i32", "stride_lb": "i32", "stride_lt": "i32", "temperature": "fp32"}
 
 
+def _sig_seq_logp(ldt):
+    return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "mask_ptr": "*fp32", "logp_ptr": "*fp32",
+            "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "T": "i32", "V": "i32", "stride_lb": "i32",
+            "stride_lt": "i32", "temperature": "fp32"}
+
+
 _SIDE = ("mask_ptr", "weight_ptr", "adv_ptr", "rewards_ptr", "batch_std_ptr", "old_ptr", "ref_ptr", "isr_ptr")
 _FLOATS = ("eps_low", "eps_high", "delta", "beta", "sapo_pos", "sapo_neg", "adv_eps")
 
@@ -239,7 +245,7 @@ for _t in LOSS_TABLE.values():
 def jobs(quick: bool = False):
     """(kernel, variant, fn-name, signature, constexprs, num_warps, num_stages, config label) to compile.
 
-    Every autotune config of the five V-streaming kernels with bf16 logits and the heaviest flag
+    Every autotune config of the six V-streaming kernels with bf16 logits and the heaviest flag
     set (clip loss with delta, k3 KL, in-kernel advantage, per-token isr, gradient; for the logprobs
     kernels per-token τ, entropy and both upstream gradients); the other loss
     types at the interpreter's default config; fp32 logits at the default config. ``quick``: the
@@ -255,6 +261,8 @@ def jobs(quick: bool = False):
         out.append(("_token_logprobs_kernel", "logp+entropy+lse bf16", _sig_logprobs("bf16"),
                      {"STORE_ENTROPY": True, "STORE_LSE": True, "BLOCK_V": bv}, nw, ns, cfg))
         out.append(("_grpo_grad_kernel", "bf16", _sig_grad("bf16"), {"BLOCK_V": bv}, nw, ns, cfg))
+        out.append(("_grpo_seq_logp_kernel", "logp+entropy+lse bf16", _sig_seq_logp("bf16"),
+                    {"STORE_LSE": True, "BLOCK_V": bv}, nw, ns, cfg))
         out.append(("_logprobs_fwd_kernel", "tau per row+entropy bf16", _sig_lp_fwd("bf16"),
                     {**_LP_FWD_ALL, "BLOCK_V": bv}, nw, ns, cfg))
         out.append(("_logprobs_bwd_kernel", "tau per row+g_logp+g_entropy bf16", _sig_lp_bwd("bf16"),

@@ -115,6 +115,7 @@ def grpo_loss(
     completion_mask: Optional[torch.Tensor] = None,
     importance_sampling_ratio: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
     inplace: bool = False,
     backend: str = "auto",
     **options,
@@ -134,6 +135,12 @@ def grpo_loss(
             importance sampling); multiplies the policy term.
         num_items_in_batch: the dapo/cispo normalizer: the token count of the whole step (across
             ranks and accumulation steps); None = Σ completion_mask of this call.
+        cu_seqlens: packed rows: logits (N, V) (or (1, N, V)) holding S sequences back to back,
+            sequence s the rows [cu_seqlens[s], cu_seqlens[s+1]); int32/int64 (S + 1,), from 0,
+            strictly increasing, to N. Then rewards, (S,) advantages and an (S,) IS ratio are per
+            sequence, completion_ids and the other per-token tensors (N,); the loss, metrics and
+            gradient are those of the same batch padded to (S, T_max, V) (dr_grpo's default
+            max_completion_length is then the longest sequence). See grpo_fast/packed.py.
         inplace: let the kernel write the gradient into the logits' storage (do not read the
             logits afterwards). Saves a (B, T, V) allocation.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch".
@@ -154,6 +161,16 @@ def grpo_loss(
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     compiling = torch.compiler.is_compiling()
     opts = GRPOOptions.from_kwargs("grpo_loss", options)
+    tau = None
+    if isinstance(opts.temperature, torch.Tensor) and opts.temperature.dim() > 0:
+        # one τ per row or per token: through the log-prob primitive (see _tau_tensor_loss)
+        if compiling:
+            raise NotImplementedError("grpo_loss with a temperature tensor is not supported under torch.compile yet")
+        tau, opts = opts.temperature, dataclasses.replace(opts, temperature=1.0)
+    if cu_seqlens is not None or tau is not None:
+        return _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
+                                 importance_sampling_ratio, num_items_in_batch, cu_seqlens, inplace, backend, opts,
+                                 tau)
     inp = validate_loss_args(
         logits, completion_ids, advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp,
         completion_mask=completion_mask, importance_sampling_ratio=importance_sampling_ratio,
@@ -171,6 +188,85 @@ def grpo_loss(
     inplace = inplace and need_grad and not _self_overlapping(inp.logits)
     loss, stats = _FusedGRPOLoss.apply(logits, inp, impl, inplace, need_grad)
     return loss, metrics_from_sums(stats, inp)
+
+
+def _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
+                      importance_sampling_ratio, num_items_in_batch, cu_seqlens, inplace, backend, opts, tau=None):
+    """grpo_loss on packed rows (grpo_fast/packed.py): the padded layout's checks and weights on
+    (S, T_max) small tensors; token level through the fused kernels as one (1, N) row, sequence
+    level and backend="torch" through the differentiable log-prob primitive. ``tau``: a temperature
+    tensor (then ``opts.temperature`` is 1), which always takes the primitive."""
+    from . import packed as _pk
+    from .fused_linear import _standin_logits
+    from .logprobs import _check_temperature
+    from .logprobs import logprobs as _logprobs
+
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("grpo_loss with cu_seqlens is not supported under torch.compile yet")
+    if cu_seqlens is None:  # a padded batch with a temperature tensor
+        return _tau_tensor_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
+                                importance_sampling_ratio, num_items_in_batch, backend, opts, tau)
+    rows = _pk.packed_rows(logits, "logits", "V")
+    check_logits(rows.unsqueeze(0))
+    N, V = rows.shape
+    lay = _pk.check_cu_seqlens(cu_seqlens, N, rows.device)
+    padded = _pk.padded_args(lay, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
+                             importance_sampling_ratio)
+    inp = validate_loss_args(_standin_logits(lay.S, lay.T, V, rows.dtype, rows.device), num_items_in_batch=num_items_in_batch,
+                             options=opts, **padded)
+    impl = _backends.resolve(backend, rows.device)
+    temperature = inp.cfg.temperature
+    if tau is not None:  # (S,) per sequence or (N,) per token
+        if isinstance(tau, torch.Tensor) and tuple(tau.shape) == (lay.S,) and lay.S != lay.N:
+            _check_temperature(tau, (lay.S,), rows.device)
+            tau = tau[lay.row]
+        temperature = _check_temperature(tau, (N,), rows.device)[0]
+    if impl is not None and inp.cfg.level == 0 and tau is None:
+        logits3 = rows.unsqueeze(0)
+        if logits3.stride(-1) != 1:
+            logits3 = logits3.contiguous()
+        flat = _pk.flat_inputs(inp, lay, logits3)
+        need_grad = logits.requires_grad and torch.is_grad_enabled()
+        inplace = inplace and need_grad and not _self_overlapping(logits3)
+        loss, stats = _FusedGRPOLoss.apply(logits3, flat, impl, inplace, need_grad)
+        return loss, metrics_from_sums(stats, flat)
+    if isinstance(temperature, torch.Tensor) and impl is None:  # valid_logprobs selects rows: τ with them
+        idx = torch.nonzero(lay.unpad(inp.mask)[0] != 0, as_tuple=True)[0]
+        fn = lambda z, y, **kw: _logprobs(z, y, temperature=temperature[idx], **kw)  # noqa: E731
+    else:
+        fn = lambda z, y, **kw: _logprobs(z, y, temperature=temperature, **kw)  # noqa: E731
+    logp, entropy = _pk.valid_logprobs(fn, rows, inp, lay, impl is None, backend=backend)
+    loss, stats = _pk.loss_from_logp(logp, entropy, inp, lay)
+    return loss, metrics_from_sums(stats.detach(), inp)
+
+
+def _tau_tensor_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
+                     importance_sampling_ratio, num_items_in_batch, backend, opts, tau):
+    """grpo_loss on a padded (B, T, V) batch with a temperature tensor (B,) or (B, T): the loss in
+    torch on the log-probs of grpo_fast.logprobs (which takes per-token τ), like packed sequence
+    level. Kernel backends: the primitive's forward reads every row (a masked row's values are
+    dropped with where), its backward skips masked rows; backend="torch" evaluates only valid rows."""
+    from . import packed as _pk
+    from .logprobs import _check_temperature
+    from .logprobs import logprobs as _logprobs
+
+    inp = validate_loss_args(logits, completion_ids, advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp,
+                             completion_mask=completion_mask, importance_sampling_ratio=importance_sampling_ratio,
+                             num_items_in_batch=num_items_in_batch, options=opts)
+    B, T, _ = inp.logits.shape
+    tau = _check_temperature(tau, (B, T), logits.device)  # (B, T) float32, finite and > 0
+    impl = _backends.resolve(backend, logits.device)
+    if impl is None:
+        valid = inp.mask != 0
+        lp_v, ent_v = _logprobs(logits[valid], inp.ids[valid], temperature=tau[valid], return_entropy=True,
+                                backend="torch")
+        zeros = torch.zeros((B, T), dtype=lp_v.dtype, device=logits.device)
+        where = torch.nonzero(valid, as_tuple=True)
+        logp, entropy = zeros.index_put(where, lp_v), zeros.index_put(where, ent_v.detach())
+    else:
+        logp, entropy = _logprobs(logits, inp.ids, temperature=tau, return_entropy=True, backend=backend)
+    loss, stats = _pk.loss_from_logp(logp, entropy, inp, None)
+    return loss, metrics_from_sums(stats.detach(), inp)
 
 
 def _self_overlapping(t: torch.Tensor) -> bool:
@@ -278,7 +374,8 @@ class GRPOLoss(_LossModule):
 
     _fn = grpo_loss
     _POSITIONAL = ("logits", "completion_ids", "advantages")
-    _PER_CALL = ("rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio", "num_items_in_batch")
+    _PER_CALL = ("rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio", "num_items_in_batch",
+                 "cu_seqlens")
 
     def forward(self, logits, completion_ids, advantages=None, **per_call):
         return super().forward(logits, completion_ids, advantages, **per_call)

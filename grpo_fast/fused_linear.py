@@ -584,6 +584,7 @@ def fused_linear_grpo_loss(
     rewards: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None, completion_mask: Optional[torch.Tensor] = None,
     importance_sampling_ratio: Optional[torch.Tensor] = None, num_items_in_batch=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
     inplace: bool = False,
     backend: str = "auto",
     **options,
@@ -609,6 +610,8 @@ def fused_linear_grpo_loss(
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which logits kernel runs on each chunk.
         rewards, old_logp, ref_logp, completion_mask, importance_sampling_ratio, num_items_in_batch:
             as in ``grpo_loss``; the loss options (below) too.
+        cu_seqlens: packed rows as in ``grpo_loss``: hidden (N, H) (or (1, N, H)), per-token tensors
+            (N,), rewards and per-sequence advantages / IS ratio (S,).
 
     Returns:
         (loss, metrics): a float32 scalar with gradients for hidden, weight and bias, and the metrics
@@ -623,10 +626,18 @@ def fused_linear_grpo_loss(
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     cdtype, autocast = _compute_dtype(hidden)
+    if cu_seqlens is not None:
+        from .packed import packed_rows
+
+        hidden = packed_rows(hidden, "hidden", "H").unsqueeze(0)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
     opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", options)
     scale, cap = _check_transform(logit_scale, logit_softcap, opts.temperature)
     chunk = _check_chunk_size(chunk_size)
+    if cu_seqlens is not None:
+        return _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp,
+                                    completion_mask, importance_sampling_ratio, num_items_in_batch, cu_seqlens,
+                                    backend, opts, cdtype, _Transform(scale, cap), chunk, logit_scale, logit_softcap)
     inp = validate_loss_args(
         _standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages, rewards=rewards,
         old_logp=old_logp, ref_logp=ref_logp, completion_mask=completion_mask,
@@ -647,6 +658,40 @@ def fused_linear_grpo_loss(
     return loss, metrics_from_sums(stats, inp)
 
 
+def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
+                         importance_sampling_ratio, num_items_in_batch, cu_seqlens, backend, opts, cdtype, transform,
+                         chunk, logit_scale, logit_softcap):
+    """fused_linear_grpo_loss on packed rows (grpo_fast/packed.py), hidden (1, N, H): token level is
+    the chunk loop over one (1, N) row with per-token advantages and weights; sequence level goes
+    through fused_linear_logprobs and the loss in torch on the (N,) log-probs."""
+    from . import packed as _pk
+    from .logprobs import fused_linear_logprobs
+
+    _, N, _ = hidden.shape
+    V = weight.shape[0]
+    lay = _pk.check_cu_seqlens(cu_seqlens, N, hidden.device)
+    padded = _pk.padded_args(lay, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
+                             importance_sampling_ratio)
+    inp = validate_loss_args(_standin_logits(lay.S, lay.T, V, cdtype, hidden.device),
+                             num_items_in_batch=num_items_in_batch, options=opts, **padded)
+    if inp.cfg.level == 1:
+        logp, entropy = _pk.valid_logprobs(
+            lambda h, y, **kw: fused_linear_logprobs(h, weight, y, **kw), hidden[0], inp, lay,
+            _resolve_impl(backend, hidden.device) is _TorchKernels, bias=bias, temperature=inp.cfg.temperature, logit_scale=logit_scale,
+            logit_softcap=logit_softcap, chunk_size=chunk, backend=backend)
+        loss, stats = _pk.loss_from_logp(logp, entropy, inp, lay)
+        return loss, metrics_from_sums(stats.detach(), inp)
+    flat = _pk.flat_inputs(inp, lay, _standin_logits(1, N, V, cdtype, hidden.device))
+    impl = _resolve_impl(backend, hidden.device)
+    if chunk is None:
+        chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
+                            impl is _TorchKernels)
+    plan = _Plan(inp=flat, A=flat.advantages, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
+                 grad_enabled=torch.is_grad_enabled(), B=1, T=N, V=V)
+    loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
+    return loss, metrics_from_sums(stats, flat)
+
+
 class FusedLinearGRPOLoss(_LossModule):
     """``fused_linear_grpo_loss`` as a module: options fixed at construction, tensors per call.
 
@@ -659,7 +704,7 @@ class FusedLinearGRPOLoss(_LossModule):
     _fn = fused_linear_grpo_loss
     _POSITIONAL = ("hidden", "weight", "completion_ids", "advantages")
     _PER_CALL = ("bias", "rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio",
-                 "num_items_in_batch")
+                 "num_items_in_batch", "cu_seqlens")
 
     def forward(self, hidden, weight, completion_ids, advantages=None, **per_call):
         return super().forward(hidden, weight, completion_ids, advantages, **per_call)

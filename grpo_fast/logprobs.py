@@ -104,6 +104,20 @@ def _check_temperature(temperature, lead: tuple, device: torch.device, name: str
     return float32_option(name, temperature, positive=True)  # > 0 and a normal float32, as everywhere
 
 
+def _packed_args(x, name: str, what: str, temperature, cu_seqlens):
+    """With cu_seqlens: x (N, K) or (1, N, K) as (N, K), cu_seqlens checked against N, and a
+    per-sequence (S,) temperature spread over its tokens (N,)."""
+    from .packed import check_cu_seqlens, packed_rows
+
+    rows = packed_rows(x, name, what)
+    lay = check_cu_seqlens(cu_seqlens, rows.shape[0], rows.device)
+    if isinstance(temperature, torch.Tensor) and tuple(temperature.shape) == (lay.S,) and lay.S != lay.N:
+        if temperature.device != rows.device:
+            raise ValueError(f"temperature must be on the logits' device {rows.device}, got {temperature.device}")
+        temperature = temperature[lay.row]
+    return rows, temperature
+
+
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -175,6 +189,7 @@ def logprobs(
     *,
     temperature: Union[float, torch.Tensor] = 1.0,
     return_entropy: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ):
     """Per-token log-probs (and entropies) of ``ids`` under softmax(logits / temperature), differentiable.
@@ -190,6 +205,9 @@ def logprobs(
             (B, T, V) logits (one τ per sequence); a constant (no gradient flows to it).
         return_entropy: also return the entropy of each token's distribution, with its gradient
             ∂H/∂z_j = −p_j·(log p_j + H)/τ.
+        cu_seqlens: packed rows (as in ``grpo_loss``): logits (N, V) or (1, N, V) holding S
+            sequences; checked, and then ``temperature`` may also be (S,), one τ per sequence.
+            Changes nothing per token otherwise.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" (autograd through the eager reference;
             the only backend that supports create_graph=True).
 
@@ -205,6 +223,8 @@ def logprobs(
     """
     backend = check_backend(backend)
     return_entropy = _check_bool("return_entropy", return_entropy)
+    if cu_seqlens is not None:
+        logits, temperature = _packed_args(logits, "logits", "V", temperature, cu_seqlens)
     z = _check_logits_nd(logits)
     lead = tuple(logits.shape[:-1])
     ids3 = _check_ids_nd(ids, lead, z.shape[-1], z.device)
@@ -366,6 +386,7 @@ def fused_linear_logprobs(
     logit_softcap: Optional[float] = None,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ):
     """``logprobs`` of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
@@ -384,6 +405,7 @@ def fused_linear_logprobs(
             (both before the temperature, as in ``fused_linear_grpo_loss``).
         return_entropy: also return the per-token entropy (with its gradient).
         chunk_size: tokens per chunk; None picks it from a 256 MiB budget (fused_linear.CHUNK_BUDGET_BYTES).
+        cu_seqlens: packed rows, as in ``logprobs`` (hidden (N, H) or (1, N, H); temperature may be (S,)).
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which log-prob kernels run on each chunk.
 
     Returns:
@@ -397,6 +419,8 @@ def fused_linear_logprobs(
 
     backend = check_backend(backend)
     return_entropy = _check_bool("return_entropy", return_entropy)
+    if cu_seqlens is not None:
+        hidden, temperature = _packed_args(hidden, "hidden", "H", temperature, cu_seqlens)
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:
         hidden3 = hidden.unsqueeze(0)
     elif isinstance(hidden, torch.Tensor) and hidden.dim() != 3:

@@ -127,7 +127,9 @@ def importance_ratio(logp: torch.Tensor, mask: torch.Tensor, level: str, old_log
     log_ratio = logp - old
     if level == "token":
         return torch.exp(log_ratio)
-    return torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+    # where, not a product: a masked token's terms are skipped, not multiplied by 0
+    s = torch.where(mask != 0, log_ratio, torch.zeros_like(log_ratio)).sum(-1, keepdim=True)
+    return torch.exp(s / mask.sum(-1, keepdim=True).clamp(min=1.0))
 
 
 def aggregate(L: torch.Tensor, mask: torch.Tensor, aggregation: str, *, max_completion_length=None, num_items_in_batch=None) -> torch.Tensor:
@@ -231,17 +233,25 @@ def grpo_loss_reference(
     """The GRPO loss of docs/spec.md, eagerly. Returns ``(loss, metrics)``; no argument checking
     beyond the option names (``grpo_fast.GRPOOptions``).
 
-    A NaN or +inf logit makes its row's log-prob NaN and so the loss NaN, also when the row is
-    masked (the mask multiplies, it does not select), as every kernel backend does.
+    Masked rows (mask 0) do not count: their logits are replaced by zeros before the softmax, so a
+    NaN or inf in a masked row does not reach the loss and the row's gradient is exactly 0 (as with
+    every kernel backend, which does not read such rows at all; Liger and flash-attn's losses behave
+    so too). A NaN or +inf logit in a
+    valid row makes its log-prob NaN and so the loss NaN.
     """
     o = GRPOOptions.from_kwargs("grpo_loss_reference", options)
     B, T, _ = logits.shape
     acc = _acc_dtype(logits)
-
-    # Per-token log-probs (differentiable) and entropy (a metric).
-    logp, entropy = token_logprobs_reference(logits, completion_ids, o.temperature, return_entropy=True)
-
     mask = torch.ones((B, T), dtype=acc, device=logits.device) if completion_mask is None else completion_mask.to(acc)
+
+    # Per-token log-probs (differentiable) and entropy (a metric) of the valid rows: a masked row's
+    # logits are replaced by zeros first (where, not a product: static shapes for torch.compile),
+    # its log-prob and entropy are 0, and where's backward gives its logits an exact 0 gradient.
+    valid = mask != 0
+    z = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    logp, entropy = token_logprobs_reference(z, completion_ids, o.temperature, return_entropy=True)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     if advantages is None:
         advantages = group_advantages_reference(rewards, o.group_size, o.scale_rewards, o.adv_eps)
     L, r, kl = per_token_loss(logp, mask, advantages, o, old_logp=old_logp, ref_logp=ref_logp,

@@ -232,9 +232,9 @@ def test_backend_fused_linear_gspo_prepass_with_offset(backend):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_pos_inf_logit_gives_nan_on_every_backend(backend, level):
     """A row with a +inf logit has no finite softmax (inf − inf): its log-prob and entropy are NaN,
-    the other rows are untouched, and the loss is NaN — even where the row is masked, as with NaN
-    logits (the kernels multiply by the mask rather than skip, so nothing non-finite is hidden).
-    Detecting +inf would need another pass over the logits; NaN is what one pass gives everywhere."""
+    the other rows are untouched, and the loss is NaN when the row is valid. (A masked row is not
+    read at all: test_nonfinite_masked_row_is_not_read.) Detecting +inf would need another pass over
+    the logits; NaN is what one pass gives everywhere."""
     z, y = _offset_logits("mixed-rows"), _ids()
     z = z - z.amax(-1, keepdim=True)  # ordinary logits around 0
     z[1, 2, 4] = float("inf")
@@ -248,11 +248,49 @@ def test_pos_inf_logit_gives_nan_on_every_backend(backend, level):
     assert_close_scaled(ent[~nan_at], want_ent[~nan_at], RTOL, "entropy of the other rows")
 
     kw = backend.put(_loss_kwargs(z.masked_fill(z.isinf(), 0.0).cpu(), y.cpu(), level))
-    for mask in (None, (~nan_at).float()):
-        zz = z.clone().requires_grad_(True)
-        loss, met = grpo_fast.grpo_loss(zz, y, backend=backend.name, completion_mask=mask, **kw)
-        assert math.isnan(loss.item()), (mask, loss)
-        loss.backward()
-        assert zz.grad[1, 2].isnan().all()
+    zz = z.clone().requires_grad_(True)
+    loss, met = grpo_fast.grpo_loss(zz, y, backend=backend.name, **kw)
+    assert math.isnan(loss.item()), loss
+    loss.backward()
+    assert zz.grad[1, 2].isnan().all()
     want, _ = grpo_loss_reference(z.double(), y, **kw)
     assert math.isnan(want.item())
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_masked_row_is_not_read(backend, level, bad):
+    """Issue 12 item 3: masked (padding) rows are not swept. A NaN / ±inf anywhere in a masked row
+    (a padding row inside a valid sequence, and a fully masked sequence) leaves the loss, the
+    metrics and the other rows' gradients as they are with ordinary values there, and the masked
+    rows' gradient is exactly 0 (before: the loss was NaN)."""
+    z, y = _offset_logits("mixed-rows"), _ids()
+    z = z - z.amax(-1, keepdim=True)
+    mask = torch.ones(B, T)
+    mask[1, 2] = 0.0  # a masked token inside a valid sequence
+    mask[3, :] = 0.0  # a fully masked sequence
+    kw = _loss_kwargs(z, y, level)
+    kw.pop("completion_mask", None)
+    z, y, mask, kw = backend.put((z, y, mask, kw))
+
+    def run(zin):
+        zz = zin.clone().requires_grad_(True)
+        loss, met = grpo_fast.grpo_loss(zz, y, backend=backend.name, completion_mask=mask, **kw)
+        loss.backward()
+        return loss.detach(), met, zz.grad
+
+    want = run(z)
+    zb = z.clone()
+    zb[1, 2, :] = bad
+    zb[3, 1, 5] = bad
+    zb[3, 4, :] = bad
+    got = run(zb)
+    assert math.isfinite(got[0].item())
+    assert torch.equal(got[0], want[0]), (got[0], want[0])
+    for name in want[1]:
+        assert torch.equal(got[1][name], want[1][name]), name
+    assert torch.equal(got[2], want[2])
+    assert bool((got[2][mask == 0] == 0).all()) and not bool(torch.signbit(got[2][mask == 0]).any())
+    # and the float64 reference agrees
+    ref, _ = grpo_loss_reference(zb.double(), y, completion_mask=mask, **kw)
+    assert_close(got[0], ref, RTOL * max(abs(ref.item()), 1e-3), RTOL, "loss")

@@ -257,6 +257,18 @@ static void fused_loss_impl(const LossArgs& a) {
 #endif
     for (int64_t n = 0; n < N; ++n) {
       const int64_t b = n / T, t = n % T;
+      if (a.mask[n] == 0.f) {
+        // A masked (padding) row is not read: log-prob, entropy and terms 0, a zero gradient row
+        // (a NaN in it does not reach the loss). Sequence level skips it in its sums too.
+        logp[n] = 0.f;
+        ent[n] = 0.f;
+        loss[n] = 0.f;
+        kl[n] = 0.f;
+        flags[n] = 0;
+        if (seq) { xmax[n] = 0.f; ssum[n] = 1.f; }
+        else if (a.grad) memset(grow_at(b, t), 0, (size_t)(V * elem_size(a.dtype)));
+        continue;
+      }
       const void* zrow = zrow_at(b, t);
       const RowStats rs = keep ? K.stats_keep[a.dtype](zrow, V, inv_tau, a.ids[n], ebuf.data())
                                : K.stats[a.dtype](zrow, V, inv_tau, a.ids[n]);
@@ -288,6 +300,7 @@ static void fused_loss_impl(const LossArgs& a) {
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = b * T + t;
         const double old = a.old ? (double)a.old[n] : (double)logp[n];
+        if (a.mask[n] == 0.f) continue;  // skipped, not multiplied by 0
         msum += a.mask[n];
         lr += (double)a.mask[n] * ((double)logp[n] - old);
       }
@@ -296,17 +309,19 @@ static void fused_loss_impl(const LossArgs& a) {
       double sr = 0.0;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = b * T + t;
-        const TokenTerms tt = token_terms(P, logp[n], ref_at(n), A_at(b, n), isr_at(b, n), r);
-        loss[n] = tt.loss;
-        kl[n] = tt.kl;
-        flags[n] = pack_flags(tt);
+        const bool valid = a.mask[n] != 0.f;
+        const TokenTerms tt = token_terms(P, valid ? logp[n] : 0.f, valid ? ref_at(n) : 0.f, A_at(b, n), isr_at(b, n), r);
+        flags[n] = pack_flags(tt);  // the row's flags (row-level counts read them, masked or not)
+        loss[n] = valid ? tt.loss : 0.f;
+        kl[n] = valid ? tt.kl : 0.f;
+        if (!valid) { gtok[n] = 0.f; continue; }
         sr += (double)a.weight[n] * (double)tt.d_ratio;
         gtok[n] = a.weight[n] * tt.d_logp;
       }
       const double coef = (double)r / den * sr;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = b * T + t;
-        gtok[n] = (float)((double)gtok[n] + (double)a.mask[n] * coef);
+        if (a.mask[n] != 0.f) gtok[n] = (float)((double)gtok[n] + (double)a.mask[n] * coef);
       }
     }
     // Pass 2: reread each row (now that its g is known) and write its gradient.

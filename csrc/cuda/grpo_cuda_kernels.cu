@@ -463,13 +463,28 @@ __device__ __forceinline__ RowStats row_stats(const Lse& st, float xy, double ta
   return o;
 }
 
+// A zero gradient row, without reading the logits (a masked row, or g = 0).
+template <typename T>
+__device__ __forceinline__ void row_zero(T* grow, int V) {
+  for (int j = threadIdx.x; j < V; j += blockDim.x) Io<T>::store1(grow + j, 0.f);
+}
+
 // Token level: one block per token row at a time (blocks loop over rows, see row_grid()): logp,
-// the token's stats and (when asked) its gradient row.
+// the token's stats and (when asked) its gradient row. A masked row (m = 0) is not read: zeros,
+// a zero gradient row (a NaN in it does not reach the loss). m is the block's: the branch is uniform.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevArgs a) {
   __shared__ float sh_bcast[2];
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
     const int64_t b = n / a.T, t = n - b * a.T;
+    if (a.mask[n] == 0.f) {
+      if (threadIdx.x == 0) {
+        a.logp[n] = 0.f;
+        for (int k = 0; k < NUM_STATS; ++k) a.parts[n * NUM_STATS + k] = 0.f;
+      }
+      if (a.grad != nullptr) row_zero(static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t, (int)a.V);
+      continue;
+    }
     const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
     const int64_t y = a.ids[n];
     // The target's logit, read before any thread can overwrite the row (inplace).
@@ -512,10 +527,21 @@ __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevAr
 }
 
 // lse, logp and entropy of one token row per block (token_logprobs; sequence level pass 1).
+// With a.mask (the fused loss's sequence-level pass 1) a masked row is not read: all outputs 0.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a) {
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
     const int64_t b = n / a.T, t = n - b * a.T;
+    if (a.mask != nullptr && a.mask[n] == 0.f) {
+      if (threadIdx.x == 0) {
+        a.logp[n] = 0.f;
+        if (a.entropy) a.entropy[n] = 0.f;
+        if (a.rmax) a.rmax[n] = 0.f;
+        if (a.log2s) a.log2s[n] = 0.f;
+        if (a.lse) a.lse[n] = 0.f;
+      }
+      continue;
+    }
     const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
     const float xy = threadIdx.x == 0 ? Io<T>::load1(row + a.ids[n]) : 0.f;
     // Per-token temperature (grpo_fast.logprobs with a τ tensor): every thread reads the row's τ.
@@ -635,6 +661,7 @@ __global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
   float len_sum[2] = {0.f, 0.f};  // Σ m, Σ m·(logp − old)
   for (int64_t t = threadIdx.x; t < a.T; t += blockDim.x) {
     const float m = a.mask[base + t];
+    if (m == 0.f) continue;  // masked: skipped, not multiplied by 0
     len_sum[0] += m;
     const float lp = a.logp[base + t];
     len_sum[1] += m * (lp - (a.old ? a.old[base + t] : lp));  // on-policy: 0, or NaN for a NaN logp
@@ -648,6 +675,10 @@ __global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
   for (int64_t t = threadIdx.x; t < a.T; t += blockDim.x) {
     const int64_t n = base + t;
     const float m = a.mask[n], w = a.weight[n];
+    if (m == 0.f) {  // masked: skipped (its g is 0)
+      if (a.gbuf) a.gbuf[n] = 0.f;
+      continue;
+    }
     const float A = a.adv[b * a.adv_sb + t * a.adv_st];
     const float isr = a.isr ? a.isr[b * a.isr_sb + t * a.isr_st] : 1.f;
     const TokenTerms o = token_terms(a.p, a.logp[n], load_or(a.ref, n, 0.f), A, isr, r);
@@ -665,7 +696,8 @@ __global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
   if (a.gbuf) {
     // dr_b/dlogp_t = r_b·m_t/max(Σm, 1); each thread revisits the tokens it wrote above.
     const float c = r * inv_len * acc[NUM_STATS - 1];
-    for (int64_t t = threadIdx.x; t < a.T; t += blockDim.x) a.gbuf[base + t] += c * a.mask[base + t];
+    for (int64_t t = threadIdx.x; t < a.T; t += blockDim.x)
+      if (a.mask[base + t] != 0.f) a.gbuf[base + t] += c * a.mask[base + t];
   }
   if (threadIdx.x == 0) {
     float* out = a.parts + b * NUM_STATS;
@@ -697,6 +729,10 @@ __global__ void __launch_bounds__(kMaxRowThreads) seq_grad_kernel(const DevArgs 
     const int64_t b = n / a.T, t = n - b * a.T;
     const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
     T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
+    if (a.gbuf[n] == 0.f) {  // a masked row (or g = 0): zeros, the row is not read
+      row_zero(grow, (int)a.V);
+      continue;
+    }
     row_grad(row, grow, (int)a.V, (int)a.ids[n], RowSoftmax{a.rmax[n], a.k2, a.log2s[n], a.gbuf[n] / a.p.temperature});
   }
 }

@@ -5,7 +5,7 @@ What runs (N = B·T token rows, one program per row on grid axis 0):
     token level      _grpo_token_fwd_kernel       one sweep of z for lse/entropy, then (with a
                                                   gradient) a second sweep of the same row writing
                                                   dL/dz — from L2 while the rows in flight fit there.
-    sequence level   _token_logprobs_kernel       pass 1: logp, entropy, lse per token
+    sequence level   _grpo_seq_logp_kernel        pass 1: logp, entropy, lse per valid token
                      _grpo_seq_row_kernel         per sequence: the row's ratio, loss, stats, dL/dlogp
                      _grpo_grad_kernel            pass 2 over z: writes dL/dz
     token_logprobs   _token_logprobs_kernel
@@ -220,10 +220,10 @@ def _fused_loss(inp, grad, z, B, T, V, N, dev):
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev)
     # each row's lse in two parts (max, log Σ exp(x − max)): pass 3 never forms x − lse
     lse = torch.empty((B, T, 2), dtype=torch.float32, device=dev) if grad is not None else dummy
-    _launch_v("_token_logprobs_kernel", (N,), dict(
-        logits_ptr=z, ids_ptr=inp.ids, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse,
+    _launch_v("_grpo_seq_logp_kernel", (N,), dict(
+        logits_ptr=z, ids_ptr=inp.ids, mask_ptr=inp.mask, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse,
         T=T, V=V, stride_lb=z.stride(0), stride_lt=z.stride(1), temperature=cfg.temperature,
-        STORE_ENTROPY=True, STORE_LSE=grad is not None,
+        STORE_LSE=grad is not None,
     ))
     stats = torch.empty((B, NUM_STATS), dtype=torch.float32, device=dev)
     g = torch.empty((B, T), dtype=torch.float32, device=dev) if grad is not None else dummy

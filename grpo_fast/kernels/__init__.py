@@ -5,6 +5,7 @@ Only ``@triton.jit`` code lives here; the launchers, autotuning and the torch si
 """
 from .grpo import (  # noqa: F401
     _grpo_grad_kernel,
+    _grpo_seq_logp_kernel,
     _grpo_seq_row_kernel,
     _grpo_token_fwd_kernel,
     _logprobs_bwd_kernel,
@@ -12,5 +13,5 @@ from .grpo import (  # noqa: F401
     _token_logprobs_kernel,
 )
 
-KERNELS = ("_token_logprobs_kernel", "_grpo_token_fwd_kernel", "_grpo_seq_row_kernel", "_grpo_grad_kernel",
+KERNELS = ("_token_logprobs_kernel", "_grpo_seq_logp_kernel", "_grpo_token_fwd_kernel", "_grpo_seq_row_kernel", "_grpo_grad_kernel",
            "_logprobs_fwd_kernel", "_logprobs_bwd_kernel")

@@ -112,6 +112,16 @@ def _round_to(x, OUT: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
+    """g_row[j] = 0 for j < V, without reading the logits (a masked row, or g = 0)."""
+    offs = tl.arange(0, BLOCK_V)
+    zero = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        tl.store(g_row + cols, zero.to(g_row.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
 def _write_row_grad(z_row, g_row, y, shift, log_d, gs, V, temperature, BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr):
     """g_row[j] = gs·(1[j == y] − p_j) for j < V, with gs = dL/dlogp / τ, x = z / τ and
     p_j = exp((x_j − shift) − log_d) (the lse in its two parts, see _online_lse_entropy).
@@ -275,6 +285,29 @@ def _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt, tempera
 
 
 @triton.jit
+def _grpo_seq_logp_kernel(
+    logits_ptr, ids_ptr, mask_ptr, logp_ptr, entropy_ptr, lse_ptr, T, V, stride_lb, stride_lt, temperature,
+    STORE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Sequence level, pass 1: _token_logprobs_kernel for the valid rows; a masked row is not read
+    (log-prob, entropy and lse 0)."""
+    row0 = tl.program_id(0).to(tl.int64)
+    if tl.load(mask_ptr + row0) == 0.0:
+        tl.store(logp_ptr + row0, 0.0)
+        tl.store(entropy_ptr + row0, 0.0)
+        if STORE_LSE:
+            tl.store(lse_ptr + 2 * row0, 0.0)
+            tl.store(lse_ptr + 2 * row0 + 1, 0.0)
+    else:
+        row, b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb,
+                                                                    stride_lt, temperature, BLOCK_V)
+        tl.store(entropy_ptr + row, entropy)
+        if STORE_LSE:
+            tl.store(lse_ptr + 2 * row, shift)
+            tl.store(lse_ptr + 2 * row + 1, log_d)
+
+
+@triton.jit
 def _token_logprobs_kernel(
     # pointers
     logits_ptr, ids_ptr, logp_ptr, entropy_ptr, lse_ptr,
@@ -316,9 +349,38 @@ def _grpo_token_fwd_kernel(
     """Token-level loss of token row = b·T + t, and its gradient row when HAS_GRAD.
 
     stats_ptr[row, :] = [w·loss, m·entropy, m·kl, m·low, m·high, m·(low|high), m·cispo, 0];
-    logp_ptr[row] = logp. Multiplying by w and m (instead of skipping masked tokens) keeps a NaN
-    in the logits visible in the loss, as in the eager reference.
+    logp_ptr[row] = logp. A masked row (m = 0) is not read: zeros everywhere, a zero gradient row
+    (a NaN in it does not reach the loss), as in the eager reference.
     """
+    row0 = tl.program_id(0).to(tl.int64)
+    m0 = tl.load(mask_ptr + row0)
+    if m0 == 0.0:
+        out0 = stats_ptr + row0 * NUM_STATS
+        for k in tl.static_range(NUM_STATS):
+            tl.store(out0 + k, 0.0)
+        tl.store(logp_ptr + row0, 0.0)
+        if HAS_GRAD:
+            b0 = row0 // T
+            _zero_row(grad_ptr + b0 * stride_gb + (row0 - b0 * T) * stride_gt, V, BLOCK_V)
+    else:
+        _grpo_token_row(logits_ptr, ids_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr, ref_ptr,
+                        isr_ptr, grad_ptr, logp_ptr, stats_ptr, T, V, G, stride_lb, stride_lt, stride_gb, stride_gt,
+                        temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps, FAMILY, KL_EST,
+                        HAS_DELTA, HAS_KL, BIAS_KL, HAS_OLD, ADV_MODE, SCALE, ISR_MODE, HAS_GRAD, BLOCK_G, BLOCK_V,
+                        SOFT_BF16)
+
+
+@triton.jit
+def _grpo_token_row(
+    logits_ptr, ids_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr, ref_ptr, isr_ptr,
+    grad_ptr, logp_ptr, stats_ptr, T, V, G, stride_lb, stride_lt, stride_gb, stride_gt,
+    temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
+    FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
+    BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
+    ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    """The body of _grpo_token_fwd_kernel for a valid (unmasked) token row."""
     row, b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt,
                                                         temperature, BLOCK_V)
 
@@ -430,7 +492,7 @@ def _grpo_seq_row_kernel(
             old = tl.load(old_ptr + base + cols, mask=valid, other=0.0)
         else:
             old = lp
-        acc_s += m * (lp - old)
+        acc_s += tl.where(m != 0.0, m * (lp - old), 0.0)  # a masked token is skipped, not multiplied by 0
         acc_m += m
     n = tl.maximum(tl.sum(acc_m, 0), 1.0)
     r = tl.exp(tl.sum(acc_s, 0) / n)
@@ -501,7 +563,7 @@ def _grpo_seq_row_kernel(
             _l, _k, d_logp, _dr, _lo, _hi, _ci = _token_terms(
                 lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
                 FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
-            g = w * d_logp + row_dr * m
+            g = tl.where(m != 0.0, w * d_logp + row_dr * m, 0.0)  # a masked token: 0, its row is not read
             tl.store(g_ptr + base + cols, g, mask=valid)
 
 
@@ -522,11 +584,14 @@ def _grpo_grad_kernel(
     b = row // T
     t = row - b * T
     g = tl.load(g_ptr + row)
-    shift = tl.load(lse_ptr + 2 * row)
-    log_d = tl.load(lse_ptr + 2 * row + 1)
-    y = tl.load(ids_ptr + row)
-    _write_row_grad(logits_ptr + b * stride_lb + t * stride_lt, grad_ptr + b * stride_gb + t * stride_gt,
-                    y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
+    if g == 0.0:  # a masked row (or a zero gradient): zeros, the row is not read
+        _zero_row(grad_ptr + b * stride_gb + t * stride_gt, V, BLOCK_V)
+    else:
+        shift = tl.load(lse_ptr + 2 * row)
+        log_d = tl.load(lse_ptr + 2 * row + 1)
+        y = tl.load(ids_ptr + row)
+        _write_row_grad(logits_ptr + b * stride_lb + t * stride_lt, grad_ptr + b * stride_gb + t * stride_gt,
+                        y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
 
 
 # ---------------------------------------------------------------------------------------------
