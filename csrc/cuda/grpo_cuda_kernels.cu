@@ -352,63 +352,70 @@ struct RowSoftmax {
 };
 
 // d logits_j = gs·(1[j = y] − p_j).
-__device__ __forceinline__ float grad_value(float x, int j, int y, const RowSoftmax& r) {
+__device__ __forceinline__ float row_value(float x, int j, int y, const RowSoftmax& r) {
   return r.gs * ((j == y ? 1.f : 0.f) - exp2f(fmaf(x - r.m, r.k2, -r.log2s)));
 }
 
-// Sweep 2: write the row's gradient. `row` and `grow` may be the same memory (inplace): each
-// element is read and then written by the same thread, after the whole block finished sweep 1.
-// gs == 0 (padding: w = 0) writes zeros without reading the row.
-template <typename T>
-__device__ __forceinline__ void row_grad(const T* row, T* grow, int V, int y, const RowSoftmax& r) {
+// A sweep writing grow[j] = row_value(row[j], j, y, r) for the whole row: element-wise head up to the
+// first 16-byte boundary, 16-byte vectors, element-wise tail (when row and grow sit differently
+// against 16-byte boundaries, element-wise throughout). `row` and `grow` may be the same memory
+// (inplace): each element is read and then written by the same thread. zero: write zeros without
+// reading the row (padding, or a token whose upstream gradient is 0). REVERSE: walk the vectors from
+// the end of the row (vector i of the loop is vector nvec−1−i; a warp still reads one contiguous span).
+template <typename T, bool REVERSE, typename R>
+__device__ __forceinline__ void row_write(const T* row, T* grow, int V, int y, bool zero, const R& r) {
   constexpr int VEC = Io<T>::kVec;
-  const bool zero = (r.gs == 0.f);
   const int step = blockDim.x;
   const int head = aligned_head(grow, V);
   if (head != aligned_head(row, V)) {
-    // Input and output rows sit differently against 16-byte boundaries (odd strides): element-wise.
     for (int j = threadIdx.x; j < V; j += step)
-      Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, r));
+      Io<T>::store1(grow + j, zero ? 0.f : row_value(Io<T>::load1(row + j), j, y, r));
     return;
   }
   const int nvec = (V - head) / VEC;
   const int tail = head + nvec * VEC;
   for (int j = threadIdx.x; j < head; j += step)
-    Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, r));
+    Io<T>::store1(grow + j, zero ? 0.f : row_value(Io<T>::load1(row + j), j, y, r));
   const uint4* in = reinterpret_cast<const uint4*>(row + head);
   uint4* out = reinterpret_cast<uint4*>(grow + head);
   if (zero) {
     const uint4 z = make_uint4(0u, 0u, 0u, 0u);  // +0.0 in every dtype
     for (int i = threadIdx.x; i < nvec; i += step) out[i] = z;
   } else {
-    // Backwards through the row: sweep 1 read it forwards, so its end is what L2 still holds.
-    // Vector i of the loop is vector nvec−1−i of the row; a warp still reads one contiguous span.
     int i = threadIdx.x;
     for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
       uint4 raw[kUnroll];
 #pragma unroll
-      for (int q = 0; q < kUnroll; ++q) raw[q] = in[nvec - 1 - (i + q * step)];
+      for (int q = 0; q < kUnroll; ++q) raw[q] = in[REVERSE ? nvec - 1 - (i + q * step) : i + q * step];
 #pragma unroll
       for (int q = 0; q < kUnroll; ++q) {
-        const int v = nvec - 1 - (i + q * step);
+        const int v = REVERSE ? nvec - 1 - (i + q * step) : i + q * step;
         float x[VEC];
         Io<T>::unpack(raw[q], x);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], head + v * VEC + k, y, r);
+        for (int k = 0; k < VEC; ++k) x[k] = row_value(x[k], head + v * VEC + k, y, r);
         out[v] = Io<T>::pack(x);
       }
     }
     for (; i < nvec; i += step) {
-      const int v = nvec - 1 - i;
+      const int v = REVERSE ? nvec - 1 - i : i;
       float x[VEC];
       Io<T>::unpack(in[v], x);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) x[k] = grad_value(x[k], head + v * VEC + k, y, r);
+      for (int k = 0; k < VEC; ++k) x[k] = row_value(x[k], head + v * VEC + k, y, r);
       out[v] = Io<T>::pack(x);
     }
   }
   for (int j = tail + threadIdx.x; j < V; j += step)
-    Io<T>::store1(grow + j, zero ? 0.f : grad_value(Io<T>::load1(row + j), j, y, r));
+    Io<T>::store1(grow + j, zero ? 0.f : row_value(Io<T>::load1(row + j), j, y, r));
+}
+
+// Sweep 2: write the row's gradient, after the whole block finished sweep 1. gs == 0 (padding:
+// w = 0) writes zeros without reading the row. Backwards through the row: sweep 1 read it forwards,
+// so its end is what L2 still holds.
+template <typename T>
+__device__ __forceinline__ void row_grad(const T* row, T* grow, int V, int y, const RowSoftmax& r) {
+  row_write<T, true>(row, grow, V, y, r.gs == 0.f, r);
 }
 
 // --- kernels ------------------------------------------------------------------------------------
@@ -574,7 +581,7 @@ struct RowLpGrad {
 
 // ∂L/∂z_j = (g_logp·(1[j = y] − p_j) − g_H·p_j·(log p_j + H))/τ. A −inf logit has p_j = 0 and its
 // log p_j is replaced by 0 (never 0·(−inf)); a NaN logit stays NaN.
-__device__ __forceinline__ float lp_grad_value(float x, int j, int y, const RowLpGrad& r) {
+__device__ __forceinline__ float row_value(float x, int j, int y, const RowLpGrad& r) {
   // no FMA contraction: the forward's rounding of x/τ; x − shift is exact near the max
   const float lp = (__fmul_rn(x, r.inv_tau) - r.shift) - r.log_s;
   const float p = expf(lp);
@@ -582,54 +589,11 @@ __device__ __forceinline__ float lp_grad_value(float x, int j, int y, const RowL
   return d * r.inv_tau;
 }
 
-// One sweep of a row writing lp_grad_value, in the shape of row_grad (aligned head, 16-byte body,
-// tail); `row` and `grow` may be the same memory (each element is read, then written, by one thread).
-// zero: both upstream gradients are 0 (a token the loss masked out): zeros, the row is not read.
+// The log-prob backward's sweep of a row (row_write, forwards). zero: both upstream gradients are 0
+// (a token the loss masked out): zeros, the row is not read.
 template <typename T>
 __device__ __forceinline__ void row_lp_grad(const T* row, T* grow, int V, int y, bool zero, const RowLpGrad& r) {
-  constexpr int VEC = Io<T>::kVec;
-  const int step = blockDim.x;
-  const int head = aligned_head(grow, V);
-  if (head != aligned_head(row, V)) {
-    for (int j = threadIdx.x; j < V; j += step)
-      Io<T>::store1(grow + j, zero ? 0.f : lp_grad_value(Io<T>::load1(row + j), j, y, r));
-    return;
-  }
-  const int nvec = (V - head) / VEC;
-  const int tail = head + nvec * VEC;
-  for (int j = threadIdx.x; j < head; j += step)
-    Io<T>::store1(grow + j, zero ? 0.f : lp_grad_value(Io<T>::load1(row + j), j, y, r));
-  const uint4* in = reinterpret_cast<const uint4*>(row + head);
-  uint4* out = reinterpret_cast<uint4*>(grow + head);
-  if (zero) {
-    const uint4 z = make_uint4(0u, 0u, 0u, 0u);  // +0.0 in every dtype
-    for (int i = threadIdx.x; i < nvec; i += step) out[i] = z;
-  } else {
-    int i = threadIdx.x;
-    for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
-      uint4 raw[kUnroll];
-#pragma unroll
-      for (int q = 0; q < kUnroll; ++q) raw[q] = in[i + q * step];
-#pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        const int v = i + q * step;
-        float x[VEC];
-        Io<T>::unpack(raw[q], x);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) x[k] = lp_grad_value(x[k], head + v * VEC + k, y, r);
-        out[v] = Io<T>::pack(x);
-      }
-    }
-    for (; i < nvec; i += step) {
-      float x[VEC];
-      Io<T>::unpack(in[i], x);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) x[k] = lp_grad_value(x[k], head + i * VEC + k, y, r);
-      out[i] = Io<T>::pack(x);
-    }
-  }
-  for (int j = tail + threadIdx.x; j < V; j += step)
-    Io<T>::store1(grow + j, zero ? 0.f : lp_grad_value(Io<T>::load1(row + j), j, y, r));
+  row_write<T, false>(row, grow, V, y, zero, r);
 }
 
 // Backward of grpo_fast.logprobs: one block per token row at a time, one read of the row (the saved
