@@ -81,6 +81,25 @@ LossParams loss_params(Kw& kw) {
   return p;
 }
 
+// The arguments of the log-prob forward (token_logprobs; logprobs_fwd also takes per-token
+// temperatures and the lse output). Every keyword is consumed (kw.done()).
+LogprobArgs logprob_args(Kw& kw, bool with_lse) {
+  LogprobArgs a;
+  a.logits = logits_view(kw);
+  a.ids = kw.ptr<const int64_t>("ids");
+  a.temperature = kw.get<double>("temperature");
+  if (with_lse) {
+    a.tau_rows = kw.ptr<const float>("tau_rows");
+    a.lse = kw.ptr<float>("lse");
+  }
+  a.logp = kw.ptr<float>("logp");
+  a.entropy = kw.ptr<float>("entropy");
+  a.device = kw.get<int32_t>("device");
+  a.stream = kw.ptr<void>("stream");
+  kw.done();
+  return a;
+}
+
 }  // namespace
 
 // The module's name; the host-emulation test build (tests/test_cuda.py) names it differently.
@@ -142,15 +161,7 @@ PYBIND11_MODULE(GF_CUDA_MODULE, m) {
       "token_logprobs",
       [](py::kwargs kwargs) {
         Kw kw(kwargs);
-        LogprobArgs a;
-        a.logits = logits_view(kw);
-        a.ids = kw.ptr<const int64_t>("ids");
-        a.temperature = kw.get<double>("temperature");
-        a.logp = kw.ptr<float>("logp");
-        a.entropy = kw.ptr<float>("entropy");
-        a.device = kw.get<int32_t>("device");
-        a.stream = kw.ptr<void>("stream");
-        kw.done();
+        const LogprobArgs a = logprob_args(kw, false);
         py::gil_scoped_release release;
         token_logprobs(a);
       },
@@ -160,17 +171,7 @@ PYBIND11_MODULE(GF_CUDA_MODULE, m) {
       "logprobs_fwd",
       [](py::kwargs kwargs) {
         Kw kw(kwargs);
-        LogprobArgs a;
-        a.logits = logits_view(kw);
-        a.ids = kw.ptr<const int64_t>("ids");
-        a.temperature = kw.get<double>("temperature");
-        a.tau_rows = kw.ptr<const float>("tau_rows");
-        a.logp = kw.ptr<float>("logp");
-        a.entropy = kw.ptr<float>("entropy");
-        a.lse = kw.ptr<float>("lse");
-        a.device = kw.get<int32_t>("device");
-        a.stream = kw.ptr<void>("stream");
-        kw.done();
+        const LogprobArgs a = logprob_args(kw, true);
         if (!a.lse) throw py::value_error("logprobs_fwd: lse is required");
         py::gil_scoped_release release;
         token_logprobs(a);
