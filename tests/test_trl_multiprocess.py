@@ -1,0 +1,204 @@
+"""The TRL drop-in under several processes (CPU, gloo): ``torchrun --nproc_per_node 2`` and
+``accelerate launch --multi_gpu --num_processes 2``.
+
+The test saves the tiny Qwen2 of tests/test_trl.py (built from a config, nothing downloaded) and
+launches this file as a worker. Every process builds the same global batch (12 rows in TRL's layout,
+old/ref log-probs near the model's own), takes its rank's rows, and for TRL's own GRPOTrainer and for
+the drop-in runs ``compute_loss`` through the model as ``accelerator.prepare`` wraps it (DDP: the
+backward all-reduces the gradients), with ``num_items_in_batch`` gathered over processes as TRL's
+generation step does. Each rank writes its loss, the logged metrics and the (all-reduced) gradients.
+The test compares, in fp32 at 1e-5 relative: drop-in vs TRL on every rank of the 2-process run, and the
+2-process run vs one process fed the whole global batch (mean of the ranks' losses, rank 0's
+gradients, the cross-process metrics).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B_GLOBAL, P, T = 12, 5, 7
+
+# (loss_type, extra config). bnpo normalizes by each process's own token count, so its 2-process
+# gradient is not the global-batch one (in TRL too): it is compared with TRL only.
+CASES = {
+    "dapo_beta": dict(loss_type="dapo", beta=0.04),
+    "grpo": dict(loss_type="grpo", beta=0.0),
+    "dr_grpo_beta_seq": dict(loss_type="dr_grpo", beta=0.04, importance_sampling_level="sequence"),
+    "bnpo_beta": dict(loss_type="bnpo", beta=0.04),
+}
+GLOBAL_EQUIVALENT = {"dapo_beta", "grpo", "dr_grpo_beta_seq"}
+
+
+# ---- the worker (run in each process) ----------------------------------------------------------------
+
+
+def _global_batch(trainer, V):
+    """12 rows, the same in every process; log-probs from the unwrapped model."""
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, V, (B_GLOBAL, P), generator=g)
+    prompt_mask = torch.ones(B_GLOBAL, P, dtype=torch.long)
+    prompt_mask[1, :2] = 0
+    prompt_mask[8, :3] = 0
+    completion_ids = torch.randint(3, V, (B_GLOBAL, T), generator=g)
+    completion_mask = torch.ones(B_GLOBAL, T, dtype=torch.long)
+    completion_mask[2, 4:] = 0
+    completion_mask[3, 1:] = 0
+    completion_mask[7, 2:] = 0  # rank 1's rows carry fewer tokens: per-rank and global normalizers differ
+    completion_mask[9, 3:] = 0
+    completion_mask[10, 5:] = 0
+    sign = torch.tensor([-1.0, 1.0] * (B_GLOBAL // 2))
+    advantages = (0.2 + torch.rand(B_GLOBAL, generator=g)) * sign
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), T)
+    row = torch.tensor([0.45, -0.45, 0.1, -0.2, 0.3, 0.0] * 2).unsqueeze(1)
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                completion_mask=completion_mask, advantages=advantages,
+                ref_per_token_logps=logp + 0.3 * torch.randn(B_GLOBAL, T, generator=g),
+                old_per_token_logps=logp + row + 0.2 * torch.randn(B_GLOBAL, T, generator=g))
+
+
+def _run_one(cls, model_path, out_dir, config):
+    import trl
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(model_path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    args = trl.GRPOConfig(output_dir=out_dir, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                          per_device_train_batch_size=B_GLOBAL // world, num_generations=3, max_completion_length=T,
+                          bf16=False, gradient_accumulation_steps=1, epsilon=0.2, epsilon_high=0.28, **config)
+    ds = Dataset.from_dict({"prompt": ["the cat sat", "a dog ran to", "one two", "big red mat"] * 3})
+    tr = cls(model=model_path, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+             train_dataset=ds, processing_class=tok)
+    acc = tr.accelerator
+    assert acc.num_processes == world, (acc.num_processes, world)
+    full = _global_batch(tr, tr.model.config.vocab_size)
+    n = B_GLOBAL // world
+    inputs = {k: v[rank * n:(rank + 1) * n] for k, v in full.items()}
+    # As TRL's _generate_and_score_completions: the global token count of the generation batch.
+    inputs["num_items_in_batch"] = acc.gather(inputs["completion_mask"].sum()).sum()
+    model = acc.prepare(tr.model)  # DDP when world > 1, as Trainer.train wraps it
+    model.train()
+    tr.current_gradient_accumulation_steps = 1
+    loss = tr.compute_loss(model, inputs)
+    acc.backward(loss)
+    grads = {name: p.grad.detach().double().tolist() for name, p in acc.unwrap_model(model).named_parameters()
+             if p.grad is not None}
+    metrics = {k: v[-1] for k, v in tr._metrics["train"].items() if v}
+    return dict(loss=loss.item(), metrics=metrics, grads=grads, world=world, rank=rank,
+                distributed_type=str(acc.distributed_type))
+
+
+def _worker(model_path, out_path, case):
+    import warnings
+
+    warnings.simplefilter("ignore")
+    sys.path.insert(0, ROOT)
+    import trl
+
+    from grpo_fast.integrations.trl import GRPOTrainer
+
+    res = {}
+    for name, cls in (("trl", trl.GRPOTrainer), ("grpo_fast", GRPOTrainer)):
+        torch.manual_seed(0)
+        res[name] = _run_one(cls, model_path, os.path.dirname(out_path), CASES[case])
+    with open(f"{out_path}.rank{res['trl']['rank']}.json", "w") as f:
+        json.dump(res, f)
+
+
+# ---- the test ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_trl import _SMALL, _save  # the tiny Qwen2 and tokenizer of the single-process tests
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path, _ = _save(tmp_path_factory.mktemp("tiny_qwen2_mp"), Qwen2Config(**_SMALL, tie_word_embeddings=False),
+                    Qwen2ForCausalLM)
+    return path
+
+
+def _launch(launcher, nproc, model_path, out_path, case, port):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    script = [os.path.abspath(__file__), "--worker", model_path, out_path, case]
+    if nproc == 1:
+        cmd = [sys.executable] + script
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)] + script
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port)] + script
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    res = []
+    for r in range(nproc):
+        with open(f"{out_path}.rank{r}.json") as f:
+            res.append(json.load(f))
+    return res
+
+
+def _rel(a, b):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _check_same(ours, ref, what, rtol=1e-5):
+    assert math.isclose(ours["loss"], ref["loss"], rel_tol=rtol, abs_tol=1e-6), f"{what} loss: {ours['loss']} vs {ref['loss']}"
+    assert set(ours["grads"]) == set(ref["grads"]), what
+    for name in ref["grads"]:
+        err = _rel(ours["grads"][name], ref["grads"][name])
+        assert err <= rtol, f"{what}: gradient of {name} relative error {err:.3g}"
+    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert (name in ours["metrics"]) == (name in ref["metrics"]), f"{what}: metric {name}"
+        if name in ref["metrics"]:
+            assert math.isclose(ours["metrics"][name], ref["metrics"][name], rel_tol=rtol, abs_tol=1e-6), \
+                f"{what}: metric {name} {ours['metrics'][name]} vs {ref['metrics'][name]}"
+
+
+_PORT = [29600 + os.getpid() % 200]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_match_trl_and_global_batch(tiny_path, tmp_path, launcher, case):
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
+    _PORT[0] += 1
+    t0 = time.time()
+    two = _launch(launcher, 2, tiny_path, str(tmp_path / "two"), case, _PORT[0])
+    for r, res in enumerate(two):
+        assert res["world"] == 2 and res["rank"] == r and "MULTI" in res["distributed_type"], res["distributed_type"]
+        # drop-in vs TRL's own trainer, same 2-process setup, every rank
+        _check_same(res["grpo_fast"], res["trl"], f"{launcher} rank {r}: grpo_fast vs trl")
+    # DDP all-reduced the gradients: both ranks hold the same
+    for name in two[0]["grpo_fast"]["grads"]:
+        assert _rel(two[1]["grpo_fast"]["grads"][name], two[0]["grpo_fast"]["grads"][name]) <= 1e-6
+    assert two[0]["trl"]["metrics"]["clip_ratio/region_mean"] > 0  # the clipped branch is exercised
+    if case not in GLOBAL_EQUIVALENT:
+        return
+    one = _launch(launcher, 1, tiny_path, str(tmp_path / "one"), case, _PORT[0])[0]
+    for impl in ("trl", "grpo_fast"):
+        merged = dict(two[0][impl], loss=sum(r[impl]["loss"] for r in two) / 2)  # the logged loss: mean over ranks
+        _check_same(merged, one[impl], f"{launcher} {impl}: 2 processes vs 1 process with the global batch")
+    print(f"{launcher} {case}: {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    _worker(*sys.argv[2:5])
