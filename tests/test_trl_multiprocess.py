@@ -100,7 +100,7 @@ def _run_one(cls, model_path, out_dir, config):
                 distributed_type=str(acc.distributed_type))
 
 
-def _worker(model_path, out_path, case):
+def _worker(model_path, out_path, cases):
     import warnings
 
     warnings.simplefilter("ignore")
@@ -110,10 +110,12 @@ def _worker(model_path, out_path, case):
     from grpo_fast.integrations.trl import GRPOTrainer
 
     res = {}
-    for name, cls in (("trl", trl.GRPOTrainer), ("grpo_fast", GRPOTrainer)):
-        torch.manual_seed(0)
-        res[name] = _run_one(cls, model_path, os.path.dirname(out_path), CASES[case])
-    with open(f"{out_path}.rank{res['trl']['rank']}.json", "w") as f:
+    for case in cases.split(","):  # every case in one launch: the processes start once
+        res[case] = {}
+        for name, cls in (("trl", trl.GRPOTrainer), ("grpo_fast", GRPOTrainer)):
+            torch.manual_seed(0)
+            res[case][name] = _run_one(cls, model_path, os.path.dirname(out_path), CASES[case])
+    with open(f"{out_path}.rank{int(os.environ.get('RANK', '0'))}.json", "w") as f:
         json.dump(res, f)
 
 
@@ -133,10 +135,10 @@ def tiny_path(tmp_path_factory):
     return path
 
 
-def _launch(launcher, nproc, model_path, out_path, case, port):
+def _launch(launcher, nproc, model_path, out_path, port, cases=tuple(CASES)):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    script = [os.path.abspath(__file__), "--worker", model_path, out_path, case]
+    script = [os.path.abspath(__file__), "--worker", model_path, out_path, ",".join(cases)]
     if nproc == 1:
         cmd = [sys.executable] + script
     elif launcher == "torchrun":
@@ -172,19 +174,35 @@ def _check_same(ours, ref, what, rtol=1e-5):
                 f"{what}: metric {name} {ours['metrics'][name]} vs {ref['metrics'][name]}"
 
 
-_PORT = [29600 + os.getpid() % 200]
+@pytest.fixture(scope="module")
+def runs(tiny_path, tmp_path_factory):
+    """{launcher or "one": per-rank results}: each launch runs every case once."""
+    cache = {}
+    port = 29600 + os.getpid() % 300
+
+    def get(launcher):
+        if launcher not in cache:
+            if launcher == "accelerate":
+                pytest.importorskip("accelerate")
+            t0 = time.time()
+            nproc = 1 if launcher == "one" else 2
+            cases = tuple(GLOBAL_EQUIVALENT) if launcher == "one" else tuple(CASES)
+            out = tmp_path_factory.mktemp(launcher)
+            cache[launcher] = _launch(launcher, nproc, tiny_path, str(out / "res"), port + len(cache), cases)
+            print(f"[{launcher}: {time.time() - t0:.1f}s]", end=" ")
+        return cache[launcher]
+
+    return get
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_processes_match_trl_and_global_batch(tiny_path, tmp_path, launcher, case):
-    if launcher == "accelerate":
-        pytest.importorskip("accelerate")
-    _PORT[0] += 1
-    t0 = time.time()
-    two = _launch(launcher, 2, tiny_path, str(tmp_path / "two"), case, _PORT[0])
+def test_two_processes_match_trl_and_global_batch(runs, launcher, case):
+    two = [r[case] for r in runs(launcher)]
     for r, res in enumerate(two):
-        assert res["world"] == 2 and res["rank"] == r and "MULTI" in res["distributed_type"], res["distributed_type"]
+        for impl in ("trl", "grpo_fast"):
+            assert res[impl]["world"] == 2 and res[impl]["rank"] == r, res[impl]["rank"]
+            assert "MULTI" in res[impl]["distributed_type"], res[impl]["distributed_type"]
         # drop-in vs TRL's own trainer, same 2-process setup, every rank
         _check_same(res["grpo_fast"], res["trl"], f"{launcher} rank {r}: grpo_fast vs trl")
     # DDP all-reduced the gradients: both ranks hold the same
@@ -193,11 +211,10 @@ def test_two_processes_match_trl_and_global_batch(tiny_path, tmp_path, launcher,
     assert two[0]["trl"]["metrics"]["clip_ratio/region_mean"] > 0  # the clipped branch is exercised
     if case not in GLOBAL_EQUIVALENT:
         return
-    one = _launch(launcher, 1, tiny_path, str(tmp_path / "one"), case, _PORT[0])[0]
+    one = runs("one")[0][case]
     for impl in ("trl", "grpo_fast"):
         merged = dict(two[0][impl], loss=sum(r[impl]["loss"] for r in two) / 2)  # the logged loss: mean over ranks
         _check_same(merged, one[impl], f"{launcher} {impl}: 2 processes vs 1 process with the global batch")
-    print(f"{launcher} {case}: {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
