@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -33,8 +34,12 @@ CASES = {
     "grpo": dict(loss_type="grpo", beta=0.0),
     "dr_grpo_beta_seq": dict(loss_type="dr_grpo", beta=0.04, importance_sampling_level="sequence"),
     "bnpo_beta": dict(loss_type="bnpo", beta=0.04),
+    # Each process splits its 6 rows into 2 micro-batches (DDP's no_sync on the first, as Trainer does);
+    # the one-process run still takes the 12 rows at once with gradient_accumulation_steps=1.
+    "dapo_beta_ga2": dict(loss_type="dapo", beta=0.04, gradient_accumulation_steps=2),
+    "grpo_beta_ga2": dict(loss_type="grpo", beta=0.04, gradient_accumulation_steps=2),
 }
-GLOBAL_EQUIVALENT = {"dapo_beta", "grpo", "dr_grpo_beta_seq"}
+GLOBAL_EQUIVALENT = {"dapo_beta", "grpo", "dr_grpo_beta_seq", "dapo_beta_ga2", "grpo_beta_ga2"}
 
 
 # ---- the worker (run in each process) ----------------------------------------------------------------
@@ -75,9 +80,13 @@ def _run_one(cls, model_path, out_dir, config):
     tok = PreTrainedTokenizerFast.from_pretrained(model_path)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    config = dict(config)
+    ga = config.pop("gradient_accumulation_steps", 1) if world > 1 else 1
+    config.pop("gradient_accumulation_steps", None)
     args = trl.GRPOConfig(output_dir=out_dir, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                          per_device_train_batch_size=B_GLOBAL // world, num_generations=3, max_completion_length=T,
-                          bf16=False, gradient_accumulation_steps=1, epsilon=0.2, epsilon_high=0.28, **config)
+                          per_device_train_batch_size=B_GLOBAL // world // ga, num_generations=3,
+                          max_completion_length=T, bf16=False, gradient_accumulation_steps=ga, epsilon=0.2,
+                          epsilon_high=0.28, **config)
     ds = Dataset.from_dict({"prompt": ["the cat sat", "a dog ran to", "one two", "big red mat"] * 3})
     tr = cls(model=model_path, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
              train_dataset=ds, processing_class=tok)
@@ -90,13 +99,24 @@ def _run_one(cls, model_path, out_dir, config):
     inputs["num_items_in_batch"] = acc.gather(inputs["completion_mask"].sum()).sum()
     model = acc.prepare(tr.model)  # DDP when world > 1, as Trainer.train wraps it
     model.train()
-    tr.current_gradient_accumulation_steps = 1
-    loss = tr.compute_loss(model, inputs)
-    acc.backward(loss)
+    tr.current_gradient_accumulation_steps = ga
+    assert tr.args.steps_per_generation == ga  # TRL's default: one generation batch per optimizer step
+    losses, metrics = [], []
+    m = n // ga
+    for i in range(ga):
+        micro = {k: v[i * m:(i + 1) * m] if k != "num_items_in_batch" else v for k, v in inputs.items()}
+        for v in tr._metrics["train"].values():
+            v.clear()
+        sync = i == ga - 1  # Trainer: no gradient all-reduce until the window's last micro-batch
+        with (nullcontext() if sync else acc.no_sync(model)):
+            loss = tr.compute_loss(model, micro)
+            acc.backward(loss)
+        losses.append(loss.item())
+        metrics.append({k: v[-1] for k, v in tr._metrics["train"].items() if v})
     grads = {name: p.grad.detach().double().tolist() for name, p in acc.unwrap_model(model).named_parameters()
              if p.grad is not None}
-    metrics = {k: v[-1] for k, v in tr._metrics["train"].items() if v}
-    return dict(loss=loss.item(), metrics=metrics, grads=grads, world=world, rank=rank,
+    # loss: what Trainer logs for the step (the micro-batch losses summed); metrics: each micro-batch's
+    return dict(loss=sum(losses), losses=losses, metrics=metrics, ga=ga, grads=grads, world=world, rank=rank,
                 distributed_type=str(acc.distributed_type))
 
 
@@ -161,17 +181,22 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-def _check_same(ours, ref, what, rtol=1e-5):
+def _check_same(ours, ref, what, rtol=1e-5, metrics=True):
     assert math.isclose(ours["loss"], ref["loss"], rel_tol=rtol, abs_tol=1e-6), f"{what} loss: {ours['loss']} vs {ref['loss']}"
     assert set(ours["grads"]) == set(ref["grads"]), what
     for name in ref["grads"]:
         err = _rel(ours["grads"][name], ref["grads"][name])
         assert err <= rtol, f"{what}: gradient of {name} relative error {err:.3g}"
-    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-        assert (name in ours["metrics"]) == (name in ref["metrics"]), f"{what}: metric {name}"
-        if name in ref["metrics"]:
-            assert math.isclose(ours["metrics"][name], ref["metrics"][name], rel_tol=rtol, abs_tol=1e-6), \
-                f"{what}: metric {name} {ours['metrics'][name]} vs {ref['metrics'][name]}"
+    if not metrics:
+        return
+    assert len(ours["metrics"]) == len(ref["metrics"]), what
+    for mo, mr in zip(ours["metrics"], ref["metrics"]):
+        for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+            assert (name in mo) == (name in mr), f"{what}: metric {name}"
+            if name in mr:
+                assert math.isclose(mo[name], mr[name], rel_tol=rtol, abs_tol=1e-6), f"{what}: metric {name} {mo[name]} vs {mr[name]}"
+    for mo, mr in zip(ours.get("losses", ()), ref["losses"]):  # per micro-batch (absent: a merged result)
+        assert math.isclose(mo, mr, rel_tol=rtol, abs_tol=1e-6), f"{what} micro-batch loss: {mo} vs {mr}"
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +233,17 @@ def test_two_processes_match_trl_and_global_batch(runs, launcher, case):
     # DDP all-reduced the gradients: both ranks hold the same
     for name in two[0]["grpo_fast"]["grads"]:
         assert _rel(two[1]["grpo_fast"]["grads"][name], two[0]["grpo_fast"]["grads"][name]) <= 1e-6
-    assert two[0]["trl"]["metrics"]["clip_ratio/region_mean"] > 0  # the clipped branch is exercised
+    assert two[0]["trl"]["ga"] == CASES[case].get("gradient_accumulation_steps", 1)
+    assert two[0]["trl"]["metrics"][-1]["clip_ratio/region_mean"] > 0  # the clipped branch is exercised
     if case not in GLOBAL_EQUIVALENT:
         return
     one = runs("one")[0][case]
     for impl in ("trl", "grpo_fast"):
         merged = dict(two[0][impl], loss=sum(r[impl]["loss"] for r in two) / 2)  # the logged loss: mean over ranks
-        _check_same(merged, one[impl], f"{launcher} {impl}: 2 processes vs 1 process with the global batch")
+        del merged["losses"]
+        # the metrics are per micro-batch: with accumulation they cover other rows than the one-process run's
+        _check_same(merged, one[impl], f"{launcher} {impl}: 2 processes vs 1 process with the global batch",
+                    metrics=two[0][impl]["ga"] == 1)
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
