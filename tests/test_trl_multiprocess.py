@@ -124,6 +124,27 @@ def _run_one(cls, model_path, out_dir, config):
                 distributed_type=str(acc.distributed_type))
 
 
+def _reward_len(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def _train_one(cls, model_path, out_dir):
+    """One optimizer step of Trainer.train(): TRL generates, gathers num_items_in_batch, wraps in DDP."""
+    import trl
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(model_path)
+    args = trl.GRPOConfig(output_dir=out_dir, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                          per_device_train_batch_size=3, num_generations=3, max_completion_length=6, bf16=False,
+                          gradient_accumulation_steps=2, loss_type="dapo", beta=0.04, max_steps=1,
+                          learning_rate=1e-2, seed=7)
+    ds = Dataset.from_dict({"prompt": ["the cat sat", "a dog ran to", "one two", "big red mat", "yes no up", "hot cold"]})
+    tr = cls(model=model_path, reward_funcs=_reward_len, args=args, train_dataset=ds, processing_class=tok)
+    tr.train()
+    return [h for h in tr.state.log_history if "loss" in h]
+
+
 def _worker(model_path, out_path, cases):
     import warnings
 
@@ -139,6 +160,12 @@ def _worker(model_path, out_path, cases):
         for name, cls in (("trl", trl.GRPOTrainer), ("grpo_fast", GRPOTrainer)):
             torch.manual_seed(0)
             res[case][name] = _run_one(cls, model_path, os.path.dirname(out_path), CASES[case])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        res["train"] = {name: _train_one(cls, model_path, os.path.dirname(out_path))
+                        for name, cls in (("trl", trl.GRPOTrainer), ("grpo_fast", GRPOTrainer))}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        res["train"] = {name: _train_one(cls, model_path, os.path.dirname(out_path))
+                        for name, cls in (("trl", trl.GRPOTrainer), ("grpo_fast", GRPOTrainer))}
     with open(f"{out_path}.rank{int(os.environ.get('RANK', '0'))}.json", "w") as f:
         json.dump(res, f)
 
@@ -250,6 +277,19 @@ def test_two_processes_match_trl_and_global_batch(runs, launcher, case):
         # the metrics are per micro-batch: with accumulation they cover other rows than the one-process run's
         _check_same(merged, one[impl], f"{launcher} {impl}: 2 processes vs 1 process with the global batch",
                     metrics=two[0][impl]["ga"] == 1)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_training_step_matches_trl(runs, launcher):
+    """Trainer.train() for one optimizer step (generation, the gathered num_items_in_batch, DDP, 2 micro-batches):
+    the logged loss, grad_norm and metrics equal TRL's (1e-4: sampled completions, then an fp32 step)."""
+    for rank_res in runs(launcher):
+        ref, ours = rank_res["train"]["trl"], rank_res["train"]["grpo_fast"]
+        assert len(ref) == len(ours) == 1
+        for key in ("loss", "grad_norm", "entropy", "kl", "clip_ratio/region_mean", "reward"):
+            assert key in ours[0], f"{key} not logged by the drop-in"
+            assert math.isclose(ours[0][key], ref[0][key], rel_tol=1e-4, abs_tol=1e-6), f"{key}: trl {ref[0][key]} grpo_fast {ours[0][key]}"
+        assert ref[0]["grad_norm"] > 0
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
