@@ -13,7 +13,9 @@ batch (mean of the ranks' losses, rank 0's gradients, the cross-process metrics)
 num_items_in_batch), grpo and dr_grpo, beta = 0 and != 0, with and without gradient accumulation (each
 process's rows in 2 micro-batches, DDP's no_sync on the first). bnpo normalizes by each process's own
 tokens (in TRL too): it is compared with TRL only, and its gradient is checked to differ from the
-one-process one. Runtime: three launches, about 45 s on 2 CPU cores.
+one-process one. Each 2-process launch also runs one optimizer step of ``Trainer.train()`` with TRL's
+trainer and with the drop-in (TRL generates, gathers num_items_in_batch, wraps the model in DDP) and
+compares the logged loss, grad_norm and metrics. Runtime: three launches, about 70 s on 2 CPU cores.
 """
 from __future__ import annotations
 
