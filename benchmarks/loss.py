@@ -156,7 +156,7 @@ class Provider:
                   completion_mask=inputs["mask"], **LOSS_OPTIONS)
         ids = inputs["ids"]
         if self.backend is not None:
-            from ..api import grpo_loss
+            from grpo_fast.api import grpo_loss
 
             backend, inplace = self.backend, self.inplace
             return lambda logits: grpo_loss(logits, ids, backend=backend, inplace=inplace, **kw)[0]
