@@ -674,10 +674,11 @@ def main(argv=None) -> int:
         bad = [d for d in args.dtypes if d not in DTYPES]
         if bad:
             raise SystemExit(f"unknown dtypes {bad}; known: {list(DTYPES)}")
-    run(quick=args.quick, device=args.device, providers=args.providers, shapes=args.shapes, dtypes=args.dtypes,
-        repeats=args.repeats, warmup=args.warmup, memory=args.memory, check=args.check, compile_=args.compile_,
-        out_dir=None if args.no_save else args.out_dir, plot=args.plot)
-    return 0
+    result = run(quick=args.quick, device=args.device, providers=args.providers, shapes=args.shapes,
+                 dtypes=args.dtypes, repeats=args.repeats, warmup=args.warmup, memory=args.memory, check=args.check,
+                 compile_=args.compile_, out_dir=None if args.no_save else args.out_dir, plot=args.plot)
+    # a provider that failed is a failed benchmark, not a row to read past
+    return 1 if any(r.get("mode") == "error" for r in result["rows"]) else 0
 
 
 if __name__ == "__main__":

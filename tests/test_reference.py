@@ -236,3 +236,17 @@ def test_token_level_metrics_at_t1_are_token_means_not_row_means():
     _, met = grpo_loss_reference(z, y, torch.tensor([1.0, 1.0], dtype=torch.float64), old_logp=old, completion_mask=m,
                                  importance_sampling_level="sequence")
     assert met["clip_ratio_high"].item() == 0.5  # sequence level: one flag per row, masked row's r = 1
+
+
+def test_loss_benchmark_runs_every_cpu_provider(tmp_path):
+    """benchmarks/loss.py at a toy size, in process: every CPU provider runs and agrees with eager, and
+    the command's exit status says so (the benchmark must not rot between benchmark runs)."""
+    from benchmarks import loss as bench
+
+    res = bench.run(shapes=[(8, 4, 64)], dtypes=["fp32"], providers=["eager", "cpu", "cpu-inplace"], repeats=1,
+                    warmup=0, memory=False, out_dir=str(tmp_path), plot=False, log=lambda *a: None)
+    assert {r["provider"] for r in res["rows"]} == {"eager", "cpu", "cpu-inplace"}
+    bad = [(r["provider"], r["mode"], r.get("check")) for r in res["rows"] if r["mode"] == "error"]
+    assert not bad, bad
+    assert bench.main(["--shapes", "8x4x64", "--dtypes", "fp32", "--providers", "eager,cpu", "--repeats", "1",
+                       "--warmup", "0", "--no-memory", "--no-save"]) == 0
