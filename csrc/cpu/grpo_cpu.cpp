@@ -375,32 +375,12 @@ static void fused_loss_impl(const LossArgs& a) {
   st[STAT_CISPO_CLIP] = (float)s_cispo;
 }
 
-// ---- token log-probs (no gradient) -------------------------------------------------------------------
-static void token_logprobs_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
-                                int64_t lst, const int64_t* ids, float temperature, float* logp, float* entropy,
-                                int nthreads) {
-  const RowKernels& K = *g_kernels.load();
-  const float inv_tau = (float)(1.0 / (double)temperature);
-  const int64_t N = B * T, chunk = chunk_tokens(V);
-  (void)nthreads;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
-#endif
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t b = n / T, t = n % T;
-    const void* zrow = static_cast<const char*>(logits) + (b * lsb + t * lst) * elem_size(dtype);
-    const RowStats rs = K.stats[dtype](zrow, V, inv_tau, ids[n]);
-    logp[n] = rs.logp;
-    if (entropy) entropy[n] = rs.entropy;
-  }
-}
-
 // ---- differentiable log-probs and entropy (grpo_fast.logprobs) ----------------------------------------
 // Forward: the row statistics of token_logprobs plus the lse in two parts per token, lse[2n] = max x and
 // lse[2n + 1] = log S (S = Σ e^(x − max)), which is all the backward needs to form
 // p_j = e^((x_j − max) − log S) without a reduction. The parts are never added: x_j − (max + log S)
 // would lose an ulp of |x| (~1e-3 at logits near ±1e4) to cancellation. tau: per-token temperatures
-// (N,) or null (then tau0 for every token).
+// (N,) or null (then tau0 for every token); lse may be null (token_logprobs).
 static void logprobs_fwd_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
                               int64_t lst, const int64_t* ids, float tau0, const float* tau, float* logp,
                               float* entropy, float* lse, int nthreads) {
@@ -416,10 +396,19 @@ static void logprobs_fwd_impl(const void* logits, int32_t dtype, int64_t B, int6
     const float inv_tau = (float)(1.0 / (double)(tau ? tau[n] : tau0));
     const RowStats rs = K.stats[dtype](zrow, V, inv_tau, ids[n]);
     logp[n] = rs.logp;
-    lse[2 * n] = rs.xmax;
-    lse[2 * n + 1] = logf(rs.sum);  // the log S that rs.logp and rs.entropy were formed with
+    if (lse) {
+      lse[2 * n] = rs.xmax;
+      lse[2 * n + 1] = logf(rs.sum);  // the log S that rs.logp and rs.entropy were formed with
+    }
     if (entropy) entropy[n] = rs.entropy;
   }
+}
+
+// ---- token log-probs (no gradient): the forward above without per-token temperatures or lse --------
+static void token_logprobs_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
+                                int64_t lst, const int64_t* ids, float temperature, float* logp, float* entropy,
+                                int nthreads) {
+  logprobs_fwd_impl(logits, dtype, B, T, V, lsb, lst, ids, temperature, nullptr, logp, entropy, nullptr, nthreads);
 }
 
 // Backward: with x = z/τ, log p_j = (x_j − max) − log S (the forward's two parts), upstream gradients gl = ∂L/∂logp and gh = ∂L/∂H
