@@ -228,6 +228,10 @@ OPTION_CASES = {
                                                   vespo_k_neg=2.5, vespo_lambda_neg=1.5), step=dict(ga=1)),
     "vespo_vllm_is": dict(config=dict(loss_type="vespo", beta=0.04), batch=dict(isr="token"), step=dict(use_vllm=True)),
     "vespo_eval": dict(config=dict(loss_type="vespo", top_entropy_quantile=0.5), step=dict(train=False)),
+    # TRL's vespo reads neither the clip range, delta nor the SAPO temperatures: values grpo_fast rejects
+    # for the other loss types are accepted (not checked, not used), and the step still matches TRL.
+    "vespo_ignores_clip_options": dict(config=dict(loss_type="vespo", beta=0.04, epsilon=1.5, epsilon_high=-0.5,
+                                                    delta=0.5, sapo_temperature_pos=-1.0, sapo_temperature_neg=0.0)),
     "entropy_coef_dapo": dict(config=dict(loss_type="dapo", beta=0.04, entropy_coef=0.05)),
     "entropy_coef_grpo_seq": dict(config=dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.1,
                                               beta=0.04)),

@@ -28,7 +28,7 @@ TRL options and what they map to (all read from ``GRPOConfig`` / the trainer, as
                                  log-prob primitive (below)
     beta                         beta, with kl_estimator="k3" (TRL's only estimator)
     epsilon / epsilon_high       epsilon_low / epsilon_high
-    delta                        delta (clip family; TRL ignores it for cispo and sapo, so do we)
+    delta                        delta (clip family; TRL ignores it for cispo, sapo and vespo, so do we)
     importance_sampling_level    importance_sampling_level
     temperature                  temperature
     use_bias_correction_kl       use_bias_correction_kl
@@ -48,7 +48,8 @@ per-token log-probs (and the entropy's gradient) before the loss. With any of th
 in torch on the (B, T) vectors: ``reference.per_token_loss`` and ``reference.aggregate`` (the math every
 kernel is tested against), TRL's own ``get_gamma_weights`` (VESPO's φ), ``get_off_policy_mask`` and
 ``get_high_entropy_mask``, TRL's entropy-bonus scaling and its adaptive coefficient update, logged as
-TRL logs them (``vespo/phi_seq_mean``, ``policy_loss``, ``entropy_coef``).
+TRL logs them (``vespo/phi_seq_mean``, ``policy_loss``, ``entropy_coef``). vespo ignores epsilon,
+epsilon_high, delta and the SAPO temperatures as TRL does (``IGNORED_OPTIONS``): not checked, not used.
 
 Refused with ``ValueError`` when the trainer is built, never a silent fallback: use_liger_kernel (in
 trl 1.16 it patches the model's layers with Liger's Triton kernels; untested together), vision-language
@@ -57,6 +58,7 @@ models, and a subclass that overrides ``_compute_loss``, ``compute_loss`` or
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 import warnings
@@ -101,6 +103,14 @@ TRL_METRIC_NAMES = {
 # Loss types computed on the log-prob primitive (fused_linear_logprobs, then the loss in torch on (B, T)
 # vectors), with the loss type whose aggregation they share.
 PRIMITIVE_LOSS_TYPES = {"vespo": "dapo"}
+
+# The loss options (GRPOOptions names) that TRL 1.16's _compute_loss never reads for a loss type:
+# vespo's branch computes φ from the sequence's log-ratio and its own vespo_* options, and neither
+# the clip range (TRL's ``epsilon`` / ``epsilon_high``), ``delta`` nor the SAPO temperatures enter its
+# loss or its metrics. grpo_fast neither checks nor uses them there either: they get GRPOOptions'
+# defaults (docs/spec.md, "TRL options computed on the log-prob primitive").
+IGNORED_OPTIONS = {"vespo": ("epsilon_low", "epsilon_high", "delta", "sapo_temperature_pos", "sapo_temperature_neg")}
+_OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOOptions)}
 
 # Methods whose override in a subclass would change the policy loss that the drop-in replaces.
 _LOSS_METHODS = ("_compute_loss", "compute_loss", "_get_per_token_logps_and_entropies")
@@ -346,7 +356,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         """grpo_fast's loss options from the trainer's current settings (read where TRL's _compute_loss reads them)."""
         # vespo runs on the log-prob primitive; its options here are those of the loss type it aggregates like.
         lt = PRIMITIVE_LOSS_TYPES.get(self.loss_type, self.loss_type)
-        return dict(
+        opts = dict(
             loss_type=lt,
             importance_sampling_level=self.importance_sampling_level,
             temperature=self.temperature,
@@ -354,13 +364,16 @@ class GRPOTrainer(_TRLGRPOTrainer):
             kl_estimator="k3",
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
-            # TRL applies delta in the clip family only; grpo_fast rejects it elsewhere instead of ignoring it.
-            delta=self.args.delta if LOSS_TABLE[lt].delta and self.loss_type not in PRIMITIVE_LOSS_TYPES else None,
+            # TRL applies delta in the clip family only; grpo_fast's API rejects it elsewhere, so it is not passed.
+            delta=self.args.delta if LOSS_TABLE[lt].delta else None,
             max_completion_length=self.max_completion_length if LOSS_TABLE[lt].aggregation == "fixed_length" else None,
             sapo_temperature_pos=self.args.sapo_temperature_pos,
             sapo_temperature_neg=self.args.sapo_temperature_neg,
             use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
         )
+        # What TRL ignores for this loss type is not validated (nor used): the defaults stand in for it.
+        opts.update({name: _OPTION_DEFAULTS[name] for name in IGNORED_OPTIONS.get(self.loss_type, ())})
+        return opts
 
     # ---- the loss --------------------------------------------------------------------------------
 
