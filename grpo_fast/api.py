@@ -15,7 +15,7 @@ import torch
 from . import _autograd as _ag
 from . import backends as _backends
 from ._config import LOSS_TABLE, METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
-from .options import GRPOOptions, with_options
+from .options import GRPOOptions, LossTensors, with_options
 from .reference import grpo_loss_reference, group_advantages_reference, row_level_flags
 from .validation import (
     LossInputs,
@@ -37,15 +37,12 @@ class _FusedGRPOLoss(torch.autograd.Function):
     """logits -> (loss, stats) through a kernel backend; the gradient is produced in forward."""
 
     @staticmethod
-    def forward(ctx, logits, inp: LossInputs, backend, inplace: bool, need_grad: bool):
+    def forward(ctx, logits, inp: LossInputs, backend: _backends.Backend, inplace: bool, need_grad: bool):
         grad = None
         if need_grad:
-            if inplace:
-                grad = inp.logits  # the kernel overwrites each row with its gradient after reading it
-            elif hasattr(backend, "empty_grad"):  # e.g. the CPU backend's huge-page buffer
-                grad = backend.empty_grad(inp.logits.shape, inp.logits.dtype)
-            else:
-                grad = torch.empty(inp.logits.shape, dtype=inp.logits.dtype, device=inp.logits.device)
+            # inplace: the kernel overwrites each row with its gradient after reading it; else the
+            # backend's buffer (the CPU backend's is huge-page backed)
+            grad = inp.logits if inplace else backend.empty_grad(inp.logits)
         stats, _ = backend.fused_loss(inp, grad)
         if inplace and inp.logits is logits:
             # The kernel wrote through a raw pointer, which autograd cannot see. Tell it, so that any
@@ -109,16 +106,10 @@ def grpo_loss(
     completion_ids: torch.Tensor,
     advantages: Optional[torch.Tensor] = None,
     *,
-    rewards: Optional[torch.Tensor] = None,
-    old_logp: Optional[torch.Tensor] = None,
-    ref_logp: Optional[torch.Tensor] = None,
-    completion_mask: Optional[torch.Tensor] = None,
-    importance_sampling_ratio: Optional[torch.Tensor] = None,
-    num_items_in_batch=None,
     cu_seqlens: Optional[torch.Tensor] = None,
     inplace: bool = False,
     backend: str = "auto",
-    **options,
+    **kwargs,  # the per-call tensors (options.LossTensors) and the loss options
 ):
     """The GRPO loss from completion logits in one fused pass (docs/spec.md).
 
@@ -160,7 +151,8 @@ def grpo_loss(
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     compiling = torch.compiler.is_compiling()
-    opts = GRPOOptions.from_kwargs("grpo_loss", options)
+    tensors = LossTensors.pop(kwargs)
+    opts = GRPOOptions.from_kwargs("grpo_loss", kwargs)
     tau = None
     if isinstance(opts.temperature, torch.Tensor) and opts.temperature.dim() > 0:
         # one τ per row or per token: through the log-prob primitive (see _tau_tensor_loss)
@@ -168,18 +160,13 @@ def grpo_loss(
             raise NotImplementedError("grpo_loss with a temperature tensor is not supported under torch.compile yet")
         tau, opts = opts.temperature, dataclasses.replace(opts, temperature=1.0)
     if cu_seqlens is not None or tau is not None:
-        return _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
-                                 importance_sampling_ratio, num_items_in_batch, cu_seqlens, inplace, backend, opts,
-                                 tau)
-    inp = validate_loss_args(
-        logits, completion_ids, advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp,
-        completion_mask=completion_mask, importance_sampling_ratio=importance_sampling_ratio,
-        num_items_in_batch=num_items_in_batch, options=opts, check_values=not compiling,
-    )
+        return _packed_grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, inplace, backend, opts, tau)
+    inp = validate_loss_args(logits, completion_ids, advantages, **tensors._asdict(), options=opts,
+                             check_values=not compiling)
     if compiling:
         return _compiled_path(logits, inp, backend)
     impl = _backends.resolve(backend, logits.device)
-    if impl is None:
+    if impl.autograd:
         return _reference_from_inputs(logits, inp)
     # Grad mode decides, not only requires_grad: under no_grad nothing is computed or overwritten.
     need_grad = logits.requires_grad and torch.is_grad_enabled()
@@ -221,7 +208,7 @@ def _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref
             _check_temperature(tau, (lay.S,), rows.device)
             tau = tau[lay.row]
         temperature = _check_temperature(tau, (N,), rows.device)[0]
-    if impl is not None and inp.cfg.level == 0 and tau is None:
+    if not impl.autograd and inp.cfg.level == 0 and tau is None:
         logits3 = rows.unsqueeze(0)
         if logits3.stride(-1) != 1:
             logits3 = logits3.contiguous()
@@ -230,12 +217,12 @@ def _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref
         inplace = inplace and need_grad and not _self_overlapping(logits3)
         loss, stats = _FusedGRPOLoss.apply(logits3, flat, impl, inplace, need_grad)
         return loss, metrics_from_sums(stats, flat)
-    if isinstance(temperature, torch.Tensor) and impl is None:  # valid_logprobs selects rows: τ with them
+    if isinstance(temperature, torch.Tensor) and impl.autograd:  # valid_logprobs selects rows: τ with them
         idx = torch.nonzero(lay.unpad(inp.mask)[0] != 0, as_tuple=True)[0]
         fn = lambda z, y, **kw: _logprobs(z, y, temperature=temperature[idx], **kw)  # noqa: E731
     else:
         fn = lambda z, y, **kw: _logprobs(z, y, temperature=temperature, **kw)  # noqa: E731
-    logp, entropy = _pk.valid_logprobs(fn, rows, inp, lay, impl is None, backend=backend)
+    logp, entropy = _pk.valid_logprobs(fn, rows, inp, lay, impl.autograd, backend=backend)
     loss, stats = _pk.loss_from_logp(logp, entropy, inp, lay)
     return loss, metrics_from_sums(stats.detach(), inp)
 
@@ -255,8 +242,7 @@ def _tau_tensor_loss(logits, completion_ids, advantages, rewards, old_logp, ref_
                              num_items_in_batch=num_items_in_batch, options=opts)
     B, T, _ = inp.logits.shape
     tau = _check_temperature(tau, (B, T), logits.device)  # (B, T) float32, finite and > 0
-    impl = _backends.resolve(backend, logits.device)
-    if impl is None:
+    if _backends.resolve(backend, logits.device).autograd:
         valid = inp.mask != 0
         lp_v, ent_v = _logprobs(logits[valid], inp.ids[valid], temperature=tau[valid], return_entropy=True,
                                 backend="torch")
@@ -374,8 +360,7 @@ class GRPOLoss(_LossModule):
 
     _fn = grpo_loss
     _POSITIONAL = ("logits", "completion_ids", "advantages")
-    _PER_CALL = ("rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio", "num_items_in_batch",
-                 "cu_seqlens")
+    _PER_CALL = LossTensors._fields + ("cu_seqlens",)
 
     def forward(self, logits, completion_ids, advantages=None, **per_call):
         return super().forward(logits, completion_ids, advantages, **per_call)
@@ -418,14 +403,7 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     ids = check_ids(completion_ids, B, T, V, logits.device)
     temperature = check_temperature(temperature)
     impl = _backends.resolve(backend, logits.device)
-    if impl is None:
-        from .reference import token_logprobs_reference
-
-        out = token_logprobs_reference(logits, ids, temperature, return_entropy=return_entropy)
-        if return_entropy:
-            return out[0].float(), out[1].float()
-        return out.float()
-    if logits.stride(-1) != 1:
+    if not impl.autograd and logits.stride(-1) != 1:  # the kernels read rows by raw pointer
         logits = logits.contiguous()
     logp, entropy = impl.token_logprobs(logits, ids, temperature, return_entropy)
     return (logp, entropy) if return_entropy else logp

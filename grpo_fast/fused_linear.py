@@ -46,8 +46,8 @@ gradient. Two strategies, chosen per call:
   only when a row does not fit the budget: chunking whole rows would then need a T·V buffer (5 GB at
   T = 8k, V = 152k), which is what this path exists to avoid.
 
-Backend "torch" uses the same loop with ``_TorchKernels``: per-chunk autograd over the reference's
-formulas, so it too never holds more than a chunk of logits.
+Backend "torch" uses the same loop with its eager kernels (grpo_fast/backends/torch_backend.py):
+per-chunk autograd over the reference's formulas, so it too never holds more than a chunk of logits.
 """
 from __future__ import annotations
 
@@ -61,13 +61,12 @@ from . import _autograd as _ag
 from . import backends as _backends
 from ._config import METRIC_STAT_INDEX, NUM_STATS, STAT_ENTROPY, STAT_KL, STAT_LOSS
 from .api import _LossModule, metrics_from_sums
-from .options import GRPOOptions, with_options
+from .options import GRPOOptions, LossTensors, with_options
 from .reference import (
     flag_counts,
     group_advantages_reference,
     per_token_loss,
     row_level_flags,
-    token_logprobs_reference,
 )
 from .validation import (
     LOGIT_DTYPES,
@@ -252,47 +251,6 @@ def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs):
     return loss, stats
 
 
-class _TorchKernels:
-    """backend="torch" in the backend interface (backends/__init__.py), by autograd on one chunk.
-
-    Chunk-sized temporaries only (a float32 copy, softmax, …): the chunk loop bounds its memory.
-    """
-
-    @staticmethod
-    def fused_loss(inp: LossInputs, grad: Optional[torch.Tensor]):
-        z = inp.logits.detach()
-        with torch.enable_grad():
-            z.requires_grad_(grad is not None)
-            logp, entropy = token_logprobs_reference(z, inp.ids, inp.cfg.temperature, return_entropy=True)
-            A = inp.advantages
-            if A is None:
-                A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
-            loss, stats = _loss_from_logp(logp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp)
-            stats[STAT_ENTROPY] = (entropy * inp.mask).sum()
-            if grad is not None:
-                (g,) = torch.autograd.grad(loss, z)
-                grad.copy_(g)  # after autograd is done reading z: grad may alias the logits
-        return stats, logp.detach()
-
-    @staticmethod
-    def token_logprobs(logits, ids, temperature, return_entropy):
-        out = token_logprobs_reference(logits, ids, temperature, return_entropy=return_entropy)
-        return (out[0].float(), out[1].float()) if return_entropy else (out.float(), None)
-
-    # The log-prob kernels of grpo_fast.logprobs (the sequence-level pre-pass uses them), in eager torch.
-    @staticmethod
-    def logprobs_forward(logits, ids, temperature, return_entropy):
-        from .logprobs import _TorchLogprobKernels
-
-        return _TorchLogprobKernels.logprobs_forward(logits, ids, temperature, return_entropy)
-
-    @staticmethod
-    def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad):
-        from .logprobs import _TorchLogprobKernels
-
-        _TorchLogprobKernels.logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad)
-
-
 # --------------------------------------------------------------------------------------------
 # Chunk planning and the loop
 # --------------------------------------------------------------------------------------------
@@ -323,7 +281,7 @@ class _Plan:
 
     inp: LossInputs  # the full batch, validated (its logits are a stand-in)
     A: torch.Tensor  # (B,) or (B, T) float32: advantages (from rewards if needed)
-    impl: object  # a backend module or _TorchKernels
+    impl: _backends.Backend
     transform: _Transform
     chunk: int  # tokens per chunk
     dtype: torch.dtype  # of the chunk GEMMs and logits buffers
@@ -561,11 +519,6 @@ _SECOND_ORDER = _ag.second_order_message(
     "that needs them")
 
 
-def _resolve_impl(backend: str, device: torch.device):
-    impl = _backends.resolve(backend, device)
-    return _TorchKernels if impl is None else impl
-
-
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -581,13 +534,10 @@ def fused_linear_grpo_loss(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
-    rewards: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
-    ref_logp: Optional[torch.Tensor] = None, completion_mask: Optional[torch.Tensor] = None,
-    importance_sampling_ratio: Optional[torch.Tensor] = None, num_items_in_batch=None,
     cu_seqlens: Optional[torch.Tensor] = None,
     inplace: bool = False,
     backend: str = "auto",
-    **options,
+    **kwargs,  # the per-call tensors (options.LossTensors) and the loss options
 ):
     """The GRPO loss of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
 
@@ -631,24 +581,20 @@ def fused_linear_grpo_loss(
 
         hidden = packed_rows(hidden, "hidden", "H").unsqueeze(0)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
-    opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", options)
+    tensors = LossTensors.pop(kwargs)
+    opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", kwargs)
     scale, cap = _check_transform(logit_scale, logit_softcap, opts.temperature)
     chunk = _check_chunk_size(chunk_size)
     if cu_seqlens is not None:
-        return _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp,
-                                    completion_mask, importance_sampling_ratio, num_items_in_batch, cu_seqlens,
+        return _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, *tensors, cu_seqlens,
                                     backend, opts, cdtype, _Transform(scale, cap), chunk, logit_scale, logit_softcap)
-    inp = validate_loss_args(
-        _standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages, rewards=rewards,
-        old_logp=old_logp, ref_logp=ref_logp, completion_mask=completion_mask,
-        importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items_in_batch,
-        options=opts,
-    )
-    impl = _resolve_impl(backend, hidden.device)
+    inp = validate_loss_args(_standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages,
+                             **tensors._asdict(), options=opts)
+    impl = _backends.resolve(backend, hidden.device)
     transform = _Transform(scale, cap)
     if chunk is None:
         chunk = _auto_chunk(B * T, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
-                            impl is _TorchKernels, row=T if inp.cfg.level == 1 else 0)
+                            impl.autograd, row=T if inp.cfg.level == 1 else 0)
     A = inp.advantages
     if A is None:  # once for the batch: a chunk's kernel would only see its own rows' rewards
         A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
@@ -677,15 +623,15 @@ def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewar
     if inp.cfg.level == 1:
         logp, entropy = _pk.valid_logprobs(
             lambda h, y, **kw: fused_linear_logprobs(h, weight, y, **kw), hidden[0], inp, lay,
-            _resolve_impl(backend, hidden.device) is _TorchKernels, bias=bias, temperature=inp.cfg.temperature, logit_scale=logit_scale,
+            _backends.resolve(backend, hidden.device).autograd, bias=bias, temperature=inp.cfg.temperature, logit_scale=logit_scale,
             logit_softcap=logit_softcap, chunk_size=chunk, backend=backend)
         loss, stats = _pk.loss_from_logp(logp, entropy, inp, lay)
         return loss, metrics_from_sums(stats.detach(), inp)
     flat = _pk.flat_inputs(inp, lay, _standin_logits(1, N, V, cdtype, hidden.device))
-    impl = _resolve_impl(backend, hidden.device)
+    impl = _backends.resolve(backend, hidden.device)
     if chunk is None:
         chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
-                            impl is _TorchKernels)
+                            impl.autograd)
     plan = _Plan(inp=flat, A=flat.advantages, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
                  grad_enabled=torch.is_grad_enabled(), B=1, T=N, V=V)
     loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
@@ -703,8 +649,7 @@ class FusedLinearGRPOLoss(_LossModule):
 
     _fn = fused_linear_grpo_loss
     _POSITIONAL = ("hidden", "weight", "completion_ids", "advantages")
-    _PER_CALL = ("bias", "rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio",
-                 "num_items_in_batch", "cu_seqlens")
+    _PER_CALL = ("bias",) + LossTensors._fields + ("cu_seqlens",)
 
     def forward(self, hidden, weight, completion_ids, advantages=None, **per_call):
         return super().forward(hidden, weight, completion_ids, advantages, **per_call)
@@ -753,11 +698,11 @@ def fused_linear_token_logprobs(
     temperature = check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    impl = _resolve_impl(backend, hidden.device)
+    impl = _backends.resolve(backend, hidden.device)
     transform = _Transform(scale, cap)
     N = B * T
     if chunk is None:
-        chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), 1, impl is _TorchKernels)
+        chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), 1, impl.autograd)
     hidden2d = hidden.reshape(N, H)
     weight, bias = _cast(weight, cdtype), _cast(bias, cdtype)
     ids = ids.view(N)

@@ -33,8 +33,9 @@ Each kernel backend (grpo_fast/backends/*) provides
     logprobs_backward(logits, ids, temperature, lse, entropy | None, g_logp | None, g_entropy | None,
                       grad (B, T, V) in the logits' dtype)        # grad may be the logits' storage
 
-with ``temperature`` a float or a (B, T) float32 tensor (one τ per token). backend="torch" is
-autograd through ``reference.logprobs_reference`` (twice differentiable).
+with ``temperature`` a float or a (B, T) float32 tensor (one τ per token). backend="torch" (its
+``Backend.autograd``) is autograd through ``reference.logprobs_reference`` (twice differentiable);
+on the fused-linear chunk loop it runs its eager kernels (grpo_fast/backends/torch_backend.py).
 """
 from __future__ import annotations
 
@@ -124,27 +125,28 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
-def _kernel_impl(backend: str, device: torch.device):
-    """The backend module for logprobs (None: the torch reference, through autograd)."""
-    impl = _backends.resolve(backend, device)
-    if impl is not None and not hasattr(impl, "logprobs_backward"):
-        if backend == "auto":
-            return None
-        raise RuntimeError(f'backend="{backend}" has no differentiable log-prob kernels in this build; '
-                           'use backend="cpu" (CPU tensors), "triton" or "cuda" (CUDA tensors), or "torch"')
-    return impl
-
-
 # --------------------------------------------------------------------------------------------
 # Autograd on logits
 # --------------------------------------------------------------------------------------------
 
-def _refuse_create_graph(name: str) -> None:
-    # Autograd runs backward with grad mode on exactly when create_graph=True. The kernels' backward
-    # is not itself differentiable: say so, rather than return a gradient without a graph.
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"grpo_fast.{name}: the kernel backends are differentiable once; create_graph=True "
-                           f'(higher-order gradients) needs backend="torch"')
+def _kernel_backward(name: str):
+    """Decorator making ``fn(ctx, g_logp, g_entropy)`` the backward of an autograd Function over the
+    kernels: differentiable once. Autograd runs backward with grad mode on exactly when
+    create_graph=True; the kernels' backward is not itself differentiable, so that raises, naming
+    ``grpo_fast.<name>``, rather than return a gradient without a graph."""
+
+    def wrap(fn):
+        once = once_differentiable(fn)
+
+        def backward(ctx, g_logp, g_entropy=None):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"grpo_fast.{name}: the kernel backends are differentiable once; create_graph=True "
+                                   f'(higher-order gradients) needs backend="torch"')
+            return once(ctx, g_logp, g_entropy)
+
+        return staticmethod(backward)
+
+    return wrap
 
 
 class _Logprobs(torch.autograd.Function):
@@ -164,14 +166,8 @@ class _Logprobs(torch.autograd.Function):
             return logp, entropy.view(out_shape)
         return logp
 
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy=None):
-        _refuse_create_graph("logprobs")
-        return _Logprobs._backward(ctx, g_logp, g_entropy)
-
-    @staticmethod
-    @once_differentiable
-    def _backward(ctx, g_logp, g_entropy):
+    @_kernel_backward("logprobs")
+    def backward(ctx, g_logp, g_entropy):
         z, ids, lse, entropy, tau_t = ctx.saved_tensors
         tau = ctx.tau if tau_t is None else tau_t
 
@@ -229,8 +225,8 @@ def logprobs(
     lead = tuple(logits.shape[:-1])
     ids3 = _check_ids_nd(ids, lead, z.shape[-1], z.device)
     tau = _check_temperature(temperature, lead, z.device)
-    impl = _kernel_impl(backend, z.device)
-    if impl is None:
+    impl = _backends.resolve(backend, z.device)
+    if impl.autograd:
         tau_ref = tau if not isinstance(tau, torch.Tensor) else tau.view(lead)
         logp, entropy = logprobs_reference(logits, ids3.view(lead), tau_ref, return_entropy=return_entropy)
         return logp.float(), (entropy.float() if entropy is not None else None)
@@ -244,47 +240,9 @@ def logprobs(
 # From hidden states and the LM head
 # --------------------------------------------------------------------------------------------
 
-class _TorchLogprobKernels:
-    """backend="torch" on the fused-linear path: the backend interface above in eager torch, on one
-    chunk of logits at a time (so its float32 temporaries stay chunk-sized)."""
-
-    @staticmethod
-    def _x(logits, temperature):
-        tau = temperature.unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
-        return logits.float() / tau
-
-    @staticmethod
-    def logprobs_forward(logits, ids, temperature, return_entropy):
-        x = _TorchLogprobKernels._x(logits, temperature)
-        shift = x.amax(-1, keepdim=True)
-        shift = torch.where(shift == float("-inf"), torch.zeros_like(shift), shift)
-        t = x - shift
-        del x
-        log_d = torch.logsumexp(t, -1)
-        logp = t.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - log_d
-        entropy = None
-        if return_entropy:
-            p = torch.exp(t - log_d.unsqueeze(-1))
-            entropy = log_d - (p * torch.where(p > 0, t, torch.zeros_like(t))).sum(-1)
-        return logp, entropy, torch.stack((shift.squeeze(-1), log_d), -1)
-
-    @staticmethod
-    def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad):
-        tau = temperature.unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
-        t = (_TorchLogprobKernels._x(logits, temperature) - lse[..., :1]) - lse[..., 1:]  # log p = (x − shift) − log_d
-        p = torch.exp(t)
-        d = torch.zeros_like(t)
-        if g_entropy is not None:
-            d -= g_entropy.unsqueeze(-1) * p * (torch.where(p > 0, t, torch.zeros_like(t)) + entropy.unsqueeze(-1))
-        if g_logp is not None:
-            d -= g_logp.unsqueeze(-1) * p
-            d.scatter_add_(-1, ids.unsqueeze(-1), g_logp.unsqueeze(-1))
-        grad.copy_(d / tau)
-
-
 @dataclasses.dataclass
 class _LinearPlan:
-    impl: object  # a backend module or _TorchLogprobKernels
+    impl: _backends.Backend
     transform: object  # fused_linear._Transform
     chunk: int
     dtype: torch.dtype  # of the chunk GEMMs and logits buffers
@@ -330,14 +288,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             return logp.view(plan.out_shape), entropy.view(plan.out_shape)
         return logp.view(plan.out_shape)
 
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy=None):
-        _refuse_create_graph("fused_linear_logprobs")
-        return _FusedLinearLogprobs._backward(ctx, g_logp, g_entropy)
-
-    @staticmethod
-    @once_differentiable
-    def _backward(ctx, g_logp, g_entropy):
+    @_kernel_backward("fused_linear_logprobs")
+    def backward(ctx, g_logp, g_entropy):
         from .fused_linear import _cast, _Grads, _matmul_chunk
 
         hidden, weight, bias, lse, entropy = ctx.saved_tensors
@@ -435,14 +387,12 @@ def fused_linear_logprobs(
     scale, cap = _check_transform(logit_scale, logit_softcap, 1.0 if isinstance(tau, torch.Tensor) else tau)
     chunk = _check_chunk_size(chunk_size)
     ids3 = _check_ids_nd(ids, lead, V, hidden.device)
-    impl = _kernel_impl(backend, hidden.device)
-    if impl is None:
-        impl = _TorchLogprobKernels
+    impl = _backends.resolve(backend, hidden.device)
     transform = _Transform(scale, cap)
     N = B * T
     if chunk is None:
         chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
-                            impl is _TorchLogprobKernels)
+                            impl.autograd)
     if isinstance(tau, torch.Tensor):  # x = z/τ with z = s·pre or c·t: the kernels read pre at τ/s, t at τ/c
         tau_k = (tau / (cap if cap is not None else scale)).reshape(N).contiguous()
     else:

@@ -1,19 +1,23 @@
 """The loss options, once: one frozen record with TRL's names and defaults.
 
 ``grpo_loss``, ``fused_linear_grpo_loss``, their module forms and the eager reference take these as
-keyword arguments. Each entry point builds one ``GRPOOptions`` from its keywords (unknown names are
+keyword arguments, and the per-call tensors of ``LossTensors`` with them. Each entry point builds one ``GRPOOptions`` from its keywords (unknown names are
 a ``TypeError`` listing the known ones), ``validation.validate_loss_args`` checks it once and
 carries it in ``LossInputs.options``; the kernels get it packed as ``_config.KernelConfig``.
 
-The public functions' signatures (``inspect.signature``, ``help()``) list every option explicitly:
-``with_options`` builds them from this record, and appends its documentation to their docstrings.
+The public functions' signatures (``inspect.signature``, ``help()``) list every per-call tensor and
+every option explicitly: ``with_options`` builds them from these two records, and appends the
+options' documentation to their docstrings.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -68,20 +72,43 @@ class GRPOOptions:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+class LossTensors(NamedTuple):
+    """The per-call tensors of the GRPO loss besides the logits (or hidden states), completion_ids and
+    advantages, in this order (``grpo_loss`` documents them). Every function taking the loss options
+    takes them as keywords (``with_options`` lists them) and reads them with ``LossTensors.pop``; the
+    loss modules take them per call."""
+
+    rewards: Optional[torch.Tensor] = None
+    old_logp: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+    completion_mask: Optional[torch.Tensor] = None
+    importance_sampling_ratio: Optional[torch.Tensor] = None
+    num_items_in_batch: object = None  # a number, a 0-d tensor, or None
+
+    @classmethod
+    def pop(cls, kwargs: dict) -> "LossTensors":
+        """Take the per-call tensors out of ``kwargs`` (a function's ``**kwargs``: the options remain)."""
+        return cls(**{name: kwargs.pop(name) for name in cls._fields if name in kwargs})
+
+
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(GRPOOptions))
 _OPTIONS_DOC = GRPOOptions.__doc__.split("Options (keyword arguments):", 1)[1].rstrip()
 
 
 def with_options(fn):
-    """Give ``fn(..., **options)`` a signature that lists every option as a keyword with its default,
-    and the options' documentation at the end of its docstring. ``fn`` itself is unchanged."""
+    """Give ``fn(..., **kwargs)`` a signature that lists every per-call tensor (``LossTensors``) and
+    every option as a keyword with its default, and the options' documentation at the end of its
+    docstring. ``fn`` itself is unchanged."""
     sig = inspect.signature(fn)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     taken = {p.name for p in params}
-    for f in dataclasses.fields(GRPOOptions):
-        if f.name not in taken:
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                            annotation=f.type))
+    hints = typing.get_type_hints(LossTensors)
+    generated = [(name, None, hints[name]) for name in LossTensors._fields]
+    generated += [(f.name, f.default, f.type) for f in dataclasses.fields(GRPOOptions)]
+    for name, default, annotation in generated:
+        if name not in taken:
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=annotation))
     fn.__signature__ = sig.replace(parameters=params)
     if fn.__doc__:
         fn.__doc__ = fn.__doc__.rstrip() + "\n\n    Loss options (keywords; ``grpo_fast.GRPOOptions``):" + _OPTIONS_DOC + "\n"

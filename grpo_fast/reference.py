@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ._config import LOSS_TABLE
-from .options import GRPOOptions
+from .options import GRPOOptions, LossTensors, with_options
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -217,18 +217,12 @@ def flag_counts(r: torch.Tensor, A: torch.Tensor, mask: torch.Tensor, o: GRPOOpt
     return out
 
 
+@with_options
 def grpo_loss_reference(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
     advantages: Optional[torch.Tensor] = None,
-    *,
-    rewards: Optional[torch.Tensor] = None,
-    old_logp: Optional[torch.Tensor] = None,
-    ref_logp: Optional[torch.Tensor] = None,
-    completion_mask: Optional[torch.Tensor] = None,
-    importance_sampling_ratio: Optional[torch.Tensor] = None,
-    num_items_in_batch=None,
-    **options,
+    **kwargs,  # the per-call tensors (options.LossTensors: rewards, old_logp, …) and the loss options
 ):
     """The GRPO loss of docs/spec.md, eagerly. Returns ``(loss, metrics)``; no argument checking
     beyond the option names (``grpo_fast.GRPOOptions``).
@@ -239,7 +233,9 @@ def grpo_loss_reference(
     so too). A NaN or +inf logit in a
     valid row makes its log-prob NaN and so the loss NaN.
     """
-    o = GRPOOptions.from_kwargs("grpo_loss_reference", options)
+    (rewards, old_logp, ref_logp, completion_mask, importance_sampling_ratio,
+     num_items_in_batch) = LossTensors.pop(kwargs)
+    o = GRPOOptions.from_kwargs("grpo_loss_reference", kwargs)
     B, T, _ = logits.shape
     acc = _acc_dtype(logits)
     mask = torch.ones((B, T), dtype=acc, device=logits.device) if completion_mask is None else completion_mask.to(acc)

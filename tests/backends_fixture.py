@@ -96,8 +96,7 @@ def install_emulated_cuda(monkeypatch, ext) -> None:
         logprobs_forward=lambda *a: cuda_backend.logprobs_forward_with(ext, *a, 0, 0),
         logprobs_backward=lambda *a: cuda_backend.logprobs_backward_with(ext, *a, 0, 0),
     )
-    load = backends._load
-    monkeypatch.setattr(backends, "_load", lambda n: fake if n == "cuda" else load(n))
+    monkeypatch.setitem(backends.REGISTRY, "cuda", backends.Backend("cuda", fake))
 
 
 def _skip_unless_available(name: str, device) -> list:
