@@ -283,7 +283,7 @@ def _compiled_path(logits: torch.Tensor, inp: LossInputs, backend: str):
         n_items = torch.ones((), dtype=torch.float64) * n_items
     inp.mask = _ops.check_values(inp.ids, logits.shape[-1], inp.mask, inp.rewards, inp.advantages, codes, numbers, n_items)
     resolved = _resolve_name_const(backend, logits.device.type)
-    if resolved == "torch":
+    if _backends.REGISTRY[resolved].autograd:  # the name is a trace-time constant, and so is this
         return _reference_from_inputs(logits, inp)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     stats, _ = _ops.fused_loss(inp.logits, inp.ids, inp.mask, inp.weight, inp.advantages, inp.rewards, inp.old_logp,
