@@ -65,17 +65,29 @@ def _loss(z, y, kw, backend, inplace, scale=1.0):
     return zz, loss if scale == 1.0 else loss * scale
 
 
+def _case(backend, inplace, scale=1.0, dtype=torch.float32):
+    """The inputs (z float32, y, kw) and a fresh loss of z in ``dtype``: (z, y, kw, zz, loss)."""
+    z, y, kw = _inputs()
+    return (z, y, kw) + _loss(z.to(dtype), y, kw, backend, inplace, scale)
+
+
+def _kernel_matrix(*params):
+    """Parametrize a grpo_loss test over BACKENDS × INPLACE, then the given (name, values) pairs."""
+    def wrap(fn):
+        for name, values in (("backend", BACKENDS), ("inplace", INPLACE)) + params:
+            fn = pytest.mark.parametrize(name, values)(fn)
+        return fn
+    return wrap
+
+
 # ------------------------------------------------------------------------------------------------
 # grpo_loss
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("inplace", INPLACE)
-@pytest.mark.parametrize("backend", BACKENDS)
+@_kernel_matrix(("scale", SCALES))
 def test_autograd_grad_then_backward(backend, inplace, scale):
     """Logging a gradient norm with autograd.grad(retain_graph=True), then the training backward."""
-    z, y, kw = _inputs()
-    zz, loss = _loss(z, y, kw, backend, inplace, scale)
+    z, y, kw, zz, loss = _case(backend, inplace, scale)
     (g,) = torch.autograd.grad(loss, zz, retain_graph=True)
     loss.backward()
     assert zz.grad is not None, "the backward after autograd.grad lost the gradient"
@@ -84,26 +96,20 @@ def test_autograd_grad_then_backward(backend, inplace, scale):
     assert_close_scaled(g, _oracle(z, y, kw, scale), RTOL, "autograd.grad")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("inplace", INPLACE)
-@pytest.mark.parametrize("backend", BACKENDS)
+@_kernel_matrix(("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]))
 def test_retained_copy_rounds_like_the_handed_out_buffer(backend, inplace, dtype):
     """Low precision, grad_output != 1: the copy of a retained backward and the buffer scaled in place
     by the last one are the same bits (one multiply by a float32 factor, rounded once)."""
-    z, y, kw = _inputs()
-    zz, loss = _loss(z.to(dtype), y, kw, backend, inplace, 0.3)
+    *_, zz, loss = _case(backend, inplace, 0.3, dtype)
     (g,) = torch.autograd.grad(loss, zz, retain_graph=True)
     loss.backward()
     assert zz.grad is not None and zz.grad.dtype == dtype
     assert torch.equal(zz.grad, g)
 
 
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("inplace", INPLACE)
-@pytest.mark.parametrize("backend", BACKENDS)
+@_kernel_matrix(("scale", SCALES))
 def test_backward_with_retain_graph_accumulates_like_eager(backend, inplace, scale):
-    z, y, kw = _inputs()
-    zz, loss = _loss(z, y, kw, backend, inplace, scale)
+    z, y, kw, zz, loss = _case(backend, inplace, scale)
     loss.backward()
     once = zz.grad
     zz, loss = _loss(z, y, kw, backend, inplace, scale)
@@ -114,11 +120,9 @@ def test_backward_with_retain_graph_accumulates_like_eager(backend, inplace, sca
     assert_close_scaled(zz.grad, 3 * _oracle(z, y, kw, scale), RTOL, "three backwards")
 
 
-@pytest.mark.parametrize("inplace", INPLACE)
-@pytest.mark.parametrize("backend", BACKENDS)
+@_kernel_matrix()
 def test_backward_after_the_graph_was_freed_raises(backend, inplace):
-    z, y, kw = _inputs()
-    zz, loss = _loss(z, y, kw, backend, inplace)  # no op after the loss: its own backward is the one that runs twice
+    *_, zz, loss = _case(backend, inplace)  # no op after the loss: its own backward is the one that runs twice
     loss.backward()
     with pytest.raises(RuntimeError, match=r"grpo_loss: backward ran twice.*retain_graph=True"):
         loss.backward()
@@ -132,8 +136,7 @@ def test_torch_that_cannot_tell_whether_the_graph_is_kept_raises_on_the_second_b
     from grpo_fast import _autograd
 
     monkeypatch.setattr(_autograd, "_keep_graph", None)
-    z, y, kw = _inputs()
-    zz, loss = _loss(z, y, kw, "cpu", inplace)
+    z, y, kw, zz, loss = _case("cpu", inplace)
     (g,) = torch.autograd.grad(loss, zz, retain_graph=True)
     assert_close_scaled(g, _oracle(z, y, kw), RTOL, "first backward")
     with pytest.raises(RuntimeError, match=r"grpo_loss: backward ran twice.*cannot tell.*Call grpo_loss again"):
@@ -143,8 +146,7 @@ def test_torch_that_cannot_tell_whether_the_graph_is_kept_raises_on_the_second_b
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_logits_written_between_backwards_raises(backend):
     """With inplace=True the logits hold the gradient that the next backward hands out."""
-    z, y, kw = _inputs()
-    zz, loss = _loss(z, y, kw, backend, True)
+    *_, zz, loss = _case(backend, True)
     loss.backward(retain_graph=True)
     with torch.no_grad():
         zz.mul_(2.0)
@@ -153,11 +155,9 @@ def test_inplace_logits_written_between_backwards_raises(backend):
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
-@pytest.mark.parametrize("inplace", INPLACE)
-@pytest.mark.parametrize("backend", BACKENDS)
+@_kernel_matrix()
 def test_create_graph_raises_instead_of_a_detached_gradient(backend, inplace):
-    z, y, kw = _inputs()
-    zz, loss = _loss(z, y, kw, backend, inplace)
+    z, y, kw, zz, loss = _case(backend, inplace)
     with pytest.raises(RuntimeError, match=SECOND_ORDER):
         torch.autograd.grad(loss, zz, create_graph=True)  # a gradient penalty's first step
     zz, loss = _loss(z, y, kw, backend, inplace, -0.5)

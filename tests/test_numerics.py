@@ -13,7 +13,9 @@ The same holds for the differentiable primitive (``grpo_fast.logprobs``, ``fused
 its forward keeps each token's lse in two parts (shift, log Σ exp(x − shift)) and its backward forms
 log p_j = (x_j − shift) − log_d, never x_j − lse.
 """
+import functools
 import math
+
 import pytest
 import torch
 
@@ -77,9 +79,14 @@ def test_reference_token_logprobs_with_offset(kind):
 @pytest.mark.parametrize("kind", OFFSETS)
 def test_reference_loss_with_offset(kind, level):
     z, y = _offset_logits(kind), _ids()
-    kw = _loss_kwargs(z, y, level)
+    _check_loss_against_float64(grpo_loss_reference, z, y, _loss_kwargs(z, y, level))
+
+
+def _check_loss_against_float64(loss_fn, z, y, kw):
+    """``loss_fn(z32, y, **kw)`` on float32 logits: its loss, metrics and gradient against the
+    float64 reference's on the same logits."""
     z32 = z.clone().requires_grad_(True)
-    loss, met = grpo_loss_reference(z32, y, **kw)
+    loss, met = loss_fn(z32, y, **kw)
     loss.backward()
     z64 = z.double().requires_grad_(True)
     want, want_met = grpo_loss_reference(z64, y, **kw)
@@ -108,16 +115,7 @@ def test_backend_token_logprobs_with_offset(backend, kind):
 def test_backend_loss_with_offset(backend, kind, level):
     z, y = _offset_logits(kind), _ids()
     z, y, kw = backend.put((z, y, _loss_kwargs(z, y, level)))
-    z32 = z.clone().requires_grad_(True)
-    loss, met = grpo_fast.grpo_loss(z32, y, backend=backend.name, **kw)
-    loss.backward()
-    z64 = z.double().requires_grad_(True)
-    want, want_met = grpo_loss_reference(z64, y, **kw)
-    want.backward()
-    assert_close(loss, want, 1e-7, RTOL, "loss")
-    for k in want_met:
-        assert_close_scaled(met[k], want_met[k], RTOL, k)
-    assert_close_scaled(z32.grad, z64.grad, RTOL, "grad", atol_scale=RTOL)
+    _check_loss_against_float64(functools.partial(grpo_fast.grpo_loss, backend=backend.name), z, y, kw)
 
 
 # ---------------------------------------------------------------------------------------------
