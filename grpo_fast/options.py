@@ -1,9 +1,10 @@
 """The loss options, once: one frozen record with TRL's names and defaults.
 
 ``grpo_loss``, ``fused_linear_grpo_loss``, their module forms and the eager reference take these as
-keyword arguments, and the per-call tensors of ``LossTensors`` with them. Each entry point builds one ``GRPOOptions`` from its keywords (unknown names are
-a ``TypeError`` listing the known ones), ``validation.validate_loss_args`` checks it once and
-carries it in ``LossInputs.options``; the kernels get it packed as ``_config.KernelConfig``.
+keyword arguments, and the per-call tensors of ``LossTensors`` with them. Each entry point builds
+one ``GRPOOptions`` from its keywords (unknown names are a ``TypeError`` listing the known ones),
+``validation.validate_loss_args`` checks it once and carries it in ``LossInputs.options``; the
+kernels get it packed as ``_config.KernelConfig``.
 
 The public functions' signatures (``inspect.signature``, ``help()``) list every per-call tensor and
 every option explicitly: ``with_options`` builds them from these two records, and appends the
