@@ -14,6 +14,7 @@ import torch
 
 from . import _autograd as _ag
 from . import backends as _backends
+from . import vocab_parallel as _vp
 from ._config import LOSS_TABLE, METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
 from .options import GRPOOptions, with_options
 from .reference import grpo_loss_reference, group_advantages_reference, row_level_flags
@@ -118,6 +119,8 @@ def grpo_loss(
     cu_seqlens: Optional[torch.Tensor] = None,
     inplace: bool = False,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
     **options,
 ):
     """The GRPO loss from completion logits in one fused pass (docs/spec.md).
@@ -144,6 +147,10 @@ def grpo_loss(
         inplace: let the kernel write the gradient into the logits' storage (do not read the
             logits afterwards). Saves a (B, T, V) allocation.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch".
+        group, vocab_start: the vocabulary split over a ``torch.distributed`` process group, as in
+            ``grpo_fast.logprobs``: logits (B, T, V_r) are this rank's shard (or a DTensor placed
+            Shard(-1)), every other argument is the same on every rank. The loss then goes through the
+            log-prob primitive (grpo_fast/vocab_parallel.py); ``inplace`` is ignored, cu_seqlens refused.
         The loss options (below) are TRL's GRPOConfig options of the same name.
 
     Returns:
@@ -161,6 +168,9 @@ def grpo_loss(
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     compiling = torch.compiler.is_compiling()
     opts = GRPOOptions.from_kwargs("grpo_loss", options)
+    if group is not None or _vp.is_dtensor(logits):
+        return _vp.grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
+                             importance_sampling_ratio, num_items_in_batch, cu_seqlens, backend, opts, group, vocab_start)
     tau = None
     if isinstance(opts.temperature, torch.Tensor) and opts.temperature.dim() > 0:
         # one τ per row or per token: through the log-prob primitive (see _tau_tensor_loss)

@@ -59,6 +59,7 @@ import torch
 
 from . import _autograd as _ag
 from . import backends as _backends
+from . import vocab_parallel as _vp
 from ._config import METRIC_STAT_INDEX, NUM_STATS, STAT_ENTROPY, STAT_KL, STAT_LOSS
 from .api import _LossModule, metrics_from_sums
 from .options import GRPOOptions, with_options
@@ -587,6 +588,8 @@ def fused_linear_grpo_loss(
     cu_seqlens: Optional[torch.Tensor] = None,
     inplace: bool = False,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
     **options,
 ):
     """The GRPO loss of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
@@ -612,6 +615,11 @@ def fused_linear_grpo_loss(
             as in ``grpo_loss``; the loss options (below) too.
         cu_seqlens: packed rows as in ``grpo_loss``: hidden (N, H) (or (1, N, H)), per-token tensors
             (N,), rewards and per-sequence advantages / IS ratio (S,).
+        group, vocab_start: the LM head split along V over a process group, as in
+            ``fused_linear_logprobs`` (weight (V_r, H), bias (V_r,) per rank, or DTensors placed
+            Shard(0)). With a group, and with a temperature tensor ((B, T) per token or (B,) per row),
+            the loss goes through ``fused_linear_logprobs`` and is computed in torch on its (B, T)
+            log-probs (four matmuls per chunk instead of three); cu_seqlens is then refused.
 
     Returns:
         (loss, metrics): a float32 scalar with gradients for hidden, weight and bias, and the metrics
@@ -630,8 +638,16 @@ def fused_linear_grpo_loss(
         from .packed import packed_rows
 
         hidden = packed_rows(hidden, "hidden", "H").unsqueeze(0)
-    B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
     opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", options)
+    if group is not None or _vp.is_dtensor(weight) or (isinstance(opts.temperature, torch.Tensor)
+                                                       and opts.temperature.dim() > 0):
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens: packed rows are not supported with a vocabulary split (group) or a "
+                             "temperature tensor in fused_linear_grpo_loss; pass padded (B, T, H) hidden states")
+        return _vp.fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp,
+                                          completion_mask, importance_sampling_ratio, num_items_in_batch, logit_scale,
+                                          logit_softcap, chunk_size, backend, opts, group, vocab_start)
+    B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
     scale, cap = _check_transform(logit_scale, logit_softcap, opts.temperature)
     chunk = _check_chunk_size(chunk_size)
     if cu_seqlens is not None:

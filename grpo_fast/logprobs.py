@@ -45,6 +45,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends as _backends
+from . import vocab_parallel as _vp
 from .reference import logprobs_reference
 from .validation import LOGIT_DTYPES, _fmt_shape, check_backend, check_ids, check_logits, float32_option
 
@@ -191,6 +192,8 @@ def logprobs(
     return_entropy: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
 ):
     """Per-token log-probs (and entropies) of ``ids`` under softmax(logits / temperature), differentiable.
 
@@ -210,6 +213,13 @@ def logprobs(
             Changes nothing per token otherwise.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" (autograd through the eager reference;
             the only backend that supports create_graph=True).
+        group: a ``torch.distributed`` ProcessGroup over which the vocabulary is split: ``logits`` is
+            this rank's shard (..., V_r), ``ids`` are global ids in [0, V) and the same on every rank;
+            the outputs are the whole vocabulary's, the same on every rank, and the gradient stays
+            this rank's shard (grpo_fast/vocab_parallel.py). A ``DTensor`` placed Shard(-1) on a 1-D
+            mesh needs no group. None: the whole vocabulary here.
+        vocab_start: with ``group``, this rank's first vocabulary id (pass it on every rank or none);
+            None: shard r starts at the sum of the shard sizes of ranks 0..r-1.
 
     Returns:
         (logp, entropy): float32 tensors of the ids' shape; entropy is None unless return_entropy.
@@ -223,14 +233,20 @@ def logprobs(
     """
     backend = check_backend(backend)
     return_entropy = _check_bool("return_entropy", return_entropy)
+    logits, group = _vp.unwrap(logits, group, "logits", -1)
     if cu_seqlens is not None:
         logits, temperature = _packed_args(logits, "logits", "V", temperature, cu_seqlens)
     z = _check_logits_nd(logits)
     lead = tuple(logits.shape[:-1])
-    ids3 = _check_ids_nd(ids, lead, z.shape[-1], z.device)
+    if group is None:
+        ids3 = _check_ids_nd(ids, lead, z.shape[-1], z.device)
+    else:
+        ids3, layout = _vp.ids_and_layout(group, vocab_start, ids, lead, z.shape[-1], z.device)
     tau = _check_temperature(temperature, lead, z.device)
     impl = _kernel_impl(backend, z.device)
-    if impl is None:
+    if group is not None:  # the shard's kernels (backend="torch": their eager form) and a few all-reduces
+        impl = _vp.Kernels(_TorchLogprobKernels if impl is None else impl, layout)
+    elif impl is None:
         tau_ref = tau if not isinstance(tau, torch.Tensor) else tau.view(lead)
         logp, entropy = logprobs_reference(logits, ids3.view(lead), tau_ref, return_entropy=return_entropy)
         return logp.float(), (entropy.float() if entropy is not None else None)
@@ -388,6 +404,8 @@ def fused_linear_logprobs(
     chunk_size: Optional[int] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
 ):
     """``logprobs`` of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
 
@@ -407,6 +425,10 @@ def fused_linear_logprobs(
         chunk_size: tokens per chunk; None picks it from a 256 MiB budget (fused_linear.CHUNK_BUDGET_BYTES).
         cu_seqlens: packed rows, as in ``logprobs`` (hidden (N, H) or (1, N, H); temperature may be (S,)).
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which log-prob kernels run on each chunk.
+        group, vocab_start: the LM head split along V over a process group, as in ``logprobs``: weight
+            (V_r, H) and bias (V_r,) are this rank's rows (or DTensors placed Shard(0)); hidden and
+            ids are the same on every rank; ∂hidden is all-reduced over the group, ∂weight and ∂bias
+            stay this rank's rows.
 
     Returns:
         (logp, entropy): float32 of the ids' shape; entropy is None unless return_entropy.
@@ -419,6 +441,8 @@ def fused_linear_logprobs(
 
     backend = check_backend(backend)
     return_entropy = _check_bool("return_entropy", return_entropy)
+    weight, group = _vp.unwrap(weight, group, "weight", 0)
+    bias, group = _vp.unwrap(bias, group, "bias", 0)
     if cu_seqlens is not None:
         hidden, temperature = _packed_args(hidden, "hidden", "H", temperature, cu_seqlens)
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:
@@ -434,15 +458,21 @@ def fused_linear_logprobs(
     # a per-token τ is checked above; the scalar one also as the temperature the kernel runs at
     scale, cap = _check_transform(logit_scale, logit_softcap, 1.0 if isinstance(tau, torch.Tensor) else tau)
     chunk = _check_chunk_size(chunk_size)
-    ids3 = _check_ids_nd(ids, lead, V, hidden.device)
+    if group is None:
+        ids3 = _check_ids_nd(ids, lead, V, hidden.device)
+    else:
+        ids3, layout = _vp.ids_and_layout(group, vocab_start, ids, lead, V, hidden.device)
     impl = _kernel_impl(backend, hidden.device)
     if impl is None:
         impl = _TorchLogprobKernels
     transform = _Transform(scale, cap)
     N = B * T
-    if chunk is None:
-        chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
-                            impl is _TorchLogprobKernels)
+    if chunk is None:  # with a group: from the largest shard, so that every rank walks the same chunks
+        chunk = _auto_chunk(N, V if group is None else layout.max_size, torch.empty((), dtype=cdtype).element_size(),
+                            transform.n_buffers, impl is _TorchLogprobKernels)
+    if group is not None:  # each chunk's forward all-reduces a few floats per token; ∂hidden is summed
+        impl = _vp.Kernels(impl, layout)
+        hidden = _vp.reduce_gradient(hidden, layout)
     if isinstance(tau, torch.Tensor):  # x = z/τ with z = s·pre or c·t: the kernels read pre at τ/s, t at τ/c
         tau_k = (tau / (cap if cap is not None else scale)).reshape(N).contiguous()
     else:
