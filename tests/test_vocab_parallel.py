@@ -67,9 +67,13 @@ def run_cases(x, shard, group):
     def primitive_loss(lp, ent):
         return (x["c_lp"] * lp).sum() + (x["c_ent"] * ent).sum()
 
-    for backend in ("cpu", "torch"):
+    from grpo_fast.backends import unavailable_reason
+
+    # the Triton kernels too where they run (under TRITON_INTERPRET=1, which tests/conftest.py sets)
+    triton = ("triton",) if unavailable_reason("triton", torch.device("cpu")) is None else ()
+    for backend in ("cpu", "torch") + triton:
         z = _leaf(x["z"][..., shard])
-        tau = TAU if backend == "cpu" else x["tau_t"]
+        tau = x["tau_t"] if backend == "torch" else TAU
         lp, ent = grpo_fast.logprobs(z, x["ids"], temperature=tau, return_entropy=True, backend=backend, **kw)
         primitive_loss(lp, ent).backward()
         out[f"logprobs_{backend}"] = dict(logp=lp, ent=ent, d_logits=z.grad)
