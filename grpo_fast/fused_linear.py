@@ -374,10 +374,17 @@ def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) ->
 
 
 class _Grads:
-    """Gradient buffers of hidden (N, H), weight (V, H) and bias (V,), filled chunk by chunk."""
+    """Gradient buffers of hidden (N, H), weight (V, H) and bias (V,), filled chunk by chunk.
 
-    def __init__(self, hidden2d, weight, bias, needs, compute_dtype):
+    ``live``: (N,) bool, the tokens that carry a gradient (None: all). The others (masked out) get
+    exactly zero rows of ∂pre and of hidden in the weight GEMM, so that a NaN or inf in a masked hidden
+    state (or in its logits) cannot reach ∂weight / ∂bias through 0·NaN.
+    """
+
+    def __init__(self, hidden2d, weight, bias, needs, compute_dtype, live=None):
         dev = hidden2d.device
+        dead = None if live is None or not any(needs) else torch.nonzero(~live.reshape(-1)).squeeze(1)  # one sync
+        self.dead = dead if dead is not None and dead.numel() else None
         self.low_precision = compute_dtype != torch.float32
         self.dh = torch.empty_like(hidden2d) if needs[0] else None
         # The weight and bias gradients sum over every chunk: float32 accumulators, so that a bf16
@@ -393,6 +400,10 @@ class _Grads:
 
     def add_chunk(self, dpre, h_c, weight, s, e):
         """dpre: (n, V) ∂loss/∂pre of tokens [s, e); h_c: (n, H); weight (V, H): all in the compute dtype."""
+        if self.dead is not None:  # the chunk's masked rows, by index: no pass over the chunk, no sync
+            rows = self.dead[(self.dead >= s) & (self.dead < e)] - s
+            dpre.index_fill_(0, rows, 0)
+            h_c = h_c.index_fill(0, rows, 0)
         if self.dh is not None:
             if self.dh.dtype == dpre.dtype:
                 torch.mm(dpre, weight, out=self.dh[s:e])
@@ -444,7 +455,7 @@ def _run_chunks(plan: _Plan, hidden, weight, bias, needs):
     hidden2d = hidden.reshape(N, hidden.shape[-1])
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
-    grads = _Grads(hidden2d, weight, bias, needs, plan.dtype)
+    grads = _Grads(hidden2d, weight, bias, needs, plan.dtype, live=plan.inp.mask != 0)
     weight, bias = _cast(weight, plan.dtype), _cast(bias, plan.dtype)  # once (V·H), autocast only
     sequence = plan.inp.cfg.level == 1
     rows = sequence and plan.chunk >= T

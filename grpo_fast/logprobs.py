@@ -364,11 +364,16 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         hidden2d = hidden.reshape(N, H)
         if not hidden2d.is_contiguous():
             hidden2d = hidden2d.contiguous()
-        grads = _Grads(hidden2d, weight, bias, needs, plan.dtype)
-        if (g_logp is None and g_entropy is None) or not grads.any:
+        if g_logp is None and g_entropy is None:
             return None, None, None, None
         gl = None if g_logp is None else g_logp.reshape(N).to(torch.float32).contiguous()
         gh = None if g_entropy is None else g_entropy.reshape(N).to(torch.float32).contiguous()
+        live = (gl != 0) if gl is not None else (gh != 0)
+        if gl is not None and gh is not None:
+            live |= gh != 0
+        grads = _Grads(hidden2d, weight, bias, needs, plan.dtype, live=live)  # a token without gradient adds none
+        if not grads.any:
+            return None, None, None, None
         w, b = _cast(weight, plan.dtype), _cast(bias, plan.dtype)
         buf = torch.empty((min(plan.chunk, N), V), dtype=plan.dtype, device=hidden.device)
         # The softcap's chain rule needs t = tanh(·) after the kernel wrote the gradient: a second buffer.
