@@ -109,7 +109,10 @@ def shard_layout(group, vocab_start, V_local: int, ids: torch.Tensor, ids_name: 
         if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
             raise ValueError(f"vocab_start must be an int >= 0 (the first vocabulary id of this rank's shard) or None, "
                              f"got {vocab_start!r}")
-    if not dist.is_available() or not dist.is_initialized():
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup (the ranks that split the vocabulary) or "
+                        f"None, got {type(group).__name__}")
+    if not dist.is_initialized():
         raise RuntimeError("group: torch.distributed is not initialized; call torch.distributed.init_process_group "
                            "first (or pass group=None for the whole vocabulary on one rank)")
     rank, world = dist.get_rank(group), dist.get_world_size(group)

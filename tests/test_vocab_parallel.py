@@ -211,9 +211,14 @@ def ranks(tmp_path_factory):
     return torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
 
 
-def test_two_ranks_match_one_process(ranks):
+@pytest.fixture(scope="module")
+def single():
+    return run_cases(inputs(), slice(0, V), None)
+
+
+def test_two_ranks_match_one_process(ranks, single):
     got0, got1 = ranks
-    want = run_cases(inputs(), slice(0, V), None)
+    want = single
     for name, w in want.items():
         _check(name, got0[name], got1[name], w)
     # the fixtures must exercise what they claim: targets in both shards, a whole shard at −inf
@@ -223,9 +228,9 @@ def test_two_ranks_match_one_process(ranks):
     assert float(want["logprobs_cpu"]["d_logits"].abs().max()) > 0
 
 
-def test_explicit_vocab_start_and_dtensor(ranks):
+def test_explicit_vocab_start_and_dtensor(ranks, single):
     got0, got1 = ranks
-    want = run_cases(inputs(), slice(0, V), None)["logprobs_cpu"]
+    want = single["logprobs_cpu"]
     _check("vocab_start_swapped", got0["vocab_start_swapped"], got1["vocab_start_swapped"], want, swapped=True)
     _check("dtensor", got0["dtensor"], got1["dtensor"], want)
 
@@ -248,12 +253,14 @@ def test_bad_input_raises_on_every_rank(ranks):
             assert re.search(pattern, msg), f"rank {r}: {name}: {msg}"
 
 
-def test_without_a_process_group_the_group_is_refused():
+def test_a_group_that_is_not_a_process_group_is_refused():
     import grpo_fast
 
     x = inputs()
-    with pytest.raises(RuntimeError, match="not initialized"):
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
         grpo_fast.logprobs(x["z"], x["ids"], group=object())
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+        grpo_fast.fused_linear_grpo_loss(x["hidden"], x["weight"], x["ids"], x["adv"], group="tp")
 
 
 if __name__ == "__main__":
