@@ -34,6 +34,7 @@ CASES = [
 # (AdamW divides by sqrt(v): on the attention's key bias, whose gradient is 0 up to rounding, it
 # turns 1e-10 of rounding into a visible step; the end-to-end run below uses the trainer's AdamW.)
 STEPS, LR = 2, 0.5
+MODES = {"fused_linear": ["fsdp", "fsdp_reshard_root", "ddp"], "logits": ["fsdp", "ddp"]}
 
 
 def _case(case, out_dir, dist_mode="ddp"):
@@ -72,11 +73,15 @@ def worker(out_dir: str) -> None:
     mine = slice(rank * per, (rank + 1) * per)
     for case in CASES:
         got = {}
-        for mode in ("fsdp", "ddp"):
-            tr_, cfg, lm, path, tensors = _case(case, out_dir, mode)
+        for mode in MODES[case[5]]:
+            tr_, cfg, lm, path, tensors = _case(case, out_dir, mode.split("_")[0])
             policy = tr.wrap_policy(lm, cfg, world, torch.device("cpu"))
-            assert tr.is_fsdp(policy) == (mode == "fsdp")
-            if mode == "fsdp":  # the LM head (tied to the embedding) is a shard of V between steps
+            assert tr.is_fsdp(policy) == (mode != "ddp")
+            if mode == "fsdp_reshard_root":
+                # the root too frees its gathered parameters after forward: the LM head is a shard
+                # again by the time the forward returns, so the loss must be computed inside it
+                policy.set_reshard_after_forward(True)
+            if mode != "ddp":  # the LM head (tied to the embedding) is a shard of V between steps
                 w = lm.model.lm_head.weight
                 assert w is lm.model.wte.weight and w.to_local().shape[0] == (7, 6)[rank], w.to_local().shape
             got[mode] = _steps(tr_, cfg, lm, policy, path, tensors, mine, rank, world)
@@ -123,7 +128,8 @@ def test_fsdp_two_processes_take_the_single_process_steps(tmp_path):
         before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
         want = _steps(tr, cfg, lm, lm, path, tensors, slice(0, P * G), 0, 1)
         got = torch.load(tmp_path / f"{case[0]}.pt")
-        for mode in ("fsdp", "ddp"):
+        assert list(got) == MODES[case[5]]
+        for mode in got:
             assert got[mode].keys() == want.keys()
             for n in want:
                 torch.testing.assert_close(got[mode][n], want[n], atol=2e-6, rtol=1e-5,
