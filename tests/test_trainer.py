@@ -393,6 +393,7 @@ INVALID_FLAGS = [
     ("--lr", "-1", ">= 0"),
     ("--loss-type", "foo", "dapo"),
     ("--n-embd", "15", "multiple of --n-head"),
+    ("--dist", "fsdp1", "ddp, fsdp"),
 ]
 
 

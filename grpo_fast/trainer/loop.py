@@ -15,6 +15,7 @@ Run it:
     python -m grpo_fast train --out runs/demo                     # built-in task, ~1 min on 2 cores
     python -m grpo_fast train --out runs/cmp --compare            # fused loss vs the eager reference, ~3 min
     torchrun --nproc_per_node 2 -m grpo_fast train --out runs/ddp # DistributedDataParallel (gloo / nccl)
+    torchrun --nproc_per_node 2 -m grpo_fast train --dist fsdp --out runs/fsdp  # FSDP2 (fully_shard)
     python examples/hf_llama_reverse.py                           # any Hugging Face causal LM
 
 From Python: ``train(TrainConfig(...), model=my_causal_lm, task=my_task)``; the model is any
@@ -24,7 +25,10 @@ logits, or an object with ``.logits``).
 Distributed: the P prompts of a step are split across ranks (each rank holds whole groups, so the
 advantages are the single-process ones); the dapo/cispo normalizer (the number of completion tokens
 of the whole step) is summed over ranks with all_reduce and passed as ``num_items_in_batch``.
-DDP averages gradients over ranks, so those losses are multiplied by the world size.
+DDP averages gradients over ranks, so those losses are multiplied by the world size. ``--dist fsdp``
+shards the model with FSDP2 instead (``wrap_policy``), which averages the same way; the fused-linear
+loss is computed inside the FSDP root's forward (``CausalLM.forward(..., head_loss=...)``), where the
+LM head's weight is all-gathered, and sampling runs on gathered weights (``gathered``).
 """
 from __future__ import annotations
 
@@ -171,8 +175,8 @@ class CausalLM(nn.Module):
     Three kinds of model: the built-in ``TinyGPT`` (KV cache, ``return_hidden``), a Hugging Face
     ``*ForCausalLM`` (``generate``, ``base_model`` + ``get_output_embeddings``), or any module whose
     forward(input_ids) returns logits (no cache, no head: the logits path). This wrapper is what
-    DistributedDataParallel wraps, so the hidden-state forward of the fused-linear path still goes
-    through DDP's forward (which arms its gradient all-reduce).
+    DistributedDataParallel wraps and FSDP2's root: the fused-linear loss runs inside its forward
+    (``head_loss``), which arms DDP's gradient all-reduce and is where FSDP2 has gathered the LM head.
     """
 
     def __init__(self, model: nn.Module):
