@@ -13,16 +13,11 @@ a checkpoint (gathered), its resume under FSDP2 and its load in one process.
 """
 import json
 import os
-import subprocess
 import sys
 
-import pytest
 import torch
 
-from test_ddp import G, P, _setup
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from test_ddp import G, P, _setup, run_two_processes
 
 # (name, loss_type, beta, grad_accum, scale_rewards, path, loss_backend)
 CASES = [
@@ -115,14 +110,7 @@ def worker(out_dir: str) -> None:
 
 
 def test_fsdp_two_processes_take_the_single_process_steps(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.abspath(__file__), str(tmp_path)]
-    try:
-        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired as e:  # seconds normally; only a badly overloaded machine gets here
-        pytest.fail(f"torchrun did not finish in 600 s:\n{str(e.stdout)[-2000:]}\n{str(e.stderr)[-3000:]}")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    run_two_processes(__file__, tmp_path)
     for case in CASES:
         tr, cfg, lm, path, tensors = _case(case, str(tmp_path))
         before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
