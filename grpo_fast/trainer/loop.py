@@ -137,8 +137,9 @@ def gathered(lm: nn.Module):
     try:
         yield
     finally:
-        for m in units:
-            m.reshard()
+        # Reshard everything and clear the forward order the blocks' hooks recorded meanwhile (FSDP2
+        # would otherwise take it for the training forward's and prefetch the wrong blocks in backward).
+        lm.reset_iter_state()
         lm.set_reshard_after_forward(True)
         lm.set_reshard_after_forward(False, recurse=False)  # FSDP2's choice for the root: kept until backward
 
