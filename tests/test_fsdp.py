@@ -83,10 +83,10 @@ def worker(out_dir: str) -> None:
             del policy
         if rank == 0:
             torch.save(got, os.path.join(out_dir, f"{case[0]}.pt"))
-    # End to end: two steps of train() under FSDP2 (sampling on gathered weights, a reference model,
-    # checkpoints gathered from the shards), then a resume from its checkpoint.
+    # End to end: two steps of train() under FSDP2 (sampling and old log-probs on gathered weights, a
+    # reference model, gradient accumulation, checkpoints gathered from the shards), then a resume.
     task = tr.get_task("reverse", n_digits=3)
-    cfg = _tiny_run_cfg(tr, os.path.join(out_dir, "run"), save_every=1)
+    cfg = _tiny_run_cfg(tr, os.path.join(out_dir, "run"), save_every=1, num_iterations=2, grad_accum=2)  # + old log-probs
     torch.manual_seed(0)
     model = tr.build_default_model(cfg, task)
     tr.train(cfg, model=model, task=task)
