@@ -6,6 +6,8 @@
     python -m benchmarks trl-step [options]                         one TRL GRPOTrainer step (benchmarks.trl_step; not in `all`)
     python -m benchmarks logprobs [options]                         log-probs + entropy with gradient (benchmarks.logprobs; not in `all`)
     python -m benchmarks vocab-parallel [options]                   the vocabulary split over 2 processes vs one (benchmarks.vocab_parallel; not in `all`)
+    python -m benchmarks options [options]                          what each loss option costs vs the default (benchmarks.options; not in `all`)
+    python -m benchmarks packed [options]                           packed / masked rows vs sweeping every row (benchmarks.packed; not in `all`)
     python -m benchmarks kernels [options]                          registers / spills / shared memory of the GPU
                                                                     kernels, compiled ahead of time (no GPU needed)
     python -m benchmarks roofline [--markdown]                      the HBM-bytes model of the loss (a model, not a measurement)
@@ -23,8 +25,9 @@ import importlib.util
 import sys
 
 TABLES = {"loss": "benchmarks.loss", "fused-linear": "benchmarks.fused_linear",
-          "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs",
-          "vocab-parallel": "benchmarks.vocab_parallel", "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline"}
+          "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs", "options": "benchmarks.options",
+          "packed": "benchmarks.packed", "vocab-parallel": "benchmarks.vocab_parallel", "kernels": "benchmarks.kernel_report",
+          "roofline": "benchmarks.roofline"}
 ALL = ("loss", "fused-linear")  # what `python -m benchmarks` with no table runs
 # Options shared by the tables: name -> takes a value.
 _COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}

@@ -11,14 +11,12 @@ across a whole shard (both ways round). Bad input (different N, ids out of range
 tile V, different ids) must raise the same clear error on both ranks. One launch, a few seconds.
 """
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 V, H = 37, 8
@@ -198,16 +196,10 @@ def _check(name, got0, got1, want, swapped=False):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    from test_ddp import run_two_processes
+
     out = tmp_path_factory.mktemp("vocab_parallel")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.abspath(__file__), str(out)]
-    try:
-        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun did not finish in 300 s:\n{str(e.stdout)[-2000:]}\n{str(e.stderr)[-3000:]}")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    run_two_processes(__file__, out)
     return torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
 
 
