@@ -49,18 +49,32 @@ def inputs():
                 adv=adv, old=old)
 
 
+SHARDED = {"d_logits": -1, "d_weight": 0, "d_bias": 0}  # gradients split along V (dim)
+
+
 def _leaf(t):
     return t.detach().clone().requires_grad_()
 
 
-def run_cases(x, shard, group):
+def run_cases(x, shard, group, mesh=None):
     """Every case's outputs and gradients. ``shard``: slice of V this process holds (all of it for the
-    single-process run, with group=None)."""
+    single-process run, with group=None). ``mesh``: pass the sharded logits / weight / bias as DTensors
+    placed Shard(-1) / Shard(0) on it (and no group); their gradients must keep that placement."""
     import grpo_fast
     from grpo_fast.integrations.verl import linear_cross_entropy
 
     out = {}
-    kw = {} if group is None else {"group": group}
+    kw = {} if group is None or mesh is not None else {"group": group}
+
+    def sharded(t, dim=-1):  # this process's part of t along V, a leaf (a DTensor with a mesh)
+        if mesh is None:
+            return _leaf(t[..., shard] if dim == -1 else t[shard])
+        from torch.distributed.tensor import DTensor, Shard
+
+        local = (t[..., shard] if dim == -1 else t[shard]).clone()
+        d = dim % t.dim()
+        return DTensor.from_local(local, mesh, [Shard(d)], run_check=False, shape=t.shape,
+                                  stride=t.contiguous().stride()).detach().requires_grad_()
 
     def primitive_loss(lp, ent):
         return (x["c_lp"] * lp).sum() + (x["c_ent"] * ent).sum()
@@ -70,41 +84,55 @@ def run_cases(x, shard, group):
     # the Triton kernels too where they run (under TRITON_INTERPRET=1, which tests/conftest.py sets)
     triton = ("triton",) if unavailable_reason("triton", torch.device("cpu")) is None else ()
     for backend in ("cpu", "torch") + triton:
-        z = _leaf(x["z"][..., shard])
+        z = sharded(x["z"])
         tau = x["tau_t"] if backend == "torch" else TAU
         lp, ent = grpo_fast.logprobs(z, x["ids"], temperature=tau, return_entropy=True, backend=backend, **kw)
         primitive_loss(lp, ent).backward()
         out[f"logprobs_{backend}"] = dict(logp=lp, ent=ent, d_logits=z.grad)
     # (N, V) rows and logp only (no entropy term in backward)
-    z = _leaf(x["z"][..., shard].reshape(B * T, -1))
+    z = sharded(x["z"].reshape(B * T, V))
     lp, _ = grpo_fast.logprobs(z, x["ids"].reshape(-1), backend="cpu", **kw)
     (x["c_lp"].reshape(-1) * lp).sum().backward()
     out["logprobs_rows"] = dict(logp=lp, d_logits=z.grad)
 
-    h, w, b = _leaf(x["hidden"]), _leaf(x["weight"][shard]), _leaf(x["bias"][shard])
+    h, w, b = _leaf(x["hidden"]), sharded(x["weight"], 0), sharded(x["bias"], 0)
     lp, ent = grpo_fast.fused_linear_logprobs(h, w, x["ids"], bias=b, temperature=TAU, logit_softcap=3.0,
                                               return_entropy=True, chunk_size=5, backend="cpu", **kw)
     primitive_loss(lp, ent).backward()
     out["fused_linear_logprobs"] = dict(logp=lp, ent=ent, d_hidden=h.grad, d_weight=w.grad, d_bias=b.grad)
 
-    z = _leaf(x["z"][..., shard])
+    z = sharded(x["z"])
     loss, metrics = grpo_fast.grpo_loss(z, x["ids"], x["adv"], old_logp=x["old"], completion_mask=x["mask"], beta=0.0,
                                         loss_type="grpo", temperature=TAU, backend="cpu", **kw)
     loss.backward()
     out["grpo_loss"] = dict(loss=loss, entropy=metrics["entropy"], clip=metrics["clip_ratio"], d_logits=z.grad)
 
-    h, w = _leaf(x["hidden"]), _leaf(x["weight"][shard])
+    h, w = _leaf(x["hidden"]), sharded(x["weight"], 0)
     loss, metrics = grpo_fast.fused_linear_grpo_loss(h, w, x["ids"], x["adv"], old_logp=x["old"],
                                                      completion_mask=x["mask"], loss_type="dapo", chunk_size=5,
                                                      temperature=x["tau_t"], backend="cpu", **kw)
     loss.backward()
     out["fused_linear_grpo_loss"] = dict(loss=loss, entropy=metrics["entropy"], d_hidden=h.grad, d_weight=w.grad)
 
-    h, w = _leaf(x["hidden"].reshape(B * T, H)), _leaf(x["weight"][shard])
+    h, w = _leaf(x["hidden"].reshape(B * T, H)), sharded(x["weight"], 0)
     lp, ent = linear_cross_entropy(h, w, x["ids"].reshape(-1), TAU, "none", group)
     primitive_loss(lp.view(B, T), ent.view(B, T)).backward()
     out["verl"] = dict(logp=lp, ent=ent, d_hidden=h.grad, d_weight=w.grad)
-    return {k: {n: t.detach().clone() for n, t in v.items()} for k, v in out.items()}
+    return {k: {n: _plain(t, n, mesh) for n, t in v.items()} for k, v in out.items()}
+
+
+def _plain(t, name, mesh):
+    """A saved output: outputs are plain tensors; a sharded gradient of a DTensor is a DTensor of the
+    same placement (its local part is saved)."""
+    from grpo_fast.vocab_parallel import is_dtensor
+
+    if mesh is not None and name in SHARDED:
+        from torch.distributed.tensor import Shard
+
+        assert is_dtensor(t) and tuple(t.placements) == (Shard(SHARDED[name] % t.dim()),), (name, t)
+        t = t.to_local()
+    assert not is_dtensor(t), name
+    return t.detach().clone()
 
 
 def _errors(x, rank, group):
@@ -158,25 +186,16 @@ def worker(out_dir: str) -> None:
                                  vocab_start=swapped.start)
     ((x["c_lp"] * lp).sum() + (x["c_ent"] * ent).sum()).backward()
     res["vocab_start_swapped"] = dict(logp=lp.detach(), ent=ent.detach(), d_logits=z.grad)
-    # DTensor: logits placed Shard(-1) on a 1-D CPU mesh (torch.chunk sizes: 19 and 18)
+    # DTensors placed Shard(-1) / Shard(0) on a 1-D CPU mesh (torch.chunk's sizes: 19 and 18), no group
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
 
-    mesh = init_device_mesh("cpu", (world,))
-    zd = DTensor.from_local(x["z"][..., shard].clone(), mesh, [Shard(2)], run_check=False,
-                            shape=torch.Size((B, T, V)), stride=x["z"].stride()).detach().requires_grad_()
-    lp, ent = grpo_fast.logprobs(zd, x["ids"], temperature=TAU, return_entropy=True)
-    ((x["c_lp"] * lp).sum() + (x["c_ent"] * ent).sum()).backward()
-    assert not isinstance(lp, DTensor) and not isinstance(ent, DTensor)
-    assert isinstance(zd.grad, DTensor) and tuple(zd.grad.placements) == (Shard(2),), zd.grad
-    res["dtensor"] = dict(logp=lp.detach(), ent=ent.detach(), d_logits=zd.grad.to_local())
+    res["dtensor"] = run_cases(x, shard, None, init_device_mesh("cpu", (world,)))
     res["errors"] = _errors(x, rank, group)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 # ---- the test (pytest process) ---------------------------------------------------------------------
-SHARDED = {"d_logits": -1, "d_weight": 0, "d_bias": 0}
 
 
 def _check(name, got0, got1, want, swapped=False):
@@ -224,7 +243,8 @@ def test_explicit_vocab_start_and_dtensor(ranks, single):
     got0, got1 = ranks
     want = single["logprobs_cpu"]
     _check("vocab_start_swapped", got0["vocab_start_swapped"], got1["vocab_start_swapped"], want, swapped=True)
-    _check("dtensor", got0["dtensor"], got1["dtensor"], want)
+    for name, w in single.items():
+        _check(f"dtensor {name}", got0["dtensor"][name], got1["dtensor"][name], w)
 
 
 def test_bad_input_raises_on_every_rank(ranks):
