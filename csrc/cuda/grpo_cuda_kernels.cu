@@ -362,6 +362,17 @@ __device__ __forceinline__ float row_value(float x, int j, int y, const RowSoftm
 // (inplace): each element is read and then written by the same thread. zero: write zeros without
 // reading the row (padding, or a token whose upstream gradient is 0). REVERSE: walk the vectors from
 // the end of the row (vector i of the loop is vector nvec−1−i; a warp still reads one contiguous span).
+// A 16-byte gradient store that streams: st.global.cs (evict-first), so the gradient does not
+// push out of L2 the rows other blocks are about to re-read (benchmarks/bytes_model.py). The host
+// emulation has no cache: a plain store.
+__device__ __forceinline__ void store_streaming(uint4* p, const uint4& v) {
+#if defined(GF_HOST_EMULATION)
+  *p = v;
+#else
+  __stcs(p, v);
+#endif
+}
+
 template <typename T, bool REVERSE, typename R>
 __device__ __forceinline__ void row_write(const T* row, T* grow, int V, int y, bool zero, const R& r) {
   constexpr int VEC = Io<T>::kVec;
@@ -380,7 +391,7 @@ __device__ __forceinline__ void row_write(const T* row, T* grow, int V, int y, b
   uint4* out = reinterpret_cast<uint4*>(grow + head);
   if (zero) {
     const uint4 z = make_uint4(0u, 0u, 0u, 0u);  // +0.0 in every dtype
-    for (int i = threadIdx.x; i < nvec; i += step) out[i] = z;
+    for (int i = threadIdx.x; i < nvec; i += step) store_streaming(out + i, z);
   } else {
     int i = threadIdx.x;
     for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
@@ -394,7 +405,7 @@ __device__ __forceinline__ void row_write(const T* row, T* grow, int V, int y, b
         Io<T>::unpack(raw[q], x);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) x[k] = row_value(x[k], head + v * VEC + k, y, r);
-        out[v] = Io<T>::pack(x);
+        store_streaming(out + v, Io<T>::pack(x));
       }
     }
     for (; i < nvec; i += step) {
@@ -403,7 +414,7 @@ __device__ __forceinline__ void row_write(const T* row, T* grow, int V, int y, b
       Io<T>::unpack(in[v], x);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) x[k] = row_value(x[k], head + v * VEC + k, y, r);
-      out[v] = Io<T>::pack(x);
+      store_streaming(out + v, Io<T>::pack(x));
     }
   }
   for (int j = tail + threadIdx.x; j < V; j += step)
