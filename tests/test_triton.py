@@ -144,16 +144,18 @@ def test_pinned_config_is_a_function_of_v_dtype_arch():
     # 16 KB of logits per block step at large V, next_pow2(V) below; warps follow the block bytes
     assert tb.pinned_config(151936, 2, 90) == (8192, 16)
     assert tb.pinned_config(151936, 4, 90) == (4096, 16)
-    assert tb.pinned_config(32000, 2, 80) == (8192, 16)
+    assert tb.pinned_config(32000, 2, 80) == (4096, 8)  # sm_80: 8 KB per step
+    assert tb.pinned_config(32000, 4, 0) == (2048, 8)  # the interpreter: sm_80's rule
     assert tb.pinned_config(53, 4, 0) == (64, 1)
     assert tb.pinned_config(1000, 2, 90) == (1024, 2)
     for V in (53, 1000, 32000, 128256, 151936):
         for e in (2, 4):
-            assert tb.pinned_config(V, e, 80) == tb.pinned_config(V, e, 90)  # documented: same rule today
+            assert tb.pinned_config(V, e, 80) == tb.pinned_config(V, e, 86)  # one rule per architecture family
     with pytest.raises(ValueError, match="elem_bytes"):
         tb.pinned_config(100, 3)
     configs = tb.pinned_configs(90)
     assert (8192, 16, 2) in configs and (4096, 16, 4) in configs and len(configs) == len(set(configs))
+    assert (4096, 8, 2) in tb.pinned_configs(80) and (8192, 16, 2) not in tb.pinned_configs(80)
     assert not hasattr(tb, "AUTOTUNE_CONFIGS")  # no timing-based choice left anywhere
 
 

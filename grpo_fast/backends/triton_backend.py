@@ -89,7 +89,8 @@ def _next_pow2(n: int) -> int:
 # so every run, every rank, every process on the same architecture computes the same bits for the
 # same inputs (the grid of the persistent kernel decides only which program handles which row).
 # An autotuner picking by timing could pick a different BLOCK_V on another run or rank.
-BLOCK_BYTES = 16384  # bytes of logits per program per block step: 8192 bf16 / 4096 fp32
+BLOCK_BYTES = 16384  # bytes of logits per program per block step on sm_90+: 8192 bf16 / 4096 fp32
+BLOCK_BYTES_SM80 = 8192  # ... on sm_80 and older (and the interpreter)
 MAX_WARPS = 16
 
 
@@ -97,16 +98,17 @@ def pinned_config(V: int, elem_bytes: int, arch: int = 90) -> tuple:
     """(BLOCK_V, num_warps) of the V-streaming kernels for V logits of ``elem_bytes`` bytes on SM
     architecture ``arch`` (80, 90, ...; the interpreter passes 0).
 
-    BLOCK_V = min(next_pow2(V), 16 KB of logits): 16 KB per step keeps enough loads in flight per
-    SM for HBM bandwidth with one or two programs per SM (the persistent grid), and each thread
-    loads 32 bytes (two 16-byte vectors) per step at 16 warps. The rule is the same on sm_80 and
-    sm_90 today; ``arch`` is part of the key so that a future tuning for one architecture cannot
-    change the bits on another. Every config it can return for V ≥ 1024 is compiled for sm_80 and
-    sm_90 and checked for zero spills by `python -m benchmarks kernels` (tests/test_kernel_report.py).
+    BLOCK_V = min(next_pow2(V), B / elem_bytes) with B = 16 KB of logits per step on sm_90 and newer
+    (H100/H200: 3.35–4.8 TB/s need that many bytes in flight per SM with one or two programs per
+    SM, the persistent grid), 8 KB on sm_80 (A100, 2 TB/s; and with 16 KB the bf16 token kernel
+    compiled without the ÷16 specialization spills on sm_80); num_warps = B/1024 (each thread
+    loads 32 bytes, two 16-byte vectors, per step). Every config it can return is compiled for
+    sm_80 and sm_90, ÷16 and unaligned, and checked for zero spills by `python -m benchmarks
+    kernels` (tests/test_kernel_report.py).
     """
     if V < 1 or elem_bytes not in (2, 4):
         raise ValueError(f"pinned_config: V must be >= 1 and elem_bytes 2 or 4, got V={V}, elem_bytes={elem_bytes}")
-    block = min(_next_pow2(V), BLOCK_BYTES // elem_bytes)
+    block = min(_next_pow2(V), (BLOCK_BYTES if arch >= 90 else BLOCK_BYTES_SM80) // elem_bytes)
     warps = max(1, min(MAX_WARPS, block * elem_bytes // 1024))
     return block, warps
 
