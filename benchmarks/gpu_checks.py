@@ -121,6 +121,15 @@ def _time(fn) -> float:
     return float(do_bench(fn, warmup=10, rep=100))
 
 
+def _time_peer(what: str, fn) -> float:
+    """_time(fn), or NaN with a line saying why when the peer fails."""
+    try:
+        return _time(fn)
+    except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not fatal
+        print(f"{what} failed: {e!r}")
+        return float("nan")
+
+
 def peers() -> int:
     import grpo_fast
 
@@ -165,12 +174,7 @@ def peers() -> int:
                     loss, _ = triton_grpo_loss(zl, old, ref, y, adv, temperature=0.9, beta=0.04, loss_type="dapo",
                                                inplace=False, reduce=True)
                     loss.backward()
-                try:
-                    cells.append(_time(run_liger))
-                except Exception as e:  # noqa: BLE001
-                    print(f"liger failed at V={V} {dname}: {e!r}")
-                    cells.append(float("nan"))
-                    rc = 1
+                cells.append(_time_peer(f"liger at V={V} {dname}", run_liger))
             zf = z.view(B * T, V)
             yf = y.view(B * T)
             for b in backends:
@@ -187,13 +191,9 @@ def peers() -> int:
                 def run_fa():
                     losses, _ = cross_entropy_loss(zz, yf)
                     (-losses).sum().backward()  # log-prob = −cross-entropy
-                try:
-                    cells.append(_time(run_fa))
-                except Exception as e:  # noqa: BLE001
-                    print(f"flash-attn cross-entropy failed at V={V} {dname}: {e!r}")
-                    cells.append(float("nan"))
-                    rc = 1
+                cells.append(_time_peer(f"flash-attn cross-entropy at V={V} {dname}", run_fa))
             print(f"{V:7d} {dname:5s} " + "".join(f"{c:14.3f}" for c in cells))
+            rc = rc or int(any(c != c for c in cells))
             del z
             torch.cuda.empty_cache()
     return rc
