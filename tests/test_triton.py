@@ -199,7 +199,7 @@ def test_persistent_grid_loops_over_rows(block_v, dtype, monkeypatch):
     launched = []
     real = tb._launch_v
     monkeypatch.setattr(tb, "_launch_v", lambda name, grid, args, t: (launched.append((name, grid)), real(name, grid, args, t)))
-    loss2, met2, grad2 = check(TRITON, z, y, **kw)
+    loss2, _, grad2 = check(TRITON, z, y, **kw)
     assert ("_grpo_token_fwd_kernel", (2,)) in launched
     zz = z.clone().requires_grad_(True)
     grpo_fast.grpo_loss(zz, y, backend="triton", inplace=True, **kw)[0].backward()
