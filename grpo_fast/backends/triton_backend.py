@@ -85,10 +85,14 @@ def _next_pow2(n: int) -> int:
 
 # Pinned launch configurations (no autotuning). The reduction order of a row — the lanes of a
 # BLOCK_V block, the tree of tl.sum over num_warps warps, the blocks in order — is a function of
-# (BLOCK_V, num_warps) only, and those are a function of (V, bytes per logit, SM architecture):
-# so every run, every rank, every process on the same architecture computes the same bits for the
-# same inputs (the grid of the persistent kernel decides only which program handles which row).
-# An autotuner picking by timing could pick a different BLOCK_V on another run or rank.
+# (BLOCK_V, num_warps) and of the compiled layout, and (BLOCK_V, num_warps) are a function of
+# (V, bytes per logit, SM architecture). The guarantee: the same inputs give the same bits on every
+# run, rank and process that shares the SM architecture, the Triton version (and
+# TRITON_DEFAULT_FP_FUSION), and the 16-byte alignment of the logits' pointer and row strides —
+# Triton specializes on it, and the vector width it allows sets how many elements each thread sums
+# before the cross-thread tree. The grid of the persistent kernel decides only which program
+# handles which row. An autotuner picking by timing could pick a different BLOCK_V on another run
+# or rank; there is none.
 BLOCK_BYTES = 16384  # bytes of logits per program per block step on sm_90+: 8192 bf16 / 4096 fp32
 BLOCK_BYTES_SM80 = 8192  # ... on sm_80 and older (and the interpreter)
 MAX_WARPS = 16
