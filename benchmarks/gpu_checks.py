@@ -55,42 +55,56 @@ def _inputs(B, T, V, dtype, seed=0):
 
 
 def _loss_and_grad(z, y, backend, level="token", inplace=False, **kw):
+    """Loss and gradient with ``z`` itself as the leaf: its strides and address are what the kernels
+    see (a clone would be contiguous and aligned); inplace overwrites it."""
     import grpo_fast
 
-    zz = z.detach().clone().requires_grad_(True)
+    zz = z.detach().requires_grad_(True)
     loss, _ = grpo_fast.grpo_loss(zz, y, backend=backend, importance_sampling_level=level, inplace=inplace, **kw)
     loss.backward()
     torch.cuda.synchronize()
     return loss.detach(), zz.grad
 
 
+def _edge_cases(dtype):
+    """name -> a function making (logits, ids) afresh (inplace runs overwrite the logits)."""
+    B, T, V = 4, 8, 1000
+
+    def ids(v):
+        return torch.randint(0, v, (B, T), device="cuda")
+
+    def all_inf():
+        z = torch.randn(B, T, V, device="cuda", dtype=dtype)
+        z[0, 0] = float("-inf")
+        z[1, :] = float("-inf")
+        return z, ids(V)
+
+    return {
+        "contiguous V=1000": lambda: (torch.randn(B, T, V, device="cuda", dtype=dtype), ids(V)),
+        "misaligned V=1003 (no 16-byte rows)": lambda: (torch.randn(B, T, 1003, device="cuda", dtype=dtype), ids(1003)),
+        "base pointer off by one element": lambda: (torch.randn(B * T * V + 1, device="cuda", dtype=dtype)[1:].view(B, T, V),
+                                                    ids(V)),
+        "strided rows (row stride 1064)": lambda: (torch.randn(B, T, 1064, device="cuda", dtype=dtype)[..., :V], ids(V)),
+        "all-(-inf) rows": all_inf,
+    }
+
+
 def sanitize(big: bool) -> int:
     import grpo_fast
 
     failures = 0
+    _, _, kw = _inputs(4, 8, 1000, torch.float32)
     for backend in _backends():
         for dtype in (torch.bfloat16, torch.float32):
-            cases = {}
-            z, y, kw = _inputs(4, 8, 1000, dtype)
-            cases["contiguous V=1000"] = (z, y)
-            z2, y2, _ = _inputs(4, 8, 1003, dtype, 1)  # V not a multiple of 8 or 16: no vector loads
-            cases["misaligned V=1003"] = (z2, y2)
-            flat = torch.randn(4 * 8 * 1000 + 1, device="cuda", dtype=dtype)
-            cases["base pointer off by one element"] = (flat[1:].view(4, 8, 1000), y)
-            wide = torch.randn(4, 8, 1064, device="cuda", dtype=dtype)
-            cases["strided rows (stride 1064)"] = (wide[..., :1000], y)
-            zi = z.clone()
-            zi[0, 0] = float("-inf")
-            zi[1, :] = float("-inf")
-            cases["all-(-inf) rows"] = (zi, y)
-            for name, (zc, yc) in cases.items():
+            for name, make in _edge_cases(dtype).items():
                 for level in ("token", "sequence"):
                     for inplace in (False, True):
+                        zc, yc = make()
                         if inplace and not zc.is_contiguous():
                             continue
                         try:
                             _loss_and_grad(zc, yc, backend, level, inplace, **kw)
-                            lp = zc.detach().clone().requires_grad_(True)
+                            lp = make()[0].requires_grad_(True)
                             out = grpo_fast.logprobs(lp, yc, temperature=0.9, return_entropy=True, backend=backend)
                             (out[0].sum() + out[1].sum()).backward()
                             torch.cuda.synchronize()
@@ -115,16 +129,18 @@ def sanitize(big: bool) -> int:
     return 1 if failures else 0
 
 
-def _time(fn) -> float:
+def _time(fn, leaf) -> float:
+    """Median ms of fn (forward + backward); ``leaf``'s .grad is dropped between runs, untimed (an
+    accumulating gradient would add an (N, V) add to every run)."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=10, rep=100))
+    return float(do_bench(fn, warmup=10, rep=100, grad_to_none=[leaf]))
 
 
-def _time_peer(what: str, fn) -> float:
-    """_time(fn), or NaN with a line saying why when the peer fails."""
+def _time_peer(what: str, fn, leaf) -> float:
+    """_time(fn, leaf), or NaN with a line saying why when the peer fails."""
     try:
-        return _time(fn)
+        return _time(fn, leaf)
     except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not fatal
         print(f"{what} failed: {e!r}")
         return float("nan")
@@ -163,7 +179,7 @@ def peers() -> int:
                     loss, _ = grpo_fast.grpo_loss(zz, y, adv, old_logp=old, ref_logp=ref, beta=0.04, loss_type="dapo",
                                                   temperature=0.9, backend=b)
                     loss.backward()
-                cells.append(_time(run))
+                cells.append(_time(run, zz))
             if have_liger:
                 from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
@@ -174,7 +190,7 @@ def peers() -> int:
                     loss, _ = triton_grpo_loss(zl, old, ref, y, adv, temperature=0.9, beta=0.04, loss_type="dapo",
                                                inplace=False, reduce=True)
                     loss.backward()
-                cells.append(_time_peer(f"liger at V={V} {dname}", run_liger))
+                cells.append(_time_peer(f"liger at V={V} {dname}", run_liger, zl))
             zf = z.view(B * T, V)
             yf = y.view(B * T)
             for b in backends:
@@ -182,7 +198,7 @@ def peers() -> int:
 
                 def run_lp(zz=zz, b=b):
                     grpo_fast.logprobs(zz, yf, backend=b).sum().backward()
-                cells.append(_time(run_lp))
+                cells.append(_time(run_lp, zz))
             if have_fa:
                 from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
 
@@ -191,7 +207,7 @@ def peers() -> int:
                 def run_fa():
                     losses, _ = cross_entropy_loss(zz, yf)
                     (-losses).sum().backward()  # log-prob = −cross-entropy
-                cells.append(_time_peer(f"flash-attn cross-entropy at V={V} {dname}", run_fa))
+                cells.append(_time_peer(f"flash-attn cross-entropy at V={V} {dname}", run_fa, zz))
             print(f"{V:7d} {dname:5s} " + "".join(f"{c:14.3f}" for c in cells))
             rc = rc or int(any(c != c for c in cells))
             del z
