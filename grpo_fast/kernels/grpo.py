@@ -370,8 +370,16 @@ def _grpo_token_fwd_kernel(
     P rows in flight fit in the L2 budget; sweep 1 reads a row forwards with evict-last loads,
     sweep 2 (the gradient) re-reads it backwards — the block read last comes first, from L2 — with
     evict-first loads and evict-first gradient stores, which stream to HBM without pushing the
-    other programs' rows out. The row is not kept on chip: at V ≥ 32k a row in registers would
-    need BLOCK_V = V (it spills), and shared memory holds at most ~100k bf16 logits.
+    other programs' rows out.
+    The choice by V and architecture: the grid is P = min(N, ⌊0.75·L2 / (V·e)⌋, 2 per SM) — on an
+    H100/H200 (50 MiB L2, 132 SMs) 264 programs at V = 32k, 129 for bf16 rows of 152k, 64 for
+    fp32 rows of 152k (then fewer programs than SMs: the price of the single read, each streaming
+    16 KB per step; the GPU suite measures whether that still reaches the bandwidth). Only a row
+    larger than 0.75·L2 (V·e > 37 MiB) gets no guarantee. The row is not kept on chip instead:
+    in registers it needs BLOCK_V = V (a 32k bf16 row is 64 values a thread at 16 warps: it
+    spills), Triton has no explicit shared-memory buffers or sm_90 cluster (DSMEM) memory, and
+    even 228 KB of shared memory holds under 120k bf16 logits. L2 residency serves every V up to
+    that 37 MiB on sm_80 and sm_90 alike, and the launcher reads the L2 size of the device.
     Which program handles which row changes nothing in the results (rows are independent; a
     row's reduction order depends on BLOCK_V and num_warps only).
 
