@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from grpo_fast._config import FAMILY_CODES, KL_ESTIMATORS, LOSS_BY_CODE, LOSS_TABLE
+from grpo_fast.backends.triton_backend import NUM_STAGES  # what the launchers pass
 
 ARCHS = (80, 90)
 
@@ -282,19 +283,19 @@ for _t in LOSS_TABLE.values():
 _DTYPE_OF = {2: "bf16", 4: "fp32"}
 
 
-def _streaming_jobs(bv: int, nw: int, dt: str, cfg: str, aligned: bool):
+def _streaming_jobs(bv: int, nw: int, dt: str, cfg: str, aligned: bool, ns: int):
     """The five V-streaming kernels at one config, heaviest flag set, logits of dtype ``dt``."""
     tag = "" if aligned else " unaligned"
     return [
         ("_grpo_token_fwd_kernel", f"grpo+delta+k3+rewards+grad {dt}{tag}", _sig_token_fwd(dt),
-         {**_loss_flags(0), "BLOCK_V": bv}, nw, 1, cfg, aligned),
+         {**_loss_flags(0), "BLOCK_V": bv}, nw, ns, cfg, aligned),
         ("_token_logprobs_kernel", f"mask+logp+entropy+lse {dt}{tag}", _sig_logprobs(dt),
-         {"HAS_MASK": True, "STORE_ENTROPY": True, "STORE_LSE": True, "BLOCK_V": bv}, nw, 1, cfg, aligned),
-        ("_grpo_grad_kernel", f"{dt}{tag}", _sig_grad(dt), {"BLOCK_V": bv}, nw, 1, cfg, aligned),
+         {"HAS_MASK": True, "STORE_ENTROPY": True, "STORE_LSE": True, "BLOCK_V": bv}, nw, ns, cfg, aligned),
+        ("_grpo_grad_kernel", f"{dt}{tag}", _sig_grad(dt), {"BLOCK_V": bv}, nw, ns, cfg, aligned),
         ("_logprobs_fwd_kernel", f"tau per row+entropy {dt}{tag}", _sig_lp_fwd(dt),
-         {**_LP_FWD_ALL, "BLOCK_V": bv}, nw, 1, cfg, aligned),
+         {**_LP_FWD_ALL, "BLOCK_V": bv}, nw, ns, cfg, aligned),
         ("_logprobs_bwd_kernel", f"tau per row+g_logp+g_entropy {dt}{tag}", _sig_lp_bwd(dt),
-         {**_LP_BWD_ALL, "BLOCK_V": bv}, nw, 1, cfg, aligned),
+         {**_LP_BWD_ALL, "BLOCK_V": bv}, nw, ns, cfg, aligned),
     ]
 
 
@@ -321,20 +322,20 @@ def jobs(quick: bool = False, arch: int = 90):
             continue
         cfg = f"BLOCK_V={bv} warps={nw}"
         for aligned in (True, False):
-            out += _streaming_jobs(bv, nw, _DTYPE_OF[e], cfg, aligned)
+            out += _streaming_jobs(bv, nw, _DTYPE_OF[e], cfg, aligned, NUM_STAGES)
     out.append(("_grpo_seq_row_kernel", "grpo+delta+k3+rewards+grad", _sig_seq_row(),
-                {**_loss_flags(0), "BLOCK_T": 1024}, 4, 1, "BLOCK_T=1024 warps=4", True))
+                {**_loss_flags(0), "BLOCK_T": 1024}, 4, NUM_STAGES, "BLOCK_T=1024 warps=4", True))
     if quick:
         return out
     bv, nw = pinned_config(151936, 2, arch)
     dcfg = f"BLOCK_V={bv} warps={nw}"
     for lt in (5, 6):
         out.append(("_grpo_token_fwd_kernel", f"{LOSS_NAMES[lt]}+k3+rewards+grad bf16", _sig_token_fwd("bf16"),
-                    {**_loss_flags(lt), "BLOCK_V": bv}, nw, 1, dcfg, True))
+                    {**_loss_flags(lt), "BLOCK_V": bv}, nw, NUM_STAGES, dcfg, True))
         out.append(("_grpo_seq_row_kernel", f"{LOSS_NAMES[lt]}+k3+rewards+grad", _sig_seq_row(),
-                    {**_loss_flags(lt), "BLOCK_T": 1024}, 4, 1, "BLOCK_T=1024 warps=4", True))
+                    {**_loss_flags(lt), "BLOCK_T": 1024}, 4, NUM_STAGES, "BLOCK_T=1024 warps=4", True))
     out.append(("_grpo_token_fwd_kernel", "grpo, no grad, fp16", _sig_token_fwd("fp16"),
-                {**_loss_flags(0, kl=False, grad=False, adv_mode=0), "BLOCK_V": bv}, nw, 1, dcfg, True))
+                {**_loss_flags(0, kl=False, grad=False, adv_mode=0), "BLOCK_V": bv}, nw, NUM_STAGES, dcfg, True))
     return out
 
 
@@ -386,37 +387,37 @@ def variant_jobs():
     for f in flag_sets:
         label = ",".join(f"{k}={int(v)}" for k, v in f.items() if k != "BLOCK_G" and v != base[k]) or "base"
         out.append(("_grpo_token_fwd_kernel", label, _sig_token_fwd("bf16"), {**f, "BLOCK_V": DEFAULT_BLOCK_V},
-                    DEFAULT_WARPS, 1, dcfg))
-        out.append(("_grpo_seq_row_kernel", label, _sig_seq_row(), {**f, "BLOCK_T": 256}, 4, 1, "BLOCK_T=256 warps=4"))
+                    DEFAULT_WARPS, NUM_STAGES, dcfg))
+        out.append(("_grpo_seq_row_kernel", label, _sig_seq_row(), {**f, "BLOCK_T": 256}, 4, NUM_STAGES, "BLOCK_T=256 warps=4"))
     for dt in ("fp32", "fp16"):
         out.append(("_grpo_token_fwd_kernel", f"logits {dt}", _sig_token_fwd(dt), {**base, "BLOCK_V": DEFAULT_BLOCK_V},
-                    DEFAULT_WARPS, 1, dcfg))
-        out.append(("_grpo_grad_kernel", f"logits {dt}", _sig_grad(dt), {"BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                    DEFAULT_WARPS, NUM_STAGES, dcfg))
+        out.append(("_grpo_grad_kernel", f"logits {dt}", _sig_grad(dt), {"BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
     # Triton specializes integer arguments equal to 1 into constants (T = 1, V = 1, no group)
     ones = {"T": 1, "V": 1}
     out.append(("_grpo_token_fwd_kernel", "T=V=G=1 (specialized)", _sig_token_fwd("bf16"),
-                {**base, **ones, "G": 1, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                {**base, **ones, "G": 1, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
     out.append(("_grpo_seq_row_kernel", "T=G=1 (specialized)", _sig_seq_row(), {**base, "T": 1, "G": 1, "BLOCK_T": 1},
-                4, 1, "BLOCK_T=1 warps=4"))
+                4, NUM_STAGES, "BLOCK_T=1 warps=4"))
     out.append(("_grpo_grad_kernel", "T=V=1 (specialized)", _sig_grad("bf16"), {**ones, "BLOCK_V": DEFAULT_BLOCK_V},
-                DEFAULT_WARPS, 1, dcfg))
+                DEFAULT_WARPS, NUM_STAGES, dcfg))
     for dt in ("bf16", "fp32", "fp16"):
         for ent, lse in ((False, False), (True, False)):
-            for mask in (False, True):
+            for mask in ((False, True) if dt == "bf16" else (False,)):
                 out.append(("_token_logprobs_kernel", f"logits {dt}, mask={int(mask)}, entropy={int(ent)}, lse={int(lse)}",
                             _sig_logprobs(dt), {"HAS_MASK": mask, "STORE_ENTROPY": ent, "STORE_LSE": lse,
-                                                "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                                                "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
     for dt in ("bf16", "fp32", "fp16"):
         for flags in ({}, {"TAU_PER_ROW": True}, {"STORE_ENTROPY": True}, _LP_FWD_ALL):
             label = f"logits {dt}, " + (",".join(k for k in flags) or "no flags")
             out.append(("_logprobs_fwd_kernel", label, _sig_lp_fwd(dt),
                         {"TAU_PER_ROW": False, "STORE_ENTROPY": False, **flags, "BLOCK_V": DEFAULT_BLOCK_V},
-                        DEFAULT_WARPS, 1, dcfg))
+                        DEFAULT_WARPS, NUM_STAGES, dcfg))
         for flags in ({"HAS_G_LOGP": True}, {"HAS_G_ENT": True}, _LP_BWD_ALL):
             label = f"logits {dt}, " + ",".join(k for k in flags)
             out.append(("_logprobs_bwd_kernel", label, _sig_lp_bwd(dt),
                         {"TAU_PER_ROW": False, "HAS_G_LOGP": False, "HAS_G_ENT": False, **flags,
-                         "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                         "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
     return out
 
 

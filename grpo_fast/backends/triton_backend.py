@@ -93,6 +93,7 @@ def _next_pow2(n: int) -> int:
 # before the cross-thread tree. The grid of the persistent kernel decides only which program
 # handles which row. An autotuner picking by timing could pick a different BLOCK_V on another run
 # or rank; there is none.
+NUM_STAGES = 1  # what the kernel report compiles (Triton's default, 3, would be another build)
 BLOCK_BYTES = 16384  # bytes of logits per program per block step on sm_90+: 8192 bf16 / 4096 fp32
 BLOCK_BYTES_SM80 = 8192  # ... on sm_80 and older (and the interpreter)
 MAX_WARPS = 16
@@ -183,7 +184,7 @@ def _config(V: int, t: torch.Tensor) -> tuple:
 def _launch_v(kernel_name: str, grid, args: dict, z: torch.Tensor):
     """Launch a kernel that streams V logits of tensor z with its pinned config."""
     block, warps = _config(args["V"], z)
-    getattr(_kernels(), kernel_name)[grid](**args, BLOCK_V=block, num_warps=warps)
+    getattr(_kernels(), kernel_name)[grid](**args, BLOCK_V=block, num_warps=warps, num_stages=NUM_STAGES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def _fused_loss(inp, grad, z, B, T, V, N, dev):
     _kernels()._grpo_seq_row_kernel[(B,)](
         logp_ptr=logp, entropy_ptr=entropy, **ptrs, g_ptr=g, stats_ptr=stats,
         T=T, G=max(cfg.group_size, 1), **floats, **flags, HAS_GRAD=grad is not None,
-        BLOCK_T=min(_next_pow2(T), 1024), num_warps=4,
+        BLOCK_T=min(_next_pow2(T), 1024), num_warps=4, num_stages=NUM_STAGES,
     )
     if grad is not None:
         _launch_v("_grpo_grad_kernel", (N,), dict(
