@@ -11,6 +11,8 @@
     python -m benchmarks kernels [options]                          registers / spills / shared memory of the GPU
                                                                     kernels, compiled ahead of time (no GPU needed)
     python -m benchmarks roofline [--markdown]                      the HBM-bytes model of the loss (a model, not a measurement)
+    python -m benchmarks bytes [--markdown | --measure]             HBM bytes per logit of each fused kernel from L2 and
+                                                                    its grid (a model); --measure: vs Nsight Compute on a GPU
 
 The benchmarks are tooling, not part of the installed library: they live in this folder, beside
 grpo_fast/, and import it from the checkout (or from an installed grpo_fast).
@@ -27,7 +29,7 @@ import sys
 TABLES = {"loss": "benchmarks.loss", "fused-linear": "benchmarks.fused_linear",
           "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs", "options": "benchmarks.options",
           "packed": "benchmarks.packed", "vocab-parallel": "benchmarks.vocab_parallel", "kernels": "benchmarks.kernel_report",
-          "roofline": "benchmarks.roofline"}
+          "roofline": "benchmarks.roofline", "bytes": "benchmarks.bytes_model"}
 ALL = ("loss", "fused-linear")  # what `python -m benchmarks` with no table runs
 # Options shared by the tables: name -> takes a value.
 _COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}
