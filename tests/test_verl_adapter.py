@@ -1,0 +1,276 @@
+"""grpo_fast.integrations.verl_plugin inside verl 0.9.1's own actor code, on CPU.
+
+The same actor micro-batch goes through verl's FSDP engine step (``FSDPEngineWithLMHead.forward_step``:
+``prepare_model_inputs`` → the HF model forward verl's ``apply_monkey_patch`` installs for
+``use_fused_kernels=True`` → ``prepare_model_outputs`` → ``verl.workers.utils.losses.ppo_loss`` with
+entropy and KL terms) three times, on a tiny Qwen2 built from a config:
+
+  * verl:      float32, verl's torch fused head (``FusedLinearForPPO``), verl's policy loss ``<name>``;
+  * grpo_fast: float32, the adapter enabled (grpo_fast's head), the policy loss ``grpo_fast_<name>``;
+  * reference: float64, ``use_fused_kernels=False`` (verl's eager logits path), verl's ``<name>``.
+
+It compares the log-probs and entropies (what verl's compute_log_prob returns), the loss, the
+metrics and every parameter's gradient: grpo_fast's float32 error against the float64 reference must
+be within 2× verl's own float32 error (the noise floor), plus a tiny absolute slack. Both layouts
+run: ``use_remove_padding=True`` (verl's packed (1, total_nnz) layout) and False (padded (B, T)).
+
+The engine is verl's class with the attributes its step reads set by hand (``object.__new__``): no
+FSDP wrapping, no process group, no optimizer — those need a GPU and a launcher. Skipped without verl.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("verl.workers.engine.fsdp.transformer_impl", reason="verl is not installed (see the 'verl' extra)")
+transformers = pytest.importorskip("transformers")
+
+from tensordict import TensorDict  # noqa: E402
+from verl.models.transformers import monkey_patch  # noqa: E402
+from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils.experimental import torch_functional  # noqa: E402
+from verl.utils.metric import Metric  # noqa: E402
+from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
+from verl.workers.engine.fsdp import transformer_impl  # noqa: E402
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
+
+from grpo_fast.integrations import verl_plugin  # noqa: E402  (importing it enables the adapter)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, P, R, V = 4, 5, 7, 160  # rows, prompt / response width (left / right padded), vocabulary
+TEMPERATURE = 0.7
+
+
+@pytest.fixture(scope="module")
+def model():
+    # verl 0.9.1 has no CPU platform (it falls back to CUDA): its engine step asks for the device here.
+    saved_device = transformer_impl.get_device_id, transformer_impl.get_device_name
+    transformer_impl.get_device_id = transformer_impl.get_device_name = lambda: "cpu"
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    original_forward = Qwen2ForCausalLM.forward
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8.0)  # spread the next-token distribution (entropies well below log V)
+    # verl's apply_monkey_patch also patches trl's value-head model when trl is importable; the trl
+    # installed for grpo_fast's TRL drop-in (1.16) no longer has that class, so that part is skipped here.
+    saved_trl_probe, monkey_patch.is_trl_available = monkey_patch.is_trl_available, lambda: False
+    try:
+        monkey_patch.apply_monkey_patch(m, use_remove_padding=True, ulysses_sp_size=1, use_fused_kernels=True,
+                                        fused_kernels_backend="torch")
+    finally:
+        monkey_patch.is_trl_available = saved_trl_probe
+    fused_forward = Qwen2ForCausalLM.forward  # verl patches the class
+    yield m, original_forward, fused_forward
+    Qwen2ForCausalLM.forward = original_forward
+    transformer_impl.get_device_id, transformer_impl.get_device_name = saved_device
+
+
+def _engine(module):
+    """verl's FSDP engine class with what forward_step / prepare_model_* read, for one CPU process."""
+    eng = object.__new__(FSDPEngineWithLMHead)
+    eng.module = module
+    eng.pad_to_length = False
+    eng.use_ulysses_sp = False
+    eng.ulysses_device_mesh = None
+    eng._autocast_dtype = torch.float32  # verl skips autocast for float32 parameters
+    eng.engine_config = type("EngineConfig", (), dict(entropy_checkpointing=False,
+                                                      entropy_from_logits_with_chunking=False))()
+    from verl.utils.torch_functional import entropy_from_logits
+    eng.compute_entropy_from_logits = entropy_from_logits
+    return eng
+
+
+def _micro_batch(seed, remove_padding, fused, dtype):
+    """An actor micro-batch in verl's left/right-padded form, converted by verl to its no-padding form."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_len = torch.tensor([5, 3, 1, 4])
+    resp_len = torch.tensor([7, 2, 5, 1])
+    prompts = torch.randint(1, V, (B, P), generator=g)
+    responses = torch.randint(1, V, (B, R), generator=g)
+    pmask = torch.arange(P).flip(0).unsqueeze(0) < prompt_len.unsqueeze(1)  # left padded
+    rmask = torch.arange(R).unsqueeze(0) < resp_len.unsqueeze(1)  # right padded
+    attention_mask = torch.cat([pmask, rmask], 1).to(torch.int64)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    old = (-2.5 * torch.rand(B, R, generator=g, dtype=torch.float64) - 0.05).to(dtype)
+    ref = (-2.5 * torch.rand(B, R, generator=g, dtype=torch.float64) - 0.05).to(dtype)
+    adv = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, R).to(dtype)
+    td = TensorDict(dict(prompts=prompts, responses=responses, input_ids=torch.cat([prompts, responses], 1),
+                         attention_mask=attention_mask, position_ids=position_ids,
+                         response_mask=rmask.to(torch.int64), old_log_probs=old, ref_log_prob=ref,
+                         advantages=adv), batch_size=[B])
+    td = left_right_2_no_padding(td)
+    for key, value in dict(use_remove_padding=remove_padding, use_fused_kernels=fused, calculate_entropy=True,
+                           temperature=TEMPERATURE, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                           pad_token_id=0).items():
+        tu.assign_non_tensor_data(td, key, value)
+    return td
+
+
+def _config(loss_mode):
+    return FSDPActorConfig(ppo_micro_batch_size_per_gpu=B, rollout_n=1, loss_agg_mode="token-mean",
+                           entropy_coeff=0.01, use_kl_loss=True, kl_loss_type="low_var_kl", kl_loss_coef=0.1,
+                           clip_ratio_low=0.2, clip_ratio_high=0.28,
+                           policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+
+
+def _step(model, arm, remove_padding, loss_mode):
+    """One verl engine step; returns log-probs, entropies, loss, metrics and parameter gradients."""
+    m, original_forward, fused_forward = model
+    cls = type(m)
+    fused = arm != "reference"
+    dtype = torch.float64 if arm == "reference" else torch.float32
+    if arm == "grpo_fast":
+        verl_plugin.enable()
+    else:
+        verl_plugin.disable()
+    cls.forward = fused_forward if fused else original_forward
+    m.to(dtype)
+    m.zero_grad(set_to_none=True)
+    calls = []
+    head = verl_plugin.fused_linear_logprobs
+    verl_plugin.fused_linear_logprobs = lambda *a, **k: calls.append(1) or head(*a, **k)
+    try:
+        eng = _engine(m)
+        config = _config(("grpo_fast_" if arm == "grpo_fast" else "") + loss_mode)
+
+        def loss_fn(model_output, data, dp_group=None):
+            return ppo_loss(config, model_output, data, dp_group)
+
+        loss, out = eng.forward_step(_micro_batch(0, remove_padding, fused, dtype), loss_fn, forward_only=False)
+        loss.backward()
+        assert bool(calls) == (arm == "grpo_fast")  # grpo_fast's head ran in its arm only
+        grads = {n: p.grad.detach().double().clone() for n, p in m.named_parameters()}
+        mo = out["model_output"]
+        metrics = {k: (float(v.aggregate()), v.aggregation) if isinstance(v, Metric) else (float(v), None)
+                   for k, v in out["metrics"].items()}
+        # each sequence's last position predicts the token after it (the next row's first token when packed,
+        # a pad when padded): verl's layouts differ there and no loss reads it
+        keep = torch.ones(mo["log_probs"].values().shape[0], dtype=torch.bool)
+        keep[mo["log_probs"].offsets()[1:] - 1] = False
+        return dict(log_probs=mo["log_probs"].values()[keep].double(), entropy=mo["entropy"].values().double(),
+                    loss=torch.tensor(float(loss), dtype=torch.float64), metrics=metrics, grads=grads)
+    finally:
+        verl_plugin.fused_linear_logprobs = head
+        verl_plugin.enable()
+        cls.forward = fused_forward
+        m.to(torch.float32)
+
+
+def _close(name, got, verl, ref):
+    noise = (verl - ref).abs().max().item()
+    err = (got - ref).abs().max().item()
+    slack = 1e-6 * max(1.0, ref.abs().max().item())
+    assert err <= 2 * noise + slack, f"{name}: grpo_fast error {err:.3g} > 2x verl's float32 error {noise:.3g}"
+
+
+@pytest.mark.parametrize("loss_mode, remove_padding", [("vanilla", True), ("vanilla", False), ("gspo", True),
+                                                       ("cispo", False)], ids=["vanilla-packed", "vanilla-padded",
+                                                                               "gspo-packed", "cispo-padded"])
+def test_engine_step_matches_verl(model, remove_padding, loss_mode):
+    ref = _step(model, "reference", remove_padding, loss_mode)
+    verl = _step(model, "verl", remove_padding, loss_mode)
+    gf = _step(model, "grpo_fast", remove_padding, loss_mode)
+    for key in ("log_probs", "entropy", "loss"):
+        _close(key, gf[key], verl[key], ref[key])
+    assert set(gf["metrics"]) == set(verl["metrics"]) == set(ref["metrics"])
+    for key, (value, aggregation) in ref["metrics"].items():
+        assert gf["metrics"][key][1] == verl["metrics"][key][1] == aggregation, key
+        _close(key, *(torch.tensor(x, dtype=torch.float64) for x in (gf["metrics"][key][0], verl["metrics"][key][0], value)))
+    for name in ref["grads"]:
+        _close(name, gf["grads"][name], verl["grads"][name], ref["grads"][name])
+    assert gf["entropy"].max() < 0.9 * math.log(V)  # not a flat distribution
+
+
+def test_enabled_by_verl_external_modules():
+    """The one setting: VERL_USE_EXTERNAL_MODULES makes `import verl` enable the adapter (a fresh process)."""
+    code = ("import verl\n"
+            "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as reg\n"
+            "from verl.utils.experimental import torch_functional as tf\n"
+            "from grpo_fast.integrations import verl_plugin as p\n"
+            "assert tf.FusedLinearForPPO is p.FusedLinearForPPO\n"
+            "assert reg['grpo_fast_vanilla'] is p.verl_losses.vanilla and 'vanilla' in reg\n"
+            "print('ok')\n")
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="grpo_fast.integrations.verl_plugin",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_untested_verl_version_is_refused(monkeypatch):
+    import verl
+
+    verl_plugin.check_verl_version(verl.__version__)
+    for version in ("0.9.0", "0.9.2", "0.10.0"):
+        with pytest.raises(RuntimeError, match=f"verl {version} is installed"):
+            verl_plugin.check_verl_version(version)
+    verl_plugin.disable()
+    monkeypatch.setattr(verl, "__version__", "0.9.2")
+    try:
+        with pytest.raises(RuntimeError, match="tested with verl 0.9.1"):
+            verl_plugin.enable()
+        assert not verl_plugin.is_enabled()  # nothing half-patched
+        assert torch_functional.FusedLinearForPPO is not verl_plugin.FusedLinearForPPO
+    finally:
+        monkeypatch.undo()
+        verl_plugin.enable()
+
+
+@pytest.mark.parametrize("backend", ["triton", "liger", None])
+def test_fused_backend_grpo_fast_does_not_replace_is_refused_at_model_build(backend):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1)
+    m = Qwen2ForCausalLM(cfg)
+    forward = Qwen2ForCausalLM.forward
+    with pytest.raises(ValueError, match="impl_backend"):
+        monkey_patch.patch_forward_with_backends(m, use_fused_kernels=True, fused_kernels_backend=backend)
+    assert Qwen2ForCausalLM.forward is forward  # refused before verl patched the class
+    with pytest.raises(ValueError, match="impl_backend"):
+        verl_plugin.FusedLinearForPPO(impl_backend=backend)
+    monkey_patch.patch_forward_with_backends(m, use_fused_kernels=False, fused_kernels_backend=backend)  # fused off
+    assert Qwen2ForCausalLM.forward is forward
+
+
+def test_a_taken_loss_name_is_refused():
+    verl_plugin.disable()
+    core_algos.register_policy_loss("grpo_fast_gspo")(core_algos.POLICY_LOSS_REGISTRY["gspo"])
+    try:
+        with pytest.raises(RuntimeError, match="grpo_fast_gspo"):
+            verl_plugin.enable()
+        assert not verl_plugin.is_enabled()
+    finally:
+        core_algos.POLICY_LOSS_REGISTRY.pop("grpo_fast_gspo")
+        verl_plugin.enable()
+    assert core_algos.POLICY_LOSS_REGISTRY["grpo_fast_gspo"] is verl_plugin.verl_losses.gspo
+
+
+def test_head_contract():
+    """verl's FusedLinearForPPO contract: log-probs float32, entropy in the hidden dtype, the labels' shape."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 8, generator=g, dtype=torch.bfloat16)
+    w = torch.randn(V, 8, generator=g, dtype=torch.bfloat16)
+    ids = torch.randint(0, V, (2, 5), generator=g, dtype=torch.int32)
+    ours = verl_plugin.FusedLinearForPPO(chunk_size=3)(h, w, ids, temperature=TEMPERATURE)
+    theirs = verl_plugin._saved["FusedLinearForPPO"](chunk_size=3)(h, w, ids, temperature=TEMPERATURE)
+    logits = (h.double() @ w.double().T) / TEMPERATURE  # the float64 reference of the bfloat16 inputs
+    ref = (logits.log_softmax(-1).gather(-1, ids.long().unsqueeze(-1)).squeeze(-1),
+           -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
+    for a, b, r in zip(ours, theirs, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        _close("bfloat16 head", a.double(), b.double(), r)
+    with pytest.raises(ValueError, match="input_ids"):
+        verl_plugin.FusedLinearForPPO()(h, w, ids[:, :4])
+    with pytest.raises(ValueError, match="chunk_size"):
+        verl_plugin.FusedLinearForPPO(chunk_size=0)
