@@ -25,7 +25,9 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("verl.workers.engine.fsdp.transformer_impl", reason="verl is not installed (see the 'verl' extra)")
+pytest.importorskip("verl.workers.engine.fsdp.transformer_impl",
+                    reason="verl 0.9.1's FSDP engine is not importable: pip install --no-deps verl==0.9.1 && "
+                           "pip install -e '.[verl]' (the extra has its light dependencies, peft included)")
 transformers = pytest.importorskip("transformers")
 
 from tensordict import TensorDict  # noqa: E402
@@ -270,6 +272,12 @@ def test_head_contract():
     for a, b, r in zip(ours, theirs, ref):
         assert a.dtype == b.dtype and a.shape == b.shape
         _close("bfloat16 head", a.double(), b.double(), r)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inputs, verl's bfloat16 autocast
+        ours = verl_plugin.FusedLinearForPPO()(h.float(), w.float(), ids, temperature=TEMPERATURE)
+        theirs = verl_plugin._saved["FusedLinearForPPO"]()(h.float(), w.float(), ids, temperature=TEMPERATURE)
+    for a, b, r in zip(ours, theirs, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        _close("autocast head", a.double(), b.double(), r)
     with pytest.raises(ValueError, match="input_ids"):
         verl_plugin.FusedLinearForPPO()(h, w, ids[:, :4])
     with pytest.raises(ValueError, match="chunk_size"):

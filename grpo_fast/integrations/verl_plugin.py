@@ -62,8 +62,9 @@ class FusedLinearForPPO(torch.nn.Module):
     ``FusedLinearForPPO(chunk_size=512, impl_backend="torch")(hidden_states, vocab_weights, input_ids,
     temperature=1.0)`` returns ``(log_probs, entropy)`` of ``softmax(hidden_states · vocab_weightsᵀ /
     temperature)`` at ``input_ids``: hidden_states (T, H) or (B, T, H), input_ids of its leading shape,
-    log_probs float32, entropy in hidden_states' dtype, both differentiable in hidden_states and
-    vocab_weights. ``chunk_size`` is the number of tokens per chunk, as in verl. ``impl_backend`` other
+    log_probs float32, entropy in hidden_states' dtype (before autocast), both differentiable in hidden_states and
+    vocab_weights. Under autocast (verl's engine step with bfloat16 mixed precision) both inputs are cast
+    to autocast's dtype first, as verl's matmul is. ``chunk_size`` is the number of tokens per chunk, as in verl. ``impl_backend`` other
     than "torch" raises ValueError (grpo_fast does not replace Liger's head).
     """
 
@@ -83,9 +84,13 @@ class FusedLinearForPPO(torch.nn.Module):
         if not isinstance(input_ids, torch.Tensor) or tuple(input_ids.shape) != tuple(hidden_states.shape[:-1]):
             raise ValueError(f"input_ids must have hidden_states' leading shape {tuple(hidden_states.shape[:-1])}, "
                              f"got {tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids!r}")
+        device, out_dtype = hidden_states.device.type, hidden_states.dtype
+        if torch.is_autocast_enabled(device):  # verl's `hidden_states @ vocab_weights.t()` runs in autocast's dtype
+            dtype = torch.get_autocast_dtype(device)
+            hidden_states, vocab_weights = hidden_states.to(dtype), vocab_weights.to(dtype)
         logp, ent = fused_linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
                                           temperature=temperature, return_entropy=True, chunk_size=self.chunk_size)
-        return logp, ent.to(hidden_states.dtype)
+        return logp, ent.to(out_dtype)
 
 
 def _check_backend(impl_backend: Optional[str]) -> None:
