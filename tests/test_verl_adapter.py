@@ -56,6 +56,14 @@ B, P, R, V = 4, 5, 7, 160  # rows, prompt / response width (left / right padded)
 TEMPERATURE = 0.7
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _verl_restored_after_this_module():
+    """Importing the adapter enabled it; later test modules see verl's own registry and head again."""
+    verl_plugin.enable()
+    yield
+    verl_plugin.disable()
+
+
 @pytest.fixture(scope="module")
 def model():
     # verl 0.9.1 has no CPU platform (it falls back to CUDA): its engine step asks for the device here.
@@ -74,6 +82,8 @@ def model():
     # verl's apply_monkey_patch also patches trl's value-head model when trl is importable; the trl
     # installed for grpo_fast's TRL drop-in (1.16) no longer has that class, so that part is skipped here.
     saved_trl_probe, monkey_patch.is_trl_available = monkey_patch.is_trl_available, lambda: False
+    from transformers.integrations import flash_attention  # verl patches it for remove-padding; restored below
+    saved_flash = flash_attention._flash_attention_forward
     try:
         monkey_patch.apply_monkey_patch(m, use_remove_padding=True, ulysses_sp_size=1, use_fused_kernels=True,
                                         fused_kernels_backend="torch")
@@ -87,6 +97,7 @@ def model():
     if initialized_here:
         dist.destroy_process_group()
     Qwen2ForCausalLM.forward = original_forward
+    flash_attention._flash_attention_forward = saved_flash
     transformer_impl.get_device_id, transformer_impl.get_device_name = saved_device
 
 
