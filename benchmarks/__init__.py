@@ -5,6 +5,7 @@
     python -m benchmarks fused-linear [options]                     hidden states -> loss (benchmarks.fused_linear)
     python -m benchmarks trl-step [options]                         one TRL GRPOTrainer step (benchmarks.trl_step; not in `all`)
     python -m benchmarks logprobs [options]                         log-probs + entropy with gradient (benchmarks.logprobs; not in `all`)
+    python -m benchmarks verl-head [options]                        verl's fused log-prob head vs grpo_fast's adapter (benchmarks.verl_head; not in `all`)
     python -m benchmarks kernels [options]                          registers / spills / shared memory of the GPU
                                                                     kernels, compiled ahead of time (no GPU needed)
     python -m benchmarks roofline [--markdown]                      the HBM-bytes model of the loss (a model, not a measurement)
@@ -22,7 +23,8 @@ import importlib.util
 import sys
 
 TABLES = {"loss": "benchmarks.loss", "fused-linear": "benchmarks.fused_linear",
-          "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs", "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline"}
+          "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs",
+          "verl-head": "benchmarks.verl_head", "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline"}
 ALL = ("loss", "fused-linear")  # what `python -m benchmarks` with no table runs
 # Options shared by the tables: name -> takes a value.
 _COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}
