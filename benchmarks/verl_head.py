@@ -26,7 +26,8 @@ import torch
 from . import common
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FULL_SHAPES = [(2048, 1024, 32000), (4096, 2048, 151936)]  # (tokens, hidden, vocabulary): Llama-2 and Qwen2 vocabularies
+# (tokens, hidden, vocabulary): the Llama-2 and Qwen2 vocabularies
+FULL_SHAPES = [(2048, 1024, 32000), (4096, 2048, 151936)]
 QUICK_SHAPES = [(256, 128, 4096)]
 TEMPERATURE = 0.7
 

@@ -242,20 +242,27 @@ def _close(name, got, verl, ref):
     assert err <= 2 * noise + slack, f"{name}: grpo_fast error {err:.3g} > 2x verl's float32 error {noise:.3g}"
 
 
+def _compare(gf, verl, ref):
+    """Every output of the grpo_fast arm within the noise floor; metrics with the same names and types."""
+    for key in ("log_probs", "entropy", "loss"):
+        _close(key, gf[key], verl[key], ref[key])
+    assert set(gf["metrics"]) == set(verl["metrics"]) == set(ref["metrics"])
+    for key, (value, aggregation) in ref["metrics"].items():
+        assert gf["metrics"][key][1] == verl["metrics"][key][1] == aggregation, key
+        _close(key, *(torch.tensor(x, dtype=torch.float64)
+                      for x in (gf["metrics"][key][0], verl["metrics"][key][0], value)))
+    for group in ("grads", "params"):
+        for name in ref.get(group, ()):
+            _close(f"{group} {name}", gf[group][name], verl[group][name], ref[group][name])
+
+
 @pytest.mark.parametrize("loss_mode, remove_padding", [("vanilla", False), ("cispo", True)],
                          ids=["vanilla-padded", "cispo-packed"])
 def test_engine_step_matches_verl(model, remove_padding, loss_mode):
     ref = _step(model, "reference", remove_padding, loss_mode)
     verl = _step(model, "verl", remove_padding, loss_mode)
     gf = _step(model, "grpo_fast", remove_padding, loss_mode)
-    for key in ("log_probs", "entropy", "loss"):
-        _close(key, gf[key], verl[key], ref[key])
-    assert set(gf["metrics"]) == set(verl["metrics"]) == set(ref["metrics"])
-    for key, (value, aggregation) in ref["metrics"].items():
-        assert gf["metrics"][key][1] == verl["metrics"][key][1] == aggregation, key
-        _close(key, *(torch.tensor(x, dtype=torch.float64) for x in (gf["metrics"][key][0], verl["metrics"][key][0], value)))
-    for name in ref["grads"]:
-        _close(name, gf["grads"][name], verl["grads"][name], ref["grads"][name])
+    _compare(gf, verl, ref)
     assert gf["entropy"].max() < 0.9 * math.log(V)  # not a flat distribution
 
 
@@ -357,13 +364,5 @@ def test_actor_update_matches_verl(model, remove_padding, loss_mode):
     ref = _train(model, "reference", remove_padding, loss_mode)
     verl = _train(model, "verl", remove_padding, loss_mode)
     gf = _train(model, "grpo_fast", remove_padding, loss_mode)
-    for key in ("log_probs", "entropy", "loss"):
-        _close(key, gf[key], verl[key], ref[key])
-    assert set(gf["metrics"]) == set(verl["metrics"]) == set(ref["metrics"])
     assert "grad_norm[0]" in ref["metrics"] and "actor/pg_loss[1]" in ref["metrics"]  # two micro-batches
-    for key, (value, aggregation) in ref["metrics"].items():
-        assert gf["metrics"][key][1] == verl["metrics"][key][1] == aggregation, key
-        _close(key, *(torch.tensor(x, dtype=torch.float64) for x in (gf["metrics"][key][0], verl["metrics"][key][0], value)))
-    for name in ref["grads"]:
-        _close(name, gf["grads"][name], verl["grads"][name], ref["grads"][name])
-        _close(name, gf["params"][name], verl["params"][name], ref["params"][name])
+    _compare(gf, verl, ref)

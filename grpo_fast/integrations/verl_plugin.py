@@ -62,10 +62,11 @@ class FusedLinearForPPO(torch.nn.Module):
     ``FusedLinearForPPO(chunk_size=512, impl_backend="torch")(hidden_states, vocab_weights, input_ids,
     temperature=1.0)`` returns ``(log_probs, entropy)`` of ``softmax(hidden_states · vocab_weightsᵀ /
     temperature)`` at ``input_ids``: hidden_states (T, H) or (B, T, H), input_ids of its leading shape,
-    log_probs float32, entropy in hidden_states' dtype (before autocast), both differentiable in hidden_states and
-    vocab_weights. Under autocast (verl's engine step with bfloat16 mixed precision) both inputs are cast
-    to autocast's dtype first, as verl's matmul is. ``chunk_size`` is the number of tokens per chunk, as in verl. ``impl_backend`` other
-    than "torch" raises ValueError (grpo_fast does not replace Liger's head).
+    log_probs float32, entropy in hidden_states' dtype (before autocast), both differentiable in
+    hidden_states and vocab_weights. Under autocast (verl's engine step with bfloat16 mixed precision)
+    both inputs are cast to autocast's dtype first, as verl's matmul is. ``chunk_size`` is the number of
+    tokens per chunk, as in verl. ``impl_backend`` other than "torch" raises ValueError (grpo_fast does not
+    replace Liger's head).
     """
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
@@ -79,8 +80,8 @@ class FusedLinearForPPO(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor,
                 temperature: float = 1.0):
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() not in (2, 3):
-            raise ValueError("hidden_states must be a (T, H) or (B, T, H) tensor, got "
-                             f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else hidden_states!r}")
+            got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else hidden_states
+            raise ValueError(f"hidden_states must be a (T, H) or (B, T, H) tensor, got {got!r}")
         if not isinstance(input_ids, torch.Tensor) or tuple(input_ids.shape) != tuple(hidden_states.shape[:-1]):
             raise ValueError(f"input_ids must have hidden_states' leading shape {tuple(hidden_states.shape[:-1])}, "
                              f"got {tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids!r}")
