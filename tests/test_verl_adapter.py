@@ -101,14 +101,14 @@ def model():
     transformer_impl.get_device_id, transformer_impl.get_device_name = saved_device
 
 
-def _engine(module):
+def _engine(module, autocast_dtype=torch.float32):
     """verl's FSDP engine class with what forward_step / prepare_model_* read, for one CPU process."""
     eng = object.__new__(FSDPEngineWithLMHead)
     eng.module = module
     eng.pad_to_length = False
     eng.use_ulysses_sp = False
     eng.ulysses_device_mesh = None
-    eng._autocast_dtype = torch.float32  # verl skips autocast for float32 parameters
+    eng._autocast_dtype = autocast_dtype  # verl's mixed precision: float32 skips autocast
     eng.engine_config = type("EngineConfig", (), dict(entropy_checkpointing=False,
                                                       entropy_from_logits_with_chunking=False))()
     from verl.utils.torch_functional import entropy_from_logits
@@ -201,10 +201,11 @@ def _metrics(metrics):
             for k, v in metrics.items()}
 
 
-def _step(model, arm, remove_padding, loss_mode):
+def _step(model, arm, remove_padding, loss_mode, autocast_dtype=torch.float32):
     """One verl engine micro-batch step; returns log-probs, entropies, loss, metrics and parameter gradients."""
     with _arm(model, arm) as (m, fused, dtype, prefix):
-        loss, out = _engine(m).forward_step(_batch(0, remove_padding, fused, dtype), _loss_fn(prefix + loss_mode),
+        eng = _engine(m, autocast_dtype if arm != "reference" else torch.float32)
+        loss, out = eng.forward_step(_batch(0, remove_padding, fused, dtype), _loss_fn(prefix + loss_mode),
                                             forward_only=False)
         loss.backward()
         mo = out["model_output"]
@@ -256,12 +257,15 @@ def _compare(gf, verl, ref):
             _close(f"{group} {name}", gf[group][name], verl[group][name], ref[group][name])
 
 
-@pytest.mark.parametrize("loss_mode, remove_padding", [("vanilla", False), ("cispo", True)],
-                         ids=["vanilla-padded", "cispo-packed"])
-def test_engine_step_matches_verl(model, remove_padding, loss_mode):
+@pytest.mark.parametrize("loss_mode, remove_padding, autocast_dtype",
+                         [("vanilla", False, torch.float32), ("cispo", True, torch.float32),
+                          ("vanilla", True, torch.bfloat16)],
+                         ids=["vanilla-padded", "cispo-packed", "vanilla-packed-bf16-autocast"])
+def test_engine_step_matches_verl(model, remove_padding, loss_mode, autocast_dtype):
+    """bf16-autocast: verl's engine step under its bfloat16 autocast (float32 weights), noise floor bfloat16's."""
     ref = _step(model, "reference", remove_padding, loss_mode)
-    verl = _step(model, "verl", remove_padding, loss_mode)
-    gf = _step(model, "grpo_fast", remove_padding, loss_mode)
+    verl = _step(model, "verl", remove_padding, loss_mode, autocast_dtype)
+    gf = _step(model, "grpo_fast", remove_padding, loss_mode, autocast_dtype)
     _compare(gf, verl, ref)
     assert gf["entropy"].max() < 0.9 * math.log(V)  # not a flat distribution
 
