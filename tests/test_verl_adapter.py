@@ -14,7 +14,8 @@ micro-batches, verl's global token normalization, gradient accumulation, clippin
 log-probs, entropies, losses, metrics (names, aggregation types, values per micro-batch), grad_norm,
 every parameter's gradient and, after the update, every parameter. grpo_fast's float32 error against the
 float64 reference must be within 2× verl's own float32 error (the noise floor) plus a 1e-6 relative slack.
-Both layouts run: ``use_remove_padding=True`` (verl's packed (1, total_nnz)) and False (padded (B, T)).
+Both layouts run: ``use_remove_padding=True`` (verl's packed (1, total_nnz)) and False (padded (B, T));
+one micro-batch also under the engine's bfloat16 autocast (the noise floor then is verl's bfloat16 error).
 
 The engine is verl's class with the attributes its step reads set by hand (``object.__new__``): no FSDP
 wrapping (the module is plain, so verl's non-FSDP branches run: torch's clip_grad_norm_, no no_sync), a
