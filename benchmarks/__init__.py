@@ -5,6 +5,8 @@
     python -m benchmarks fused-linear [options]                     hidden states -> loss (benchmarks.fused_linear)
     python -m benchmarks trl-step [options]                         one TRL GRPOTrainer step (benchmarks.trl_step; not in `all`)
     python -m benchmarks logprobs [options]                         log-probs + entropy with gradient (benchmarks.logprobs; not in `all`)
+    python -m benchmarks cpu-paths [options]                        the CPU extension's ISA paths vs copy bandwidth and the
+                                                                    exp-throughput limit (benchmarks.cpu_paths; not in `all`)
     python -m benchmarks kernels [options]                          registers / spills / shared memory of the GPU
                                                                     kernels, compiled ahead of time (no GPU needed)
     python -m benchmarks roofline [--markdown]                      the HBM-bytes model of the loss (a model, not a measurement)
@@ -22,7 +24,7 @@ import importlib.util
 import sys
 
 TABLES = {"loss": "benchmarks.loss", "fused-linear": "benchmarks.fused_linear",
-          "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs", "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline"}
+          "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs", "cpu-paths": "benchmarks.cpu_paths", "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline"}
 ALL = ("loss", "fused-linear")  # what `python -m benchmarks` with no table runs
 # Options shared by the tables: name -> takes a value.
 _COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}
