@@ -389,7 +389,7 @@ class GRPOLoss(_LossModule):
     _fn = grpo_loss
     _POSITIONAL = ("logits", "completion_ids", "advantages")
     _PER_CALL = ("rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio", "num_items_in_batch",
-                 "cu_seqlens", "loss_scale")
+                 "cu_seqlens")
 
     def forward(self, logits, completion_ids, advantages=None, **per_call):
         return super().forward(logits, completion_ids, advantages, **per_call)

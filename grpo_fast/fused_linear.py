@@ -714,7 +714,7 @@ class FusedLinearGRPOLoss(_LossModule):
     _fn = fused_linear_grpo_loss
     _POSITIONAL = ("hidden", "weight", "completion_ids", "advantages")
     _PER_CALL = ("bias", "rewards", "old_logp", "ref_logp", "completion_mask", "importance_sampling_ratio",
-                 "num_items_in_batch", "cu_seqlens", "loss_scale")
+                 "num_items_in_batch", "cu_seqlens")
 
     def forward(self, hidden, weight, completion_ids, advantages=None, **per_call):
         return super().forward(hidden, weight, completion_ids, advantages, **per_call)
