@@ -155,3 +155,25 @@ def test_grad_cache_off_and_clear(monkeypatch):
     assert torch.equal(a, b) and len(cpu.GRAD_CACHE._raws) == (0 if cpu._use_count is None else 1)
     cpu.GRAD_CACHE.clear()
     assert cpu.GRAD_CACHE._raws == []
+
+
+def test_isa_benchmarks_run_at_a_toy_size(tmp_path):
+    """benchmarks/cpu_paths.py and the per-ISA providers of benchmarks/loss.py run and agree with eager
+    (they must not rot between benchmark runs)."""
+    from benchmarks import cpu_paths
+    from benchmarks import loss as bench
+    from grpo_fast import _C_cpu
+
+    isas = _C_cpu.supported_isas()
+    res = cpu_paths.run(shape=(2, 4, 64), dtypes=("fp32", "bf16"), rounds=1)
+    assert res["isas"] == isas and all(v > 0 for ms in res["ms"].values() for v in ms.values())
+    assert "x exp limit" in cpu_paths.report(res)
+    assert _C_cpu.isa() == isas[0], "the benchmark left another instruction set selected"
+    inputs = bench.make_inputs(bench.make_cases([(8, 4, 64)], ["fp32"])[0], torch.device("cpu"))
+    want = bench.PROVIDERS["cpu"].build(inputs)(inputs["logits"])
+    for isa in isas:
+        prov = bench.PROVIDERS[f"cpu-{isa}"]
+        assert prov.unavailable(torch.device("cpu")) is None
+        got = prov.build(inputs)(inputs["logits"])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert _C_cpu.isa() == isas[0]
