@@ -6,6 +6,7 @@ count is torch's (``torch.get_num_threads()``); results do not depend on it (bit
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -74,12 +75,13 @@ def empty_grad(shape, dtype: torch.dtype) -> torch.Tensor:
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes < 8 * _HUGE:
         return torch.empty(shape, dtype=dtype)
-    raw = GRAD_CACHE.take(nbytes)
-    if raw is None:
-        raw = _new_raw(nbytes)
-        GRAD_CACHE.put(raw)
-    start = -raw.data_ptr() % _HUGE if _madvise is not None else 0
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    with _CACHE_LOCK:  # from the use-count test to the view that raises it: one thread at a time
+        raw = GRAD_CACHE.take(nbytes)
+        if raw is None:
+            raw = _new_raw(nbytes)
+            GRAD_CACHE.put(raw)
+        start = -raw.data_ptr() % _HUGE if _madvise is not None else 0
+        return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 def _new_raw(nbytes: int) -> torch.Tensor:
@@ -139,6 +141,7 @@ class _GradCache:
 
 
 GRAD_CACHE = _GradCache()
+_CACHE_LOCK = threading.Lock()
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
