@@ -9,6 +9,8 @@
     python -m benchmarks options [options]                          what each loss option costs vs the default (benchmarks.options; not in `all`)
     python -m benchmarks packed [options]                           packed / masked rows vs sweeping every row (benchmarks.packed; not in `all`)
     python -m benchmarks verl-head [options]                        verl's fused log-prob head vs grpo_fast's adapter (benchmarks.verl_head; not in `all`)
+    python -m benchmarks cpu-paths [options]                        the CPU extension's ISA paths vs copy bandwidth and the
+                                                                    exp-throughput limit (benchmarks.cpu_paths; not in `all`)
     python -m benchmarks kernels [options]                          registers / spills / shared memory of the GPU
                                                                     kernels, compiled ahead of time (no GPU needed)
     python -m benchmarks roofline [--markdown]                      the HBM-bytes model of the loss (a model, not a measurement)
@@ -30,7 +32,8 @@ import sys
 TABLES = {"loss": "benchmarks.loss", "fused-linear": "benchmarks.fused_linear",
           "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs", "options": "benchmarks.options",
           "packed": "benchmarks.packed", "vocab-parallel": "benchmarks.vocab_parallel", "verl-head": "benchmarks.verl_head",
-          "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline", "bytes": "benchmarks.bytes_model"}
+          "cpu-paths": "benchmarks.cpu_paths", "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline",
+          "bytes": "benchmarks.bytes_model"}
 ALL = ("loss", "fused-linear")  # what `python -m benchmarks` with no table runs
 # Options shared by the tables: name -> takes a value.
 _COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}

@@ -332,6 +332,7 @@ class _Plan:
     B: int
     T: int
     V: int
+    loss_scale: float = 1.0  # folded into inp.weight (_autograd.fold_scale): the gradients are of loss_scale·loss
 
 
 def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) -> LossInputs:
@@ -547,7 +548,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             stats, dh, dw, db = _run_chunks(plan, hidden, weight, bias, needs)
         ctx.grads = (dh, dw, db)
-        loss = stats[STAT_LOSS].clone()
+        ctx.loss_scale = plan.loss_scale
+        loss = _ag.unscaled_loss(stats[STAT_LOSS], plan.loss_scale)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -562,8 +564,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         keep = bool(_ag.graph_kept())  # unknown (old torch): as not kept; a later backward then raises
         if not keep:
             ctx.grads = None  # release the buffers as soon as autograd takes them
-        scale = _ag.scale_factor(grad_loss)
-        grads = tuple(None if t is None else _ag.scaled(t, scale, keep) for t in grads)
+        factor = _ag.grad_factor(grad_loss, ctx.loss_scale)
+        grads = tuple(None if t is None else _ag.scaled(t, factor, keep) for t in grads)
         return grads[0], grads[1], grads[2], None
 
 
@@ -598,6 +600,7 @@ def fused_linear_grpo_loss(
     importance_sampling_ratio: Optional[torch.Tensor] = None, num_items_in_batch=None,
     cu_seqlens: Optional[torch.Tensor] = None,
     inplace: bool = False,
+    loss_scale: float = 1.0,
     backend: str = "auto",
     group=None,
     vocab_start: Optional[int] = None,
@@ -621,6 +624,9 @@ def fused_linear_grpo_loss(
             chunk, the two-pass path of the module docstring runs.
         inplace: accepted for option compatibility with ``grpo_loss``; the chunk buffers are private,
             so the gradient is always written in place into them.
+        loss_scale: as in ``grpo_loss``: the factor the caller multiplies the returned loss by before
+            backward; the gradients are computed for it, so backward moves no data when grad_output
+            equals it. The returned loss is the unscaled one.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which logits kernel runs on each chunk.
         rewards, old_logp, ref_logp, completion_mask, importance_sampling_ratio, num_items_in_batch:
             as in ``grpo_loss``; the loss options (below) too.
@@ -644,6 +650,7 @@ def fused_linear_grpo_loss(
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    loss_scale = _ag.check_loss_scale(loss_scale)
     cdtype, autocast = _compute_dtype(hidden)
     if cu_seqlens is not None:
         from .packed import packed_rows
@@ -664,7 +671,8 @@ def fused_linear_grpo_loss(
     if cu_seqlens is not None:
         return _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp,
                                     completion_mask, importance_sampling_ratio, num_items_in_batch, cu_seqlens,
-                                    backend, opts, cdtype, _Transform(scale, cap), chunk, logit_scale, logit_softcap)
+                                    backend, opts, cdtype, _Transform(scale, cap), chunk, logit_scale, logit_softcap,
+                                    loss_scale)
     inp = validate_loss_args(
         _standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages, rewards=rewards,
         old_logp=old_logp, ref_logp=ref_logp, completion_mask=completion_mask,
@@ -679,15 +687,16 @@ def fused_linear_grpo_loss(
     A = inp.advantages
     if A is None:  # once for the batch: a chunk's kernel would only see its own rows' rewards
         A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
+    _ag.fold_scale(inp, loss_scale)
     plan = _Plan(inp=inp, A=A, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
-                 grad_enabled=torch.is_grad_enabled(), B=B, T=T, V=V)
+                 grad_enabled=torch.is_grad_enabled(), B=B, T=T, V=V, loss_scale=loss_scale)
     loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
     return loss, metrics_from_sums(stats, inp)
 
 
 def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
                          importance_sampling_ratio, num_items_in_batch, cu_seqlens, backend, opts, cdtype, transform,
-                         chunk, logit_scale, logit_softcap):
+                         chunk, logit_scale, logit_softcap, loss_scale=1.0):
     """fused_linear_grpo_loss on packed rows (grpo_fast/packed.py), hidden (1, N, H): token level is
     the chunk loop over one (1, N) row with per-token advantages and weights; sequence level goes
     through fused_linear_logprobs and the loss in torch on the (N,) log-probs."""
@@ -713,8 +722,9 @@ def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewar
     if chunk is None:
         chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
                             impl is _TorchKernels)
+    _ag.fold_scale(flat, loss_scale)
     plan = _Plan(inp=flat, A=flat.advantages, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
-                 grad_enabled=torch.is_grad_enabled(), B=1, T=N, V=V)
+                 grad_enabled=torch.is_grad_enabled(), B=1, T=N, V=V, loss_scale=loss_scale)
     loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
     return loss, metrics_from_sums(stats, flat)
 

@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 from . import backends as _backends
 from . import vocab_parallel as _vp
 from .reference import logprobs_reference
-from .validation import LOGIT_DTYPES, _fmt_shape, check_backend, check_ids, check_logits, float32_option
+from .validation import LOGIT_DTYPES, _fmt_shape, _host_check, check_backend, check_ids, check_logits, float32_option
 
 __all__ = ["logprobs", "fused_linear_logprobs"]
 
@@ -96,9 +96,11 @@ def _check_temperature(temperature, lead: tuple, device: torch.device, name: str
         if temperature.device != device:
             raise ValueError(f"{name} must be on the logits' device {device}, got {temperature.device}")
         tau = temperature.detach().to(torch.float32)
-        bad = ~(torch.isfinite(tau) & (tau > 0))
-        if bool(bad.any()):
-            raise ValueError(f"{name} must be finite and > 0 everywhere, got {tau[bad].flatten()[0].item()}")
+        message = f"{name} must be finite and > 0 everywhere"
+        if _host_check(tau, lambda: (torch.isfinite(tau) & (tau > 0)).all(), message):  # GRPO_FAST_VALUE_CHECKS
+            bad = ~(torch.isfinite(tau) & (tau > 0))
+            if bool(bad.any()):
+                raise ValueError(f"{message}, got {tau[bad].flatten()[0].item()}")
         if shape == rows:
             tau = tau.unsqueeze(1).expand(lead)
         return tau.reshape(1, -1).contiguous() if len(lead) == 1 else tau.contiguous()

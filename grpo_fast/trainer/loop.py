@@ -426,14 +426,16 @@ def loss_options(cfg: TrainConfig) -> dict:
 
 
 def micro_batch_loss(policy: nn.Module, lm: CausalLM, batch: dict, rows: slice, cfg: TrainConfig, path: str,
-                     num_items: float):
-    """The GRPO loss of rows ``rows`` of the batch. ``policy`` is ``lm`` or its DDP wrapper."""
+                     num_items: float, loss_scale: float = 1.0):
+    """The GRPO loss of rows ``rows`` of the batch. ``policy`` is ``lm`` or its DDP wrapper.
+    ``loss_scale``: what the caller multiplies the loss by before backward (the kernels fold it in)."""
     ids, mask = batch["completion_ids"][rows], batch["completion_mask"][rows]
     T = ids.shape[1]
     per_call = dict(old_logp=None if batch["old_logp"] is None else batch["old_logp"][rows],
                     ref_logp=None if batch["ref_logp"] is None else batch["ref_logp"][rows],
                     completion_mask=mask, max_completion_length=batch["max_completion_length"],
-                    num_items_in_batch=num_items if LOSS_TABLE[cfg.loss_type].uses_num_items else None)
+                    num_items_in_batch=num_items if LOSS_TABLE[cfg.loss_type].uses_num_items else None,
+                    loss_scale=loss_scale)
     adv = batch["advantages"][rows]
     if path == "fused_linear":
         # Called inside the policy's forward: under FSDP2 the LM head's weight is all-gathered there,
@@ -474,7 +476,7 @@ def accumulate_gradients(policy: nn.Module, lm: CausalLM, batch: dict, cfg: Trai
             policy.set_requires_gradient_sync(last)
         with sync:
             with autocast(cfg, batch["completion_ids"].device):
-                loss, metrics = micro_batch_loss(policy, lm, batch, rows, cfg, path, num_items)
+                loss, metrics = micro_batch_loss(policy, lm, batch, rows, cfg, path, num_items, scale)
             (loss * scale).backward()
         logs["loss"] += float(loss.detach()) * scale
         tok = float(batch["completion_mask"][rows].sum())
