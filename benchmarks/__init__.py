@@ -5,9 +5,17 @@
     python -m benchmarks fused-linear [options]                     hidden states -> loss (benchmarks.fused_linear)
     python -m benchmarks trl-step [options]                         one TRL GRPOTrainer step (benchmarks.trl_step; not in `all`)
     python -m benchmarks logprobs [options]                         log-probs + entropy with gradient (benchmarks.logprobs; not in `all`)
+    python -m benchmarks vocab-parallel [options]                   the vocabulary split over 2 processes vs one (benchmarks.vocab_parallel; not in `all`)
+    python -m benchmarks options [options]                          what each loss option costs vs the default (benchmarks.options; not in `all`)
+    python -m benchmarks packed [options]                           packed / masked rows vs sweeping every row (benchmarks.packed; not in `all`)
+    python -m benchmarks verl-head [options]                        verl's fused log-prob head vs grpo_fast's adapter (benchmarks.verl_head; not in `all`)
+    python -m benchmarks cpu-paths [options]                        the CPU extension's ISA paths vs copy bandwidth and the
+                                                                    exp-throughput limit (benchmarks.cpu_paths; not in `all`)
     python -m benchmarks kernels [options]                          registers / spills / shared memory of the GPU
                                                                     kernels, compiled ahead of time (no GPU needed)
     python -m benchmarks roofline [--markdown]                      the HBM-bytes model of the loss (a model, not a measurement)
+    python -m benchmarks bytes [--markdown | --measure]             HBM bytes per logit of each fused kernel from L2 and
+                                                                    its grid (a model); --measure: vs Nsight Compute on a GPU
 
 The benchmarks are tooling, not part of the installed library: they live in this folder, beside
 grpo_fast/, and import it from the checkout (or from an installed grpo_fast).
@@ -22,7 +30,10 @@ import importlib.util
 import sys
 
 TABLES = {"loss": "benchmarks.loss", "fused-linear": "benchmarks.fused_linear",
-          "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs", "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline"}
+          "trl-step": "benchmarks.trl_step", "logprobs": "benchmarks.logprobs", "options": "benchmarks.options",
+          "packed": "benchmarks.packed", "vocab-parallel": "benchmarks.vocab_parallel", "verl-head": "benchmarks.verl_head",
+          "cpu-paths": "benchmarks.cpu_paths", "kernels": "benchmarks.kernel_report", "roofline": "benchmarks.roofline",
+          "bytes": "benchmarks.bytes_model"}
 ALL = ("loss", "fused-linear")  # what `python -m benchmarks` with no table runs
 # Options shared by the tables: name -> takes a value.
 _COMMON = {"--quick": False, "--device": True, "--repeats": True, "--out-dir": True, "--no-save": False}

@@ -11,10 +11,20 @@
 #      (grpo_fast.kernels must import from there, outside the source tree)
 #   3. tests, natively on the GPU (TRITON_INTERPRET unset): pytest -m "not slow", then the gpu-marked ones
 #   4. static kernel report: python -m benchmarks kernels (registers / spills / smem, Triton + CUDA)
-#   5. Triton autotuning: the config chosen per vocabulary size
-#   6. benchmarks: python -m benchmarks --device cuda (eager, compile, triton, cuda, TRL when
+#   5. Triton launch configs: the pinned (BLOCK_V, num_warps) per V and dtype, the persistent grid
+#   6. bytes per logit: the MODEL (benchmarks/bytes_model.py), then MEASURED with Nsight Compute
+#      (dram__bytes_read.sum, dram__bytes_write.sum) next to the model; fails above 1.1 x (1 read + 1 write)
+#   7. compute-sanitizer memcheck / racecheck / initcheck on the edge inputs (benchmarks/gpu_checks.py
+#      sanitize): inplace, misaligned V, misaligned base pointer, strided rows, all-(-inf) rows, and
+#      (memcheck) > 2^31 elements
+#   8. head-to-head timing against Liger's triton_grpo_loss and flash-attn's Triton cross-entropy at
+#      V = 32k/128k/152k, bf16 and fp32 (a peer that is not installed is skipped with a line saying
+#      so); the fused-linear path's bf16 -> fp32 addmm fast path
+#   9. benchmarks: python -m benchmarks --device cuda (eager, compile, triton, cuda, TRL when
 #      installed; fwd, bwd, fwd+bwd; memory), which also prints the roofline MODEL next to the
 #      measured table; and the model alone at the measured bandwidth
+# Budget: written for <= 10 minutes on one H100/H200 (not yet timed on one: no GPU was available
+# when steps 5-8 were added); OUT_DIR/summary.txt has each step's seconds.
 # Nothing here pip-installs torch: the machine's CUDA build of torch is used as it is.
 set -u
 cd "$(dirname "$0")/.."
@@ -62,26 +72,40 @@ step "pytest -m gpu (GPU, slow ones included)" pytest_gpu.txt $PY -m pytest -m g
 # 4. static resource report (also the CUDA C++ kernels when built)
 step "kernel resources" kernels.txt $PY -m benchmarks kernels --json "$OUT/kernels.json"
 
-# 5. which autotune config Triton picks per V (bf16, token level with gradient)
-step "triton autotune choices" autotune.txt $PY - <<'EOF'
+# 5. the pinned Triton configs and the persistent grid of the token-level loss on this device
+step "triton launch configs" launch_configs.txt $PY - <<'EOF'
 import torch
-import grpo_fast
 from grpo_fast.backends import triton_backend as tb
 
-for V in (8192, 32000, 128256, 151936):
-    B, T = 8, 256
-    z = torch.randn(B, T, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = torch.randint(0, V, (B, T), device="cuda")
-    r = torch.rand(B, device="cuda")
-    loss, _ = grpo_fast.grpo_loss(z, y, rewards=r, group_size=8, beta=0.04, ref_logp=torch.randn(B, T, device="cuda") - 5, backend="triton")
-    loss.backward()
-    for (name, restore), tuner in tb._TUNED.items():
-        for key, cfg in tuner.cache.items():
-            print(f"V={V:7d} {name:24s} key={key} -> {cfg}")
-    tb._TUNED.clear()
+l2, sms, arch = tb.device_props(torch.device("cuda"))
+print(f"{torch.cuda.get_device_name()}: L2 {l2 / 2**20:.1f} MiB, {sms} SMs, sm_{arch}")
+for V in (32000, 50257, 128256, 151936):
+    for e, dt in ((2, "bf16"), (4, "fp32")):
+        bv, nw = tb.pinned_config(V, e, arch)
+        print(f"V={V:7d} {dt}: BLOCK_V={bv} num_warps={nw}; token-level grid with gradient "
+              f"{tb.persistent_grid(1 << 20, V, e, l2, sms)} programs")
 EOF
 
-# 6. benchmarks (measured), then the model at the measured copy bandwidth
+# 6. the bytes model, then the same bytes measured with Nsight Compute (model vs measured)
+step "bytes model (MODEL)" bytes_model.txt $PY -m benchmarks bytes
+step "bytes measured (ncu dram__bytes_read/write.sum vs model)" bytes_measured.txt $PY -m benchmarks bytes --measure --out "$OUT/bytes_measured_table.txt"
+
+# 7. compute-sanitizer on the edge inputs (inplace, misaligned V and base pointer, strided rows,
+#    all-(-inf) rows; memcheck also > 2^31 elements), Triton and CUDA kernels
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$SAN" ]; then
+  step "compute-sanitizer memcheck" sanitizer_memcheck.txt "$SAN" --tool memcheck --error-exitcode 1 $PY -m benchmarks.gpu_checks sanitize --big
+  step "compute-sanitizer racecheck" sanitizer_racecheck.txt "$SAN" --tool racecheck --error-exitcode 1 $PY -m benchmarks.gpu_checks sanitize
+  step "compute-sanitizer initcheck" sanitizer_initcheck.txt "$SAN" --tool initcheck --error-exitcode 1 $PY -m benchmarks.gpu_checks sanitize
+else
+  step "compute-sanitizer (not found: install the CUDA toolkit's compute-sanitizer)" sanitizer.txt false
+fi
+
+# 8. head-to-head against the peers (a missing peer is skipped with a line), the addmm fast path
+step "peers: Liger triton_grpo_loss, flash-attn Triton cross-entropy (MEASURED)" peers.txt $PY -m benchmarks.gpu_checks peers
+step "fused-linear bf16 -> fp32 addmm fast path" addmm.txt $PY -m benchmarks.gpu_checks addmm
+
+# 9. benchmarks (measured), then the model at the measured copy bandwidth
 step "benchmarks (cuda)" bench.txt $PY -m benchmarks --device cuda --out-dir "$OUT/bench"
 step "roofline model" roofline.txt $PY -m benchmarks roofline
 

@@ -1,10 +1,20 @@
 """`python -m benchmarks kernels`: registers, spills and shared memory of the GPU kernels, no GPU needed.
 
 Each Triton kernel is compiled ahead of time (``triton.compile`` on an ``ASTSource`` with an
-explicit ``GPUTarget``) for sm_80 (A100) and sm_90 (H100), for every autotune config, and the PTX
-is run through the ``ptxas`` that ships in the Triton wheel with ``-v``, which reports registers
-per thread, spill stores/loads and static shared memory. Triton's own shared-memory scratch (for
-the cross-warp reductions) comes from the compiled kernel's metadata. The CUDA C++ kernels are
+explicit ``GPUTarget``) for sm_80 (A100) and sm_90 (H100), for every pinned launch config
+(grpo_fast.backends.triton_backend.pinned_config), and the PTX is run through the ``ptxas`` that
+ships in the Triton wheel with ``-v``, which reports registers per thread, spill stores/loads and
+static shared memory. Triton's own shared-memory scratch (for the cross-warp reductions) comes from
+the compiled kernel's metadata.
+
+What is compiled is what runs: Triton's launcher specializes every pointer whose address and every
+integer argument whose value is a multiple of 16 (``tt.divisibility = 16``), and that decides the
+width of the loads. Each V-streaming kernel is compiled twice: "÷16" (pointers, V and the row
+strides multiples of 16, e.g. V = 32000, 128256, 151936 with contiguous logits: 16-byte vector
+loads) and "unaligned" (pointers aligned, V and strides not, e.g. V = 50257: element-wide loads).
+From the PTX the report also reads the widest vector load and store of global memory (the logits
+and the gradient; every other access is a scalar) and the L2 eviction policies the kernel creates
+(evict_last for a row read twice, evict_first for its last read and the gradient stores). The CUDA C++ kernels are
 added when ``benchmarks.cuda_resources.cuda_kernel_resources()`` exists.
 
 Exit status: 0 when nothing spills, 1 when some kernel spills, 2 when nothing could be compiled.
@@ -27,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from grpo_fast._config import FAMILY_CODES, KL_ESTIMATORS, LOSS_BY_CODE, LOSS_TABLE
+from grpo_fast.backends.triton_backend import NUM_STAGES  # what the launchers pass
 
 ARCHS = (80, 90)
 
@@ -42,6 +53,10 @@ class KernelResources:
     shared_bytes: int  # Triton's dynamic shared memory + ptxas' static smem
     local_bytes: int = 0  # stack frame (0 unless something spills or an array lives in local memory)
     source: str = "triton"
+    align: str = ""  # "÷16" or "unaligned" (see the module doc); "" for the CUDA kernels
+    ld_vec_bytes: int = 0  # widest vector load from global memory in bytes (0: scalar loads only)
+    st_vec_bytes: int = 0  # widest vector store to global memory in bytes
+    l2_policies: str = ""  # L2 eviction policies the kernel creates, e.g. "evict_first,evict_last"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +155,35 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
                 stack=grab("stack"), smem=grab("smem"))
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
-    """triton.compile for a CUDA target without a device; returns the CompiledKernel."""
+ALIGNED_INTS = ("V", "stride_lb", "stride_lt", "stride_gb", "stride_gt")
+
+
+def divisibility_attrs(fn, signature: dict, aligned: bool) -> dict:
+    """The ``tt.divisibility = 16`` attributes Triton's launcher would pass: every pointer (torch
+    allocations are 256-byte aligned), and with ``aligned`` also V and the row strides."""
+    names = [n for n, t in signature.items() if t.startswith("*") or (aligned and n in ALIGNED_INTS)]
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+
+
+_GLOBAL_OP_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?((ld|st)\.global[.\w:]*)", re.M)
+
+
+def ptx_memory_ops(ptx: str) -> dict:
+    """Widest vector ld.global / st.global in bytes (0 when all are scalar) and the L2 eviction
+    policies created (createpolicy), from a kernel's PTX."""
+    widest = {"ld": 0, "st": 0}
+    for op, kind in _GLOBAL_OP_RE.findall(ptx):
+        m = re.search(r"\.v(\d)\.b(\d+)", op)
+        if m:
+            widest[kind] = max(widest[kind], int(m.group(1)) * int(m.group(2)) // 8)
+    policies = sorted(set(re.findall(r"createpolicy\.fractional\.L2::(\w+)", ptx)))
+    return dict(ld_vec_bytes=widest["ld"], st_vec_bytes=widest["st"], l2_policies=",".join(policies))
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
+                   aligned: bool = True):
+    """triton.compile for a CUDA target without a device, with the launcher's divisibility
+    specialization (``aligned``: see divisibility_attrs); returns the CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -153,16 +195,17 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     sig = {k: v for k, v in signature.items() if k not in constexprs}
     for k in constexprs:
         sig[k] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=divisibility_attrs(fn, sig, aligned))
     with _interpreter_off():
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def measure(fn, signature, constexprs, arch, num_warps, num_stages) -> dict:
-    k = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages)
+def measure(fn, signature, constexprs, arch, num_warps, num_stages, aligned: bool = True) -> dict:
+    k = compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages, aligned)
     use = _ptxas_usage(k.asm["ptx"], arch)
     return dict(registers=use["registers"], spill_bytes=use["spill_bytes"],
-                shared_bytes=int(k.metadata.shared) + use["smem"], local_bytes=use["stack"])
+                shared_bytes=int(k.metadata.shared) + use["smem"], local_bytes=use["stack"],
+                **ptx_memory_ops(k.asm["ptx"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,11 +217,6 @@ def _ptr(dtype: str) -> str:
 
 
 def _sig_logprobs(ldt):
-    return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
-            "T": "i32", "V": "i32", "stride_lb": "i32", "stride_lt": "i32", "temperature": "fp32"}
-
-
-def _sig_seq_logp(ldt):
     return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "mask_ptr": "*fp32", "logp_ptr": "*fp32",
             "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "T": "i32", "V": "i32", "stride_lb": "i32",
             "stride_lt": "i32", "temperature": "fp32"}
@@ -192,7 +230,7 @@ def _sig_token_fwd(ldt):
     s = {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64"}
     s.update({k: ("*fp64" if k == "batch_std_ptr" else "*fp32") for k in _SIDE})
     s.update({"grad_ptr": _ptr(ldt), "logp_ptr": "*fp32", "stats_ptr": "*fp32"})
-    s.update({k: "i32" for k in ("T", "V", "G", "stride_lb", "stride_lt", "stride_gb", "stride_gt")})
+    s.update({k: "i32" for k in ("N", "T", "V", "G", "stride_lb", "stride_lt", "stride_gb", "stride_gt")})
     s["temperature"] = "fp32"
     s.update({k: "fp32" for k in _FLOATS})
     return s
@@ -242,45 +280,62 @@ for _t in LOSS_TABLE.values():
         LOSS_NAMES[_t.code] = _t.name
 
 
-def jobs(quick: bool = False):
-    """(kernel, variant, fn-name, signature, constexprs, num_warps, num_stages, config label) to compile.
+_DTYPE_OF = {2: "bf16", 4: "fp32"}
 
-    Every autotune config of the six V-streaming kernels with bf16 logits and the heaviest flag
-    set (clip loss with delta, k3 KL, in-kernel advantage, per-token isr, gradient; for the logprobs
-    kernels per-token τ, entropy and both upstream gradients); the other loss
-    types at the interpreter's default config; fp32 logits at the default config. ``quick``: the
-    autotune configs only.
+
+def _streaming_jobs(bv: int, nw: int, dt: str, cfg: str, aligned: bool, ns: int):
+    """The five V-streaming kernels at one config, heaviest flag set, logits of dtype ``dt``."""
+    tag = "" if aligned else " unaligned"
+    return [
+        ("_grpo_token_fwd_kernel", f"grpo+delta+k3+rewards+grad {dt}{tag}", _sig_token_fwd(dt),
+         {**_loss_flags(0), "BLOCK_V": bv}, nw, ns, cfg, aligned),
+        ("_token_logprobs_kernel", f"mask+logp+entropy+lse {dt}{tag}", _sig_logprobs(dt),
+         {"HAS_MASK": True, "STORE_ENTROPY": True, "STORE_LSE": True, "BLOCK_V": bv}, nw, ns, cfg, aligned),
+        ("_grpo_grad_kernel", f"{dt}{tag}", _sig_grad(dt), {"BLOCK_V": bv}, nw, ns, cfg, aligned),
+        ("_logprobs_fwd_kernel", f"tau per row+entropy {dt}{tag}", _sig_lp_fwd(dt),
+         {**_LP_FWD_ALL, "BLOCK_V": bv}, nw, ns, cfg, aligned),
+        ("_logprobs_bwd_kernel", f"tau per row+g_logp+g_entropy {dt}{tag}", _sig_lp_bwd(dt),
+         {**_LP_BWD_ALL, "BLOCK_V": bv}, nw, ns, cfg, aligned),
+    ]
+
+
+STREAMING_KERNELS = 5
+
+
+def jobs(quick: bool = False, arch: int = 90):
+    """(kernel, variant, fn-name, signature, constexprs, num_warps, num_stages, config label, aligned)
+    to compile for ``arch``.
+
+    Every pinned config of ``arch`` (triton_backend.pinned_configs: BLOCK_V, num_warps per bytes
+    per logit) of the five V-streaming kernels, ÷16 and unaligned, with the heaviest flag set
+    (clip loss with delta, k3 KL, in-kernel advantage, per-token isr, gradient; for the logprobs
+    kernels per-token τ, entropy and both upstream gradients); the other loss types and fp16 at
+    the bf16 config of real vocabularies. ``quick``: only the configs of real vocabularies
+    (the largest block, 16 KB on sm_90, 8 KB on sm_80), bf16 and fp32, ÷16 and unaligned.
     """
-    from grpo_fast.backends.triton_backend import AUTOTUNE_CONFIGS, DEFAULT_BLOCK_V, DEFAULT_WARPS
+    from grpo_fast.backends.triton_backend import pinned_config, pinned_configs
 
     out = []
-    for bv, nw, ns in AUTOTUNE_CONFIGS:
-        cfg = f"BLOCK_V={bv} warps={nw} stages={ns}"
-        out.append(("_grpo_token_fwd_kernel", "grpo+delta+k3+rewards+grad bf16", _sig_token_fwd("bf16"),
-                     {**_loss_flags(0), "BLOCK_V": bv}, nw, ns, cfg))
-        out.append(("_token_logprobs_kernel", "logp+entropy+lse bf16", _sig_logprobs("bf16"),
-                     {"STORE_ENTROPY": True, "STORE_LSE": True, "BLOCK_V": bv}, nw, ns, cfg))
-        out.append(("_grpo_grad_kernel", "bf16", _sig_grad("bf16"), {"BLOCK_V": bv}, nw, ns, cfg))
-        out.append(("_grpo_seq_logp_kernel", "logp+entropy+lse bf16", _sig_seq_logp("bf16"),
-                    {"STORE_LSE": True, "BLOCK_V": bv}, nw, ns, cfg))
-        out.append(("_logprobs_fwd_kernel", "tau per row+entropy bf16", _sig_lp_fwd("bf16"),
-                    {**_LP_FWD_ALL, "BLOCK_V": bv}, nw, ns, cfg))
-        out.append(("_logprobs_bwd_kernel", "tau per row+g_logp+g_entropy bf16", _sig_lp_bwd("bf16"),
-                    {**_LP_BWD_ALL, "BLOCK_V": bv}, nw, ns, cfg))
+    largest = max(bv * e for bv, _, e in pinned_configs(arch))
+    for bv, nw, e in pinned_configs(arch):
+        if quick and bv * e != largest:
+            continue
+        cfg = f"BLOCK_V={bv} warps={nw}"
+        for aligned in (True, False):
+            out += _streaming_jobs(bv, nw, _DTYPE_OF[e], cfg, aligned, NUM_STAGES)
     out.append(("_grpo_seq_row_kernel", "grpo+delta+k3+rewards+grad", _sig_seq_row(),
-                {**_loss_flags(0), "BLOCK_T": 1024}, 4, 1, "BLOCK_T=1024 warps=4"))
+                {**_loss_flags(0), "BLOCK_T": 1024}, 4, NUM_STAGES, "BLOCK_T=1024 warps=4", True))
     if quick:
         return out
-    dcfg = f"BLOCK_V={DEFAULT_BLOCK_V} warps={DEFAULT_WARPS} stages=1"
+    bv, nw = pinned_config(151936, 2, arch)
+    dcfg = f"BLOCK_V={bv} warps={nw}"
     for lt in (5, 6):
         out.append(("_grpo_token_fwd_kernel", f"{LOSS_NAMES[lt]}+k3+rewards+grad bf16", _sig_token_fwd("bf16"),
-                    {**_loss_flags(lt), "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                    {**_loss_flags(lt), "BLOCK_V": bv}, nw, NUM_STAGES, dcfg, True))
         out.append(("_grpo_seq_row_kernel", f"{LOSS_NAMES[lt]}+k3+rewards+grad", _sig_seq_row(),
-                    {**_loss_flags(lt), "BLOCK_T": 1024}, 4, 1, "BLOCK_T=1024 warps=4"))
-    out.append(("_grpo_token_fwd_kernel", "grpo+delta+k3+rewards+grad fp32", _sig_token_fwd("fp32"),
-                {**_loss_flags(0), "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                    {**_loss_flags(lt), "BLOCK_T": 1024}, 4, NUM_STAGES, "BLOCK_T=1024 warps=4", True))
     out.append(("_grpo_token_fwd_kernel", "grpo, no grad, fp16", _sig_token_fwd("fp16"),
-                {**_loss_flags(0, kl=False, grad=False, adv_mode=0), "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                {**_loss_flags(0, kl=False, grad=False, adv_mode=0), "BLOCK_V": bv}, nw, NUM_STAGES, dcfg, True))
     return out
 
 
@@ -319,47 +374,50 @@ def variant_jobs():
     """Every constexpr flag of the loss kernels varied one at a time from a base set, plus every
     logits dtype and the token_logprobs / logprobs flags, at the default config: a compile check for code
     paths the interpreter accepts but the GPU compiler might not (types differing across branches)."""
-    from grpo_fast.backends.triton_backend import DEFAULT_BLOCK_V, DEFAULT_WARPS
+    from grpo_fast.backends.triton_backend import pinned_config
 
+    DEFAULT_BLOCK_V, DEFAULT_WARPS = pinned_config(1024, 2)  # small blocks: quick compiles
     base = _loss_flags(0)
     options = dict(FAMILY=sorted(FAMILY_CODES.values()), KL_EST=sorted(KL_ESTIMATORS.values()), HAS_DELTA=(False, True), HAS_KL=(False, True),
                    BIAS_KL=(False, True), HAS_OLD=(False, True), ADV_MODE=range(3), SCALE=range(3),
                    ISR_MODE=range(3), HAS_GRAD=(False, True))
     flag_sets = [base] + [{**base, k: v} for k, vals in options.items() for v in vals if v != base[k]]
-    dcfg = f"BLOCK_V={DEFAULT_BLOCK_V} warps={DEFAULT_WARPS} stages=1"
+    dcfg = f"BLOCK_V={DEFAULT_BLOCK_V} warps={DEFAULT_WARPS}"
     out = []
     for f in flag_sets:
         label = ",".join(f"{k}={int(v)}" for k, v in f.items() if k != "BLOCK_G" and v != base[k]) or "base"
         out.append(("_grpo_token_fwd_kernel", label, _sig_token_fwd("bf16"), {**f, "BLOCK_V": DEFAULT_BLOCK_V},
-                    DEFAULT_WARPS, 1, dcfg))
-        out.append(("_grpo_seq_row_kernel", label, _sig_seq_row(), {**f, "BLOCK_T": 256}, 4, 1, "BLOCK_T=256 warps=4"))
+                    DEFAULT_WARPS, NUM_STAGES, dcfg))
+        out.append(("_grpo_seq_row_kernel", label, _sig_seq_row(), {**f, "BLOCK_T": 256}, 4, NUM_STAGES, "BLOCK_T=256 warps=4"))
     for dt in ("fp32", "fp16"):
         out.append(("_grpo_token_fwd_kernel", f"logits {dt}", _sig_token_fwd(dt), {**base, "BLOCK_V": DEFAULT_BLOCK_V},
-                    DEFAULT_WARPS, 1, dcfg))
-        out.append(("_grpo_grad_kernel", f"logits {dt}", _sig_grad(dt), {"BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                    DEFAULT_WARPS, NUM_STAGES, dcfg))
+        out.append(("_grpo_grad_kernel", f"logits {dt}", _sig_grad(dt), {"BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
     # Triton specializes integer arguments equal to 1 into constants (T = 1, V = 1, no group)
     ones = {"T": 1, "V": 1}
     out.append(("_grpo_token_fwd_kernel", "T=V=G=1 (specialized)", _sig_token_fwd("bf16"),
-                {**base, **ones, "G": 1, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                {**base, **ones, "G": 1, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
     out.append(("_grpo_seq_row_kernel", "T=G=1 (specialized)", _sig_seq_row(), {**base, "T": 1, "G": 1, "BLOCK_T": 1},
-                4, 1, "BLOCK_T=1 warps=4"))
+                4, NUM_STAGES, "BLOCK_T=1 warps=4"))
     out.append(("_grpo_grad_kernel", "T=V=1 (specialized)", _sig_grad("bf16"), {**ones, "BLOCK_V": DEFAULT_BLOCK_V},
-                DEFAULT_WARPS, 1, dcfg))
+                DEFAULT_WARPS, NUM_STAGES, dcfg))
     for dt in ("bf16", "fp32", "fp16"):
         for ent, lse in ((False, False), (True, False)):
-            out.append(("_token_logprobs_kernel", f"logits {dt}, entropy={int(ent)}, lse={int(lse)}", _sig_logprobs(dt),
-                        {"STORE_ENTROPY": ent, "STORE_LSE": lse, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+            for mask in ((False, True) if dt == "bf16" else (False,)):
+                out.append(("_token_logprobs_kernel", f"logits {dt}, mask={int(mask)}, entropy={int(ent)}, lse={int(lse)}",
+                            _sig_logprobs(dt), {"HAS_MASK": mask, "STORE_ENTROPY": ent, "STORE_LSE": lse,
+                                                "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
     for dt in ("bf16", "fp32", "fp16"):
         for flags in ({}, {"TAU_PER_ROW": True}, {"STORE_ENTROPY": True}, _LP_FWD_ALL):
             label = f"logits {dt}, " + (",".join(k for k in flags) or "no flags")
             out.append(("_logprobs_fwd_kernel", label, _sig_lp_fwd(dt),
                         {"TAU_PER_ROW": False, "STORE_ENTROPY": False, **flags, "BLOCK_V": DEFAULT_BLOCK_V},
-                        DEFAULT_WARPS, 1, dcfg))
+                        DEFAULT_WARPS, NUM_STAGES, dcfg))
         for flags in ({"HAS_G_LOGP": True}, {"HAS_G_ENT": True}, _LP_BWD_ALL):
             label = f"logits {dt}, " + ",".join(k for k in flags)
             out.append(("_logprobs_bwd_kernel", label, _sig_lp_bwd(dt),
                         {"TAU_PER_ROW": False, "HAS_G_LOGP": False, "HAS_G_ENT": False, **flags,
-                         "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, 1, dcfg))
+                         "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
     return out
 
 
@@ -372,8 +430,12 @@ def _measure_job(job) -> KernelResources:
     if _AOT_MODULE is None:
         _AOT_MODULE = _aot_kernels_module()
     name, variant, sig, consts, nw, ns, cfg, arch = job
-    r = measure(getattr(_AOT_MODULE, name), sig, consts, arch, nw, ns)
-    return KernelResources(kernel=name, variant=variant, config=cfg, arch=f"sm_{arch}", **r)
+    aligned = True
+    if isinstance(arch, tuple):  # (aligned, arch)
+        aligned, arch = arch
+    r = measure(getattr(_AOT_MODULE, name), sig, consts, arch, nw, ns, aligned)
+    return KernelResources(kernel=name, variant=variant, config=cfg, arch=f"sm_{arch}",
+                           align="÷16" if aligned else "unaligned", **r)
 
 
 def triton_report(archs=ARCHS, quick: bool = False, variants: bool = False, workers: Optional[int] = None) -> list[KernelResources]:
@@ -385,7 +447,13 @@ def triton_report(archs=ARCHS, quick: bool = False, variants: bool = False, work
     """
     if _triton_imported_interpreted():
         return _triton_report_subprocess(archs, quick, variants)
-    work = [job + (arch,) for job in (variant_jobs() if variants else jobs(quick)) for arch in archs]
+    work = []
+    for arch in archs:
+        for job in (variant_jobs() if variants else jobs(quick, arch)):
+            if len(job) == 8:  # (..., aligned)
+                work.append(job[:7] + ((job[7], arch),))
+            else:
+                work.append(job + (arch,))
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     if workers <= 1 or len(work) < 4:
         return [_measure_job(j) for j in work]
@@ -414,9 +482,11 @@ def cuda_report() -> list[KernelResources]:
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    head = ("source", "kernel", "variant", "config", "arch", "regs", "spill B", "smem B", "stack B")
-    body = [(r.source, r.kernel, r.variant, r.config, r.arch, str(r.registers), str(r.spill_bytes),
-             str(r.shared_bytes), str(r.local_bytes)) for r in rows]
+    head = ("source", "kernel", "variant", "config", "arch", "align", "regs", "spill B", "smem B", "stack B",
+            "ld vec B", "st vec B", "L2 policies")
+    body = [(r.source, r.kernel, r.variant, r.config, r.arch, r.align or "-", str(r.registers), str(r.spill_bytes),
+             str(r.shared_bytes), str(r.local_bytes), str(r.ld_vec_bytes) if r.source == "triton" else "-",
+             str(r.st_vec_bytes) if r.source == "triton" else "-", r.l2_policies or "-") for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
@@ -425,7 +495,7 @@ def format_table(rows: list[KernelResources]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma-separated SM versions (default 80,90)")
-    ap.add_argument("--quick", action="store_true", help="only the autotune configs of the default variant")
+    ap.add_argument("--quick", action="store_true", help="only the pinned configs of real vocabularies (V >= 8192)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     ap.add_argument("--triton-only", action="store_true", help="leave out the CUDA C++ kernels")
     ap.add_argument("--variants", action="store_true",

@@ -9,6 +9,9 @@ Providers (each skipped, with the reason printed, when it cannot run here):
                     build of forward and backward takes minutes on a small machine; on by default on CUDA)
     cpu             grpo_loss(backend="cpu"), inplace=False: the C++/OpenMP kernel
     cpu-inplace     the same with inplace=True: the gradient overwrites the logits
+    cpu[-inplace]-avx2, cpu[-inplace]-avx512, cpu[-inplace]-generic
+                    the same on one instruction-set path of the extension (switched per call, like
+                    GRPO_FAST_CPU_ISA): compare the paths back to back in one run
     triton[-inplace], cuda[-inplace]   the GPU kernels (--device cuda)
     trl             TRL's own selective_log_softmax + entropy_from_logits (eager PyTorch on CPU,
                     TRL's Triton kernel on CUDA) and GRPOTrainer's per-token loss formula, when trl
@@ -132,6 +135,7 @@ class Provider:
     inplace: bool = False
     devices: tuple = ("cpu", "cuda")
     peer: bool = False  # another project's code: its disagreement with eager is reported, not a failure
+    isa: Optional[str] = None  # the CPU extension's instruction-set path (None: the best available)
 
     @property
     def fused(self) -> bool:
@@ -143,7 +147,13 @@ class Provider:
         if self.backend is not None:
             from grpo_fast.backends import unavailable_reason
 
-            return unavailable_reason(self.backend, device)
+            why = unavailable_reason(self.backend, device)
+            if why is None and self.isa is not None:
+                from grpo_fast import _C_cpu
+
+                if self.isa not in _C_cpu.supported_isas():
+                    why = f"the {self.isa} path is not available on this CPU/build ({_C_cpu.supported_isas()})"
+            return why
         if self.name == "trl" and importlib.util.find_spec("trl") is None:
             return "trl is not installed (pip install trl)"
         if self.name == "compile" and not hasattr(torch, "compile"):
@@ -159,7 +169,18 @@ class Provider:
             from grpo_fast.api import grpo_loss
 
             backend, inplace = self.backend, self.inplace
-            return lambda logits: grpo_loss(logits, ids, backend=backend, inplace=inplace, **kw)[0]
+            if self.isa is None:
+                return lambda logits: grpo_loss(logits, ids, backend=backend, inplace=inplace, **kw)[0]
+            from grpo_fast import _C_cpu
+
+            def on_isa(logits, isa=self.isa):
+                prev = _C_cpu.set_isa(isa)
+                try:
+                    return grpo_loss(logits, ids, backend=backend, inplace=inplace, **kw)[0]
+                finally:
+                    _C_cpu.set_isa(prev)
+
+            return on_isa
         if self.name == "compile":
             from grpo_fast.reference import grpo_loss_reference
 
@@ -216,7 +237,8 @@ PROVIDERS = {p.name: p for p in [
     Provider("cuda", backend="cuda", devices=("cuda",)),
     Provider("cuda-inplace", backend="cuda", inplace=True, devices=("cuda",)),
     Provider("trl", peer=True),
-]}
+] + [Provider(f"cpu{ip}-{isa}", backend="cpu", inplace=bool(ip), devices=("cpu",), isa=isa)
+     for isa in ("avx512", "avx2", "generic") for ip in ("", "-inplace")]}
 # eager's backend is "torch": not a fused kernel (Provider.fused is False for it).
 
 

@@ -30,10 +30,11 @@ e = bytes per logit (4 fp32, 2 bf16) and f = 4 (float32 intermediates):
     .to(float32)'s backward            read f, write e      (absent for fp32 logits)
 
 Fused (the Triton / CUDA kernels): the forward reads the logits once (online logsumexp);
-with a gradient it writes dL/dz, e per element, in the same program. The Triton token-level kernel
-sweeps each row twice (once for the lse, once for the gradient); the second sweep hits L2 when the
-rows in flight fit (V = 32000 bf16: 64 KB a row) and HBM otherwise, so two numbers are given: the
-one-read ideal and the two-read bound. The sequence-level (GSPO) variant always reads twice.
+with a gradient it writes dL/dz, e per element, in the same program. The token-level kernels
+sweep each row twice (once for the lse, once for the gradient) on a grid sized so that the rows
+in flight fit in L2, the second sweep backwards: it hits L2 by design (benchmarks/bytes_model.py
+models how much, per kernel, from the L2 size and the grid). Two numbers are given: the one-read
+ideal and the two-read bound, which the sequence-level (GSPO) variant always pays.
 ``inplace=True`` moves the same bytes (the gradient overwrites the logits instead of a new
 buffer): it changes the memory footprint, not the traffic. Backward of a fused loss is 0 bytes when
 grad_output == 1 (the gradient is already there) and one read + one write of it otherwise.
@@ -85,7 +86,7 @@ def variants(elt: int) -> list:
         ("eager fwd+bwd", eager["fwd+bwd"], ""),
         ("fused fwd (no grad)", elt, "one read of the logits"),
         ("fused fwd+grad, ideal", 2 * elt, "read + write the gradient (inplace: same bytes)"),
-        ("fused fwd+grad, 2 reads", 3 * elt, "Triton token level if the 2nd sweep misses L2; GSPO always"),
+        ("fused fwd+grad, 2 reads", 3 * elt, "GSPO (two launches); token level only if sweep 2 missed L2 (bytes model)"),
         ("fused bwd, grad_output = 1", 0, "gradient already made in forward"),
         ("fused bwd, grad_output != 1", 2 * elt, "one scaling pass over the gradient"),
     ]
@@ -161,7 +162,7 @@ def markdown() -> str:
         "reference.py (upcast, division by the temperature, logsumexp's max / subtract / exp / "
         "sum, the entropy metric, then autograd's zeros, exp, multiply, add and downcast) is its "
         "own kernel with its own (N, V) result. The fused kernels read the logits once (twice at "
-        "worst) and write the gradient once, in the logits' dtype. `inplace=True` does not change "
+        "worst: GSPO) and write the gradient once, in the logits' dtype. `inplace=True` does not change "
         "these bytes; it removes the (N, V) gradient allocation (memory, not time).",
     ]
     return "\n".join(parts) + "\n"

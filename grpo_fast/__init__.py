@@ -9,9 +9,10 @@ from .backends import describe_backends
 from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_token_logprobs
 from .logprobs import fused_linear_logprobs, logprobs
 from .options import GRPOOptions
+from .validation import set_value_checks
 
 __version__ = "0.1.0"
 
 __all__ = ["grpo_loss", "GRPOLoss", "group_advantages", "token_logprobs", "describe_backends",
            "fused_linear_grpo_loss", "FusedLinearGRPOLoss", "fused_linear_token_logprobs", "logprobs",
-           "fused_linear_logprobs", "GRPOOptions", "__version__"]
+           "fused_linear_logprobs", "GRPOOptions", "set_value_checks", "__version__"]

@@ -1,7 +1,9 @@
 """The autograd contract shared by the fused Functions (api._FusedGRPOLoss, fused_linear._FusedLinearGRPOLoss,
 the custom op's formula in _ops.py): what a backward may hand out, and what happens on a second one.
 
-The fused kernels produce the gradient in the forward pass; backward only scales it by grad_output. To
+The fused kernels produce the gradient in the forward pass, for grad_output = ``loss_scale`` (the factor the
+caller multiplies the loss by; 1 by default); backward only scales it by grad_output / loss_scale, and
+moves no data when that is 1 (check_loss_scale, grad_factor, scaled). To
 avoid a second (B, T, V) buffer the first backward hands the buffer itself to autograd, which may adopt
 it as ``.grad`` and later accumulate into it in place. A buffer handed out can therefore never be used
 again. So each backward asks the engine whether the graph is kept (``retain_graph=True`` or
@@ -20,6 +22,8 @@ to use instead.)
 """
 from __future__ import annotations
 
+import os
+import struct
 from typing import Optional
 
 import torch
@@ -35,24 +39,97 @@ def graph_kept() -> Optional[bool]:
     return None if _keep_graph is None else bool(_keep_graph())
 
 
-def scaled(grad: torch.Tensor, scale: Optional[torch.Tensor], keep: bool) -> torch.Tensor:
-    """``grad · scale`` (scale None: 1) as a tensor autograd may own: in place on ``grad`` when it is not
-    used again (``keep`` False), else a copy. Both round the same way (one multiply in the same kernel)."""
+def check_loss_scale(loss_scale) -> float:
+    """``loss_scale`` of the fused losses: the factor the caller multiplies the returned loss by before
+    backward (TRL's 1/gradient_accumulation_steps, a DDP world size). A real number, nonzero and a normal
+    float32; returned rounded to float32, the precision of the weights it multiplies and of a float32
+    grad_output, so that ``loss * loss_scale`` gives a grad_output exactly equal to it."""
+    from .validation import float32_option
+
+    s = float32_option("loss_scale", loss_scale)
+    if s == 0:
+        raise ValueError("loss_scale must be nonzero (the factor the returned loss is multiplied by before "
+                         "backward; the gradient is computed for it in the forward pass), got 0.0")
+    return struct.unpack("f", struct.pack("f", s))[0]
+
+
+def fold_scale(inp, loss_scale: float) -> None:
+    """Let the kernels write the gradient of ``loss_scale · loss``: the scale enters through the per-token
+    aggregation weight (loss = Σ weight·L), so it costs no pass over the (B, T, V) gradient. The kernels
+    then report ``loss_scale · loss``: the caller divides it back (unscaled_loss)."""
+    if loss_scale != 1.0:
+        inp.weight = inp.weight * loss_scale
+
+
+def unscaled_loss(loss_sum: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    """The loss from the kernels' Σ (loss_scale·weight)·L: equal to the unscaled Σ weight·L up to float32
+    rounding (a few ulp; exact when loss_scale is a power of two)."""
+    return loss_sum.clone() if loss_scale == 1.0 else loss_sum / loss_scale
+
+
+def grad_factor(grad_output: torch.Tensor, loss_scale: float = 1.0):
+    """What a gradient computed for grad_output == ``loss_scale`` is multiplied by: grad_output / loss_scale
+    as a float32 0-dim tensor on grad_output's device, or None when it is exactly 1 and known to be so
+    without a device sync (a CPU grad_output; reading it is free). On an accelerator the factor stays on
+    the device and ``scaled`` applies it with a kernel that does nothing when it is 1 (no host sync)."""
+    factor = grad_output.detach().to(torch.float32) / loss_scale
+    if factor.device.type == "cpu" and bool(factor == 1):
+        return None
+    return factor
+
+
+def scaled(grad: torch.Tensor, factor: Optional[torch.Tensor], keep: bool) -> torch.Tensor:
+    """``grad · factor`` (factor None: 1) as a tensor autograd may own: in place on ``grad`` when it is not
+    used again (``keep`` False), else a copy. Both round the same way (one float32 multiply per element,
+    rounded once to the gradient's dtype)."""
     if keep:
-        return grad.clone() if scale is None else torch.mul(grad, scale)
-    if scale is not None:
-        grad.mul_(scale)
+        return grad.clone() if factor is None else torch.mul(grad, factor)
+    if factor is not None:
+        if factor.device.type == "cpu":
+            grad.mul_(factor)
+        else:
+            scale_unless_one_(grad, factor)
     # A fresh tensor object over the same storage: AccumulateGrad may then adopt it as .grad instead of
     # cloning it (it clones a tensor that other references still hold).
     return grad.detach()
 
 
-def scale_factor(grad_output: torch.Tensor) -> Optional[torch.Tensor]:
-    """None when grad_output is exactly 1 (no pass over the gradient), else a float32 0-dim factor:
-    applied in float32 and rounded once, even to a bf16 gradient."""
-    if bool(grad_output == 1):
+def scale_unless_one_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """``grad *= factor`` in place, decided on the device: with Triton, every program of
+    grpo_fast/kernels/scale.py reads the factor and moves no data when it is 1 (the usual case once
+    the trainer's scale is passed as loss_scale); without Triton, ``grad.mul_(factor)`` (a full pass,
+    still no host sync)."""
+    launch = _scale_launcher()
+    if launch is None or grad.dim() not in (1, 2, 3) or grad.stride(-1) != 1 or grad.numel() == 0:
+        grad.mul_(factor)
+        return
+    launch(grad, factor)
+
+
+_SCALE_BLOCK = 2048
+_SCALE_KERNEL = []  # [the Triton kernel, or None without Triton], loaded on first use
+
+
+def _scale_launcher():
+    if not _SCALE_KERNEL:
+        try:
+            from .kernels.scale import _scale_unless_one_kernel as kernel
+        except ImportError:  # no Triton
+            kernel = None
+        _SCALE_KERNEL.append(kernel)
+    kernel = _SCALE_KERNEL[0]
+    if kernel is None:
         return None
-    return grad_output.detach().to(torch.float32)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+    def launch(grad: torch.Tensor, factor: torch.Tensor) -> None:
+        x = grad.view(1, 1, -1) if grad.is_contiguous() else grad.view((1,) * (3 - grad.dim()) + tuple(grad.shape))
+        B, T, V = x.shape
+        n_vblocks = -(-V // _SCALE_BLOCK)
+        kernel[(B * T * n_vblocks,)](x, factor.reshape(1), T, V, x.stride(0), x.stride(1), n_vblocks,
+                                     BLOCK=_SCALE_BLOCK, SOFT_BF16=interpret)
+
+    return launch
 
 
 def twice_error(name: str, hint: str) -> RuntimeError:

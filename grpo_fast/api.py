@@ -14,6 +14,7 @@ import torch
 
 from . import _autograd as _ag
 from . import backends as _backends
+from . import vocab_parallel as _vp
 from ._config import LOSS_TABLE, METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
 from .options import GRPOOptions, LossTensors, with_options
 from .reference import grpo_loss_reference, group_advantages_reference, row_level_flags
@@ -37,7 +38,8 @@ class _FusedGRPOLoss(torch.autograd.Function):
     """logits -> (loss, stats) through a kernel backend; the gradient is produced in forward."""
 
     @staticmethod
-    def forward(ctx, logits, inp: LossInputs, backend: _backends.Backend, inplace: bool, need_grad: bool):
+    def forward(ctx, logits, inp: LossInputs, backend: _backends.Backend, inplace: bool, need_grad: bool,
+                loss_scale: float = 1.0):
         grad = None
         if need_grad:
             # inplace: the kernel overwrites each row with its gradient after reading it; else the
@@ -56,7 +58,9 @@ class _FusedGRPOLoss(torch.autograd.Function):
         # The buffer's version from now on: with inplace=True it is the logits' storage, and a write
         # to the logits before a backward would silently change the gradient.
         ctx.version = None if grad is None else grad._version
-        loss = stats[STAT_LOSS].clone()
+        # inp.weight carries loss_scale (_ag.fold_scale): the gradient is that of loss_scale·loss
+        ctx.loss_scale = loss_scale
+        loss = _ag.unscaled_loss(stats[STAT_LOSS], loss_scale)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -69,7 +73,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         if grad is None:
             if ctx.handed_out:
                 raise _ag.twice_error("grpo_loss", "call grpo_loss again for each backward")
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if grad._version != ctx.version:
             # inplace=True: the buffer is the logits' storage, and something wrote to the logits
             raise RuntimeError(
@@ -80,7 +84,8 @@ class _FusedGRPOLoss(torch.autograd.Function):
         if not keep:
             ctx.grad = None  # release the (B, T, V) buffer as soon as autograd takes it
             ctx.handed_out = True
-        return _ag.scaled(grad, _ag.scale_factor(grad_loss), keep), None, None, None, None
+        factor = _ag.grad_factor(grad_loss, ctx.loss_scale)
+        return _ag.scaled(grad, factor, keep), None, None, None, None, None
 
 
 _SECOND_ORDER = _ag.second_order_message(
@@ -108,7 +113,10 @@ def grpo_loss(
     *,
     cu_seqlens: Optional[torch.Tensor] = None,
     inplace: bool = False,
+    loss_scale: float = 1.0,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
     **kwargs,  # the per-call tensors (options.LossTensors) and the loss options
 ):
     """The GRPO loss from completion logits in one fused pass (docs/spec.md).
@@ -134,7 +142,15 @@ def grpo_loss(
             max_completion_length is then the longest sequence). See grpo_fast/packed.py.
         inplace: let the kernel write the gradient into the logits' storage (do not read the
             logits afterwards). Saves a (B, T, V) allocation.
+        loss_scale: the factor the caller multiplies the returned loss by before backward (gradient
+            accumulation's 1/steps, a world size). The kernels write the gradient of loss_scale·loss in
+            the forward pass, so a backward with grad_output == loss_scale moves no data; any other
+            grad_output is still exact (one pass rescales). The returned loss is the unscaled one.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch".
+        group, vocab_start: the vocabulary split over a ``torch.distributed`` process group, as in
+            ``grpo_fast.logprobs``: logits (B, T, V_r) are this rank's shard (or a DTensor placed
+            Shard(-1)), every other argument is the same on every rank. The loss then goes through the
+            log-prob primitive (grpo_fast/vocab_parallel.py); ``inplace`` is ignored, cu_seqlens refused.
         The loss options (below) are TRL's GRPOConfig options of the same name.
 
     Returns:
@@ -151,8 +167,12 @@ def grpo_loss(
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     compiling = torch.compiler.is_compiling()
+    # Under torch.compile the backward multiplies the saved gradient out of place anyway: no fold.
+    loss_scale = 1.0 if compiling else _ag.check_loss_scale(loss_scale)
     tensors = LossTensors.pop(kwargs)
     opts = GRPOOptions.from_kwargs("grpo_loss", kwargs)
+    if group is not None or _vp.is_dtensor(logits):
+        return _vp.grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, backend, opts, group, vocab_start)
     tau = None
     if isinstance(opts.temperature, torch.Tensor) and opts.temperature.dim() > 0:
         # one τ per row or per token: through the log-prob primitive (see _tau_tensor_loss)
@@ -160,7 +180,8 @@ def grpo_loss(
             raise NotImplementedError("grpo_loss with a temperature tensor is not supported under torch.compile yet")
         tau, opts = opts.temperature, dataclasses.replace(opts, temperature=1.0)
     if cu_seqlens is not None or tau is not None:
-        return _packed_grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, inplace, backend, opts, tau)
+        return _packed_grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, inplace, backend, opts, tau,
+                                 loss_scale)
     inp = validate_loss_args(logits, completion_ids, advantages, **tensors._asdict(), options=opts,
                              check_values=not compiling)
     if compiling:
@@ -173,16 +194,19 @@ def grpo_loss(
     # Logits whose elements share memory (an expanded batch: a stride of 0) cannot hold their own
     # gradient: every row would write the same bytes. They get a fresh buffer instead.
     inplace = inplace and need_grad and not _self_overlapping(inp.logits)
-    loss, stats = _FusedGRPOLoss.apply(logits, inp, impl, inplace, need_grad)
+    _ag.fold_scale(inp, loss_scale)
+    loss, stats = _FusedGRPOLoss.apply(logits, inp, impl, inplace, need_grad, loss_scale)
     return loss, metrics_from_sums(stats, inp)
 
 
 def _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
-                      importance_sampling_ratio, num_items_in_batch, cu_seqlens, inplace, backend, opts, tau=None):
+                      importance_sampling_ratio, num_items_in_batch, cu_seqlens, inplace, backend, opts, tau=None,
+                      loss_scale=1.0):
     """grpo_loss on packed rows (grpo_fast/packed.py): the padded layout's checks and weights on
     (S, T_max) small tensors; token level through the fused kernels as one (1, N) row, sequence
     level and backend="torch" through the differentiable log-prob primitive. ``tau``: a temperature
-    tensor (then ``opts.temperature`` is 1), which always takes the primitive."""
+    tensor (then ``opts.temperature`` is 1), which always takes the primitive. ``loss_scale`` folds into
+    the fused kernels' gradient (the primitive's backward is a pass of its own: nothing to fold)."""
     from . import packed as _pk
     from .fused_linear import _standin_logits
     from .logprobs import _check_temperature
@@ -215,7 +239,8 @@ def _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref
         flat = _pk.flat_inputs(inp, lay, logits3)
         need_grad = logits.requires_grad and torch.is_grad_enabled()
         inplace = inplace and need_grad and not _self_overlapping(logits3)
-        loss, stats = _FusedGRPOLoss.apply(logits3, flat, impl, inplace, need_grad)
+        _ag.fold_scale(flat, loss_scale)
+        loss, stats = _FusedGRPOLoss.apply(logits3, flat, impl, inplace, need_grad, loss_scale)
         return loss, metrics_from_sums(stats, flat)
     if isinstance(temperature, torch.Tensor) and impl.autograd:  # valid_logprobs selects rows: τ with them
         idx = torch.nonzero(lay.unpad(inp.mask)[0] != 0, as_tuple=True)[0]

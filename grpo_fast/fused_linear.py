@@ -59,6 +59,7 @@ import torch
 
 from . import _autograd as _ag
 from . import backends as _backends
+from . import vocab_parallel as _vp
 from ._config import METRIC_STAT_INDEX, NUM_STATS, STAT_ENTROPY, STAT_KL, STAT_LOSS
 from .api import _LossModule, metrics_from_sums
 from .options import GRPOOptions, LossTensors, with_options
@@ -289,6 +290,7 @@ class _Plan:
     B: int
     T: int
     V: int
+    loss_scale: float = 1.0  # folded into inp.weight (_autograd.fold_scale): the gradients are of loss_scale·loss
 
 
 def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) -> LossInputs:
@@ -331,10 +333,17 @@ def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) ->
 
 
 class _Grads:
-    """Gradient buffers of hidden (N, H), weight (V, H) and bias (V,), filled chunk by chunk."""
+    """Gradient buffers of hidden (N, H), weight (V, H) and bias (V,), filled chunk by chunk.
 
-    def __init__(self, hidden2d, weight, bias, needs, compute_dtype):
+    ``live``: (N,) bool, the tokens that carry a gradient (None: all). The others (masked out) get
+    exactly zero rows of ∂pre and of hidden in the weight GEMM, so that a NaN or inf in a masked hidden
+    state (or in its logits) cannot reach ∂weight / ∂bias through 0·NaN.
+    """
+
+    def __init__(self, hidden2d, weight, bias, needs, compute_dtype, live=None):
         dev = hidden2d.device
+        dead = None if live is None or not any(needs) else torch.nonzero(~live.reshape(-1)).squeeze(1)  # one sync
+        self.dead = dead if dead is not None and dead.numel() else None
         self.low_precision = compute_dtype != torch.float32
         self.dh = torch.empty_like(hidden2d) if needs[0] else None
         # The weight and bias gradients sum over every chunk: float32 accumulators, so that a bf16
@@ -350,6 +359,10 @@ class _Grads:
 
     def add_chunk(self, dpre, h_c, weight, s, e):
         """dpre: (n, V) ∂loss/∂pre of tokens [s, e); h_c: (n, H); weight (V, H): all in the compute dtype."""
+        if self.dead is not None:  # the chunk's masked rows, by index: no pass over the chunk, no sync
+            rows = self.dead[(self.dead >= s) & (self.dead < e)] - s
+            dpre.index_fill_(0, rows, 0)
+            h_c = h_c.index_fill(0, rows, 0)
         if self.dh is not None:
             if self.dh.dtype == dpre.dtype:
                 torch.mm(dpre, weight, out=self.dh[s:e])
@@ -401,7 +414,7 @@ def _run_chunks(plan: _Plan, hidden, weight, bias, needs):
     hidden2d = hidden.reshape(N, hidden.shape[-1])
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
-    grads = _Grads(hidden2d, weight, bias, needs, plan.dtype)
+    grads = _Grads(hidden2d, weight, bias, needs, plan.dtype, live=plan.inp.mask != 0)
     weight, bias = _cast(weight, plan.dtype), _cast(bias, plan.dtype)  # once (V·H), autocast only
     sequence = plan.inp.cfg.level == 1
     rows = sequence and plan.chunk >= T
@@ -493,7 +506,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             stats, dh, dw, db = _run_chunks(plan, hidden, weight, bias, needs)
         ctx.grads = (dh, dw, db)
-        loss = stats[STAT_LOSS].clone()
+        ctx.loss_scale = plan.loss_scale
+        loss = _ag.unscaled_loss(stats[STAT_LOSS], plan.loss_scale)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -508,8 +522,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         keep = bool(_ag.graph_kept())  # unknown (old torch): as not kept; a later backward then raises
         if not keep:
             ctx.grads = None  # release the buffers as soon as autograd takes them
-        scale = _ag.scale_factor(grad_loss)
-        grads = tuple(None if t is None else _ag.scaled(t, scale, keep) for t in grads)
+        factor = _ag.grad_factor(grad_loss, ctx.loss_scale)
+        grads = tuple(None if t is None else _ag.scaled(t, factor, keep) for t in grads)
         return grads[0], grads[1], grads[2], None
 
 
@@ -536,7 +550,10 @@ def fused_linear_grpo_loss(
     chunk_size: Optional[int] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     inplace: bool = False,
+    loss_scale: float = 1.0,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
     **kwargs,  # the per-call tensors (options.LossTensors) and the loss options
 ):
     """The GRPO loss of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
@@ -557,11 +574,19 @@ def fused_linear_grpo_loss(
             chunk, the two-pass path of the module docstring runs.
         inplace: accepted for option compatibility with ``grpo_loss``; the chunk buffers are private,
             so the gradient is always written in place into them.
+        loss_scale: as in ``grpo_loss``: the factor the caller multiplies the returned loss by before
+            backward; the gradients are computed for it, so backward moves no data when grad_output
+            equals it. The returned loss is the unscaled one.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which logits kernel runs on each chunk.
         rewards, old_logp, ref_logp, completion_mask, importance_sampling_ratio, num_items_in_batch:
             as in ``grpo_loss``; the loss options (below) too.
         cu_seqlens: packed rows as in ``grpo_loss``: hidden (N, H) (or (1, N, H)), per-token tensors
             (N,), rewards and per-sequence advantages / IS ratio (S,).
+        group, vocab_start: the LM head split along V over a process group, as in
+            ``fused_linear_logprobs`` (weight (V_r, H), bias (V_r,) per rank, or DTensors placed
+            Shard(0)). With a group, and with a temperature tensor ((B, T) per token or (B,) per row),
+            the loss goes through ``fused_linear_logprobs`` and is computed in torch on its (B, T)
+            log-probs (four matmuls per chunk instead of three); cu_seqlens is then refused.
 
     Returns:
         (loss, metrics): a float32 scalar with gradients for hidden, weight and bias, and the metrics
@@ -575,19 +600,28 @@ def fused_linear_grpo_loss(
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    loss_scale = _ag.check_loss_scale(loss_scale)
     cdtype, autocast = _compute_dtype(hidden)
     if cu_seqlens is not None:
         from .packed import packed_rows
 
         hidden = packed_rows(hidden, "hidden", "H").unsqueeze(0)
-    B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
     tensors = LossTensors.pop(kwargs)
     opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", kwargs)
+    if group is not None or _vp.is_dtensor(weight) or (isinstance(opts.temperature, torch.Tensor)
+                                                       and opts.temperature.dim() > 0):
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens: packed rows are not supported with a vocabulary split (group) or a "
+                             "temperature tensor in fused_linear_grpo_loss; pass padded (B, T, H) hidden states")
+        return _vp.fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, *tensors, logit_scale,
+                                          logit_softcap, chunk_size, backend, opts, group, vocab_start)
+    B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
     scale, cap = _check_transform(logit_scale, logit_softcap, opts.temperature)
     chunk = _check_chunk_size(chunk_size)
     if cu_seqlens is not None:
         return _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, *tensors, cu_seqlens,
-                                    backend, opts, cdtype, _Transform(scale, cap), chunk, logit_scale, logit_softcap)
+                                    backend, opts, cdtype, _Transform(scale, cap), chunk, logit_scale, logit_softcap,
+                                    loss_scale)
     inp = validate_loss_args(_standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages,
                              **tensors._asdict(), options=opts)
     impl = _backends.resolve(backend, hidden.device)
@@ -598,15 +632,16 @@ def fused_linear_grpo_loss(
     A = inp.advantages
     if A is None:  # once for the batch: a chunk's kernel would only see its own rows' rewards
         A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
+    _ag.fold_scale(inp, loss_scale)
     plan = _Plan(inp=inp, A=A, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
-                 grad_enabled=torch.is_grad_enabled(), B=B, T=T, V=V)
+                 grad_enabled=torch.is_grad_enabled(), B=B, T=T, V=V, loss_scale=loss_scale)
     loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
     return loss, metrics_from_sums(stats, inp)
 
 
 def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
                          importance_sampling_ratio, num_items_in_batch, cu_seqlens, backend, opts, cdtype, transform,
-                         chunk, logit_scale, logit_softcap):
+                         chunk, logit_scale, logit_softcap, loss_scale=1.0):
     """fused_linear_grpo_loss on packed rows (grpo_fast/packed.py), hidden (1, N, H): token level is
     the chunk loop over one (1, N) row with per-token advantages and weights; sequence level goes
     through fused_linear_logprobs and the loss in torch on the (N,) log-probs."""
@@ -632,8 +667,9 @@ def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewar
     if chunk is None:
         chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
                             impl.autograd)
+    _ag.fold_scale(flat, loss_scale)
     plan = _Plan(inp=flat, A=flat.advantages, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
-                 grad_enabled=torch.is_grad_enabled(), B=1, T=N, V=V)
+                 grad_enabled=torch.is_grad_enabled(), B=1, T=N, V=V, loss_scale=loss_scale)
     loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
     return loss, metrics_from_sums(stats, flat)
 

@@ -46,8 +46,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends as _backends
+from . import vocab_parallel as _vp
 from .reference import logprobs_reference
-from .validation import LOGIT_DTYPES, _fmt_shape, check_backend, check_ids, check_logits, float32_option
+from .validation import LOGIT_DTYPES, _fmt_shape, _host_check, check_backend, check_ids, check_logits, float32_option
 
 __all__ = ["logprobs", "fused_linear_logprobs"]
 
@@ -96,9 +97,11 @@ def _check_temperature(temperature, lead: tuple, device: torch.device, name: str
         if temperature.device != device:
             raise ValueError(f"{name} must be on the logits' device {device}, got {temperature.device}")
         tau = temperature.detach().to(torch.float32)
-        bad = ~(torch.isfinite(tau) & (tau > 0))
-        if bool(bad.any()):
-            raise ValueError(f"{name} must be finite and > 0 everywhere, got {tau[bad].flatten()[0].item()}")
+        message = f"{name} must be finite and > 0 everywhere"
+        if _host_check(tau, lambda: (torch.isfinite(tau) & (tau > 0)).all(), message):  # GRPO_FAST_VALUE_CHECKS
+            bad = ~(torch.isfinite(tau) & (tau > 0))
+            if bool(bad.any()):
+                raise ValueError(f"{message}, got {tau[bad].flatten()[0].item()}")
         if shape == rows:
             tau = tau.unsqueeze(1).expand(lead)
         return tau.reshape(1, -1).contiguous() if len(lead) == 1 else tau.contiguous()
@@ -187,6 +190,8 @@ def logprobs(
     return_entropy: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
 ):
     """Per-token log-probs (and entropies) of ``ids`` under softmax(logits / temperature), differentiable.
 
@@ -206,6 +211,13 @@ def logprobs(
             Changes nothing per token otherwise.
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" (autograd through the eager reference;
             the only backend that supports create_graph=True).
+        group: a ``torch.distributed`` ProcessGroup over which the vocabulary is split: ``logits`` is
+            this rank's shard (..., V_r), ``ids`` are global ids in [0, V) and the same on every rank;
+            the outputs are the whole vocabulary's, the same on every rank, and the gradient stays
+            this rank's shard (grpo_fast/vocab_parallel.py). A ``DTensor`` placed Shard(-1) on a 1-D
+            mesh needs no group. None: the whole vocabulary here.
+        vocab_start: with ``group``, this rank's first vocabulary id (pass it on every rank or none);
+            None: shard r starts at the sum of the shard sizes of ranks 0..r-1.
 
     Returns:
         (logp, entropy): float32 tensors of the ids' shape; entropy is None unless return_entropy.
@@ -219,14 +231,20 @@ def logprobs(
     """
     backend = check_backend(backend)
     return_entropy = _check_bool("return_entropy", return_entropy)
+    logits, group = _vp.unwrap(logits, group, "logits", -1)
     if cu_seqlens is not None:
         logits, temperature = _packed_args(logits, "logits", "V", temperature, cu_seqlens)
     z = _check_logits_nd(logits)
     lead = tuple(logits.shape[:-1])
-    ids3 = _check_ids_nd(ids, lead, z.shape[-1], z.device)
+    if group is None:
+        ids3 = _check_ids_nd(ids, lead, z.shape[-1], z.device)
+    else:
+        ids3, layout = _vp.ids_and_layout(group, vocab_start, ids, lead, z.shape[-1], z.device)
     tau = _check_temperature(temperature, lead, z.device)
     impl = _backends.resolve(backend, z.device)
-    if impl.autograd:
+    if group is not None:  # the shard's kernels (backend="torch": their eager form) and a few all-reduces
+        impl = _vp.Kernels(impl, layout)
+    elif impl.autograd:
         tau_ref = tau if not isinstance(tau, torch.Tensor) else tau.view(lead)
         logp, entropy = logprobs_reference(logits, ids3.view(lead), tau_ref, return_entropy=return_entropy)
         return logp.float(), (entropy.float() if entropy is not None else None)
@@ -300,11 +318,16 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         hidden2d = hidden.reshape(N, H)
         if not hidden2d.is_contiguous():
             hidden2d = hidden2d.contiguous()
-        grads = _Grads(hidden2d, weight, bias, needs, plan.dtype)
-        if (g_logp is None and g_entropy is None) or not grads.any:
+        if g_logp is None and g_entropy is None:
             return None, None, None, None
         gl = None if g_logp is None else g_logp.reshape(N).to(torch.float32).contiguous()
         gh = None if g_entropy is None else g_entropy.reshape(N).to(torch.float32).contiguous()
+        live = (gl != 0) if gl is not None else (gh != 0)
+        if gl is not None and gh is not None:
+            live |= gh != 0
+        grads = _Grads(hidden2d, weight, bias, needs, plan.dtype, live=live)  # a token without gradient adds none
+        if not grads.any:
+            return None, None, None, None
         w, b = _cast(weight, plan.dtype), _cast(bias, plan.dtype)
         buf = torch.empty((min(plan.chunk, N), V), dtype=plan.dtype, device=hidden.device)
         # The softcap's chain rule needs t = tanh(·) after the kernel wrote the gradient: a second buffer.
@@ -340,6 +363,8 @@ def fused_linear_logprobs(
     chunk_size: Optional[int] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
 ):
     """``logprobs`` of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
 
@@ -359,6 +384,10 @@ def fused_linear_logprobs(
         chunk_size: tokens per chunk; None picks it from a 256 MiB budget (fused_linear.CHUNK_BUDGET_BYTES).
         cu_seqlens: packed rows, as in ``logprobs`` (hidden (N, H) or (1, N, H); temperature may be (S,)).
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which log-prob kernels run on each chunk.
+        group, vocab_start: the LM head split along V over a process group, as in ``logprobs``: weight
+            (V_r, H) and bias (V_r,) are this rank's rows (or DTensors placed Shard(0)); hidden and
+            ids are the same on every rank; ∂hidden is all-reduced over the group, ∂weight and ∂bias
+            stay this rank's rows.
 
     Returns:
         (logp, entropy): float32 of the ids' shape; entropy is None unless return_entropy.
@@ -371,6 +400,8 @@ def fused_linear_logprobs(
 
     backend = check_backend(backend)
     return_entropy = _check_bool("return_entropy", return_entropy)
+    weight, group = _vp.unwrap(weight, group, "weight", 0)
+    bias, group = _vp.unwrap(bias, group, "bias", 0)
     if cu_seqlens is not None:
         hidden, temperature = _packed_args(hidden, "hidden", "H", temperature, cu_seqlens)
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:
@@ -386,13 +417,19 @@ def fused_linear_logprobs(
     # a per-token τ is checked above; the scalar one also as the temperature the kernel runs at
     scale, cap = _check_transform(logit_scale, logit_softcap, 1.0 if isinstance(tau, torch.Tensor) else tau)
     chunk = _check_chunk_size(chunk_size)
-    ids3 = _check_ids_nd(ids, lead, V, hidden.device)
+    if group is None:
+        ids3 = _check_ids_nd(ids, lead, V, hidden.device)
+    else:
+        ids3, layout = _vp.ids_and_layout(group, vocab_start, ids, lead, V, hidden.device)
     impl = _backends.resolve(backend, hidden.device)
     transform = _Transform(scale, cap)
     N = B * T
-    if chunk is None:
-        chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
-                            impl.autograd)
+    if chunk is None:  # with a group: from the largest shard, so that every rank walks the same chunks
+        chunk = _auto_chunk(N, V if group is None else layout.max_size, torch.empty((), dtype=cdtype).element_size(),
+                            transform.n_buffers, impl.autograd)
+    if group is not None:  # each chunk's forward all-reduces a few floats per token; ∂hidden is summed
+        impl = _vp.Kernels(impl, layout)
+        hidden = _vp.reduce_gradient(hidden, layout)
     if isinstance(tau, torch.Tensor):  # x = z/τ with z = s·pre or c·t: the kernels read pre at τ/s, t at τ/c
         tau_k = (tau / (cap if cap is not None else scale)).reshape(N).contiguous()
     else:

@@ -34,7 +34,8 @@ class GRPOOptions:
         epsilon_low, epsilon_high: the clip range [1 − ε_low, 1 + ε_high]; ``epsilon_high=None``
             means ε_low. For cispo, ε_high is the raw cap of the IS weight (e.g. 5.0).
         delta: two-sided clipping of the ratio at δ > 1 + ε_high (clip family only); None = off.
-        temperature: > 0; every formula uses logits / temperature. ``grpo_loss`` also takes a tensor:
+        temperature: > 0; every formula uses logits / temperature. ``grpo_loss`` (and ``fused_linear_grpo_loss``,
+            padded rows only) also take a tensor:
             (B,) one τ per row or (B, T) per token ((S,) / (N,) with cu_seqlens).
         scale_rewards: "group" (default), "batch" or "none", with ``rewards``: how advantages are scaled.
         adv_eps: > 0 added to the std when scaling rewards (TRL: 1e-4).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -139,19 +140,58 @@ def check_ids(ids, B: int, T: int, V: int, device: torch.device, name: str = "co
     return ids.to(torch.int64).contiguous()
 
 
+# ---- the checks that read tensor data: a host sync each on an accelerator ---------------------------
+# "sync" (default): every check reads the data and raises the named ValueError (on CUDA: one device
+# sync per check). "device": on accelerator tensors the checks become torch._assert_async (no sync; a
+# violation fails asynchronously as a device-side assert, which does not name the argument on CUDA).
+# "off": on accelerator tensors they are skipped (bad ids then index out of bounds in the kernel).
+# CPU tensors always get the named checks (reading them costs no sync). docs/spec.md, "Host syncs".
+VALUE_CHECK_MODES = ("sync", "device", "off")
+_VALUE_CHECKS = [os.environ.get("GRPO_FAST_VALUE_CHECKS", "sync")]
+
+
+def set_value_checks(mode: str) -> str:
+    """How the checks that read tensor data (ids in [0, V), finite rewards/advantages, 0/1 masks) run on
+    accelerator tensors: "sync" (default; the named ValueError, one host sync each), "device"
+    (torch._assert_async, no host sync) or "off". Returns the previous mode. CPU tensors are always
+    checked with the named error. Also set by the environment variable GRPO_FAST_VALUE_CHECKS."""
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"value checks mode must be one of {list(VALUE_CHECK_MODES)}, got {mode!r}")
+    prev, _VALUE_CHECKS[0] = _VALUE_CHECKS[0], mode
+    return prev
+
+
+def _host_check(t: torch.Tensor, ok, message: str) -> bool:
+    """True when the caller must run its named, synchronizing check on ``t``. Otherwise (an accelerator
+    tensor in mode "device" or "off") this has queued the device assertion ``ok()`` (mode "device") or
+    nothing, and the caller skips its check."""
+    mode = _VALUE_CHECKS[0]
+    if mode not in VALUE_CHECK_MODES:  # a bad GRPO_FAST_VALUE_CHECKS: the error names it at the first check
+        raise ValueError(f"GRPO_FAST_VALUE_CHECKS must be one of {list(VALUE_CHECK_MODES)}, got {mode!r}")
+    if mode == "sync" or t.device.type == "cpu":
+        return True
+    if mode == "device":
+        torch._assert_async(ok(), message)
+    return False
+
+
 def _all_finite(name: str, t: Optional[torch.Tensor]) -> None:
-    if t is not None and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got a non-finite value (NaN or inf)")
+    if t is None:
+        return
+    message = f"{name} must be finite, got a non-finite value (NaN or inf)"
+    if _host_check(t, lambda: torch.isfinite(t).all(), message) and not bool(torch.isfinite(t).all()):
+        raise ValueError(message)
 
 
 def check_token_values(ids: torch.Tensor, V: int, rewards: Optional[torch.Tensor], advantages: Optional[torch.Tensor],
                        name: str = "completion_ids", mask: Optional[torch.Tensor] = None) -> None:
     """The checks that read tensor data (one device sync). Under torch.compile they run inside the
     custom op grpo_fast::check_values instead (see _ops.py)."""
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= V:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} must lie in [0, V) = [0, {V}), got a value {bad}")
+    message = f"{name} must lie in [0, V) = [0, {V})"
+    if _host_check(ids, lambda: ((ids >= 0) & (ids < V)).all(), message):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"{message}, got a value {lo if lo < 0 else hi}")
     _all_finite("rewards", rewards)
     _all_finite("advantages", advantages)
     if mask is not None:
@@ -161,10 +201,13 @@ def check_token_values(ids: torch.Tensor, V: int, rewards: Optional[torch.Tensor
 def check_mask_values(mask: torch.Tensor, name: str = "completion_mask") -> None:
     """Every entry 0 or 1 (bool, int or float). A mask is a selection, not a weight: TRL's masks are
     0/1, and −1 or NaN would silently give a wrong or NaN loss. Reads the (B, T) mask (one sync)."""
+    message = f"{name} must hold only 0 and 1 (bool, int or float)"
+    if not _host_check(mask, lambda: ((mask == 0) | (mask == 1)).all(), message):
+        return
     bad = (mask != 0) & (mask != 1)  # NaN is neither
     if bool(bad.any()):
         value = mask[bad].flatten()[0].item()
-        raise ValueError(f"{name} must hold only 0 and 1 (bool, int or float), got a value {value}")
+        raise ValueError(f"{message}, got a value {value}")
 
 
 def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:

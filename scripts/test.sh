@@ -13,5 +13,12 @@ $PY -m pip install -q --disable-pip-version-check -e ".[test,trl,verl]" torch==2
 # verl for tests/test_verl_losses.py, which run verl's own losses: without its dependencies (its pins would
 # replace transformers); the verl extra above has what importing its losses needs (~80 MB, mostly ray).
 $PY -m pip install -q --disable-pip-version-check --no-deps verl==0.9.1
+# OpenRLHF 0.11.2 for tests/test_openrlhf.py, into its own folder (only the tests' child processes put it on
+# their path: deepspeed, once importable, is imported by other libraries): without its dependencies
+# (its pins need a flash-attn source build and vLLM), plus what importing its actor and loss needs.
+$PY -m pip install -q --disable-pip-version-check --no-deps --upgrade --target .test_deps/openrlhf \
+    openrlhf==0.11.2 deepspeed==0.19.8 peft==0.21.2 hjson==3.1.0 py-cpuinfo==9.0.0 einops==0.8.2 pylatexenc==2.11 ninja
+$PY -c "import pydantic; assert int(pydantic.VERSION.split('.')[0]) >= 2" 2>/dev/null || \
+    $PY -m pip install -q --disable-pip-version-check --upgrade --target .test_deps/openrlhf "pydantic>=2,<3"
 $PY -m grpo_fast info
 exec $PY -m pytest -q -ra tests "$@"

@@ -99,3 +99,81 @@ def test_empty_grad_buffer_is_aligned_contiguous_and_usable(dtype):
     assert bool((g == 1.5).all())
     small = cpu.empty_grad((2, 3, 5), dtype)  # small buffers: plain torch.empty
     assert small.shape == (2, 3, 5) and small.is_contiguous()
+
+
+# ---- gradient buffer reuse (backends/cpu.py, _GradCache) ------------------------------------------------
+def _big_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = 2, 8, 270_000  # 17 MB of fp32: above the huge-page threshold, where the cache applies
+    z = torch.randn(B, T, V, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    return z, y, dict(advantages=torch.randn(B, generator=g), loss_type="grpo")
+
+
+def _grad(z, y, kw):
+    zz = z.clone().requires_grad_()
+    grpo_fast.grpo_loss(zz, y, backend="cpu", **kw)[0].backward()
+    return zz.grad
+
+
+def test_grad_buffer_is_reused_only_once_released(monkeypatch):
+    from grpo_fast.backends import cpu
+
+    if cpu._use_count is None:
+        pytest.skip("this torch has no storage use count: the cache is off")
+    monkeypatch.setattr(cpu, "GRAD_CACHE", cpu._GradCache(2))
+    (z1, y1, kw1), (z2, y2, kw2) = _big_case(1), _big_case(2)
+    want1, want2 = _grad(z1, y1, kw1).clone(), _grad(z2, y2, kw2).clone()
+    g1 = _grad(z1, y1, kw1)
+    ptr1 = g1.data_ptr()
+    g2 = _grad(z2, y2, kw2)  # g1 alive: fresh memory, g1 untouched
+    assert g2.data_ptr() != ptr1
+    assert torch.equal(g1, want1) and torch.equal(g2, want2)
+    view = g1[1]  # only a view of the first gradient survives: still referenced
+    del g1
+    g3 = _grad(z2, y2, kw2)
+    assert g3.data_ptr() not in (ptr1, g2.data_ptr())
+    assert torch.equal(view, want1[1]) and torch.equal(g2, want2) and torch.equal(g3, want2)
+    del view, g3  # both released: reused, newest first
+    g4 = _grad(z1, y1, kw1)
+    assert torch.equal(g4, want1) and torch.equal(g2, want2)
+    assert len(cpu.GRAD_CACHE._raws) <= 2, "the cache keeps at most `slots` buffers"
+    del g4
+    assert _grad(z1, y1, kw1).data_ptr() in {raw.data_ptr() + (-raw.data_ptr() % cpu._HUGE if cpu._madvise else 0)
+                                             for raw, _ in cpu.GRAD_CACHE._raws}
+
+
+def test_grad_cache_off_and_clear(monkeypatch):
+    from grpo_fast.backends import cpu
+
+    monkeypatch.setattr(cpu, "GRAD_CACHE", cpu._GradCache(0))
+    z, y, kw = _big_case(3)
+    a = _grad(z, y, kw)
+    assert cpu.GRAD_CACHE._raws == []
+    monkeypatch.setattr(cpu, "GRAD_CACHE", cpu._GradCache(1))
+    b = _grad(z, y, kw)
+    assert torch.equal(a, b) and len(cpu.GRAD_CACHE._raws) == (0 if cpu._use_count is None else 1)
+    cpu.GRAD_CACHE.clear()
+    assert cpu.GRAD_CACHE._raws == []
+
+
+def test_isa_benchmarks_run_at_a_toy_size(tmp_path):
+    """benchmarks/cpu_paths.py and the per-ISA providers of benchmarks/loss.py run and agree with eager
+    (they must not rot between benchmark runs)."""
+    from benchmarks import cpu_paths
+    from benchmarks import loss as bench
+    from grpo_fast import _C_cpu
+
+    isas = _C_cpu.supported_isas()
+    res = cpu_paths.run(shape=(2, 4, 64), dtypes=("fp32", "bf16"), rounds=1)
+    assert res["isas"] == isas and all(v > 0 for ms in res["ms"].values() for v in ms.values())
+    assert "x exp limit" in cpu_paths.report(res)
+    assert _C_cpu.isa() == isas[0], "the benchmark left another instruction set selected"
+    inputs = bench.make_inputs(bench.make_cases([(8, 4, 64)], ["fp32"])[0], torch.device("cpu"))
+    want = bench.PROVIDERS["cpu"].build(inputs)(inputs["logits"])
+    for isa in isas:
+        prov = bench.PROVIDERS[f"cpu-{isa}"]
+        assert prov.unavailable(torch.device("cpu")) is None
+        got = prov.build(inputs)(inputs["logits"])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert _C_cpu.isa() == isas[0]

@@ -99,17 +99,23 @@ def worker(out_dir: str) -> None:
         torch.save(torch.stack(both), os.path.join(out_dir, "run_params.pt"))
 
 
-def test_two_processes_give_the_single_process_gradient(tmp_path):
-    import grpo_fast
-
+def run_two_processes(script: str, out_dir) -> None:
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 script out_dir``; fails the
+    test with the end of the ranks' output when it does not exit 0."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.abspath(__file__), str(tmp_path)]
+           os.path.abspath(script), str(out_dir)]
     try:
         res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as e:  # seconds normally; only a badly overloaded machine gets here
         pytest.fail(f"torchrun did not finish in 600 s:\n{str(e.stdout)[-2000:]}\n{str(e.stderr)[-3000:]}")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+
+def test_two_processes_give_the_single_process_gradient(tmp_path):
+    import grpo_fast
+
+    run_two_processes(__file__, tmp_path)
     checked = 0
     for case in CASES:
         if case[5] == "fused_linear" and not hasattr(grpo_fast, "fused_linear_grpo_loss"):

@@ -1,5 +1,6 @@
-"""`python -m benchmarks kernels`: the Triton kernels compile for sm_80 and sm_90 without a GPU, and
-none of the autotune configs spills registers."""
+"""`python -m benchmarks kernels`: the Triton kernels compile for sm_80 and sm_90 without a GPU, as
+the launcher specializes them (÷16 and unaligned), none of the pinned configs spills registers, and
+the aligned builds load the logits in 16-byte vectors."""
 import importlib.util
 import sys
 import types
@@ -25,20 +26,58 @@ def rows():
 
 def test_default_configs_compile_without_spills(rows):
     kr = _report()
-    from grpo_fast.backends.triton_backend import AUTOTUNE_CONFIGS, load_kernels
+    from grpo_fast.backends.triton_backend import load_kernels, pinned_configs
 
     KERNELS = load_kernels().KERNELS
 
     assert {r.kernel for r in rows} == set(KERNELS)
     assert {r.arch for r in rows} == {"sm_80", "sm_90"}
     streaming = [r for r in rows if r.kernel != "_grpo_seq_row_kernel"]
-    assert len(streaming) == 6 * len(AUTOTUNE_CONFIGS) * 2  # six V-streaming kernels
+    # the largest pinned block of each arch, bf16 and fp32, ÷16 and unaligned
+    assert len(streaming) == kr.STREAMING_KERNELS * 2 * 2 * 2
     for r in rows:
         assert 0 < r.registers <= 255, r
-        assert r.spill_bytes == 0, f"{r.kernel} [{r.config}] {r.arch} spills {r.spill_bytes} bytes"
+        assert r.spill_bytes == 0, f"{r.kernel} [{r.variant}; {r.config}] {r.arch} spills {r.spill_bytes} bytes"
         assert r.local_bytes == 0, r
+    for arch in (80, 90):
+        labels = {f"BLOCK_V={bv} warps={nw}" for bv, nw, _ in pinned_configs(arch)}
+        assert {r.config for r in streaming if r.arch == f"sm_{arch}"} <= labels
     table = kr.format_table(rows)
-    assert "_grpo_token_fwd_kernel" in table and "sm_90" in table
+    assert "_grpo_token_fwd_kernel" in table and "sm_90" in table and "ld vec B" in table
+
+
+def test_report_compiles_what_runs(rows):
+    """Regression test on the launcher's specialization: with pointers, V and the row strides ÷16
+    every V-streaming kernel reads (and the gradient kernels write) the logits in 16-byte vectors;
+    unaligned they are element-wide. The token-level loss creates the evict-last policy (sweep 1)
+    and the evict-first one (sweep 2 loads, gradient stores); the sequence-level gradient pass,
+    which reads each row once, only evict-first."""
+    streaming = [r for r in rows if r.kernel != "_grpo_seq_row_kernel"]
+    for r in streaming:
+        if r.align == "÷16":
+            assert r.ld_vec_bytes == 16, r
+            if r.kernel in ("_grpo_token_fwd_kernel", "_grpo_grad_kernel", "_logprobs_bwd_kernel"):
+                assert r.st_vec_bytes == 16, r
+        else:
+            assert r.align == "unaligned" and r.ld_vec_bytes == 0 and r.st_vec_bytes == 0, r
+        if r.kernel == "_grpo_token_fwd_kernel":
+            assert r.l2_policies == "evict_first,evict_last", r
+        elif r.kernel == "_grpo_grad_kernel":
+            assert r.l2_policies == "evict_first", r
+    assert {r.align for r in streaming} == {"÷16", "unaligned"}
+
+
+def test_ptx_memory_ops_parser():
+    kr = _report()
+    ptx = """
+    createpolicy.fractional.L2::evict_last.b64 %rd1, 1.0;
+    @%p1 ld.global.L1::evict_last.L2::cache_hint.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd2 + 0 ], %rd1;
+    @!%p2 ld.global.b16 %rs1, [ %rd3 + 0 ];
+    ld.global.v2.b32 { %r5, %r6 }, [ %rd4 + 0 ];
+    st.global.b32 [ %rd5 + 0 ], %r7;
+    """
+    assert kr.ptx_memory_ops(ptx) == dict(ld_vec_bytes=16, st_vec_bytes=0, l2_policies="evict_last")
+    assert kr.ptx_memory_ops("ld.global.b16 %rs1, [ %rd3 + 0 ];") == dict(ld_vec_bytes=0, st_vec_bytes=0, l2_policies="")
 
 
 def test_exit_status_and_cuda_rows(rows, monkeypatch, capsys, tmp_path):

@@ -265,6 +265,28 @@ def test_resume_reproduces_the_next_step(tmp_path):
         assert torch.equal(sa[k], sb[k]), k
 
 
+def test_resume_from_a_checkpoint_with_the_optimizer_state_keyed_by_position(tmp_path):
+    """Checkpoints written before they keyed the optimizer state by parameter name resume as before."""
+    import shutil
+
+    tr.train(small_cfg(tmp_path / "b", steps=2))
+    shutil.copytree(tmp_path / "b", tmp_path / "old")
+    state = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=False)
+    lm = tr.CausalLM(tr.build_default_model(small_cfg(tmp_path / "x"), get_task("reverse", n_digits=3)))
+    opt = torch.optim.AdamW(lm.parameters(), lr=0.1)
+    tr.load_checkpoint(str(tmp_path / "b"), lm, None, opt, {})
+    state["optimizer"] = opt.state_dict()  # the older format: optimizer.state_dict(), keyed by position
+    del state["optimizer_keys"]
+    assert set(state["optimizer"]["state"]) == set(range(len(list(lm.parameters()))))
+    torch.save(state, tmp_path / "old" / "ckpt.pt")
+    for run in ("b", "old"):
+        tr.train(small_cfg(tmp_path / run, steps=3, resume=str(tmp_path / run)))
+    b, old = (torch.load(tmp_path / run / "ckpt.pt", weights_only=False) for run in ("b", "old"))
+    for k in b["model"]:
+        assert torch.equal(b["model"][k], old["model"][k]), k
+    assert old["optimizer_keys"] == "names"
+
+
 def test_cli_flags_round_trip():
     cfg = tr.parse_args(["--out", "x", "--steps", "7", "--loss-backend", "torch", "--no-progress", "--lr", "0.01", "--seed", "3"])
     assert (cfg.out, cfg.steps, cfg.loss_backend, cfg.progress, cfg.lr, cfg.seed) == ("x", 7, "torch", False, 0.01, 3)
@@ -393,6 +415,7 @@ INVALID_FLAGS = [
     ("--lr", "-1", ">= 0"),
     ("--loss-type", "foo", "dapo"),
     ("--n-embd", "15", "multiple of --n-head"),
+    ("--dist", "fsdp1", "ddp, fsdp"),
 ]
 
 

@@ -3,8 +3,8 @@
 The conformance matrix against the float64 reference is tests/test_backends.py, which runs this
 backend too (natively on a GPU; without one in Triton's interpreter on CPU tensors, tests/conftest.py
 sets TRITON_INTERPRET=1). Here: the BLOCK_V override (V = 53 walked in blocks of 16: a ragged tail,
-a whole block of −inf, several blocks per row) through the suite's check, the autotuned launch
-path, the backend module and its packaging, the repository root not shadowing `kernels`, and the
+a whole block of −inf, several blocks per row) through the suite's check, the pinned launch
+configs and the persistent grid of the token-level loss, the backend module and its packaging, the repository root not shadowing `kernels`, and the
 error without Triton.
 """
 import pytest
@@ -134,37 +134,82 @@ def test_repo_root_does_not_shadow_other_packages():
             assert not pathlib.Path(place).resolve().is_relative_to(root), f"`import kernels` finds {place} in this repository"
 
 
-@pytest.mark.parametrize("level", LEVELS)
-def test_autotuned_launch_path(level, monkeypatch):
-    # The GPU path: autotuner with several configs, pruned by V, each trial run on the same
-    # buffers — with inplace=True the trials overwrite the logits, so they must be restored between
-    # runs or the final gradient would be computed from a gradient. A stand-in timer (a GPU one
-    # cannot run here) makes the last surviving config win.
+# ---------------------------------------------------------------------------------------------
+# launch configuration: pinned configs, the persistent grid of the token-level loss
+
+
+def test_pinned_config_is_a_function_of_v_dtype_arch():
     from grpo_fast.backends import triton_backend as tb
 
-    calls = []
+    # 16 KB of logits per block step at large V, next_pow2(V) below; warps follow the block bytes
+    assert tb.pinned_config(151936, 2, 90) == (8192, 16)
+    assert tb.pinned_config(151936, 4, 90) == (4096, 16)
+    assert tb.pinned_config(32000, 2, 80) == (4096, 8)  # sm_80: 8 KB per step
+    assert tb.pinned_config(32000, 4, 0) == (2048, 8)  # the interpreter: sm_80's rule
+    assert tb.pinned_config(53, 4, 0) == (64, 1)
+    assert tb.pinned_config(1000, 2, 90) == (1024, 2)
+    for V in (53, 1000, 32000, 128256, 151936):
+        for e in (2, 4):
+            assert tb.pinned_config(V, e, 80) == tb.pinned_config(V, e, 86)  # one rule per architecture family
+    with pytest.raises(ValueError, match="elem_bytes"):
+        tb.pinned_config(100, 3)
+    configs = tb.pinned_configs(90)
+    assert (8192, 16, 2) in configs and (4096, 16, 4) in configs and len(configs) == len(set(configs))
+    assert (4096, 8, 2) in tb.pinned_configs(80) and (8192, 16, 2) not in tb.pinned_configs(80)
+    assert not hasattr(tb, "AUTOTUNE_CONFIGS")  # no timing-based choice left anywhere
 
-    def fake_bench(kernel_call, quantiles=None, **_):
-        kernel_call()
-        kernel_call()  # twice, as a real timer would (and as restore_value must survive)
-        calls.append(1)
-        t = 100.0 - len(calls)
-        return [t, t, t] if quantiles else t
 
-    monkeypatch.setattr(tb, "AUTOTUNE", True)
-    monkeypatch.setattr(tb, "BLOCK_V_OVERRIDE", None)
-    monkeypatch.setattr(tb, "DO_BENCH", fake_bench)
-    monkeypatch.setattr(tb, "AUTOTUNE_CONFIGS", ((16, 4, 1), (32, 4, 1), (8192, 4, 1)))
-    monkeypatch.setattr(tb, "_TUNED", {})
-    z, y, kw = case(TRITON, seed=31, adv="group")
-    for inplace in (False, True):
-        check(TRITON, z, y, inplace=inplace, loss_type="dapo", importance_sampling_level=level, **kw)
-    assert calls, "the autotuner did not time any config"
-    tuned = {k: t for k, t in tb._TUNED.items()}
-    assert any(restore for (_, restore) in tuned)  # the inplace launch used a restoring tuner
-    for t in tuned.values():
-        assert [c.kwargs["BLOCK_V"] for c in tb._prune(t.configs, {}, V=53)] == [16, 32]  # 8192 > max(64, 1024): pruned
-        assert all(c.kwargs["BLOCK_V"] == 32 for c in t.cache.values())
+def test_persistent_grid_sizing_rule():
+    from grpo_fast.backends.triton_backend import MAX_PROGRAMS_PER_SM, persistent_grid
+
+    MB = 1024 * 1024
+    h100 = (50 * MB, 132)
+    # rows in flight fill at most 3/4 of L2: 37.5 MB / (V·e)
+    assert persistent_grid(10 ** 6, 151936, 4, *h100) == int(0.75 * 50 * MB) // (151936 * 4) == 64
+    assert persistent_grid(10 ** 6, 151936, 2, *h100) == 129
+    assert persistent_grid(10 ** 6, 128256, 2, *h100) == 153
+    # small rows: capped at MAX_PROGRAMS_PER_SM per SM; few rows: one program per row
+    assert persistent_grid(10 ** 6, 32000, 2, *h100) == MAX_PROGRAMS_PER_SM * 132
+    assert persistent_grid(7, 151936, 4, *h100) == 7
+    # the budget always holds while a row fits
+    for V in (32000, 50257, 128256, 151936, 262144):
+        for e in (2, 4):
+            for l2, sms in ((40 * MB, 108), h100, (60 * MB, 132)):
+                p = persistent_grid(10 ** 6, V, e, l2, sms)
+                assert 1 <= p <= MAX_PROGRAMS_PER_SM * sms and p * V * e <= 0.75 * l2
+    # a row larger than the budget: full parallelism (sweep 2 misses in part anyway)
+    assert persistent_grid(10 ** 6, 20 * 10 ** 6, 4, *h100) == MAX_PROGRAMS_PER_SM * 132
+    with pytest.raises(ValueError, match="sm_count"):
+        persistent_grid(10, 10, 2, 1024, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_persistent_grid_loops_over_rows(block_v, dtype, monkeypatch):
+    """A tiny L2 leaves room for 2 rows in flight: each program loops over 12 rows (masked ones
+    included), the reverse sweep runs over 4 blocks; the results are those of one program per row
+    bit for bit (the grid decides only which program reads which row), inplace too."""
+    from grpo_fast.backends import triton_backend as tb
+
+    block_v(16)
+    z, y, kw = case(TRITON, dtype=dtype, seed=11, adv="group")
+    kw.update(loss_type="dapo", importance_sampling_level="token")
+    V = z.shape[-1]
+    monkeypatch.setattr(tb, "DEVICE_PROPS_OVERRIDE", (int(2 * V * z.element_size() / tb.L2_FRACTION) + 1, 1))
+    assert tb.persistent_grid(24, V, z.element_size(), *tb.DEVICE_PROPS_OVERRIDE) == 2
+    launched = []
+    real = tb._launch_v
+    monkeypatch.setattr(tb, "_launch_v", lambda name, grid, args, t: (launched.append((name, grid)), real(name, grid, args, t)))
+    loss2, _, grad2 = check(TRITON, z, y, **kw)
+    assert ("_grpo_token_fwd_kernel", (2,)) in launched
+    zz = z.clone().requires_grad_(True)
+    grpo_fast.grpo_loss(zz, y, backend="triton", inplace=True, **kw)[0].backward()
+    assert torch.equal(zz.grad, grad2)
+    monkeypatch.setattr(tb, "DEVICE_PROPS_OVERRIDE", (1 << 40, 1 << 20))  # every row its own program
+    z1 = z.clone().requires_grad_(True)
+    loss1, _ = grpo_fast.grpo_loss(z1, y, backend="triton", **kw)
+    loss1.backward()
+    assert ("_grpo_token_fwd_kernel", (24,)) in launched
+    assert torch.equal(loss1.detach(), loss2) and torch.equal(z1.grad, grad2)
 
 
 def test_unavailable_without_triton(monkeypatch):

@@ -362,6 +362,17 @@ __device__ __forceinline__ float row_value(float x, int j, int y, const RowSoftm
 // (inplace): each element is read and then written by the same thread. zero: write zeros without
 // reading the row (padding, or a token whose upstream gradient is 0). REVERSE: walk the vectors from
 // the end of the row (vector i of the loop is vector nvec−1−i; a warp still reads one contiguous span).
+// A 16-byte gradient store that streams: st.global.cs (evict-first), so the gradient does not
+// push out of L2 the rows other blocks are about to re-read (benchmarks/bytes_model.py). The host
+// emulation has no cache: a plain store.
+__device__ __forceinline__ void store_streaming(uint4* p, const uint4& v) {
+#if defined(GF_HOST_EMULATION)
+  *p = v;
+#else
+  __stcs(p, v);
+#endif
+}
+
 template <typename T, bool REVERSE, typename R>
 __device__ __forceinline__ void row_write(const T* row, T* grow, int V, int y, bool zero, const R& r) {
   constexpr int VEC = Io<T>::kVec;
@@ -380,7 +391,7 @@ __device__ __forceinline__ void row_write(const T* row, T* grow, int V, int y, b
   uint4* out = reinterpret_cast<uint4*>(grow + head);
   if (zero) {
     const uint4 z = make_uint4(0u, 0u, 0u, 0u);  // +0.0 in every dtype
-    for (int i = threadIdx.x; i < nvec; i += step) out[i] = z;
+    for (int i = threadIdx.x; i < nvec; i += step) store_streaming(out + i, z);
   } else {
     int i = threadIdx.x;
     for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
@@ -394,7 +405,7 @@ __device__ __forceinline__ void row_write(const T* row, T* grow, int V, int y, b
         Io<T>::unpack(raw[q], x);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) x[k] = row_value(x[k], head + v * VEC + k, y, r);
-        out[v] = Io<T>::pack(x);
+        store_streaming(out + v, Io<T>::pack(x));
       }
     }
     for (; i < nvec; i += step) {
@@ -403,7 +414,7 @@ __device__ __forceinline__ void row_write(const T* row, T* grow, int V, int y, b
       Io<T>::unpack(in[v], x);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) x[k] = row_value(x[k], head + v * VEC + k, y, r);
-      out[v] = Io<T>::pack(x);
+      store_streaming(out + v, Io<T>::pack(x));
     }
   }
   for (int j = tail + threadIdx.x; j < V; j += step)
@@ -804,18 +815,22 @@ static DeviceInfo device_info(int device) {
 }
 
 // Blocks of a row kernel (each loops over rows n = blockIdx.x, + gridDim.x, ...). A block holds its
-// row between sweep 1 and sweep 2, so the rows in flight are the blocks in flight: keep them within
-// ~3/4 of L2 so that sweep 2 rereads from L2, not HBM (e.g. 132 SMs × 304 KB bf16 rows of a 152k
-// vocabulary: one block per SM), and never fewer than one block per SM. two_sweeps = false (the
-// sequence-level gradient pass reads each row once): only the cap of max_per_sm blocks per SM.
+// row between sweep 1 and sweep 2, and the blocks start in step, so the rows in flight are the
+// blocks in flight: keep them within 3/4 of L2 so that the reverse sweep 2 rereads from L2, not
+// HBM — one read + one write per logit (benchmarks/bytes_model.py, which mirrors this rule as
+// cuda_grid()). That can mean fewer blocks than SMs (fp32 rows of a 152k vocabulary: 608 KB, 64
+// blocks on an H100); when not even one row fits, all max_per_sm blocks per SM. two_sweeps = false
+// (one read of each row): only the cap of max_per_sm blocks per SM.
 static unsigned row_grid(int64_t N, int64_t row_bytes, int device, bool two_sweeps) {
   constexpr int64_t kMaxPerSm = 16;
   const DeviceInfo di = device_info(device);
   const int64_t sms = di.sms > 0 ? di.sms : 1;
-  int64_t per_sm = kMaxPerSm;
-  if (two_sweeps) per_sm = ((int64_t)di.l2_bytes * 3 / 4) / (sms * (row_bytes > 0 ? row_bytes : 1));
-  per_sm = per_sm < 1 ? 1 : (per_sm > kMaxPerSm ? kMaxPerSm : per_sm);
-  const int64_t grid = sms * per_sm;
+  const int64_t cap = sms * kMaxPerSm;
+  int64_t grid = cap;
+  if (two_sweeps) {
+    const int64_t fit = ((int64_t)di.l2_bytes * 3 / 4) / (row_bytes > 0 ? row_bytes : 1);
+    if (fit >= 1 && fit < cap) grid = fit;
+  }
   return (unsigned)(N < grid ? N : grid);
 }
 

@@ -6,6 +6,7 @@ count is torch's (``torch.get_num_threads()``); results do not depend on it (bit
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -62,7 +63,8 @@ _madvise = _load_madvise()
 
 
 def empty_grad(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized contiguous CPU tensor for the gradient, backed by huge pages when possible.
+    """An uninitialized contiguous CPU tensor for the gradient, backed by huge pages when possible,
+    and reusing the memory of an earlier gradient that is no longer referenced (see _GradCache).
 
     Falls back to ``torch.empty`` for small buffers, off Linux, or when madvise is refused (the
     advice is only a hint: correctness never depends on it).
@@ -71,12 +73,75 @@ def empty_grad(shape, dtype: torch.dtype) -> torch.Tensor:
     for s in shape:
         numel *= s
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if _madvise is None or nbytes < 8 * _HUGE:
+    if nbytes < 8 * _HUGE:
         return torch.empty(shape, dtype=dtype)
+    with _CACHE_LOCK:  # from the use-count test to the view that raises it: one thread at a time
+        raw = GRAD_CACHE.take(nbytes)
+        if raw is None:
+            raw = _new_raw(nbytes)
+            GRAD_CACHE.put(raw)
+        start = -raw.data_ptr() % _HUGE if _madvise is not None else 0
+        return raw[start:start + nbytes].view(dtype).view(shape)
+
+
+def _new_raw(nbytes: int) -> torch.Tensor:
+    """Bytes for an ``nbytes`` buffer: 2 MiB more, with the aligned part advised for huge pages."""
+    if _madvise is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
     raw = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
     start = -raw.data_ptr() % _HUGE
     _madvise(raw.data_ptr() + start, (nbytes // _HUGE) * _HUGE, _MADV_HUGEPAGE)
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    return raw
+
+
+# The storage's reference count (torch's own, as torch.utils.checkpoint reads it); None on a torch without it.
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _GradCache:
+    """The CPU analogue of PyTorch's caching allocator, for the (B, T, V) gradient of inplace=False.
+
+    A fresh buffer costs page faults on first touch (more than the kernel takes to fill it, see above);
+    a training loop asks for the same size every step, after the previous step's gradient was consumed
+    (the optimizer step, ``zero_grad(set_to_none=True)``). The cache keeps the raw bytes of the last
+    ``slots`` gradients (2: a loss whose gradient is still alive, e.g. accumulated into ``.grad``, plus
+    the next) and hands one out again only when no tensor refers to its storage any more: its storage's
+    use count is back to the cache's own reference. A view, ``.grad``, a ``detach()`` or a NumPy array
+    of the gradient all hold the storage, so memory still referenced is never handed out. The price:
+    up to ``slots`` released gradient buffers stay allocated between calls (``clear()`` frees them;
+    ``slots = 0`` turns the cache off).
+    """
+
+    def __init__(self, slots: int = 2):
+        self.slots = slots
+        self._raws = []  # [(raw uint8 tensor, use count when only the cache holds it)], newest last
+
+    def take(self, nbytes: int) -> Optional[torch.Tensor]:
+        """A released cached buffer of at least ``nbytes`` (at most twice: no huge buffer kept for a small
+        gradient), moved to the newest position; None if there is none."""
+        if _use_count is None or self.slots <= 0:
+            return None
+        for i, (raw, alone) in enumerate(self._raws):
+            cap = raw.numel() - (_HUGE if _madvise is not None else 0)
+            if nbytes <= cap <= 2 * nbytes and _use_count(raw.untyped_storage()._cdata) == alone:
+                self._raws.append(self._raws.pop(i))
+                return raw
+        return None
+
+    def put(self, raw: torch.Tensor) -> None:
+        """Remember a new buffer (before any view of it exists); the oldest one beyond ``slots`` is
+        forgotten (freed once its gradient is released)."""
+        if _use_count is None or self.slots <= 0:
+            return
+        self._raws.append((raw, _use_count(raw.untyped_storage()._cdata)))
+        del self._raws[:-self.slots]
+
+    def clear(self) -> None:
+        self._raws.clear()
+
+
+GRAD_CACHE = _GradCache()
+_CACHE_LOCK = threading.Lock()
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:

@@ -3,14 +3,16 @@
 What runs (N = B·T token rows, one program per row on grid axis 0):
 
     token level      _grpo_token_fwd_kernel       one sweep of z for lse/entropy, then (with a
-                                                  gradient) a second sweep of the same row writing
-                                                  dL/dz — from L2 while the rows in flight fit there.
-    sequence level   _grpo_seq_logp_kernel        pass 1: logp, entropy, lse per valid token
+                                                  gradient) a reverse second sweep of the same row
+                                                  writing dL/dz, on a persistent grid sized so the
+                                                  rows in flight fit in L2 (persistent_grid()).
+    sequence level   _token_logprobs_kernel       pass 1 (HAS_MASK): logp, entropy, lse per valid token
                      _grpo_seq_row_kernel         per sequence: the row's ratio, loss, stats, dL/dlogp
                      _grpo_grad_kernel            pass 2 over z: writes dL/dz
     token_logprobs   _token_logprobs_kernel
 
-The stats are written per token (or per sequence) and summed here with torch: deterministic, no
+Launch configurations are pinned per (V, dtype, architecture) (pinned_config()): no autotuning,
+so the bits of a result do not depend on a timing. The stats are written per token (or per sequence) and summed here with torch: deterministic, no
 atomics. Works natively on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how CI tests
 it without a GPU). See grpo_fast/backends/__init__.py for the interface this module implements.
 """
@@ -31,11 +33,11 @@ from .._config import NUM_STATS
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
-# Autotune on a GPU; under the interpreter one fixed config (timing interpreted code means nothing).
-AUTOTUNE = not INTERPRET
-# Tests set this to force a block size (e.g. 16 with V = 53: several blocks, a ragged tail); it
-# bypasses autotuning on a GPU too.
+# Tests set this to force a block size (e.g. 16 with V = 53: several blocks, a ragged tail).
 BLOCK_V_OVERRIDE: Optional[int] = None
+# Tests set this to (L2 bytes, SM count) to size the persistent grid of CPU tensors (the
+# interpreter) as on a GPU of that L2; None: NOMINAL_DEVICE.
+DEVICE_PROPS_OVERRIDE: Optional[tuple] = None
 
 _KERNELS = None  # the loaded kernels module, or the ImportError that prevented loading it
 
@@ -81,60 +83,108 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-# (BLOCK_V, num_warps, num_stages) tried by the autotuner, per distinct V. The kernels stream V
-# (memory bound); wider blocks and more warps keep more bytes in flight. All are checked for zero
-# register spills on sm_80 and sm_90 by `python -m benchmarks kernels`.
-AUTOTUNE_CONFIGS = (
-    (1024, 4, 1),
-    (2048, 8, 1),
-    (4096, 8, 1),
-    (4096, 16, 1),
-    (8192, 16, 1),
-    (2048, 4, 2),
-)
-# What the interpreter (and kernel-report's "default" rows) use: one config, no tuning.
-DEFAULT_BLOCK_V = 1024
-DEFAULT_WARPS = 4
+# Pinned launch configurations (no autotuning). The reduction order of a row — the lanes of a
+# BLOCK_V block, the tree of tl.sum over num_warps warps, the blocks in order — is a function of
+# (BLOCK_V, num_warps) and of the compiled layout, and (BLOCK_V, num_warps) are a function of
+# (V, bytes per logit, SM architecture). The guarantee: the same inputs give the same bits on every
+# run, rank and process that shares the SM architecture, the Triton version (and
+# TRITON_DEFAULT_FP_FUSION), and the 16-byte alignment of the logits' pointer and row strides —
+# Triton specializes on it, and the vector width it allows sets how many elements each thread sums
+# before the cross-thread tree. The grid of the persistent kernel decides only which program
+# handles which row. An autotuner picking by timing could pick a different BLOCK_V on another run
+# or rank; there is none.
+NUM_STAGES = 1  # what the kernel report compiles (Triton's default, 3, would be another build)
+BLOCK_BYTES = 16384  # bytes of logits per program per block step on sm_90+: 8192 bf16 / 4096 fp32
+BLOCK_BYTES_SM80 = 8192  # ... on sm_80 and older (and the interpreter)
+MAX_WARPS = 16
 
 
-def _prune(configs, named_args, **kwargs):
-    # a block wider than the (rounded-up) vocabulary is pure waste; keep at least one config
-    V = {**(named_args or {}), **kwargs}["V"]  # the launchers pass every argument by keyword
-    keep = [c for c in configs if c.kwargs["BLOCK_V"] <= max(_next_pow2(V), 1024)]
-    return keep or list(configs)[:1]
+def pinned_config(V: int, elem_bytes: int, arch: int = 90) -> tuple:
+    """(BLOCK_V, num_warps) of the V-streaming kernels for V logits of ``elem_bytes`` bytes on SM
+    architecture ``arch`` (80, 90, ...; the interpreter passes 0).
 
-
-_TUNED = {}
-# The autotuner's timing function (None: Triton's do_bench on the GPU). Tests put a stand-in here to
-# run the tuning path — pruning, trial runs, restoring inplace buffers — under the interpreter.
-DO_BENCH = None
-
-
-def _tuned(kernel_name: str, restore: tuple = ()):
-    """The autotuned wrapper of a V-streaming kernel (built lazily, once per (kernel, restore)).
-
-    ``restore`` names pointer arguments the kernel overwrites in a way that changes its inputs
-    (inplace gradients): the autotuner restores them between trial runs. That costs one copy of
-    the logits, once per new V, on the first inplace call (the tuned config is then cached).
+    BLOCK_V = min(next_pow2(V), B / elem_bytes) with B = 16 KB of logits per step on sm_90 and newer
+    (H100/H200: 3.35–4.8 TB/s need that many bytes in flight per SM with one or two programs per
+    SM, the persistent grid), 8 KB on sm_80 (A100, 2 TB/s; and with 16 KB the bf16 token kernel
+    compiled without the ÷16 specialization spills on sm_80); num_warps = B/1024 (each thread
+    loads 32 bytes, two 16-byte vectors, per step). Every config it can return is compiled for
+    sm_80 and sm_90, ÷16 and unaligned, and checked for zero spills by `python -m benchmarks
+    kernels` (tests/test_kernel_report.py).
     """
-    key = (kernel_name, restore)
-    if key not in _TUNED:
-        import triton
-
-        fn = getattr(_kernels(), kernel_name)
-        configs = [triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=ns) for bv, nw, ns in AUTOTUNE_CONFIGS]
-        _TUNED[key] = triton.autotune(configs=configs, key=["V"], prune_configs_by={"early_config_prune": _prune},
-                                      restore_value=list(restore), do_bench=DO_BENCH)(fn)
-    return _TUNED[key]
+    if V < 1 or elem_bytes not in (2, 4):
+        raise ValueError(f"pinned_config: V must be >= 1 and elem_bytes 2 or 4, got V={V}, elem_bytes={elem_bytes}")
+    block = min(_next_pow2(V), (BLOCK_BYTES if arch >= 90 else BLOCK_BYTES_SM80) // elem_bytes)
+    warps = max(1, min(MAX_WARPS, block * elem_bytes // 1024))
+    return block, warps
 
 
-def _launch_v(kernel_name: str, grid, args: dict, restore: tuple = ()):
-    """Launch a kernel that streams V: fixed config under the interpreter or an override, else autotuned."""
-    if not AUTOTUNE or BLOCK_V_OVERRIDE is not None:
-        bv = BLOCK_V_OVERRIDE or min(DEFAULT_BLOCK_V, _next_pow2(args["V"]))
-        getattr(_kernels(), kernel_name)[grid](**args, BLOCK_V=bv, num_warps=DEFAULT_WARPS)
-    else:
-        _tuned(kernel_name, restore)[grid](**args)
+def pinned_configs(arch: int = 90) -> list:
+    """Every distinct (BLOCK_V, num_warps, elem_bytes) pinned_config returns for V = 1024 .. 2^20 on ``arch``:
+    what the kernel report compiles."""
+    out = []
+    for e in (2, 4):
+        for lg in range(10, 21):
+            c = pinned_config(1 << lg, e, arch) + (e,)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+# The persistent grid of the token-level loss kernel (two sweeps of each row).
+L2_FRACTION = 0.75  # of L2 the rows in flight may fill (H100's L2 is two partitions; other data lives there too)
+MAX_PROGRAMS_PER_SM = 2
+# (L2 bytes, SM count) assumed for CPU tensors under the interpreter: an H100 SXM's.
+NOMINAL_DEVICE = (50 * 1024 * 1024, 132)
+
+
+def persistent_grid(N: int, V: int, elem_bytes: int, l2_bytes: int, sm_count: int) -> int:
+    """Programs of the token-level loss kernel with a gradient: each loops over rows pid, pid + P, ...
+
+    A program holds its row in L2 from sweep 1 (forward, evict-last loads) to the end of sweep 2
+    (backward, evict-first loads and stores), and the programs start in step, so the P rows in flight
+    all reach their turning point together: P·V·elem_bytes ≤ L2_FRACTION·L2 makes sweep 2 hit L2,
+    i.e. one HBM read and one write per logit. P is also at most MAX_PROGRAMS_PER_SM per SM (more only
+    queue) and at most N. When not even one row fits the budget (V·e > 37 MB on an H100) sweep 2
+    misses in part whatever P is (the bytes model says how much): then P is the full
+    MAX_PROGRAMS_PER_SM per SM, for bandwidth.
+    A pure function of its arguments; the launcher passes the device's L2 size and SM count.
+    """
+    if min(N, V, elem_bytes, l2_bytes, sm_count) < 1:
+        raise ValueError(f"persistent_grid: every argument must be >= 1, got N={N}, V={V}, elem_bytes={elem_bytes}, "
+                         f"l2_bytes={l2_bytes}, sm_count={sm_count}")
+    cap = MAX_PROGRAMS_PER_SM * sm_count
+    fit = int(L2_FRACTION * l2_bytes) // (V * elem_bytes)
+    return min(N, fit if 1 <= fit < cap else cap)
+
+
+_PROPS = {}
+
+
+def device_props(dev: torch.device) -> tuple:
+    """(L2 bytes, SM count, SM architecture as 80 / 90 / ...) of a CUDA device (cached), or for CPU
+    tensors under the interpreter DEVICE_PROPS_OVERRIDE / NOMINAL_DEVICE and architecture 0."""
+    if dev.type != "cuda":
+        l2, sms = DEVICE_PROPS_OVERRIDE or NOMINAL_DEVICE
+        return l2, sms, 0
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _PROPS:
+        p = torch.cuda.get_device_properties(idx)
+        _PROPS[idx] = (int(p.L2_cache_size), int(p.multi_processor_count), 10 * p.major + p.minor)
+    return _PROPS[idx]
+
+
+def _config(V: int, t: torch.Tensor) -> tuple:
+    """(BLOCK_V, num_warps) for logits tensor t: the pinned config, or the tests' BLOCK_V override."""
+    block, warps = pinned_config(V, t.element_size(), device_props(t.device)[2])
+    if BLOCK_V_OVERRIDE is not None:
+        block = BLOCK_V_OVERRIDE
+    return block, warps
+
+
+def _launch_v(kernel_name: str, grid, args: dict, z: torch.Tensor):
+    """Launch a kernel that streams V logits of tensor z with its pinned config."""
+    block, warps = _config(args["V"], z)
+    getattr(_kernels(), kernel_name)[grid](**args, BLOCK_V=block, num_warps=warps, num_stages=NUM_STAGES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,43 +251,46 @@ def _fused_loss(inp, grad, z, B, T, V, N, dev):
     ptrs, floats, flags = _common_args(inp, dummy)
     cfg = inp.cfg
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
-    inplace = grad is not None and grad.data_ptr() == z.data_ptr()
-    restore = ("grad_ptr",) if inplace else ()
     g_strides = _row_strides(grad) if grad is not None else (0, 0)
 
     if cfg.level == 0:
         stats = torch.empty((N, NUM_STATS), dtype=torch.float32, device=dev)
-        _launch_v("_grpo_token_fwd_kernel", (N,), dict(
+        if grad is not None:
+            l2, sms, _ = device_props(dev)
+            programs = persistent_grid(N, V, z.element_size(), l2, sms)
+        else:
+            programs = N  # one sweep per row: nothing to keep in L2, one program per row
+        _launch_v("_grpo_token_fwd_kernel", (programs,), dict(
             logits_ptr=z, ids_ptr=inp.ids, **ptrs,
             grad_ptr=grad if grad is not None else dummy, logp_ptr=logp, stats_ptr=stats,
-            T=T, V=V, G=max(cfg.group_size, 1), stride_lb=z.stride(0), stride_lt=z.stride(1),
+            N=N, T=T, V=V, G=max(cfg.group_size, 1), stride_lb=z.stride(0), stride_lt=z.stride(1),
             stride_gb=g_strides[0], stride_gt=g_strides[1],
             temperature=cfg.temperature, **floats, **flags, HAS_GRAD=grad is not None, SOFT_BF16=INTERPRET,
-        ), restore)
+        ), z)
         return stats.sum(0), logp
 
     # sequence level: pass 1 over z, the per-sequence pass, pass 2 over z (gradient only)
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev)
     # each row's lse in two parts (max, log Σ exp(x − max)): pass 3 never forms x − lse
     lse = torch.empty((B, T, 2), dtype=torch.float32, device=dev) if grad is not None else dummy
-    _launch_v("_grpo_seq_logp_kernel", (N,), dict(
+    _launch_v("_token_logprobs_kernel", (N,), dict(
         logits_ptr=z, ids_ptr=inp.ids, mask_ptr=inp.mask, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse,
         T=T, V=V, stride_lb=z.stride(0), stride_lt=z.stride(1), temperature=cfg.temperature,
-        STORE_LSE=grad is not None,
-    ))
+        HAS_MASK=True, STORE_ENTROPY=True, STORE_LSE=grad is not None,
+    ), z)
     stats = torch.empty((B, NUM_STATS), dtype=torch.float32, device=dev)
     g = torch.empty((B, T), dtype=torch.float32, device=dev) if grad is not None else dummy
     _kernels()._grpo_seq_row_kernel[(B,)](
         logp_ptr=logp, entropy_ptr=entropy, **ptrs, g_ptr=g, stats_ptr=stats,
         T=T, G=max(cfg.group_size, 1), **floats, **flags, HAS_GRAD=grad is not None,
-        BLOCK_T=min(_next_pow2(T), 1024), num_warps=4,
+        BLOCK_T=min(_next_pow2(T), 1024), num_warps=4, num_stages=NUM_STAGES,
     )
     if grad is not None:
         _launch_v("_grpo_grad_kernel", (N,), dict(
             logits_ptr=z, ids_ptr=inp.ids, lse_ptr=lse, g_ptr=g, grad_ptr=grad,
             T=T, V=V, stride_lb=z.stride(0), stride_lt=z.stride(1),
             stride_gb=g_strides[0], stride_gt=g_strides[1], temperature=cfg.temperature, SOFT_BF16=INTERPRET,
-        ), restore)
+        ), z)
     return stats.sum(0), logp
 
 
@@ -255,10 +308,10 @@ def _token_logprobs(logits, ids, temperature, return_entropy, B, T, V, dev):
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     _launch_v("_token_logprobs_kernel", (B * T,), dict(
-        logits_ptr=logits, ids_ptr=ids, logp_ptr=logp, entropy_ptr=entropy if return_entropy else dummy,
+        logits_ptr=logits, ids_ptr=ids, mask_ptr=dummy, logp_ptr=logp, entropy_ptr=entropy if return_entropy else dummy,
         lse_ptr=dummy, T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1),
-        temperature=float(temperature), STORE_ENTROPY=return_entropy, STORE_LSE=False,
-    ))
+        temperature=float(temperature), HAS_MASK=False, STORE_ENTROPY=return_entropy, STORE_LSE=False,
+    ), logits)
     return logp, entropy
 
 
@@ -290,7 +343,7 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, retur
             entropy_ptr=entropy if return_entropy else dummy, lse_ptr=lse,
             T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1), temperature=tau0,
             TAU_PER_ROW=per_row, STORE_ENTROPY=return_entropy,
-        ))
+        ), logits)
     return logp, entropy, lse
 
 
@@ -305,7 +358,6 @@ def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy,
     assert lse.shape == (B, T, 2) and lse.dtype == torch.float32 and lse.is_contiguous()
     assert g_entropy is None or entropy is not None
     dev = logits.device
-    inplace = grad.data_ptr() == logits.data_ptr()
     with _device_guard(logits):
         dummy = torch.empty(1, dtype=torch.float32, device=dev)
         tau_ptr, tau0, per_row = _tau_args(temperature, dummy)
@@ -318,4 +370,4 @@ def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy,
             T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1), stride_gb=gs[0], stride_gt=gs[1],
             temperature=tau0, TAU_PER_ROW=per_row, HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_entropy is not None,
             SOFT_BF16=INTERPRET,
-        ), ("grad_ptr",) if inplace else ())
+        ), logits)

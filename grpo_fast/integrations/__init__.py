@@ -5,6 +5,7 @@ imported, so ``import grpo_fast`` and ``import grpo_fast.integrations`` never ne
 
     from grpo_fast.integrations.trl import GRPOTrainer     # needs `pip install grpo_fast[trl]`
     from grpo_fast.integrations.verl import linear_cross_entropy   # verl's fused log-prob head; no verl needed
+    grpo_fast.integrations.openrlhf.enable()                       # OpenRLHF's actor log-probs/entropy (needs openrlhf)
 """
 
-__all__ = ["trl", "verl"]
+__all__ = ["trl", "verl", "openrlhf"]

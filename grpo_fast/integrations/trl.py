@@ -459,10 +459,13 @@ class GRPOTrainer(_TRLGRPOTrainer):
                                           chunk_size=chunk)
                     em = self.get_high_entropy_mask(ent, mask, 1 - top_q).to(torch.float32)
                     ratio = em if isr is None else em * (isr.unsqueeze(1) if isr.dim() == 1 else isr)
+                # loss_scale: the loss is multiplied by `scale` below (and nothing else scales it before
+                # backward: GRPOTrainer's loss_is_scaled_for_ga, an accelerator with one accumulation
+                # step), so the kernels write that gradient and backward moves no data.
                 return _linear_grpo_loss(
                     h, weight, bias, ids, advantages, logit_scale=logit_scale, logit_softcap=softcap,
                     chunk_size=chunk, fused_linear=fused_linear, backend=backend,
-                    importance_sampling_ratio=ratio, **opts, **per_call,
+                    importance_sampling_ratio=ratio, loss_scale=scale, **opts, **per_call,
                 )
 
         aux_enabled = self.aux_loss_enabled

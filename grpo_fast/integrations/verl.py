@@ -9,8 +9,10 @@ option). This module provides the same call, so that an actor can swap the impor
 
 It does not import verl. The implementation is ``grpo_fast.fused_linear_logprobs`` (chunked: the
 (N, V) logits are never held; backward recomputes each chunk's logits), on the best backend for the
-tensors' device. A vocabulary split over a process group (verl's ``dist_process_group``) is not
-implemented: a group other than None is refused with ValueError.
+tensors' device. verl's ``dist_process_group`` (the LM head split along V over a tensor-parallel
+group: ``weight`` is this rank's (V_r, H) rows, in rank order) is ``fused_linear_logprobs``' ``group``
+(grpo_fast/vocab_parallel.py): the outputs are the whole vocabulary's on every rank, ∂hidden is
+all-reduced over the group and ∂weight stays this rank's rows.
 
 verl's policy losses themselves (vanilla, gspo, cispo, ..., agg_loss, kl_penalty) on these
 log-probs are in ``grpo_fast.verl_losses``.
@@ -42,20 +44,19 @@ def linear_cross_entropy(
         labels: (N,) (or the leading shape of hidden) int64 | int32 in [0, V).
         temperature: a float > 0 (or a per-token tensor of labels' shape).
         reduction: "none" only (what verl's actor uses); anything else raises ValueError.
-        dist_process_group: None only; a vocabulary-parallel split is not supported (ValueError).
+        dist_process_group: None, or the ProcessGroup over which the vocabulary is split (weight is
+            this rank's shard; hidden and labels are the same on every rank).
 
     Returns:
         (logprobs, entropy): float32 of labels' shape, differentiable in hidden and weight.
     """
-    if dist_process_group is not None:
-        raise ValueError("dist_process_group: grpo_fast does not support a vocabulary split across ranks; "
-                         "pass dist_process_group=None with the full (V, H) weight on every rank")
     if reduction != "none":
         raise ValueError(f'reduction must be "none" (per-token logprobs and entropy), got {reduction!r}')
     if isinstance(hidden, torch.Tensor) and hidden.dim() > 3:
         lead = hidden.shape[:-1]
         logp, ent = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                          temperature=temperature, return_entropy=True)
+                                          temperature=temperature, return_entropy=True, group=dist_process_group)
         return logp.view(lead), ent.view(lead)
-    logp, ent = fused_linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=True)
+    logp, ent = fused_linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=True,
+                                      group=dist_process_group)
     return logp, ent

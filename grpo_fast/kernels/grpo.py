@@ -1,17 +1,20 @@
 """Triton kernels of the fused GRPO loss (the math only; launchers live in grpo_fast/backends/triton_backend.py).
 
-One program handles one token row z[b, t, :] (B·T flattened into grid axis 0) and walks its V
+One program handles one token row z[b, t, :] at a time (B·T flattened into grid axis 0; the
+token-level loss kernel loops over rows on a grid sized to L2) and walks its V
 logits in blocks of BLOCK_V with an online logsumexp, so a row is never held in full and any V
 works. Per-token results (log-prob, loss terms, metric contributions) go to small (N,) / (N, 8)
 buffers that the launcher sums with torch: no atomics, so the stats are bitwise reproducible.
 
 Kernels:
-  _token_logprobs_kernel   no-grad pass: logp (and entropy, lse) per token; pass 1 of the
-                           sequence-level loss, and the public token_logprobs.
+  _token_logprobs_kernel   no-grad pass: logp (and entropy, lse) per token; the public
+                           token_logprobs, and (HAS_MASK: masked rows not read) pass 1 of the
+                           sequence-level loss.
   _grpo_token_fwd_kernel   token-level loss: online lse + entropy, gathered logit, per-token loss,
                            KL and clip flags, and, when a gradient is wanted, the row's gradient
-                           written by the same program (a second sweep of the row it just read:
-                           from L2 while the rows in flight fit there, else from HBM again).
+                           written by the same program: a persistent grid sized to L2 and a
+                           reverse second sweep, so each logit is read once from HBM (see the
+                           kernel's docstring and benchmarks/bytes_model.py).
   _grpo_seq_row_kernel     sequence level (GSPO), pass 2: one program per sequence computes the
                            row's ratio, the per-token terms, the row's stats and each token's dL/dlogp.
   _grpo_grad_kernel        sequence level, pass 3: writes dL/dz = g·(onehot(y) − p)/τ from the lse of pass 1.
@@ -54,7 +57,7 @@ NUM_STATS = tl.constexpr(8)
 
 
 @triton.jit
-def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr):
+def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr, KEEP: tl.constexpr = False):
     """(shift, log_d, entropy) of x = z_row[0:V] / τ in one sweep (float32 accumulation);
     lse = shift + log_d, with shift = max x (0 while the row is all −inf) and log_d = log Σ exp(x − shift).
 
@@ -70,6 +73,9 @@ def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr):
     x = z / τ is a division, not a product with 1/τ: it rounds as the eager reference's
     ``logits / temperature`` does (exactly so under the interpreter; Triton's div.full.f32 on GPUs),
     which matters at small τ where |x| ~ 1e3 and one ulp of x is visible in the log-prob.
+
+    KEEP (the row is read again by a second sweep): loads with the L2 evict-last policy, so the
+    row outlives the streaming gradient stores of the other rows in flight.
     """
     offs = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
@@ -77,7 +83,11 @@ def _online_lse_entropy(z_row, V, temperature, BLOCK_V: tl.constexpr):
     s = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+        if KEEP:
+            raw = tl.load(z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_last")
+        else:
+            raw = tl.load(z_row + cols, mask=cols < V, other=float("-inf"))
+        x = raw.to(tl.float32) / temperature
         m_new = tl.maximum(m, tl.max(x, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - shift)
@@ -122,21 +132,33 @@ def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _write_row_grad(z_row, g_row, y, shift, log_d, gs, V, temperature, BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _write_row_grad(z_row, g_row, y, shift, log_d, gs, V, temperature, BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr,
+                    REVERSE: tl.constexpr = False):
     """g_row[j] = gs·(1[j == y] − p_j) for j < V, with gs = dL/dlogp / τ, x = z / τ and
     p_j = exp((x_j − shift) − log_d) (the lse in its two parts, see _online_lse_entropy).
+
+    REVERSE (the second sweep of a row the same program has just read): blocks from the last to
+    the first, so the first block re-read is the one read last, still in L2. Either way the loads
+    are the row's last use (evict-first) and the gradient stores stream (evict-first): neither
+    displaces the rows other programs are about to re-read.
 
     z_row and g_row may be the same memory (inplace): each block is read before it is written,
     and no other program touches this row.
     """
     offs = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
+    nblocks = tl.cdiv(V, BLOCK_V)
+    for k in range(0, nblocks):
+        if REVERSE:
+            start = (nblocks - 1 - k) * BLOCK_V
+        else:
+            start = k * BLOCK_V
         cols = start + offs
         valid = cols < V
-        x = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32) / temperature
+        x = tl.load(z_row + cols, mask=valid, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) / temperature
         p = tl.exp((x - shift) - log_d)
         grad = gs * (tl.where(cols == y, 1.0, 0.0) - p)
-        tl.store(g_row + cols, _round_to(grad, g_row.dtype.element_ty, SOFT_BF16), mask=valid)
+        tl.store(g_row + cols, _round_to(grad, g_row.dtype.element_ty, SOFT_BF16), mask=valid,
+                 eviction_policy="evict_first")
 
 
 @triton.jit
@@ -270,59 +292,53 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
 
 
 @triton.jit
-def _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt, temperature, BLOCK_V: tl.constexpr):
-    """This program's token row = b·T + t (int64): its logits row, target, the sweep over V (lse and
+def _row_logp(row, logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt, temperature, BLOCK_V: tl.constexpr,
+              KEEP: tl.constexpr = False):
+    """Token row ``row`` = b·T + t (int64): its logits row, target, the sweep over V (lse and
     entropy), the gathered log-prob, stored to logp_ptr[row]. The start of every per-token kernel."""
-    row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
     z_row = logits_ptr + b * stride_lb + t * stride_lt
-    shift, log_d, entropy = _online_lse_entropy(z_row, V, temperature, BLOCK_V)
+    shift, log_d, entropy = _online_lse_entropy(z_row, V, temperature, BLOCK_V, KEEP)
     y = tl.load(ids_ptr + row)
     logp = (tl.load(z_row + y).to(tl.float32) / temperature - shift) - log_d
     tl.store(logp_ptr + row, logp)
-    return row, b, t, z_row, y, shift, log_d, entropy, logp
-
-
-@triton.jit
-def _grpo_seq_logp_kernel(
-    logits_ptr, ids_ptr, mask_ptr, logp_ptr, entropy_ptr, lse_ptr, T, V, stride_lb, stride_lt, temperature,
-    STORE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Sequence level, pass 1: _token_logprobs_kernel for the valid rows; a masked row is not read
-    (log-prob, entropy and lse 0)."""
-    row0 = tl.program_id(0).to(tl.int64)
-    if tl.load(mask_ptr + row0) == 0.0:
-        tl.store(logp_ptr + row0, 0.0)
-        tl.store(entropy_ptr + row0, 0.0)
-        if STORE_LSE:
-            tl.store(lse_ptr + 2 * row0, 0.0)
-            tl.store(lse_ptr + 2 * row0 + 1, 0.0)
-    else:
-        row, b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb,
-                                                                    stride_lt, temperature, BLOCK_V)
-        tl.store(entropy_ptr + row, entropy)
-        if STORE_LSE:
-            tl.store(lse_ptr + 2 * row, shift)
-            tl.store(lse_ptr + 2 * row + 1, log_d)
+    return b, t, z_row, y, shift, log_d, entropy, logp
 
 
 @triton.jit
 def _token_logprobs_kernel(
     # pointers
-    logits_ptr, ids_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, ids_ptr, mask_ptr, logp_ptr, entropy_ptr, lse_ptr,
     # sizes and strides (elements)
     T, V, stride_lb, stride_lt,
     # run-time floats
     temperature,
     # meta-parameters
-    STORE_ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, STORE_ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """logp[row] = (x[y] − shift) − log_d (and entropy, lse) of token row = b·T + t; no gradient.
 
+    The public token_logprobs, and (HAS_MASK) pass 1 of the sequence-level loss, where a masked
+    row (mask_ptr[row] == 0) is not read: log-prob, entropy and lse 0.
     lse_ptr (N, 2): the lse in its two parts (shift, log_d) of _online_lse_entropy, for pass 3."""
-    row, b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt,
-                                                        temperature, BLOCK_V)
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0.0
+    else:
+        keep = True
+    if keep:
+        _b, _t, _z, _y, shift, log_d, entropy, _lp = _row_logp(row, logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb,
+                                                               stride_lt, temperature, BLOCK_V)
+        _store_row_lse(entropy_ptr, lse_ptr, row, entropy, shift, log_d, STORE_ENTROPY, STORE_LSE)
+    else:
+        tl.store(logp_ptr + row, 0.0)
+        _store_row_lse(entropy_ptr, lse_ptr, row, 0.0, 0.0, 0.0, STORE_ENTROPY, STORE_LSE)
+
+
+@triton.jit
+def _store_row_lse(entropy_ptr, lse_ptr, row, entropy, shift, log_d, STORE_ENTROPY: tl.constexpr,
+                   STORE_LSE: tl.constexpr):
     if STORE_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
     if STORE_LSE:
@@ -337,7 +353,7 @@ def _grpo_token_fwd_kernel(
     # pointers: outputs
     grad_ptr, logp_ptr, stats_ptr,
     # sizes and strides (elements)
-    T, V, G, stride_lb, stride_lt, stride_gb, stride_gt,
+    N, T, V, G, stride_lb, stride_lt, stride_gb, stride_gt,
     # run-time floats
     temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
     # meta-parameters
@@ -346,33 +362,53 @@ def _grpo_token_fwd_kernel(
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
     SOFT_BF16: tl.constexpr = False,
 ):
-    """Token-level loss of token row = b·T + t, and its gradient row when HAS_GRAD.
+    """Token-level loss of token rows pid, pid + P, pid + 2P, ... (P = the grid), and each row's
+    gradient when HAS_GRAD.
+
+    One read + one write of each logit from HBM, by design (docs: the bytes model in
+    benchmarks/bytes_model.py): the launcher sizes the grid P with persistent_grid() so that the
+    P rows in flight fit in the L2 budget; sweep 1 reads a row forwards with evict-last loads,
+    sweep 2 (the gradient) re-reads it backwards — the block read last comes first, from L2 — with
+    evict-first loads and evict-first gradient stores, which stream to HBM without pushing the
+    other programs' rows out.
+    The choice by V and architecture: the grid is P = min(N, ⌊0.75·L2 / (V·e)⌋, 2 per SM) — on an
+    H100/H200 (50 MiB L2, 132 SMs) 264 programs at V = 32k, 129 for bf16 rows of 152k, 64 for
+    fp32 rows of 152k (then fewer programs than SMs: the price of the single read, each streaming
+    16 KB per step; the GPU suite measures whether that still reaches the bandwidth). Only a row
+    larger than 0.75·L2 (V·e > 37 MiB) gets no guarantee. The row is not kept on chip instead:
+    in registers it needs BLOCK_V = V (a 32k bf16 row is 64 values a thread at 16 warps: it
+    spills), Triton has no explicit shared-memory buffers or sm_90 cluster (DSMEM) memory, and
+    even 228 KB of shared memory holds under 120k bf16 logits. L2 residency serves every V up to
+    that 37 MiB on sm_80 and sm_90 alike, and the launcher reads the L2 size of the device.
+    Which program handles which row changes nothing in the results (rows are independent; a
+    row's reduction order depends on BLOCK_V and num_warps only).
 
     stats_ptr[row, :] = [w·loss, m·entropy, m·kl, m·low, m·high, m·(low|high), m·cispo, 0];
     logp_ptr[row] = logp. A masked row (m = 0) is not read: zeros everywhere, a zero gradient row
     (a NaN in it does not reach the loss), as in the eager reference.
     """
-    row0 = tl.program_id(0).to(tl.int64)
-    m0 = tl.load(mask_ptr + row0)
-    if m0 == 0.0:
-        out0 = stats_ptr + row0 * NUM_STATS
-        for k in tl.static_range(NUM_STATS):
-            tl.store(out0 + k, 0.0)
-        tl.store(logp_ptr + row0, 0.0)
-        if HAS_GRAD:
-            b0 = row0 // T
-            _zero_row(grad_ptr + b0 * stride_gb + (row0 - b0 * T) * stride_gt, V, BLOCK_V)
-    else:
-        _grpo_token_row(logits_ptr, ids_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr, ref_ptr,
-                        isr_ptr, grad_ptr, logp_ptr, stats_ptr, T, V, G, stride_lb, stride_lt, stride_gb, stride_gt,
-                        temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps, FAMILY, KL_EST,
-                        HAS_DELTA, HAS_KL, BIAS_KL, HAS_OLD, ADV_MODE, SCALE, ISR_MODE, HAS_GRAD, BLOCK_G, BLOCK_V,
-                        SOFT_BF16)
+    for row0 in range(tl.program_id(0), N, tl.num_programs(0)):
+        row = tl.full((), 0, tl.int64) + row0  # int64 (row0 is a plain int under the interpreter)
+        m0 = tl.load(mask_ptr + row)
+        if m0 == 0.0:
+            out0 = stats_ptr + row * NUM_STATS
+            for k in tl.static_range(NUM_STATS):
+                tl.store(out0 + k, 0.0)
+            tl.store(logp_ptr + row, 0.0)
+            if HAS_GRAD:
+                b0 = row // T
+                _zero_row(grad_ptr + b0 * stride_gb + (row - b0 * T) * stride_gt, V, BLOCK_V)
+        else:
+            _grpo_token_row(row, logits_ptr, ids_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr,
+                            ref_ptr, isr_ptr, grad_ptr, logp_ptr, stats_ptr, T, V, G, stride_lb, stride_lt, stride_gb,
+                            stride_gt, temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps, FAMILY,
+                            KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, HAS_OLD, ADV_MODE, SCALE, ISR_MODE, HAS_GRAD, BLOCK_G,
+                            BLOCK_V, SOFT_BF16)
 
 
 @triton.jit
 def _grpo_token_row(
-    logits_ptr, ids_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr, ref_ptr, isr_ptr,
+    row, logits_ptr, ids_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr, ref_ptr, isr_ptr,
     grad_ptr, logp_ptr, stats_ptr, T, V, G, stride_lb, stride_lt, stride_gb, stride_gt,
     temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
     FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
@@ -381,8 +417,8 @@ def _grpo_token_row(
     SOFT_BF16: tl.constexpr,
 ):
     """The body of _grpo_token_fwd_kernel for a valid (unmasked) token row."""
-    row, b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb, stride_lt,
-                                                        temperature, BLOCK_V)
+    b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(row, logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb,
+                                                            stride_lt, temperature, BLOCK_V, HAS_GRAD)
 
     # per-token side inputs
     m = tl.load(mask_ptr + row)
@@ -428,7 +464,7 @@ def _grpo_token_row(
         # token level: dr/dlogp = r, so dL/dlogp = w·(d_logp + r·d_ratio); zero on padding (w = 0)
         g = w * (d_logp + r * d_ratio)
         g_row = grad_ptr + b * stride_gb + t * stride_gt
-        _write_row_grad(z_row, g_row, y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
+        _write_row_grad(z_row, g_row, y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16, True)
 
 
 @triton.jit
@@ -453,6 +489,22 @@ def _seq_tile(logp_ptr, mask_ptr, weight_ptr, adv_ptr, isr_ptr, ref_ptr, idx, va
     else:
         ref = lp
     return lp, m, w, A, isr, ref
+
+
+@triton.jit
+def _row_clip_flags(acc_low, acc_high, acc_cispo, r, A_row, eps_low, eps_high, FAMILY: tl.constexpr,
+                    ADV_MODE: tl.constexpr):
+    """The clip flags of a sequence at sequence level (the row-flag rule): with a per-token
+    advantage, the sums of the per-token flags over the valid tokens (acc_* are per-lane partial
+    sums); with a per-row advantage the ratio and the advantage are the row's, so its flags count
+    once, padding or not (TRL and the reference average such (B, 1) flags over the B rows)."""
+    if ADV_MODE == ADV_TOKEN:
+        low_n = tl.sum(acc_low, 0)
+        high_n = tl.sum(acc_high, 0)
+        cispo_n = tl.sum(acc_cispo, 0)
+    else:
+        low_n, high_n, cispo_n = _clip_flags(r, A_row, eps_low, eps_high, FAMILY)
+    return low_n, high_n, cispo_n
 
 
 @triton.jit
@@ -535,14 +587,7 @@ def _grpo_seq_row_kernel(
         acc_cispo += tl.where(valid, m * cispo, 0.0)
         acc_dr += tl.where(valid, w * d_ratio, 0.0)
 
-    if ADV_MODE == ADV_TOKEN:
-        low_n = tl.sum(acc_low, 0)
-        high_n = tl.sum(acc_high, 0)
-        cispo_n = tl.sum(acc_cispo, 0)
-    else:
-        # ratio and advantage are the row's: its flags count once, padding or not (TRL and the
-        # reference average such (B, 1) flags over the B rows)
-        low_n, high_n, cispo_n = _clip_flags(r, A_row, eps_low, eps_high, FAMILY)
+    low_n, high_n, cispo_n = _row_clip_flags(acc_low, acc_high, acc_cispo, r, A_row, eps_low, eps_high, FAMILY, ADV_MODE)
     out = stats_ptr + b * NUM_STATS
     tl.store(out + 0, tl.sum(acc_loss, 0))
     tl.store(out + 1, tl.sum(acc_ent, 0))

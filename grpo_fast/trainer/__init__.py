@@ -28,6 +28,8 @@ from .loop import (
     build_default_model,
     completion_mask_from_ids,
     encode_prompts,
+    gathered,
+    is_fsdp,
     loss_options,
     policy_reward,
     rollout,
@@ -35,14 +37,17 @@ from .loop import (
     sequence_logprobs,
     supervised_warmup,
     train,
+    transformer_blocks,
     update,
+    wrap_policy,
 )
 
 __all__ = ["TrainConfig", "ConfigError", "CONFIG_CHECKS", "check_config", "parse_args", "train", "main", "compare",
            "compare_report", "compare_plot", "CausalLM", "sample_completions", "completion_mask_from_ids",
            "encode_prompts", "sequence_logprobs", "advantages_for_rank", "build_batch", "rollout", "loss_options",
            "accumulate_gradients", "update", "policy_reward", "supervised_warmup", "build_default_model",
-           "load_checkpoint", "save_checkpoint", "peak_mem_mb", "reset_peak_mem", "tenth_means", "write_plots", "loop"]
+           "load_checkpoint", "save_checkpoint", "peak_mem_mb", "reset_peak_mem", "tenth_means", "write_plots", "loop",
+           "wrap_policy", "gathered", "is_fsdp", "transformer_blocks"]
 
 def main(argv: Optional[List[str]] = None) -> int:
     cfg = parse_args(argv)

@@ -67,6 +67,7 @@ class TrainConfig:
     importance_sampling_level: str = "token"
     loss_backend: str = "auto"  # auto | cpu | triton | cuda | torch (the eager reference)
     loss_path: str = "auto"  # auto: fused-linear when the LM head is known and it is importable | fused_linear | logits
+    dist: str = "ddp"  # under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2, fully_shard per block + root)
     # bookkeeping
     save_every: int = 0  # 0: only at the end
     resume: str = ""  # a checkpoint file or a run directory holding ckpt.pt
@@ -169,6 +170,7 @@ CONFIG_CHECKS = {
     "importance_sampling_level": _one_of(*LEVELS),
     "loss_backend": _one_of(*BACKENDS),
     "loss_path": _one_of("auto", "fused_linear", "logits"),
+    "dist": _one_of("ddp", "fsdp"),
     "save_every": (_int(0)[0], "an integer >= 0 (0: only at the end)"),
     "resume": (_resume_ok, "empty, a checkpoint file, or a run directory holding ckpt.pt"),
     "compare": _flag(),

@@ -8,6 +8,9 @@ import resource
 from typing import Dict, List
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,12 +65,26 @@ def peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def save_checkpoint(path: str, step: int, lm, ref_lm, optimizer, gens: Dict[str, torch.Generator], cfg):
+    """Called on every rank (under FSDP2 the full weights and optimizer state are gathered from the
+    shards, a collective); rank 0 writes. The model and the optimizer are saved as full state dicts
+    keyed by parameter name (torch.distributed.checkpoint's ``get_state_dict``), the same file
+    whether the run was one process, DDP or FSDP2: any of them resumes from it."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the full tensors, on rank 0 only
+    model_state = get_model_state_dict(lm.model, options=opts)
+    optim_state = get_optimizer_state_dict(lm.model, optimizer, options=opts)
+    if not _is_main():
+        return
     state = {
         "step": step,
-        "model": lm.model.state_dict(),
+        "model": model_state,
         "ref_model": None if ref_lm is None else ref_lm.model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optim_state,
+        "optimizer_keys": "names",
         "generators": {k: g.get_state() for k, g in gens.items()},
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -80,13 +97,21 @@ def save_checkpoint(path: str, step: int, lm, ref_lm, optimizer, gens: Dict[str,
 
 
 def load_checkpoint(path: str, lm, ref_lm, optimizer, gens: Dict[str, torch.Generator]) -> int:
+    """Every rank reads the file; under FSDP2 each keeps its shard of the weights and optimizer state."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    lm.model.load_state_dict(state["model"])
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(lm.model, state["model"], options=opts)
     if ref_lm is not None and state["ref_model"] is not None:
         ref_lm.model.load_state_dict(state["ref_model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("optimizer_keys") == "names":
+        set_optimizer_state_dict(lm.model, optimizer, state["optimizer"], options=opts)
+    else:  # written before the checkpoints keyed the optimizer state by name: by position, one process only
+        if any(isinstance(p, DTensor) for p in lm.parameters()):
+            raise ValueError(f"{path}: this checkpoint's optimizer state is keyed by position (an older format); "
+                             "resume it without --dist fsdp")
+        optimizer.load_state_dict(state["optimizer"])
     for k, g in gens.items():
         g.set_state(state["generators"][k])
     torch.set_rng_state(state["torch_rng"])

@@ -15,6 +15,7 @@ Run it:
     python -m grpo_fast train --out runs/demo                     # built-in task, ~1 min on 2 cores
     python -m grpo_fast train --out runs/cmp --compare            # fused loss vs the eager reference, ~3 min
     torchrun --nproc_per_node 2 -m grpo_fast train --out runs/ddp # DistributedDataParallel (gloo / nccl)
+    torchrun --nproc_per_node 2 -m grpo_fast train --dist fsdp --out runs/fsdp  # FSDP2 (fully_shard)
     python examples/hf_llama_reverse.py                           # any Hugging Face causal LM
 
 From Python: ``train(TrainConfig(...), model=my_causal_lm, task=my_task)``; the model is any
@@ -24,7 +25,10 @@ logits, or an object with ``.logits``).
 Distributed: the P prompts of a step are split across ranks (each rank holds whole groups, so the
 advantages are the single-process ones); the dapo/cispo normalizer (the number of completion tokens
 of the whole step) is summed over ranks with all_reduce and passed as ``num_items_in_batch``.
-DDP averages gradients over ranks, so those losses are multiplied by the world size.
+DDP averages gradients over ranks, so those losses are multiplied by the world size. ``--dist fsdp``
+shards the model with FSDP2 instead (``wrap_policy``), which averages the same way; the fused-linear
+loss is computed inside the FSDP root's forward (``CausalLM.forward(..., head_loss=...)``), where the
+LM head's weight is all-gathered, and sampling runs on gathered weights (``gathered``).
 """
 from __future__ import annotations
 
@@ -35,13 +39,14 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import grpo_fast
 
@@ -79,6 +84,72 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def transformer_blocks(model: nn.Module) -> List[nn.Module]:
+    """The repeated layers FSDP2 shards one by one: TinyGPT's ``blocks``, a Hugging Face model's
+    modules of the classes it names in ``_no_split_modules`` (LlamaDecoderLayer ...); none for any
+    other model (then the whole model is one FSDP unit: correct, but every parameter is gathered at once)."""
+    if isinstance(model, TinyGPT):
+        return list(model.blocks)
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def wrap_policy(lm: "CausalLM", cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
+    """The module the update calls: ``lm`` itself in one process; with several, DDP (``--dist ddp``)
+    or FSDP2 (``--dist fsdp``: ``fully_shard`` on every transformer block, then on ``lm``, the root,
+    which holds the embeddings and the LM head; fp32 throughout, no mixed-precision policy). FSDP2
+    shards ``lm`` in place (its parameters become DTensors split on dim 0) and returns it: create the
+    optimizer after this call."""
+    if world == 1:
+        return lm
+    if cfg.dist == "ddp":
+        return nn.parallel.DistributedDataParallel(lm)
+    if cfg.dist != "fsdp":
+        raise ValueError(f"dist must be 'ddp' or 'fsdp', got {cfg.dist!r}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world,))
+    for block in transformer_blocks(lm.model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(lm, mesh=mesh)
+    # FSDP2 picks its root at the first forward through an FSDP module; sampling calls the inner
+    # model directly (under ``gathered``), so settle the root now: ``lm``.
+    lm._get_fsdp_state()._lazy_init()
+    return lm
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+@contextmanager
+def gathered(lm: nn.Module):
+    """Every parameter of an FSDP2-sharded ``lm`` all-gathered for the duration (no-grad passes that
+    call the inner model directly: sampling with the KV cache, HF ``generate``, the old log-probs),
+    and sharded again after. A no-op for an unsharded model."""
+    if not is_fsdp(lm):
+        yield
+        return
+    units = [m for m in lm.modules() if is_fsdp(m)]
+    lm.set_reshard_after_forward(False)  # the blocks' own forward hooks must not reshard inside
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        # Reshard everything and clear the forward order the blocks' hooks recorded meanwhile (FSDP2
+        # would otherwise take it for the training forward's and prefetch the wrong blocks in backward).
+        lm.reset_iter_state()
+        lm.set_reshard_after_forward(True)
+        lm.set_reshard_after_forward(False, recurse=False)  # FSDP2's choice for the root: kept until backward
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """torch's clip_grad_norm_, as a float (under FSDP2 the norm is a DTensor over the shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
     """nanoGPT's device-agnostic switch: nullcontext for float32, torch.autocast for bfloat16."""
     if cfg.dtype == "float32":
@@ -105,8 +176,8 @@ class CausalLM(nn.Module):
     Three kinds of model: the built-in ``TinyGPT`` (KV cache, ``return_hidden``), a Hugging Face
     ``*ForCausalLM`` (``generate``, ``base_model`` + ``get_output_embeddings``), or any module whose
     forward(input_ids) returns logits (no cache, no head: the logits path). This wrapper is what
-    DistributedDataParallel wraps, so the hidden-state forward of the fused-linear path still goes
-    through DDP's forward (which arms its gradient all-reduce).
+    DistributedDataParallel wraps and FSDP2's root: the fused-linear loss runs inside its forward
+    (``head_loss``), which arms DDP's gradient all-reduce and is where FSDP2 has gathered the LM head.
     """
 
     def __init__(self, model: nn.Module):
@@ -127,12 +198,18 @@ class CausalLM(nn.Module):
             return head if isinstance(head, nn.Linear) else None
         return None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, hidden: bool = False):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, hidden: bool = False,
+                head_loss=None):
         """input_ids: (B, S) = prompt + completion[:, :-1]; attention_mask (B, S) (0 on left padding).
 
         Returns the last ``n_completion`` positions: logits (B, T, V), or hidden states (B, T, H)
         before the LM head when ``hidden``; position S - T + t scores completion token t.
+        ``head_loss``: a function (hidden (B, T, H), lm_head) -> anything, called here, inside this
+        module's forward, and its result returned: the fused-linear loss reads the LM head's weight
+        there, where FSDP2 has all-gathered it (between forward and backward it is a shard).
         """
+        if head_loss is not None:
+            return head_loss(self.forward(input_ids, attention_mask, n_completion, hidden=True), self.lm_head())
         T = n_completion
         if self.is_tiny:
             h = self.model(input_ids, return_hidden=True)[:, -T:]
@@ -349,20 +426,24 @@ def loss_options(cfg: TrainConfig) -> dict:
 
 
 def micro_batch_loss(policy: nn.Module, lm: CausalLM, batch: dict, rows: slice, cfg: TrainConfig, path: str,
-                     num_items: float):
-    """The GRPO loss of rows ``rows`` of the batch. ``policy`` is ``lm`` or its DDP wrapper."""
+                     num_items: float, loss_scale: float = 1.0):
+    """The GRPO loss of rows ``rows`` of the batch. ``policy`` is ``lm`` or its DDP wrapper.
+    ``loss_scale``: what the caller multiplies the loss by before backward (the kernels fold it in)."""
     ids, mask = batch["completion_ids"][rows], batch["completion_mask"][rows]
     T = ids.shape[1]
     per_call = dict(old_logp=None if batch["old_logp"] is None else batch["old_logp"][rows],
                     ref_logp=None if batch["ref_logp"] is None else batch["ref_logp"][rows],
                     completion_mask=mask, max_completion_length=batch["max_completion_length"],
-                    num_items_in_batch=num_items if LOSS_TABLE[cfg.loss_type].uses_num_items else None)
+                    num_items_in_batch=num_items if LOSS_TABLE[cfg.loss_type].uses_num_items else None,
+                    loss_scale=loss_scale)
     adv = batch["advantages"][rows]
     if path == "fused_linear":
-        hidden = policy(batch["input_ids"][rows], batch["attention_mask"][rows], T, hidden=True)
-        head = lm.lm_head()
-        return grpo_fast.fused_linear_grpo_loss(hidden, head.weight, ids, adv, bias=head.bias, logit_scale=lm.logit_scale,
-                                                logit_softcap=lm.logit_softcap, **per_call, **loss_options(cfg))
+        # Called inside the policy's forward: under FSDP2 the LM head's weight is all-gathered there,
+        # and its gradient goes back through FSDP's reduce-scatter to the shards (DDP: the all-reduce).
+        def head_loss(hidden, head):
+            return grpo_fast.fused_linear_grpo_loss(hidden, head.weight, ids, adv, bias=head.bias, logit_scale=lm.logit_scale,
+                                                    logit_softcap=lm.logit_softcap, **per_call, **loss_options(cfg))
+        return policy(batch["input_ids"][rows], batch["attention_mask"][rows], T, head_loss=head_loss)
     logits = policy(batch["input_ids"][rows], batch["attention_mask"][rows], T)
     # inplace: the kernel turns the logits into their gradient; safe when they are the fresh output of
     # the LM head (a Linear does not keep its output for backward) — not when a softcap made them.
@@ -382,18 +463,20 @@ def accumulate_gradients(policy: nn.Module, lm: CausalLM, batch: dict, cfg: Trai
     # dapo / cispo normalize by the completion tokens of the whole step: every micro-batch, every rank.
     num_items = float(all_reduce_sum(batch["completion_mask"].sum().reshape(1).double()).item())
     sum_normalized = LOSS_TABLE[cfg.loss_type].uses_num_items
-    # DDP averages gradients over ranks: a sum-normalized loss is multiplied back by the world size;
+    # DDP and FSDP2 average gradients over ranks: a sum-normalized loss is multiplied back by the world size;
     # a per-micro-batch mean is divided by the number of micro-batches.
     scale = float(world) if sum_normalized else 1.0 / len(chunks)
     logs: Dict[str, float] = {"loss": 0.0}
     n_tok = max(float(batch["completion_mask"].sum()), 1.0)
     for i, rows in enumerate(chunks):
         last = i == len(chunks) - 1
-        # Only the last micro-batch all-reduces gradients (DDP's no_sync for the others).
+        # Only the last micro-batch all-reduces (DDP: no_sync for the others) or reduce-scatters (FSDP2).
         sync = nullcontext() if (last or not hasattr(policy, "no_sync")) else policy.no_sync()
+        if is_fsdp(policy):
+            policy.set_requires_gradient_sync(last)
         with sync:
             with autocast(cfg, batch["completion_ids"].device):
-                loss, metrics = micro_batch_loss(policy, lm, batch, rows, cfg, path, num_items)
+                loss, metrics = micro_batch_loss(policy, lm, batch, rows, cfg, path, num_items, scale)
             (loss * scale).backward()
         logs["loss"] += float(loss.detach()) * scale
         tok = float(batch["completion_mask"][rows].sum())
@@ -408,7 +491,7 @@ def update(policy: nn.Module, lm: CausalLM, optimizer, batch: dict, cfg: TrainCo
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         it = accumulate_gradients(policy, lm, batch, cfg, path, world)
-        it["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm))
+        it["grad_norm"] = clip_grad_norm(lm.parameters(), cfg.max_grad_norm)
         optimizer.step()
         for k, v in it.items():
             logs[k] = logs.get(k, 0.0) + v / cfg.num_iterations
@@ -539,10 +622,10 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
     if not cfg.resume:
         warmup_loss, warmup_done, warmup_reward = supervised_warmup(lm, task, cfg, gens["prompts"], device, rank)
     ref_lm = CausalLM(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.beta != 0 else None
+    policy = wrap_policy(lm, cfg, world, device)  # FSDP2 shards lm's parameters: the optimizer comes after
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     if cfg.resume:
         start_step = load_checkpoint(cfg.resume, lm, ref_lm, optimizer, gens)
-    policy = nn.parallel.DistributedDataParallel(lm) if world > 1 else lm
     path = resolve_loss_path(lm, cfg)
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
@@ -567,7 +650,8 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        batch = rollout(lm, ref_lm, task, cfg, gens["prompts"], gens["sample"], rank, world, device)
+        with gathered(lm):  # FSDP2: sampling and the old log-probs call the inner model on full weights
+            batch = rollout(lm, ref_lm, task, cfg, gens["prompts"], gens["sample"], rank, world, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
@@ -594,15 +678,15 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
             if bar is not None:
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}", step_s=f"{row['step_time_s']:.3f}")
                 bar.update(1)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and is_main:
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:  # every rank: FSDP gathers
             save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), step, lm, ref_lm, optimizer, gens, cfg)
     if bar is not None:
         bar.close()
     train_time = time.perf_counter() - t_train
 
     summary = {}
+    save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), cfg.steps, lm, ref_lm, optimizer, gens, cfg)  # rank 0 writes
     if is_main:
-        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), cfg.steps, lm, ref_lm, optimizer, gens, cfg)
         rewards = [r["reward_mean"] for r in rows]
         first, last = tenth_means(rewards) if rewards else (float("nan"), float("nan"))
         times = sorted(r["step_time_s"] for r in rows)

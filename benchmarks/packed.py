@@ -1,0 +1,144 @@
+"""Packed rows and masked rows: the loss does work in proportion to the valid tokens.
+
+    python -m benchmarks packed [--quick] [--backend cpu] [--shape B,T,V] [--padding 0.3] [--repeats 7]
+
+The same GRPO batch (dapo, token level; and GSPO, sequence level), B sequences of random lengths
+with a fraction ``--padding`` of the (B, T) grid padding, three ways, fwd+bwd of ``grpo_fast.grpo_loss``:
+
+    padded, all rows swept   (B, T, V) logits with completion_mask = all ones: what a kernel that
+                             sweeps every row pays (the reference point, 1.00x)
+    padded, masked           (B, T, V) logits with the real completion_mask: masked rows are not
+                             read and get a zero gradient
+    packed                   (N, V) logits of the valid tokens only, with cu_seqlens (N = valid tokens)
+
+The primitives issue's target: the packed and masked paths take ≤ 0.8x the all-rows time at 30%
+padding (the work left is 70%). Time: median of ``--repeats`` runs after one warm-up, the three
+interleaved (round-robin); in-place runs (the gradient written into the logits) restore their
+input untimed before each run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from . import common
+
+FULL_SHAPE = (16, 512, 32000)
+QUICK_SHAPE = (8, 32, 2048)
+TARGET = 0.8
+
+
+def _batch(B: int, T: int, V: int, padding: float, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    # lengths spread around (1 - padding)·T, clamped to [1, T], then adjusted to hit the padding exactly
+    lengths = ((1 - padding) * T * (0.5 + torch.rand(B, generator=g))).round().clamp(1, T).long()
+    target = round((1 - padding) * B * T)
+    i = 0
+    while int(lengths.sum()) != target:
+        step = 1 if int(lengths.sum()) < target else -1
+        if 1 <= int(lengths[i % B]) + step <= T:
+            lengths[i % B] += step
+        i += 1
+    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    old = torch.log_softmax(logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    old = old + 0.2 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    valid = mask.bool()
+    cu = torch.zeros(B + 1, dtype=torch.int64)
+    cu[1:] = lengths.cumsum(0)
+    packed = {"logits": logits[valid].contiguous(), "ids": ids[valid], "old": old[valid], "cu": cu}
+    return {"logits": logits, "ids": ids, "old": old, "mask": mask, "adv": adv, "packed": packed,
+            "padding": 1 - float(mask.mean())}
+
+
+def run(shape, dtype: str, backend: str, padding: float, repeats: int, levels=("token", "sequence")):
+    import grpo_fast
+
+    B, T, V = shape
+    x = _batch(B, T, V, padding, common.DTYPES[dtype])
+    p = x["packed"]
+    ones = torch.ones_like(x["mask"])
+    rows = []
+    for level in levels:
+        kw = {"importance_sampling_level": level, "backend": backend, "inplace": True}
+        arms = {
+            "padded, all rows swept": (x["logits"], lambda z: grpo_fast.grpo_loss(
+                z, x["ids"], x["adv"], old_logp=x["old"], completion_mask=ones, **kw)),
+            "padded, masked": (x["logits"], lambda z: grpo_fast.grpo_loss(
+                z, x["ids"], x["adv"], old_logp=x["old"], completion_mask=x["mask"], **kw)),
+            "packed (cu_seqlens)": (p["logits"], lambda z: grpo_fast.grpo_loss(
+                z, p["ids"], x["adv"], old_logp=p["old"], cu_seqlens=p["cu"], **kw)),
+        }
+        work = {k: src.clone() for k, (src, _) in arms.items()}
+
+        def setup(k):
+            def f():
+                w = work[k]
+                w.grad = None
+                with torch.no_grad():
+                    w.copy_(arms[k][0])
+                return w.requires_grad_()
+            return f
+
+        def step(fn):
+            return lambda z: fn(z)[0].backward()
+
+        times = {k: [] for k in arms}
+        for k, (_, fn) in arms.items():
+            step(fn)(setup(k)())  # warm-up
+        for _ in range(repeats):
+            for k, (_, fn) in arms.items():
+                times[k].extend(common.time_fn(step(fn), setup=setup(k), repeats=1, warmup=0).times)
+        base = sorted(times["padded, all rows swept"])[repeats // 2]
+        for k in arms:
+            med = sorted(times[k])[repeats // 2]
+            rows.append({"level": level, "layout": k, "ms": med * 1e3,
+                         "spread": (max(times[k]) - min(times[k])) / med if med else 0.0,
+                         "vs_all_rows": med / base})
+    return rows, x["padding"]
+
+
+COLUMNS = [("level", "level", ""), ("layout", "layout", ""), ("ms", "fwd+bwd ms", ".1f"),
+           ("spread", "spread", ".0%"), ("vs_all_rows", "vs all rows", lambda v: f"{v:.2f}x")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks packed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"B,T,V = {QUICK_SHAPE} (seconds)")
+    p.add_argument("--device", default="cpu", choices=["cpu"])
+    p.add_argument("--backend", default="cpu")
+    p.add_argument("--shape", default=None, help="B,T,V (default %s)" % ",".join(map(str, FULL_SHAPE)))
+    p.add_argument("--padding", type=float, default=0.3)
+    p.add_argument("--dtype", default="fp32", choices=list(common.DTYPES))
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out-dir", default="bench_results")
+    p.add_argument("--no-save", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    shape = (tuple(int(v) for v in args.shape.split(",")) if args.shape
+             else (QUICK_SHAPE if args.quick else FULL_SHAPE))
+    repeats = args.repeats or (3 if args.quick else 7)
+    rows, pad = run(shape, args.dtype, args.backend, args.padding, repeats)
+    print(f"B,T,V = {shape}, {args.dtype}, backend={args.backend}, padding {pad:.1%} of the (B, T) grid")
+    print(common.format_table(rows, COLUMNS))
+    print(f"time: median of {repeats} fwd+bwd runs (in place), layouts interleaved; target: masked and packed "
+          f"<= {TARGET}x the all-rows time at 30% padding.")
+    if not args.no_save:
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, f"packed_{args.backend}_{args.dtype}.json")
+        common.write_json(path, {"machine": common.machine_info(args.device), "shape": shape, "padding": pad,
+                                 "rows": rows})
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
