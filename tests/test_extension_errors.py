@@ -53,5 +53,5 @@ def test_cpu_keywords_are_strict():
         cpu_backend._C_cpu.token_logprobs(**{k: v for k, v in kw.items() if k != "nthreads"})
     with pytest.raises(TypeError, match="grpo_fast._C_cpu: unexpected argument lse"):
         cpu_backend._C_cpu.token_logprobs(**kw, lse=0)  # token_logprobs takes no lse (logprobs_fwd does)
-    with pytest.raises(ValueError, match="grpo_fast._C_cpu: null pointer"):
+    with pytest.raises(ValueError, match="grpo_fast._C_cpu: logprobs_fwd: lse is required"):
         cpu_backend._C_cpu.logprobs_fwd(**kw, tau_rows=0, lse=0)

@@ -37,6 +37,7 @@ class Kw {
     if (o.is_none()) return nullptr;
     return reinterpret_cast<P*>(o.cast<uintptr_t>());
   }
+  std::string module() const { return module_; }
   void done() const {
     for (auto it : kw_) {
       const std::string k = py::str(it.first);
@@ -85,13 +86,19 @@ inline LossParams loss_params(Kw& kw) {
   return p;
 }
 
-inline LossArgs loss_args(Kw& kw) {
-  LossArgs a;
+// What the two gradient-writing calls share: the logits, the gradient (pointer and B/T strides), the ids.
+template <typename Args>
+void logits_grad_ids(Kw& kw, Args& a) {
   a.logits = logits_view(kw);
   a.grad = kw.ptr<void>("grad");
   a.grad_stride_b = kw.get<int64_t>("grad_stride_b");
   a.grad_stride_t = kw.get<int64_t>("grad_stride_t");
   a.ids = kw.ptr<const int64_t>("ids");
+}
+
+inline LossArgs loss_args(Kw& kw) {
+  LossArgs a;
+  logits_grad_ids(kw, a);
   a.mask = kw.ptr<const float>("mask");
   a.weight = kw.ptr<const float>("weight");
   a.advantages = kw.ptr<const float>("advantages");
@@ -124,16 +131,13 @@ inline LogprobArgs logprob_args(Kw& kw, bool with_lse) {
   }
   a.logp = kw.ptr<float>("logp");
   a.entropy = kw.ptr<float>("entropy");
+  if (with_lse && !a.lse) throw py::value_error(kw.module() + ": logprobs_fwd: lse is required");
   return a;
 }
 
 inline LogprobGradArgs logprob_grad_args(Kw& kw) {
   LogprobGradArgs a;
-  a.logits = logits_view(kw);
-  a.grad = kw.ptr<void>("grad");
-  a.grad_stride_b = kw.get<int64_t>("grad_stride_b");
-  a.grad_stride_t = kw.get<int64_t>("grad_stride_t");
-  a.ids = kw.ptr<const int64_t>("ids");
+  logits_grad_ids(kw, a);
   a.temperature = kw.get<double>("temperature");
   a.tau_rows = kw.ptr<const float>("tau_rows");
   a.lse = kw.ptr<const float>("lse");
@@ -143,7 +147,7 @@ inline LogprobGradArgs logprob_grad_args(Kw& kw) {
   return a;
 }
 
-// Docstrings shared by both extensions' functions of the same name.
+// Docstrings of the functions def_kernel_calls defines.
 constexpr const char* kFusedLossDoc =
     "The fused GRPO loss over logits (B, T, V): logp (B, T) f32, the stats sums (NUM_STATS,) f32 and, when "
     "grad != 0, d loss / d logits for grad_output = 1 (grpo_fast/backends/_native.py builds the keywords).";
@@ -154,6 +158,46 @@ constexpr const char* kLogprobsFwdDoc =
 constexpr const char* kLogprobsBwdDoc =
     "grpo_fast.logprobs backward: grad (B, T, V) = (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ from the "
     "saved two-part lse (B, T, 2); g_logp / g_entropy (B, T) f32 or 0. grad may equal logits.";
+
+// One call: the struct's keywords (parse), the extension's execution keywords, nothing else; then
+// run(args, context) without the GIL.
+template <typename Ext, typename Parse, typename Run>
+void run_call(const py::kwargs& kwargs, const char* module, bool fused, Parse parse, Run run) {
+  Kw kw(kwargs, module);
+  const auto a = parse(kw);
+  const auto c = Ext::context(kw, fused);
+  kw.done();
+  py::gil_scoped_release nogil;
+  run(a, c);
+}
+
+// Defines fused_loss, token_logprobs, logprobs_fwd and logprobs_bwd on the module m, the same in both
+// extensions: the keywords of grpo_args.h's structs, then the extension's own execution keywords,
+// then (without the GIL) the extension's call. Ext provides
+//   Context Ext::context(Kw&, bool fused)    reads its execution keywords (fused: those of fused_loss)
+//   Ext::fused_loss(const LossArgs&, const Context&)
+//   Ext::logprobs_fwd(const LogprobArgs&, const Context&)     (token_logprobs: tau_rows = lse = null)
+//   Ext::logprobs_bwd(const LogprobGradArgs&, const Context&)
+// each checking what Python promised (internal asserts: grpo_fast/validation.py checked the user's input).
+template <typename Ext>
+void def_kernel_calls(py::module_& m, const char* module) {
+  m.def("fused_loss", [module](py::kwargs kw) { run_call<Ext>(kw, module, true, loss_args, Ext::fused_loss); },
+        kFusedLossDoc);
+  m.def(
+      "token_logprobs",
+      [module](py::kwargs kw) {
+        run_call<Ext>(kw, module, false, [](Kw& k) { return logprob_args(k, false); }, Ext::logprobs_fwd);
+      },
+      kTokenLogprobsDoc);
+  m.def(
+      "logprobs_fwd",
+      [module](py::kwargs kw) {
+        run_call<Ext>(kw, module, false, [](Kw& k) { return logprob_args(k, true); }, Ext::logprobs_fwd);
+      },
+      kLogprobsFwdDoc);
+  m.def("logprobs_bwd", [module](py::kwargs kw) { run_call<Ext>(kw, module, false, logprob_grad_args, Ext::logprobs_bwd); },
+        kLogprobsBwdDoc);
+}
 
 }  // namespace bindings
 }  // namespace grpo_fast

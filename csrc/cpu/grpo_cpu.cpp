@@ -425,6 +425,39 @@ static void check_logits(const LogitsView& l) {
   check(l.B > 0 && l.T > 0 && l.V > 0, "B, T, V must be > 0");
 }
 
+// What grpo_bindings.h's def_kernel_calls runs: the internal asserts (grpo_fast/validation.py has
+// checked the user's arguments), then the kernels on `nthreads` OpenMP threads.
+struct CpuCalls {
+  static int context(bindings::Kw& kw, bool /*fused*/) { return std::max(1, kw.get<int>("nthreads")); }
+
+  static void fused_loss(const LossArgs& a, int nthreads) {
+    const LogitsView& l = a.logits;
+    check_logits(l);
+    check(a.ids && a.mask && a.weight && a.logp && a.stats, "null pointer");
+    check((a.advantages != nullptr) != (a.rewards != nullptr), "exactly one of advantages and rewards");
+    check(!a.rewards || (a.group_size >= 2 && l.B % a.group_size == 0), "group_size must divide B and be >= 2");
+    check(a.params.beta == 0.f || a.ref_logp, "ref_logp is required when beta != 0");
+    check(a.params.level == TOKEN || a.params.level == SEQUENCE, "level must be 0 or 1");
+    check(a.temperature > 0.0, "temperature must be > 0");
+    fused_loss_impl(a, nthreads);
+  }
+
+  static void logprobs_fwd(const LogprobArgs& a, int nthreads) {
+    check_logits(a.logits);
+    check(a.ids && a.logp, "null pointer");
+    check(a.tau_rows || a.temperature > 0.0, "temperature must be > 0");
+    logprobs_fwd_impl(a, nthreads);
+  }
+
+  static void logprobs_bwd(const LogprobGradArgs& a, int nthreads) {
+    check_logits(a.logits);
+    check(a.grad && a.ids && a.lse, "null pointer");
+    check(!a.g_entropy || a.entropy, "the entropy gradient needs the saved entropy");
+    check(a.tau_rows || a.temperature > 0.0, "temperature must be > 0");
+    logprobs_bwd_impl(a, nthreads);
+  }
+};
+
 }  // namespace cpu
 }  // namespace grpo_fast
 
@@ -435,59 +468,8 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "grpo_fast CPU kernels (raw pointers from grpo_fast/backends/cpu.py; no torch ABI)";
 
   // One binding style with grpo_fast._C_cuda (csrc/common/grpo_bindings.h): the keywords of
-  // grpo_args.h's structs, plus nthreads (torch.get_num_threads()). Internal asserts only:
-  // grpo_fast/validation.py has checked the user's arguments.
-  m.def(
-      "fused_loss",
-      [](py::kwargs kwargs) {
-        bindings::Kw kw(kwargs, kModule);
-        const LossArgs a = bindings::loss_args(kw);
-        const int nthreads = kw.get<int>("nthreads");
-        kw.done();
-        const LogitsView& l = a.logits;
-        check_logits(l);
-        check(a.ids && a.mask && a.weight && a.logp && a.stats, "null pointer");
-        check((a.advantages != nullptr) != (a.rewards != nullptr), "exactly one of advantages and rewards");
-        check(!a.rewards || (a.group_size >= 2 && l.B % a.group_size == 0), "group_size must divide B and be >= 2");
-        check(a.params.beta == 0.f || a.ref_logp, "ref_logp is required when beta != 0");
-        check(a.params.level == TOKEN || a.params.level == SEQUENCE, "level must be 0 or 1");
-        check(a.temperature > 0.0, "temperature must be > 0");
-        py::gil_scoped_release nogil;
-        fused_loss_impl(a, std::max(1, nthreads));
-      },
-      bindings::kFusedLossDoc);
-
-  // token_logprobs is the log-prob forward with no per-token temperatures and no lse.
-  auto logprobs_forward = [](py::kwargs kwargs, bool with_lse) {
-    bindings::Kw kw(kwargs, kModule);
-    const LogprobArgs a = bindings::logprob_args(kw, with_lse);
-    const int nthreads = kw.get<int>("nthreads");
-    kw.done();
-    check_logits(a.logits);
-    check(a.ids && a.logp && (a.lse || !with_lse), "null pointer");
-    check(a.tau_rows || a.temperature > 0.0, "temperature must be > 0");
-    py::gil_scoped_release nogil;
-    logprobs_fwd_impl(a, std::max(1, nthreads));
-  };
-  m.def("token_logprobs", [logprobs_forward](py::kwargs kw) { logprobs_forward(kw, false); },
-        bindings::kTokenLogprobsDoc);
-  m.def("logprobs_fwd", [logprobs_forward](py::kwargs kw) { logprobs_forward(kw, true); }, bindings::kLogprobsFwdDoc);
-
-  m.def(
-      "logprobs_bwd",
-      [](py::kwargs kwargs) {
-        bindings::Kw kw(kwargs, kModule);
-        const LogprobGradArgs a = bindings::logprob_grad_args(kw);
-        const int nthreads = kw.get<int>("nthreads");
-        kw.done();
-        check_logits(a.logits);
-        check(a.grad && a.ids && a.lse, "null pointer");
-        check(!a.g_entropy || a.entropy, "the entropy gradient needs the saved entropy");
-        check(a.tau_rows || a.temperature > 0.0, "temperature must be > 0");
-        py::gil_scoped_release nogil;
-        logprobs_bwd_impl(a, std::max(1, nthreads));
-      },
-      bindings::kLogprobsBwdDoc);
+  // grpo_args.h's structs, plus nthreads (torch.get_num_threads()).
+  bindings::def_kernel_calls<CpuCalls>(m, kModule);
 
   m.def("isa", []() { return std::string(g_kernels.load()->name); },
         "The instruction set the row kernels use now: 'avx512', 'avx2' or 'generic'.");

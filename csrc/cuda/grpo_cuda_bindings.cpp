@@ -22,18 +22,23 @@ namespace {
 
 constexpr const char* kModule = "grpo_fast._C_cuda";
 
-// The CUDA-only keywords: device and stream, and the fused loss's workspace.
-Context context(Kw& kw, bool with_scratch) {
-  Context c;
-  if (with_scratch) {
-    c.scratch = kw.ptr<float>("scratch");
-    c.scratch_floats = kw.get<int64_t>("scratch_floats");
+// What grpo_bindings.h's def_kernel_calls runs: the CUDA-only keywords (device and stream, and the
+// fused loss's workspace), then the launchers of grpo_cuda_kernels.cu (which check their arguments).
+struct CudaCalls {
+  static Context context(Kw& kw, bool fused) {
+    Context c;
+    if (fused) {
+      c.scratch = kw.ptr<float>("scratch");
+      c.scratch_floats = kw.get<int64_t>("scratch_floats");
+    }
+    c.device = kw.get<int32_t>("device");
+    c.stream = kw.ptr<void>("stream");
+    return c;
   }
-  c.device = kw.get<int32_t>("device");
-  c.stream = kw.ptr<void>("stream");
-  kw.done();
-  return c;
-}
+  static void fused_loss(const LossArgs& a, const Context& c) { cuda::fused_loss(a, c); }
+  static void logprobs_fwd(const LogprobArgs& a, const Context& c) { cuda::token_logprobs(a, c); }
+  static void logprobs_bwd(const LogprobGradArgs& a, const Context& c) { cuda::logprobs_backward(a, c); }
+};
 
 }  // namespace
 
@@ -56,40 +61,7 @@ PYBIND11_MODULE(GF_CUDA_MODULE, m) {
       py::arg("B"), py::arg("T"), py::arg("level"), py::arg("has_rewards"), py::arg("want_grad"),
       "Float32 elements of device workspace fused_loss needs.");
 
-  m.def(
-      "fused_loss",
-      [](py::kwargs kwargs) {
-        Kw kw(kwargs, kModule);
-        const LossArgs a = bindings::loss_args(kw);
-        const Context c = context(kw, true);
-        py::gil_scoped_release release;  // launches only, but a blocking launch must not hold the GIL
-        fused_loss(a, c);
-      },
-      bindings::kFusedLossDoc);
-
-  // token_logprobs is the log-prob forward with no per-token temperatures and no lse.
-  auto logprobs_forward = [](py::kwargs kwargs, bool with_lse) {
-    Kw kw(kwargs, kModule);
-    const LogprobArgs a = bindings::logprob_args(kw, with_lse);
-    const Context c = context(kw, false);
-    if (with_lse && !a.lse) throw py::value_error("logprobs_fwd: lse is required");
-    py::gil_scoped_release release;
-    token_logprobs(a, c);
-  };
-  m.def("token_logprobs", [logprobs_forward](py::kwargs kw) { logprobs_forward(kw, false); },
-        bindings::kTokenLogprobsDoc);
-  m.def("logprobs_fwd", [logprobs_forward](py::kwargs kw) { logprobs_forward(kw, true); }, bindings::kLogprobsFwdDoc);
-
-  m.def(
-      "logprobs_bwd",
-      [](py::kwargs kwargs) {
-        Kw kw(kwargs, kModule);
-        const LogprobGradArgs a = bindings::logprob_grad_args(kw);
-        const Context c = context(kw, false);
-        py::gil_scoped_release release;
-        logprobs_backward(a, c);
-      },
-      bindings::kLogprobsBwdDoc);
+  bindings::def_kernel_calls<CudaCalls>(m, kModule);
 
   m.def(
       "token_terms",
@@ -104,7 +76,8 @@ PYBIND11_MODULE(GF_CUDA_MODULE, m) {
         const float* ratio = kw.ptr<const float>("ratio");
         float* out = kw.ptr<float>("out");
         const bool on_device = kw.get<bool>("on_device");
-        const Context c = context(kw, false);
+        const Context c = CudaCalls::context(kw, false);
+        kw.done();
         if (!logp || !ref || !adv || !isr || !ratio || !out) throw py::value_error("token_terms: every array is required");
         py::gil_scoped_release release;
         if (on_device) token_terms_device(p, n, logp, ref, adv, isr, ratio, out, c.device, c.stream);
