@@ -17,8 +17,16 @@
 
 #include "grpo_args.h"
 
+// Hidden, as pybind11's own namespace is (the parser holds pybind11 objects; a build without
+// -fvisibility=hidden, such as the tests' host-emulation one, would warn otherwise).
+#if defined(__GNUC__)
+#define GF_BINDINGS_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define GF_BINDINGS_HIDDEN
+#endif
+
 namespace grpo_fast {
-namespace bindings {
+namespace bindings GF_BINDINGS_HIDDEN {
 
 namespace py = pybind11;
 
