@@ -69,13 +69,12 @@ namespace cuda {
 
 // After every launch: a bad configuration or a missing kernel image (no SASS/PTX for this GPU)
 // surfaces here, synchronously, naming the kernel.
-#define GF_LAUNCH_CHECK(kernel_name)                                                                \
-  do {                                                                                              \
-    const cudaError_t gf_err_ = cudaGetLastError();                                                 \
-    if (gf_err_ != cudaSuccess)                                                                     \
-      throw std::runtime_error(std::string("grpo_fast CUDA error: launching " #kernel_name ": ") +  \
-                               cudaGetErrorString(gf_err_));                                        \
-  } while (0)
+static void check_launch(const char* kernel_name) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("grpo_fast CUDA error: launching ") + kernel_name + ": " + cudaGetErrorString(err));
+}
+#define GF_LAUNCH_CHECK(kernel_name) check_launch(#kernel_name)
 
 // Every kernel launch: kernel<<<grid, block, 0, stream>>>(args...), or a synchronous emulated launch.
 #if defined(GF_HOST_EMULATION)
@@ -820,32 +819,15 @@ static unsigned row_grid(int64_t N, int64_t row_bytes, int device, bool two_swee
   return (unsigned)(N < grid ? N : grid);
 }
 
+// A row kernel over the d.N token rows: row_grid() blocks (each loops over rows) of row_threads<T>(V)
+// threads. two_sweeps: the kernel rereads its row after the block's reduction (token level with a
+// gradient), so the rows in flight must fit in L2.
 template <typename T>
-static void launch_token_fused(const DevArgs& d, int device, cudaStream_t stream) {
-  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, d.grad != nullptr);
-  GF_LAUNCH(token_fused_kernel<T>, grid, row_threads<T>(d.V), stream, d);
-  GF_LAUNCH_CHECK(token_fused_kernel);
-}
-
-template <typename T>
-static void launch_logprob(const DevArgs& d, int device, cudaStream_t stream) {
-  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
-  GF_LAUNCH(logprob_kernel<T>, grid, row_threads<T>(d.V), stream, d);
-  GF_LAUNCH_CHECK(logprob_kernel);
-}
-
-template <typename T>
-static void launch_logprob_grad(const DevArgs& d, int device, cudaStream_t stream) {
-  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
-  GF_LAUNCH(logprob_grad_kernel<T>, grid, row_threads<T>(d.V), stream, d);
-  GF_LAUNCH_CHECK(logprob_grad_kernel);
-}
-
-template <typename T>
-static void launch_seq_grad(const DevArgs& d, int device, cudaStream_t stream) {
-  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
-  GF_LAUNCH(seq_grad_kernel<T>, grid, row_threads<T>(d.V), stream, d);
-  GF_LAUNCH_CHECK(seq_grad_kernel);
+static void launch_rows(void (*kernel)(const DevArgs), const char* name, const DevArgs& d, int device,
+                        cudaStream_t stream, bool two_sweeps) {
+  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, two_sweeps);
+  GF_LAUNCH(kernel, grid, row_threads<T>(d.V), stream, d);
+  check_launch(name);
 }
 
 // Calls f.template operator()<T>() with the logits' element type.
@@ -866,6 +848,26 @@ static void check_logits(const LogitsView& l) {
   GF_CHECK_POSITIVE(l.V);
   GF_REQUIRE(l.V <= (int64_t)INT32_MAX, "V must fit in int32 (in-row indices), got " + std::to_string(l.V));
   GF_CHECK_GRID(l.B);  // seq_row_kernel: one block per sequence (row kernels loop, any B·T)
+}
+
+// The row kernels' arguments with the logits view, the ids, τ (and k2 = log2(e)/τ) filled in, the
+// rest null / 0. grad: the gradient rows (pointer and B/T strides), or null.
+static DevArgs dev_args(const LogitsView& l, const int64_t* ids, double temperature, void* grad, int64_t grad_stride_b,
+                        int64_t grad_stride_t) {
+  DevArgs d{};
+  d.logits = l.ptr;
+  d.ids = ids;
+  d.N = l.B * l.T;
+  d.T = l.T;
+  d.V = l.V;
+  d.stride_b = l.stride_b;
+  d.stride_t = l.stride_t;
+  d.grad = grad;
+  d.grad_stride_b = grad_stride_b;
+  d.grad_stride_t = grad_stride_t;
+  d.tau = temperature;
+  d.k2 = (float)(1.4426950408889634 / temperature);
+  return d;
 }
 
 void fused_loss(const LossArgs& f, const Context& c) {
@@ -891,28 +893,16 @@ void fused_loss(const LossArgs& f, const Context& c) {
   DeviceGuard guard(c.device);
   cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
 
-  DevArgs d{};
-  d.logits = l.ptr;
-  d.grad = f.grad;
-  d.ids = f.ids;
+  DevArgs d = dev_args(l, f.ids, f.temperature, f.grad, f.grad_stride_b, f.grad_stride_t);
   d.mask = f.mask;
   d.weight = f.weight;
   d.old = f.old_logp;
   d.ref = f.params.beta != 0.f ? f.ref_logp : nullptr;
   d.isr = f.isr;
   d.logp = f.logp;
-  d.N = N;
-  d.T = T;
-  d.V = l.V;
-  d.stride_b = l.stride_b;
-  d.stride_t = l.stride_t;
-  d.grad_stride_b = f.grad_stride_b;
-  d.grad_stride_t = f.grad_stride_t;
   d.isr_sb = f.isr_per_token ? T : 1;
   d.isr_st = f.isr_per_token ? 1 : 0;
   d.p = f.params;
-  d.tau = f.temperature;
-  d.k2 = (float)(1.4426950408889634 / f.temperature);
   d.parts = c.scratch + S.parts;
 
   // 2. advantages: given, or from rewards in a one-block kernel ("fused advantage broadcast": a
@@ -932,7 +922,10 @@ void fused_loss(const LossArgs& f, const Context& c) {
 
   // 3. the passes over the logits
   if (f.params.level == TOKEN) {
-    dispatch_dtype(l.dtype, [&](auto tag) { launch_token_fused<decltype(tag)>(d, c.device, stream); });
+    dispatch_dtype(l.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_rows<T>(token_fused_kernel<T>, "token_fused_kernel", d, c.device, stream, want_grad);
+    });
     GF_LAUNCH(reduce_stats_kernel, 1, kReduceThreads, stream, d.parts, N, f.stats);
     GF_LAUNCH_CHECK(reduce_stats_kernel);
     return;
@@ -941,10 +934,17 @@ void fused_loss(const LossArgs& f, const Context& c) {
   d.log2s = c.scratch + S.log2s;
   d.entropy = c.scratch + S.entropy;
   d.gbuf = want_grad ? c.scratch + S.gbuf : nullptr;
-  dispatch_dtype(l.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, c.device, stream); });
+  dispatch_dtype(l.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_rows<T>(logprob_kernel<T>, "logprob_kernel", d, c.device, stream, false);
+  });
   GF_LAUNCH(seq_row_kernel, (unsigned)B, kSeqThreads, stream, d);
   GF_LAUNCH_CHECK(seq_row_kernel);
-  if (want_grad) dispatch_dtype(l.dtype, [&](auto tag) { launch_seq_grad<decltype(tag)>(d, c.device, stream); });
+  if (want_grad)
+    dispatch_dtype(l.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_rows<T>(seq_grad_kernel<T>, "seq_grad_kernel", d, c.device, stream, false);
+    });
   GF_LAUNCH(reduce_stats_kernel, 1, kReduceThreads, stream, d.parts, B, f.stats);
   GF_LAUNCH_CHECK(reduce_stats_kernel);
 }
@@ -955,23 +955,17 @@ void token_logprobs(const LogprobArgs& a, const Context& c) {
   GF_CHECK_PTR(a.logp);
   GF_REQUIRE(a.tau_rows != nullptr || a.temperature > 0.f, "temperature must be > 0");
   DeviceGuard guard(c.device);
-  DevArgs d{};
-  d.logits = a.logits.ptr;
-  d.ids = a.ids;
+  DevArgs d = dev_args(a.logits, a.ids, a.temperature, nullptr, 0, 0);
   d.logp = a.logp;
   d.entropy = a.entropy;
   d.lse = a.lse;
   d.tau_rows = a.tau_rows;
-  d.N = a.logits.B * a.logits.T;
-  d.T = a.logits.T;
-  d.V = a.logits.V;
-  d.stride_b = a.logits.stride_b;
-  d.stride_t = a.logits.stride_t;
   d.p.temperature = (float)a.temperature;
-  d.tau = a.temperature;
-  d.k2 = (float)(1.4426950408889634 / a.temperature);
   cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
-  dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, c.device, stream); });
+  dispatch_dtype(a.logits.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_rows<T>(logprob_kernel<T>, "logprob_kernel", d, c.device, stream, false);
+  });
 }
 
 void logprobs_backward(const LogprobGradArgs& a, const Context& c) {
@@ -982,25 +976,17 @@ void logprobs_backward(const LogprobGradArgs& a, const Context& c) {
   GF_REQUIRE(a.g_entropy == nullptr || a.entropy != nullptr, "the entropy gradient needs the saved entropy");
   GF_REQUIRE(a.tau_rows != nullptr || a.temperature > 0.0, "temperature must be > 0");
   DeviceGuard guard(c.device);
-  DevArgs d{};
-  d.logits = a.logits.ptr;
-  d.grad = a.grad;
-  d.ids = a.ids;
+  DevArgs d = dev_args(a.logits, a.ids, a.temperature, a.grad, a.grad_stride_b, a.grad_stride_t);
   d.entropy = const_cast<float*>(a.entropy);  // read only (DevArgs' entropy is an output elsewhere)
   d.lse = const_cast<float*>(a.lse);          // read only here
   d.tau_rows = a.tau_rows;
   d.g_logp = a.g_logp;
   d.g_ent = a.g_entropy;
-  d.N = a.logits.B * a.logits.T;
-  d.T = a.logits.T;
-  d.V = a.logits.V;
-  d.stride_b = a.logits.stride_b;
-  d.stride_t = a.logits.stride_t;
-  d.grad_stride_b = a.grad_stride_b;
-  d.grad_stride_t = a.grad_stride_t;
-  d.tau = a.temperature;
   cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
-  dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob_grad<decltype(tag)>(d, c.device, stream); });
+  dispatch_dtype(a.logits.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_rows<T>(logprob_grad_kernel<T>, "logprob_grad_kernel", d, c.device, stream, false);
+  });
 }
 
 void token_terms_host(const LossParams& p, int64_t n, const float* logp, const float* ref, const float* adv,
