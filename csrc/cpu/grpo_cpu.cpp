@@ -321,13 +321,15 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
 
   // Sums, sequentially in double in token order: the same bits for any thread count.
   double s[NUM_STATS] = {0.0};
-  for (int64_t n = 0; n < N; ++n) {
-    const double m = a.mask[n];
-    s[STAT_LOSS] += (double)a.weight[n] * (double)loss[n];
-    s[STAT_ENTROPY] += m * (double)ent[n];
-    s[STAT_KL] += m * (double)kl[n];
-    const uint8_t f = flags[n];
-    count_flags(s, f & FLAG_LOW, f & FLAG_HIGH, f & FLAG_CISPO, flag_weight(P.level, adv_per_token, n % T, a.mask[n]));
+  for (int64_t b = 0, n = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t, ++n) {
+      const double m = a.mask[n];
+      s[STAT_LOSS] += (double)a.weight[n] * (double)loss[n];
+      s[STAT_ENTROPY] += m * (double)ent[n];
+      s[STAT_KL] += m * (double)kl[n];
+      const uint8_t f = flags[n];
+      count_flags(s, f & FLAG_LOW, f & FLAG_HIGH, f & FLAG_CISPO, flag_weight(P.level, adv_per_token, t, a.mask[n]));
+    }
   }
   for (int i = 0; i < NUM_STATS; ++i) a.stats[i] = (float)s[i];
 }
