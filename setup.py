@@ -29,7 +29,7 @@ def cpu_extension():
         include_dirs=["csrc/common"],
         # rebuild when a header changes (build_ext only compares the .cpp otherwise)
         depends=sorted(os.path.join("csrc/cpu", f) for f in os.listdir(os.path.join(HERE, "csrc/cpu")) if f.endswith(".h"))
-        + ["csrc/common/grpo_math.h"],
+        + sorted(os.path.join("csrc/common", f) for f in os.listdir(os.path.join(HERE, "csrc/common")) if f.endswith(".h")),
         extra_compile_args=cflags,
         extra_link_args=lflags,
         cxx_std=17,
@@ -52,7 +52,7 @@ import warnings
 from setuptools import Extension
 
 CUDA_SOURCES = ["csrc/cuda/grpo_cuda_kernels.cu"]
-CUDA_HEADERS = ["csrc/cuda/grpo_cuda.h", "csrc/common/grpo_math.h"]
+CUDA_HEADERS = ["csrc/cuda/grpo_cuda.h", "csrc/common/grpo_math.h", "csrc/common/grpo_args.h"]
 CUDA_ARCHS_WANTED = ("80", "90", "100", "120")  # A100, H100, B200, RTX 50xx; minor versions run these
 
 
@@ -127,7 +127,7 @@ def cuda_extensions():
         library_dirs=[libdir],
         libraries=["cudart_static", "dl", "rt", "pthread"],  # static runtime: no libcudart at import
         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
-        depends=CUDA_SOURCES + CUDA_HEADERS,  # relink when a kernel changes (extra_objects are not checked)
+        depends=CUDA_SOURCES + CUDA_HEADERS + ["csrc/common/grpo_bindings.h"],  # relink when a kernel changes (extra_objects are not checked)
         language="c++",
     )
     gencode = []

@@ -16,18 +16,19 @@ def test_cpu_allocation_failure_is_a_python_exception():
     dummy = 4096
     with pytest.raises((MemoryError, ValueError)):
         cpu_backend._C_cpu.fused_loss(
-            logits=dummy, dtype=0, B=2**40, T=2**20, V=8, lsb=0, lst=0, grad=0, gsb=0, gst=0, ids=dummy,
-            mask=dummy, weight=dummy, adv=dummy, adv_ndim=1, rewards=0, group_size=0, scale_rewards=1,
-            adv_eps=1e-4, old=0, ref=0, isr=0, isr_ndim=1, family=0, kl_estimator=0, level=0, has_delta=False,
-            bias_correction_kl=False, temperature=1.0, eps_low=0.2, eps_high=0.2, delta=0.0, beta=0.0,
-            sapo_temp_pos=1.0, sapo_temp_neg=1.05, logp_out=dummy, stats_out=dummy, nthreads=1)
+            logits=dummy, dtype=0, B=2**40, T=2**20, V=8, stride_b=0, stride_t=0, grad=0, grad_stride_b=0,
+            grad_stride_t=0, ids=dummy, mask=dummy, weight=dummy, advantages=dummy, adv_per_token=False, rewards=0,
+            group_size=0, scale_rewards=1, adv_eps=1e-4, old_logp=0, ref_logp=0, isr=0, isr_per_token=False,
+            family=0, kl_estimator=0, level=0, has_delta=False, bias_correction_kl=False, temperature=1.0,
+            eps_low=0.2, eps_high=0.2, delta=0.0, beta=0.0, sapo_temp_pos=1.0, sapo_temp_neg=1.05, logp=dummy,
+            stats=dummy, nthreads=1)
 
 
 @pytest.mark.skipif(cpu_backend._C_cpu is None, reason="the CPU extension is not built")
 def test_cpu_bad_arguments_are_python_exceptions():
     with pytest.raises(ValueError, match="grpo_fast._C_cpu: temperature must be > 0"):
-        cpu_backend._C_cpu.token_logprobs(logits=4096, dtype=0, B=1, T=1, V=8, lsb=8, lst=8, ids=4096,
-                                          temperature=0.0, logp_out=4096, entropy_out=0, nthreads=1)
+        cpu_backend._C_cpu.token_logprobs(logits=4096, dtype=0, B=1, T=1, V=8, stride_b=8, stride_t=8, ids=4096,
+                                          temperature=0.0, logp=4096, entropy=0, nthreads=1)
 
 
 @pytest.mark.skipif(_C_cuda is None, reason="the CUDA extension is not built (no nvcc at install time)")
@@ -40,3 +41,17 @@ def test_cuda_error_is_a_python_exception_with_the_cuda_message():
     with pytest.raises(RuntimeError, match="CUDA"):
         _C_cuda.token_logprobs(logits=4096, dtype=0, B=1, T=1, V=8, stride_b=8, stride_t=8, ids=4096,
                                temperature=1.0, logp=4096, entropy=0, device=0, stream=0)
+
+
+@pytest.mark.skipif(cpu_backend._C_cpu is None, reason="the CPU extension is not built")
+def test_cpu_keywords_are_strict():
+    # One binding style with _C_cuda (csrc/common/grpo_bindings.h): a missing or misspelt keyword
+    # fails loudly instead of leaving a field at zero.
+    kw = dict(logits=4096, dtype=0, B=1, T=1, V=8, stride_b=8, stride_t=8, ids=4096, temperature=1.0, logp=4096,
+              entropy=0, nthreads=1)
+    with pytest.raises(KeyError, match="grpo_fast._C_cpu: missing argument nthreads"):
+        cpu_backend._C_cpu.token_logprobs(**{k: v for k, v in kw.items() if k != "nthreads"})
+    with pytest.raises(TypeError, match="grpo_fast._C_cpu: unexpected argument lse"):
+        cpu_backend._C_cpu.token_logprobs(**kw, lse=0)  # token_logprobs takes no lse (logprobs_fwd does)
+    with pytest.raises(ValueError, match="grpo_fast._C_cpu: logprobs_fwd: lse is required"):
+        cpu_backend._C_cpu.logprobs_fwd(**kw, tau_rows=0, lse=0)

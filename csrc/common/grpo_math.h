@@ -33,8 +33,7 @@ enum ScaleRewards : int32_t { SCALE_NONE = 0, SCALE_GROUP = 1, SCALE_BATCH = 2 }
 
 // Indices of the stats vector every backend returns (grpo_fast/_config.py: STAT_*). All entries are
 // SUMS, so chunks of tokens add up: [Σ w·loss, Σ m·entropy, Σ m·kl, #low, #high, #region, #cispo].
-// The flags are counted per valid token (m-weighted) — or once per row at sequence level when the
-// advantage is per row, since then the ratio and the advantage are the row's. Python divides.
+// How the flags are counted is count_flags() below. Python divides.
 enum Stat : int32_t {
   STAT_LOSS = 0, STAT_ENTROPY = 1, STAT_KL = 2, STAT_CLIP_LOW = 3, STAT_CLIP_HIGH = 4,
   STAT_CLIP_REGION = 5, STAT_CISPO_CLIP = 6, NUM_STATS = 8
@@ -135,6 +134,24 @@ GF_HD TokenTerms token_terms(const LossParams& p, float logp, float ref, float A
     o.d_logp += p.beta * dkl;
   }
   return o;
+}
+
+// The clip-flag rule, for every C++/CUDA kernel (reference.py: flag_counts is the same rule in eager
+// PyTorch): the flags of token t count with weight m (per valid token), except at sequence level with a
+// per-row advantage, where the ratio and the advantage are the row's, so its flags are the row's and
+// count once per row, masked or not (reference.py's masked_mean of a (B, 1) tensor is a mean over
+// rows): weight 1 on the row's first token, 0 on the others. A caller with the row's first token
+// masked still evaluates its terms (the flags depend only on r and A). acc[STAT_CLIP_*] += weight·flag.
+GF_HD float flag_weight(int32_t level, bool adv_per_token, int64_t t, float m) {
+  return (level == SEQUENCE && !adv_per_token) ? (t == 0 ? 1.f : 0.f) : m;
+}
+
+template <typename Acc>
+GF_HD void count_flags(Acc* acc, bool clip_low, bool clip_high, bool cispo_clip, float weight) {
+  acc[STAT_CLIP_LOW] += clip_low ? weight : 0.f;
+  acc[STAT_CLIP_HIGH] += clip_high ? weight : 0.f;
+  acc[STAT_CLIP_REGION] += (clip_low || clip_high) ? weight : 0.f;
+  acc[STAT_CISPO_CLIP] += cispo_clip ? weight : 0.f;
 }
 
 // Group-relative advantages of rows [k·G, (k+1)·G) from their rewards (float64 statistics).

@@ -8,16 +8,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "grpo_args.h"  // enum DType: the codes grpo_fast/backends/_native.py passes
+
 namespace grpo_fast {
 namespace cpu {
 
-// Codes passed from Python (grpo_fast/backends/cpu.py: _DTYPE_CODES).
-enum DType : int32_t { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
-
 // Tags: the kernels are templated on the storage type of the logits / gradient.
-struct F32 { using T = float; static constexpr int code = DT_F32; };
-struct BF16 { using T = uint16_t; static constexpr int code = DT_BF16; };
-struct F16 { using T = uint16_t; static constexpr int code = DT_F16; };
+struct F32 { using T = float; static constexpr int code = DTYPE_F32; };
+struct BF16 { using T = uint16_t; static constexpr int code = DTYPE_BF16; };
+struct F16 { using T = uint16_t; static constexpr int code = DTYPE_F16; };
 
 inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 inline float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }

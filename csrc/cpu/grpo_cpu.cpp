@@ -9,14 +9,16 @@
 // token's log-prob is needed before any gradient).
 //
 // How it is built: setup.py compiles this one file with -O3 -fopenmp (pybind11, no torch headers:
-// the module takes raw data pointers, sizes, strides and dtype codes from grpo_fast/backends/cpu.py,
+// the module takes raw data pointers, sizes, strides and dtype codes as keyword arguments from
+// grpo_fast/backends/_native.py, the same ones as grpo_fast._C_cuda (csrc/common/grpo_bindings.h),
 // so one build serves every torch version). The per-row kernels (row_kernels.h) are compiled three
 // times — AVX-512, AVX2+FMA+F16C, portable — and the best one the CPU supports is chosen at import.
 //
 // Determinism: rows are split over OpenMP threads, but every per-token result is computed by one
 // thread from that row alone and stored in a per-token array; the sums are then taken sequentially
 // in double in token order. Results are bitwise identical for any thread count.
-#include <pybind11/pybind11.h>
+
+#include "grpo_bindings.h"  // pybind11 (first: Python.h) and the argument structs (grpo_args.h)
 
 #include <math.h>
 #include <stdint.h>
@@ -153,32 +155,9 @@ static const RowKernels* best_kernels() {
 
 static std::atomic<const RowKernels*> g_kernels{best_kernels()};
 
-static inline int64_t elem_size(int32_t dtype) { return dtype == DT_F32 ? 4 : 2; }
+static inline int64_t elem_size(int32_t dtype) { return dtype == DTYPE_F32 ? 4 : 2; }
 
 // ---- the fused loss --------------------------------------------------------------------------------
-struct LossArgs {
-  // pointers (host memory, owned by Python)
-  const void* logits;    // (B, T, V), strides (lsb, lst, 1) in elements
-  void* grad;            // (B, T, V) or null, strides (gsb, gst, 1); may equal logits
-  const int64_t* ids;    // (B, T)
-  const float* mask;     // (B, T) 0/1
-  const float* weight;   // (B, T) aggregation weight, loss = Σ weight·L
-  const float* adv;      // (B,) or (B, T), or null when rewards are given
-  const float* rewards;  // (B,) or null
-  const float* old;      // (B, T) or null (on-policy)
-  const float* ref;      // (B, T) or null (only read when beta != 0)
-  const float* isr;      // (B,) or (B, T) or null
-  float* logp_out;       // (B, T)
-  float* stats_out;      // (NUM_STATS,)
-  // sizes
-  int64_t B, T, V, lsb, lst, gsb, gst;
-  int32_t dtype, adv_ndim, isr_ndim, scale_rewards;
-  int64_t group_size;
-  double adv_eps;
-  LossParams P;
-  int nthreads;
-};
-
 enum : uint8_t { FLAG_LOW = 1, FLAG_HIGH = 2, FLAG_CISPO = 4 };
 static inline uint8_t pack_flags(const TokenTerms& tt) {
   return (uint8_t)((tt.clip_low ? FLAG_LOW : 0) | (tt.clip_high ? FLAG_HIGH : 0) | (tt.cispo_clip ? FLAG_CISPO : 0));
@@ -201,22 +180,24 @@ static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void
   // Target: (g/τ)·(1 − p_y), with 1 − p_y = −expm1(logp) accurate even when p_y is close to 1.
   const float vy = gt * -expm1f(logp);
   char* gy = static_cast<char*>(grow) + y * elem_size(dtype);
-  if (dtype == DT_F32) *reinterpret_cast<float*>(gy) = vy;
-  else if (dtype == DT_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
+  if (dtype == DTYPE_F32) *reinterpret_cast<float*>(gy) = vy;
+  else if (dtype == DTYPE_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
   else *reinterpret_cast<uint16_t*>(gy) = f32_to_f16(vy);
 }
 
-static void fused_loss_impl(const LossArgs& a) {
+static void fused_loss_impl(const LossArgs& a, int nthreads) {
   const RowKernels& K = *g_kernels.load();
-  const int64_t B = a.B, T = a.T, V = a.V, N = B * T;
-  const LossParams& P = a.P;
+  const LogitsView& L = a.logits;
+  const int64_t B = L.B, T = L.T, V = L.V, N = B * T;
+  const int32_t dtype = L.dtype;
+  const LossParams& P = a.params;
   const float inv_tau = (float)(1.0 / (double)P.temperature);
   const bool seq = P.level == SEQUENCE;
 
   // Advantages from rewards: one value per row, computed here (no (B, T) tensor anywhere).
   std::vector<float> adv_rows;
-  const float* adv = a.adv;
-  int32_t adv_ndim = a.adv_ndim;
+  const float* adv = a.advantages;
+  bool adv_per_token = a.adv_per_token;
   if (a.rewards) {
     adv_rows.resize((size_t)B);
     const int64_t G = a.group_size;
@@ -224,16 +205,16 @@ static void fused_loss_impl(const LossArgs& a) {
     for (int64_t k = 0; k < B / G; ++k)
       group_advantages_of_group(a.rewards, k, G, a.scale_rewards, a.adv_eps, bstd, adv_rows.data());
     adv = adv_rows.data();
-    adv_ndim = 1;
+    adv_per_token = false;
   }
-  auto A_at = [&](int64_t b, int64_t n) { return adv_ndim == 1 ? adv[b] : adv[n]; };
-  auto isr_at = [&](int64_t b, int64_t n) { return a.isr ? (a.isr_ndim == 1 ? a.isr[b] : a.isr[n]) : 1.f; };
-  auto ref_at = [&](int64_t n) { return P.beta != 0.f ? a.ref[n] : 0.f; };
+  auto A_at = [&](int64_t b, int64_t n) { return adv_per_token ? adv[n] : adv[b]; };
+  auto isr_at = [&](int64_t b, int64_t n) { return a.isr ? (a.isr_per_token ? a.isr[n] : a.isr[b]) : 1.f; };
+  auto ref_at = [&](int64_t n) { return P.beta != 0.f ? a.ref_logp[n] : 0.f; };
   auto zrow_at = [&](int64_t b, int64_t t) {
-    return static_cast<const char*>(a.logits) + (b * a.lsb + t * a.lst) * elem_size(a.dtype);
+    return static_cast<const char*>(L.ptr) + (b * L.stride_b + t * L.stride_t) * elem_size(dtype);
   };
   auto grow_at = [&](int64_t b, int64_t t) {
-    return static_cast<char*>(a.grad) + (b * a.gsb + t * a.gst) * elem_size(a.dtype);
+    return static_cast<char*>(a.grad) + (b * a.grad_stride_b + t * a.grad_stride_t) * elem_size(dtype);
   };
 
   // Per-token results (B·T floats each; the only allocations besides the caller's gradient).
@@ -241,13 +222,14 @@ static void fused_loss_impl(const LossArgs& a) {
   std::vector<uint8_t> flags((size_t)N);
   std::vector<float> xmax, ssum, gtok;
   if (seq) { xmax.resize((size_t)N); ssum.resize((size_t)N); gtok.resize((size_t)N); }
-  float* logp = a.logp_out;
+  float* logp = a.logp;
   const int64_t chunk = chunk_tokens(V);
 
   // Pass 1 (token level: the only pass): row statistics, per-token terms, gradient.
   const bool keep = a.grad && !seq;  // the gradient follows right away: keep the row's exps
+  (void)nthreads;
 #if defined(_OPENMP)
-#pragma omp parallel num_threads(a.nthreads)
+#pragma omp parallel num_threads(nthreads)
 #endif
   {
     // Per-thread fp32 scratch row of e^(x − max) (V floats, stays in L2 next to the row).
@@ -266,12 +248,12 @@ static void fused_loss_impl(const LossArgs& a) {
         kl[n] = 0.f;
         flags[n] = 0;
         if (seq) { xmax[n] = 0.f; ssum[n] = 1.f; }
-        else if (a.grad) memset(grow_at(b, t), 0, (size_t)(V * elem_size(a.dtype)));
+        else if (a.grad) memset(grow_at(b, t), 0, (size_t)(V * elem_size(dtype)));
         continue;
       }
       const void* zrow = zrow_at(b, t);
-      const RowStats rs = keep ? K.stats_keep[a.dtype](zrow, V, inv_tau, a.ids[n], ebuf.data())
-                               : K.stats[a.dtype](zrow, V, inv_tau, a.ids[n]);
+      const RowStats rs = keep ? K.stats_keep[dtype](zrow, V, inv_tau, a.ids[n], ebuf.data())
+                               : K.stats[dtype](zrow, V, inv_tau, a.ids[n]);
       logp[n] = rs.logp;
       ent[n] = rs.entropy;
       if (seq) {
@@ -279,7 +261,7 @@ static void fused_loss_impl(const LossArgs& a) {
         ssum[n] = rs.sum;
         continue;
       }
-      const float old = a.old ? a.old[n] : rs.logp;  // on-policy: r = 1 exactly, dr/dlogp = r still
+      const float old = a.old_logp ? a.old_logp[n] : rs.logp;  // on-policy: r = 1 exactly, dr/dlogp = r still
       const float r = expf(rs.logp - old);
       const TokenTerms tt = token_terms(P, rs.logp, ref_at(n), A_at(b, n), isr_at(b, n), r);
       loss[n] = tt.loss;
@@ -287,7 +269,7 @@ static void fused_loss_impl(const LossArgs& a) {
       flags[n] = pack_flags(tt);
       if (a.grad) {
         const float g = a.weight[n] * (tt.d_logp + r * tt.d_ratio);
-        write_row_grad(K, a.dtype, zrow, ebuf.data(), grow_at(b, t), V, a.ids[n], inv_tau, rs.xmax, rs.sum, rs.logp, g);
+        write_row_grad(K, dtype, zrow, ebuf.data(), grow_at(b, t), V, a.ids[n], inv_tau, rs.xmax, rs.sum, rs.logp, g);
       }
     }
   }
@@ -299,7 +281,7 @@ static void fused_loss_impl(const LossArgs& a) {
       double msum = 0.0, lr = 0.0;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = b * T + t;
-        const double old = a.old ? (double)a.old[n] : (double)logp[n];
+        const double old = a.old_logp ? (double)a.old_logp[n] : (double)logp[n];
         if (a.mask[n] == 0.f) continue;  // skipped, not multiplied by 0
         msum += a.mask[n];
         lr += (double)a.mask[n] * ((double)logp[n] - old);
@@ -311,7 +293,7 @@ static void fused_loss_impl(const LossArgs& a) {
         const int64_t n = b * T + t;
         const bool valid = a.mask[n] != 0.f;
         const TokenTerms tt = token_terms(P, valid ? logp[n] : 0.f, valid ? ref_at(n) : 0.f, A_at(b, n), isr_at(b, n), r);
-        flags[n] = pack_flags(tt);  // the row's flags (row-level counts read them, masked or not)
+        flags[n] = pack_flags(tt);  // the row's flags (count_flags may count a masked token's)
         loss[n] = valid ? tt.loss : 0.f;
         kl[n] = valid ? tt.kl : 0.f;
         if (!valid) { gtok[n] = 0.f; continue; }
@@ -327,52 +309,29 @@ static void fused_loss_impl(const LossArgs& a) {
     // Pass 2: reread each row (now that its g is known) and write its gradient.
     if (a.grad) {
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(a.nthreads)
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
 #endif
       for (int64_t n = 0; n < N; ++n) {
         const int64_t b = n / T, t = n % T;
-        write_row_grad(K, a.dtype, zrow_at(b, t), nullptr, grow_at(b, t), V, a.ids[n], inv_tau, xmax[n], ssum[n], logp[n],
+        write_row_grad(K, dtype, zrow_at(b, t), nullptr, grow_at(b, t), V, a.ids[n], inv_tau, xmax[n], ssum[n], logp[n],
                        gtok[n]);
       }
     }
   }
 
   // Sums, sequentially in double in token order: the same bits for any thread count.
-  double s_loss = 0.0, s_ent = 0.0, s_kl = 0.0, s_low = 0.0, s_high = 0.0, s_reg = 0.0, s_cispo = 0.0;
-  // Sequence level with a per-row advantage: ratio and advantage are the row's, so the flags count
-  // once per row, masked or not (reference.py: masked_mean of a (B, 1) tensor is a mean over rows).
-  const bool row_flags = seq && adv_ndim == 1;
-  for (int64_t n = 0; n < N; ++n) {
-    const double m = a.mask[n];
-    s_loss += (double)a.weight[n] * (double)loss[n];
-    s_ent += m * (double)ent[n];
-    s_kl += m * (double)kl[n];
-    if (!row_flags) {
+  double s[NUM_STATS] = {0.0};
+  for (int64_t b = 0, n = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t, ++n) {
+      const double m = a.mask[n];
+      s[STAT_LOSS] += (double)a.weight[n] * (double)loss[n];
+      s[STAT_ENTROPY] += m * (double)ent[n];
+      s[STAT_KL] += m * (double)kl[n];
       const uint8_t f = flags[n];
-      s_low += (f & FLAG_LOW) ? m : 0.0;
-      s_high += (f & FLAG_HIGH) ? m : 0.0;
-      s_reg += (f & (FLAG_LOW | FLAG_HIGH)) ? m : 0.0;
-      s_cispo += (f & FLAG_CISPO) ? m : 0.0;
+      count_flags(s, f & FLAG_LOW, f & FLAG_HIGH, f & FLAG_CISPO, flag_weight(P.level, adv_per_token, t, a.mask[n]));
     }
   }
-  if (row_flags) {
-    for (int64_t b = 0; b < B; ++b) {
-      const uint8_t f = flags[b * T];  // every token of the row has the same (r_b, A_b), so the same flags
-      s_low += (f & FLAG_LOW) ? 1.0 : 0.0;
-      s_high += (f & FLAG_HIGH) ? 1.0 : 0.0;
-      s_reg += (f & (FLAG_LOW | FLAG_HIGH)) ? 1.0 : 0.0;
-      s_cispo += (f & FLAG_CISPO) ? 1.0 : 0.0;
-    }
-  }
-  float* st = a.stats_out;
-  for (int i = 0; i < NUM_STATS; ++i) st[i] = 0.f;
-  st[STAT_LOSS] = (float)s_loss;
-  st[STAT_ENTROPY] = (float)s_ent;
-  st[STAT_KL] = (float)s_kl;
-  st[STAT_CLIP_LOW] = (float)s_low;
-  st[STAT_CLIP_HIGH] = (float)s_high;
-  st[STAT_CLIP_REGION] = (float)s_reg;
-  st[STAT_CISPO_CLIP] = (float)s_cispo;
+  for (int i = 0; i < NUM_STATS; ++i) a.stats[i] = (float)s[i];
 }
 
 // ---- differentiable log-probs and entropy (grpo_fast.logprobs) ----------------------------------------
@@ -381,34 +340,27 @@ static void fused_loss_impl(const LossArgs& a) {
 // p_j = e^((x_j − max) − log S) without a reduction. The parts are never added: x_j − (max + log S)
 // would lose an ulp of |x| (~1e-3 at logits near ±1e4) to cancellation. tau: per-token temperatures
 // (N,) or null (then tau0 for every token); lse may be null (token_logprobs).
-static void logprobs_fwd_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
-                              int64_t lst, const int64_t* ids, float tau0, const float* tau, float* logp,
-                              float* entropy, float* lse, int nthreads) {
+static void logprobs_fwd_impl(const LogprobArgs& a, int nthreads) {
   const RowKernels& K = *g_kernels.load();
-  const int64_t N = B * T, chunk = chunk_tokens(V);
+  const LogitsView& L = a.logits;
+  const int64_t T = L.T, V = L.V, N = L.B * T, chunk = chunk_tokens(V);
+  const float tau0 = (float)a.temperature;
   (void)nthreads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
 #endif
   for (int64_t n = 0; n < N; ++n) {
     const int64_t b = n / T, t = n % T;
-    const void* zrow = static_cast<const char*>(logits) + (b * lsb + t * lst) * elem_size(dtype);
-    const float inv_tau = (float)(1.0 / (double)(tau ? tau[n] : tau0));
-    const RowStats rs = K.stats[dtype](zrow, V, inv_tau, ids[n]);
-    logp[n] = rs.logp;
-    if (lse) {
-      lse[2 * n] = rs.xmax;
-      lse[2 * n + 1] = logf(rs.sum);  // the log S that rs.logp and rs.entropy were formed with
+    const void* zrow = static_cast<const char*>(L.ptr) + (b * L.stride_b + t * L.stride_t) * elem_size(L.dtype);
+    const float inv_tau = (float)(1.0 / (double)(a.tau_rows ? a.tau_rows[n] : tau0));
+    const RowStats rs = K.stats[L.dtype](zrow, V, inv_tau, a.ids[n]);
+    a.logp[n] = rs.logp;
+    if (a.lse) {
+      a.lse[2 * n] = rs.xmax;
+      a.lse[2 * n + 1] = logf(rs.sum);  // the log S that rs.logp and rs.entropy were formed with
     }
-    if (entropy) entropy[n] = rs.entropy;
+    if (a.entropy) a.entropy[n] = rs.entropy;
   }
-}
-
-// ---- token log-probs (no gradient): the forward above without per-token temperatures or lse --------
-static void token_logprobs_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
-                                int64_t lst, const int64_t* ids, float temperature, float* logp, float* entropy,
-                                int nthreads) {
-  logprobs_fwd_impl(logits, dtype, B, T, V, lsb, lst, ids, temperature, nullptr, logp, entropy, nullptr, nthreads);
 }
 
 // Backward: with x = z/τ, log p_j = (x_j − max) − log S (the forward's two parts), upstream gradients gl = ∂L/∂logp and gh = ∂L/∂H
@@ -417,36 +369,36 @@ static void token_logprobs_impl(const void* logits, int32_t dtype, int64_t B, in
 // (∂H/∂x_j = −p_j·(log p_j + H)). One read of the row, one write of its gradient. A token whose two
 // upstream gradients are 0 (padding that the loss masked out) gets a zero row without its logits
 // being read.
-static void logprobs_bwd_impl(const void* logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb,
-                              int64_t lst, void* grad, int64_t gsb, int64_t gst, const int64_t* ids, float tau0,
-                              const float* tau, const float* lse, const float* entropy, const float* gl,
-                              const float* gh, int nthreads) {
+static void logprobs_bwd_impl(const LogprobGradArgs& a, int nthreads) {
   const RowKernels& K = *g_kernels.load();
-  const int64_t N = B * T, chunk = chunk_tokens(V), es = elem_size(dtype);
+  const LogitsView& L = a.logits;
+  const int32_t dtype = L.dtype;
+  const int64_t T = L.T, V = L.V, N = L.B * T, chunk = chunk_tokens(V), es = elem_size(dtype);
+  const float tau0 = (float)a.temperature;
   (void)nthreads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
 #endif
   for (int64_t n = 0; n < N; ++n) {
     const int64_t b = n / T, t = n % T;
-    const char* zrow = static_cast<const char*>(logits) + (b * lsb + t * lst) * es;
-    char* grow = static_cast<char*>(grad) + (b * gsb + t * gst) * es;
-    const float g_l = gl ? gl[n] : 0.f, g_h = gh ? gh[n] : 0.f;
+    const char* zrow = static_cast<const char*>(L.ptr) + (b * L.stride_b + t * L.stride_t) * es;
+    char* grow = static_cast<char*>(a.grad) + (b * a.grad_stride_b + t * a.grad_stride_t) * es;
+    const float g_l = a.g_logp ? a.g_logp[n] : 0.f, g_h = a.g_entropy ? a.g_entropy[n] : 0.f;
     if (g_l == 0.f && g_h == 0.f) {
       memset(grow, 0, (size_t)(V * es));
       continue;
     }
-    const float inv_tau = (float)(1.0 / (double)(tau ? tau[n] : tau0));
-    const float H = g_h != 0.f ? entropy[n] : 0.f;
-    const float a = -(g_l + g_h * H) * inv_tau, bb = -g_h * inv_tau;
+    const float inv_tau = (float)(1.0 / (double)(a.tau_rows ? a.tau_rows[n] : tau0));
+    const float H = g_h != 0.f ? a.entropy[n] : 0.f;
+    const float aa = -(g_l + g_h * H) * inv_tau, bb = -g_h * inv_tau;
     // The target logit is read first: grow may be the logits themselves.
-    const int64_t y = ids[n];
+    const int64_t y = a.ids[n];
     float zy;
-    if (dtype == DT_F32) zy = *reinterpret_cast<const float*>(zrow + y * es);
-    else if (dtype == DT_BF16) zy = bf16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
+    if (dtype == DTYPE_F32) zy = *reinterpret_cast<const float*>(zrow + y * es);
+    else if (dtype == DTYPE_BF16) zy = bf16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
     else zy = f16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
-    const float xmax = lse[2 * n], log_s = lse[2 * n + 1];
-    K.grad_lp[dtype](zrow, grow, V, inv_tau, xmax, log_s, a, bb);
+    const float xmax = a.lse[2 * n], log_s = a.lse[2 * n + 1];
+    K.grad_lp[dtype](zrow, grow, V, inv_tau, xmax, log_s, aa, bb);
     // Target: gl·(1 − p_y)/τ with 1 − p_y = −expm1(log p_y) (accurate when p_y is near 1), plus the
     // entropy term p_y·bb·(log p_y + H), log p_y formed as in the row kernel.
     const float lpy = (zy * inv_tau - xmax) - log_s;  // -ffp-contract=off: x_y rounded first, as vshift does
@@ -454,8 +406,8 @@ static void logprobs_bwd_impl(const void* logits, int32_t dtype, int64_t B, int6
     float vy = g_l * inv_tau * -expm1f(lpy);
     if (g_h != 0.f && py > 0.f) vy += py * bb * (lpy + H);
     char* gy = grow + y * es;
-    if (dtype == DT_F32) *reinterpret_cast<float*>(gy) = vy;
-    else if (dtype == DT_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
+    if (dtype == DTYPE_F32) *reinterpret_cast<float*>(gy) = vy;
+    else if (dtype == DTYPE_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
     else *reinterpret_cast<uint16_t*>(gy) = f32_to_f16(vy);
   }
 }
@@ -463,9 +415,50 @@ static void logprobs_bwd_impl(const void* logits, int32_t dtype, int64_t B, int6
 template <class T>
 static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+constexpr const char* kModule = "grpo_fast._C_cpu";
+
 static void check(bool ok, const char* what) {
-  if (!ok) throw std::invalid_argument(std::string("grpo_fast._C_cpu: ") + what);
+  if (!ok) throw std::invalid_argument(std::string(kModule) + ": " + what);
 }
+
+static void check_logits(const LogitsView& l) {
+  check(l.ptr != nullptr, "null pointer");
+  check(l.dtype >= DTYPE_F32 && l.dtype <= DTYPE_F16, "dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+  check(l.B > 0 && l.T > 0 && l.V > 0, "B, T, V must be > 0");
+}
+
+// What grpo_bindings.h's def_kernel_calls runs: the internal asserts (grpo_fast/validation.py has
+// checked the user's arguments), then the kernels on `nthreads` OpenMP threads.
+struct CpuCalls {
+  static int context(bindings::Kw& kw, bool /*fused*/) { return std::max(1, kw.get<int>("nthreads")); }
+
+  static void fused_loss(const LossArgs& a, int nthreads) {
+    const LogitsView& l = a.logits;
+    check_logits(l);
+    check(a.ids && a.mask && a.weight && a.logp && a.stats, "null pointer");
+    check((a.advantages != nullptr) != (a.rewards != nullptr), "exactly one of advantages and rewards");
+    check(!a.rewards || (a.group_size >= 2 && l.B % a.group_size == 0), "group_size must divide B and be >= 2");
+    check(a.params.beta == 0.f || a.ref_logp, "ref_logp is required when beta != 0");
+    check(a.params.level == TOKEN || a.params.level == SEQUENCE, "level must be 0 or 1");
+    check(a.temperature > 0.0, "temperature must be > 0");
+    fused_loss_impl(a, nthreads);
+  }
+
+  static void logprobs_fwd(const LogprobArgs& a, int nthreads) {
+    check_logits(a.logits);
+    check(a.ids && a.logp, "null pointer");
+    check(a.tau_rows || a.temperature > 0.0, "temperature must be > 0");
+    logprobs_fwd_impl(a, nthreads);
+  }
+
+  static void logprobs_bwd(const LogprobGradArgs& a, int nthreads) {
+    check_logits(a.logits);
+    check(a.grad && a.ids && a.lse, "null pointer");
+    check(!a.g_entropy || a.entropy, "the entropy gradient needs the saved entropy");
+    check(a.tau_rows || a.temperature > 0.0, "temperature must be > 0");
+    logprobs_bwd_impl(a, nthreads);
+  }
+};
 
 }  // namespace cpu
 }  // namespace grpo_fast
@@ -476,127 +469,9 @@ PYBIND11_MODULE(_C_cpu, m) {
   using namespace grpo_fast::cpu;
   m.doc() = "grpo_fast CPU kernels (raw pointers from grpo_fast/backends/cpu.py; no torch ABI)";
 
-  m.def(
-      "fused_loss",
-      [](uintptr_t logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb, int64_t lst,
-         uintptr_t grad, int64_t gsb, int64_t gst, uintptr_t ids, uintptr_t mask, uintptr_t weight,
-         uintptr_t adv, int32_t adv_ndim, uintptr_t rewards, int64_t group_size, int32_t scale_rewards,
-         double adv_eps, uintptr_t old, uintptr_t ref, uintptr_t isr, int32_t isr_ndim, int32_t family,
-         int32_t kl_estimator, int32_t level, bool has_delta, bool bias_correction_kl, double temperature,
-         double eps_low, double eps_high, double delta, double beta, double sapo_temp_pos, double sapo_temp_neg,
-         uintptr_t logp_out, uintptr_t stats_out, int nthreads) {
-        // Internal asserts only: grpo_fast/validation.py has checked the user's arguments.
-        check(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
-        check(B > 0 && T > 0 && V > 0, "B, T, V must be > 0");
-        check(logits && ids && mask && weight && logp_out && stats_out, "null pointer");
-        check((adv != 0) != (rewards != 0), "exactly one of adv and rewards");
-        check(!rewards || (group_size >= 2 && B % group_size == 0), "group_size must divide B and be >= 2");
-        check(!adv || adv_ndim == 1 || adv_ndim == 2, "adv_ndim must be 1 or 2");
-        check(!isr || isr_ndim == 1 || isr_ndim == 2, "isr_ndim must be 1 or 2");
-        check(beta == 0.0 || ref, "ref is required when beta != 0");
-        check(temperature > 0.0, "temperature must be > 0");
-        LossArgs a;
-        a.logits = ptr<const void>(logits);
-        a.grad = ptr<void>(grad);
-        a.ids = ptr<const int64_t>(ids);
-        a.mask = ptr<const float>(mask);
-        a.weight = ptr<const float>(weight);
-        a.adv = ptr<const float>(adv);
-        a.rewards = ptr<const float>(rewards);
-        a.old = ptr<const float>(old);
-        a.ref = ptr<const float>(ref);
-        a.isr = ptr<const float>(isr);
-        a.logp_out = ptr<float>(logp_out);
-        a.stats_out = ptr<float>(stats_out);
-        a.B = B; a.T = T; a.V = V; a.lsb = lsb; a.lst = lst; a.gsb = gsb; a.gst = gst;
-        a.dtype = dtype; a.adv_ndim = adv_ndim; a.isr_ndim = isr_ndim; a.scale_rewards = scale_rewards;
-        a.group_size = group_size;
-        a.adv_eps = adv_eps;
-        a.P.family = family;
-        a.P.kl_estimator = kl_estimator;
-        a.P.level = level;
-        a.P.has_delta = has_delta ? 1 : 0;
-        a.P.bias_correction_kl = bias_correction_kl ? 1 : 0;
-        a.P.temperature = (float)temperature;
-        a.P.eps_low = (float)eps_low;
-        a.P.eps_high = (float)eps_high;
-        a.P.delta = (float)delta;
-        a.P.beta = (float)beta;
-        a.P.sapo_temp_pos = (float)sapo_temp_pos;
-        a.P.sapo_temp_neg = (float)sapo_temp_neg;
-        a.nthreads = std::max(1, nthreads);
-        py::gil_scoped_release nogil;
-        fused_loss_impl(a);
-      },
-      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
-      py::arg("grad"), py::arg("gsb"), py::arg("gst"), py::arg("ids"), py::arg("mask"), py::arg("weight"),
-      py::arg("adv"), py::arg("adv_ndim"), py::arg("rewards"), py::arg("group_size"), py::arg("scale_rewards"),
-      py::arg("adv_eps"), py::arg("old"), py::arg("ref"), py::arg("isr"), py::arg("isr_ndim"), py::arg("family"),
-      py::arg("kl_estimator"), py::arg("level"), py::arg("has_delta"), py::arg("bias_correction_kl"),
-      py::arg("temperature"), py::arg("eps_low"), py::arg("eps_high"), py::arg("delta"), py::arg("beta"),
-      py::arg("sapo_temp_pos"), py::arg("sapo_temp_neg"), py::arg("logp_out"), py::arg("stats_out"),
-      py::arg("nthreads"),
-      "Fused GRPO loss over logits (B, T, V): writes logp (B, T) f32, the stats sums (8,) f32 and, when "
-      "grad != 0, d loss / d logits for grad_output = 1. All pointers are host addresses (tensor.data_ptr()).");
-
-  m.def(
-      "token_logprobs",
-      [](uintptr_t logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb, int64_t lst, uintptr_t ids,
-         double temperature, uintptr_t logp_out, uintptr_t entropy_out, int nthreads) {
-        check(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
-        check(B > 0 && T > 0 && V > 0, "B, T, V must be > 0");
-        check(logits && ids && logp_out, "null pointer");
-        check(temperature > 0.0, "temperature must be > 0");
-        py::gil_scoped_release nogil;
-        token_logprobs_impl(ptr<const void>(logits), dtype, B, T, V, lsb, lst, ptr<const int64_t>(ids),
-                            (float)temperature, ptr<float>(logp_out), ptr<float>(entropy_out), std::max(1, nthreads));
-      },
-      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
-      py::arg("ids"), py::arg("temperature"), py::arg("logp_out"), py::arg("entropy_out"), py::arg("nthreads"),
-      "Per-token log-probs (B, T) f32 and, when entropy_out != 0, entropies (B, T) f32.");
-
-  m.def(
-      "logprobs_fwd",
-      [](uintptr_t logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb, int64_t lst, uintptr_t ids,
-         double temperature, uintptr_t tau, uintptr_t logp_out, uintptr_t entropy_out, uintptr_t lse_out,
-         int nthreads) {
-        check(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
-        check(B > 0 && T > 0 && V > 0, "B, T, V must be > 0");
-        check(logits && ids && logp_out && lse_out, "null pointer");
-        check(tau || temperature > 0.0, "temperature must be > 0");
-        py::gil_scoped_release nogil;
-        logprobs_fwd_impl(ptr<const void>(logits), dtype, B, T, V, lsb, lst, ptr<const int64_t>(ids), (float)temperature,
-                          ptr<const float>(tau), ptr<float>(logp_out), ptr<float>(entropy_out), ptr<float>(lse_out),
-                          std::max(1, nthreads));
-      },
-      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
-      py::arg("ids"), py::arg("temperature"), py::arg("tau"), py::arg("logp_out"), py::arg("entropy_out"),
-      py::arg("lse_out"), py::arg("nthreads"),
-      "logprobs() forward: per-token log-probs and (when entropy_out != 0) entropies, (B, T) f32, and the lse "
-      "in two parts, (B, T, 2) f32: (max x, log Σ exp(x − max)). "
-      "tau: per-token temperatures (B, T) f32, or 0 to use `temperature` for every token.");
-
-  m.def(
-      "logprobs_bwd",
-      [](uintptr_t logits, int32_t dtype, int64_t B, int64_t T, int64_t V, int64_t lsb, int64_t lst, uintptr_t grad,
-         int64_t gsb, int64_t gst, uintptr_t ids, double temperature, uintptr_t tau, uintptr_t lse, uintptr_t entropy,
-         uintptr_t g_logp, uintptr_t g_entropy, int nthreads) {
-        check(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
-        check(B > 0 && T > 0 && V > 0, "B, T, V must be > 0");
-        check(logits && grad && ids && lse, "null pointer");
-        check(!g_entropy || entropy, "the entropy gradient needs the saved entropy");
-        check(tau || temperature > 0.0, "temperature must be > 0");
-        py::gil_scoped_release nogil;
-        logprobs_bwd_impl(ptr<const void>(logits), dtype, B, T, V, lsb, lst, ptr<void>(grad), gsb, gst,
-                          ptr<const int64_t>(ids), (float)temperature, ptr<const float>(tau), ptr<const float>(lse),
-                          ptr<const float>(entropy), ptr<const float>(g_logp), ptr<const float>(g_entropy),
-                          std::max(1, nthreads));
-      },
-      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("lsb"), py::arg("lst"),
-      py::arg("grad"), py::arg("gsb"), py::arg("gst"), py::arg("ids"), py::arg("temperature"), py::arg("tau"),
-      py::arg("lse"), py::arg("entropy"), py::arg("g_logp"), py::arg("g_entropy"), py::arg("nthreads"),
-      "logprobs() backward: grad (B, T, V) in the logits' dtype = (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ "
-      "from the saved two-part lse (B, T, 2) (and entropy); g_logp / g_entropy (B, T) f32 or 0 (zero). grad may equal logits.");
+  // One binding style with grpo_fast._C_cuda (csrc/common/grpo_bindings.h): the keywords of
+  // grpo_args.h's structs, plus nthreads (torch.get_num_threads()).
+  bindings::def_kernel_calls<CpuCalls>(m, kModule);
 
   m.def("isa", []() { return std::string(g_kernels.load()->name); },
         "The instruction set the row kernels use now: 'avx512', 'avx2' or 'generic'.");

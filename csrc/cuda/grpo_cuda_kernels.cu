@@ -69,13 +69,12 @@ namespace cuda {
 
 // After every launch: a bad configuration or a missing kernel image (no SASS/PTX for this GPU)
 // surfaces here, synchronously, naming the kernel.
-#define GF_LAUNCH_CHECK(kernel_name)                                                                \
-  do {                                                                                              \
-    const cudaError_t gf_err_ = cudaGetLastError();                                                 \
-    if (gf_err_ != cudaSuccess)                                                                     \
-      throw std::runtime_error(std::string("grpo_fast CUDA error: launching " #kernel_name ": ") +  \
-                               cudaGetErrorString(gf_err_));                                        \
-  } while (0)
+static void check_launch(const char* kernel_name) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("grpo_fast CUDA error: launching ") + kernel_name + ": " + cudaGetErrorString(err));
+}
+#define GF_LAUNCH_CHECK(kernel_name) check_launch(#kernel_name)
 
 // Every kernel launch: kernel<<<grid, block, 0, stream>>>(args...), or a synchronous emulated launch.
 #if defined(GF_HOST_EMULATION)
@@ -462,7 +461,6 @@ struct DevArgs {
   LossParams p;
   float k2;   // log2(e)/τ
   double tau;  // τ as Python gave it (p.temperature is its float32 rounding)
-  int32_t row_flags;  // sequence level with a per-row advantage: clip flags count once per row
 };
 
 __device__ __forceinline__ float load_or(const float* p, int64_t i, float dflt) { return p ? p[i] : dflt; }
@@ -487,6 +485,25 @@ __device__ __forceinline__ void row_zero(T* grow, int V) {
   for (int j = threadIdx.x; j < V; j += blockDim.x) Io<T>::store1(grow + j, 0.f);
 }
 
+// Token row (b, t) of the logits and of the gradient (int64 offsets).
+template <typename T>
+__device__ __forceinline__ const T* logits_row(const DevArgs& a, int64_t b, int64_t t) {
+  return static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
+}
+template <typename T>
+__device__ __forceinline__ T* grad_row(const DevArgs& a, int64_t b, int64_t t) {
+  return static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
+}
+
+// Sweep 1 of a row, the prologue of the row kernels that need its logsumexp: the block's reduced
+// online-lse state of x = z/τ (k2 = log2(e)/τ; every thread gets it), and the target's logit in
+// thread 0 (*xy; 0 elsewhere), read before any thread can overwrite the row (inplace).
+template <typename T>
+__device__ __forceinline__ Lse row_sweep(const T* row, int64_t y, int V, float k2, float* xy) {
+  *xy = threadIdx.x == 0 ? Io<T>::load1(row + y) : 0.f;
+  return block_reduce_lse(row_lse(row, V, k2), k2);
+}
+
 // Token level: one block per token row at a time (blocks loop over rows, see row_grid()): logp,
 // the token's stats and (when asked) its gradient row. A masked row (m = 0) is not read: zeros,
 // a zero gradient row (a NaN in it does not reach the loss). m is the block's: the branch is uniform.
@@ -500,15 +517,13 @@ __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevAr
         a.logp[n] = 0.f;
         for (int k = 0; k < NUM_STATS; ++k) a.parts[n * NUM_STATS + k] = 0.f;
       }
-      if (a.grad != nullptr) row_zero(static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t, (int)a.V);
+      if (a.grad != nullptr) row_zero(grad_row<T>(a, b, t), (int)a.V);
       continue;
     }
-    const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
+    const T* row = logits_row<T>(a, b, t);
     const int64_t y = a.ids[n];
-    // The target's logit, read before any thread can overwrite the row (inplace).
-    const float xy = threadIdx.x == 0 ? Io<T>::load1(row + y) : 0.f;
-
-    const Lse st = block_reduce_lse(row_lse(row, (int)a.V, a.k2), a.k2);
+    float xy;
+    const Lse st = row_sweep(row, y, (int)a.V, a.k2, &xy);
 
     if (threadIdx.x == 0) {
       const RowStats rs = row_stats(st, xy, a.tau);
@@ -522,22 +537,19 @@ __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevAr
       // NaN/inf log-prob, as the reference gives.
       const float r = expf(logp - (a.old ? a.old[n] : logp));
       const TokenTerms o = token_terms(a.p, logp, ref, A, isr, r);
-      float* out = a.parts + n * NUM_STATS;
-      out[STAT_LOSS] = w * o.loss;
-      out[STAT_ENTROPY] = m * ent;
-      out[STAT_KL] = m * o.kl;
-      out[STAT_CLIP_LOW] = o.clip_low ? m : 0.f;
-      out[STAT_CLIP_HIGH] = o.clip_high ? m : 0.f;
-      out[STAT_CLIP_REGION] = (o.clip_low || o.clip_high) ? m : 0.f;
-      out[STAT_CISPO_CLIP] = o.cispo_clip ? m : 0.f;
-      out[NUM_STATS - 1] = 0.f;
+      float part[NUM_STATS] = {};
+      part[STAT_LOSS] = w * o.loss;
+      part[STAT_ENTROPY] = m * ent;
+      part[STAT_KL] = m * o.kl;
+      count_flags(part, o.clip_low, o.clip_high, o.cispo_clip, flag_weight(TOKEN, a.adv_st != 0, t, m));
+#pragma unroll
+      for (int k = 0; k < NUM_STATS; ++k) a.parts[n * NUM_STATS + k] = part[k];
       sh_bcast[0] = rs.log2s;
       sh_bcast[1] = w * (o.d_logp + r * o.d_ratio) / a.p.temperature;  // g/τ; dr/dlogp = r at token level
     }
     if (a.grad != nullptr) {
       __syncthreads();
-      T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
-      row_grad(row, grow, (int)a.V, (int)y, RowSoftmax{st.m, a.k2, sh_bcast[0], sh_bcast[1]});
+      row_grad(row, grad_row<T>(a, b, t), (int)a.V, (int)y, RowSoftmax{st.m, a.k2, sh_bcast[0], sh_bcast[1]});
     }
     // Next row: thread 0 rewrites sh_bcast only after the next reduction's barriers, which every
     // thread reaches after it has read sh_bcast above.
@@ -560,12 +572,11 @@ __global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a
       }
       continue;
     }
-    const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
-    const float xy = threadIdx.x == 0 ? Io<T>::load1(row + a.ids[n]) : 0.f;
     // Per-token temperature (grpo_fast.logprobs with a τ tensor): every thread reads the row's τ.
     const double tau = a.tau_rows ? (double)a.tau_rows[n] : a.tau;
     const float k2 = a.tau_rows ? (float)(1.4426950408889634 / tau) : a.k2;
-    const Lse st = block_reduce_lse(row_lse(row, (int)a.V, k2), k2);
+    float xy;
+    const Lse st = row_sweep(logits_row<T>(a, b, t), a.ids[n], (int)a.V, k2, &xy);
     if (threadIdx.x == 0) {
       const RowStats rs = row_stats(st, xy, tau);
       a.logp[n] = rs.logp;
@@ -613,8 +624,8 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) logprob_grad_kernel(const DevArgs a) {
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
     const int64_t b = n / a.T, t = n - b * a.T;
-    const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
-    T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
+    const T* row = logits_row<T>(a, b, t);
+    T* grow = grad_row<T>(a, b, t);
     const float gl = load_or(a.g_logp, n, 0.f), gh = load_or(a.g_ent, n, 0.f);
     const bool zero = gl == 0.f && gh == 0.f;
     RowLpGrad r{0.f, 0.f, 0.f, gl, gh, 0.f};
@@ -650,20 +661,24 @@ __global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
   for (int64_t t = threadIdx.x; t < a.T; t += blockDim.x) {
     const int64_t n = base + t;
     const float m = a.mask[n], w = a.weight[n];
-    if (m == 0.f) {  // masked: skipped (its g is 0)
+    // With a per-row advantage the row's flags count once, on its first token, masked or not.
+    const float fw = flag_weight(SEQUENCE, a.adv_st != 0, t, m);
+    if (m == 0.f && fw == 0.f) {  // masked: skipped (its g is 0)
       if (a.gbuf) a.gbuf[n] = 0.f;
       continue;
     }
+    const bool valid = m != 0.f;
     const float A = a.adv[b * a.adv_sb + t * a.adv_st];
     const float isr = a.isr ? a.isr[b * a.isr_sb + t * a.isr_st] : 1.f;
-    const TokenTerms o = token_terms(a.p, a.logp[n], load_or(a.ref, n, 0.f), A, isr, r);
+    const TokenTerms o = token_terms(a.p, valid ? a.logp[n] : 0.f, valid ? load_or(a.ref, n, 0.f) : 0.f, A, isr, r);
+    count_flags(acc, o.clip_low, o.clip_high, o.cispo_clip, fw);
+    if (!valid) {
+      if (a.gbuf) a.gbuf[n] = 0.f;
+      continue;
+    }
     acc[STAT_LOSS] += w * o.loss;
     acc[STAT_ENTROPY] += m * a.entropy[n];
     acc[STAT_KL] += m * o.kl;
-    acc[STAT_CLIP_LOW] += o.clip_low ? m : 0.f;
-    acc[STAT_CLIP_HIGH] += o.clip_high ? m : 0.f;
-    acc[STAT_CLIP_REGION] += (o.clip_low || o.clip_high) ? m : 0.f;
-    acc[STAT_CISPO_CLIP] += o.cispo_clip ? m : 0.f;
     acc[NUM_STATS - 1] += w * o.d_ratio;
     if (a.gbuf) a.gbuf[n] = w * o.d_logp;
   }
@@ -676,23 +691,8 @@ __global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
   }
   if (threadIdx.x == 0) {
     float* out = a.parts + b * NUM_STATS;
-    out[STAT_LOSS] = acc[STAT_LOSS];
-    out[STAT_ENTROPY] = acc[STAT_ENTROPY];
-    out[STAT_KL] = acc[STAT_KL];
-    if (a.row_flags) {
-      // Ratio and advantage are the row's: its flags count once, padding or not (reference.py's
-      // masked_mean averages (B, 1) flags over rows).
-      const TokenTerms o = token_terms(a.p, 0.f, 0.f, a.adv[b * a.adv_sb], 1.f, r);
-      out[STAT_CLIP_LOW] = o.clip_low ? 1.f : 0.f;
-      out[STAT_CLIP_HIGH] = o.clip_high ? 1.f : 0.f;
-      out[STAT_CLIP_REGION] = (o.clip_low || o.clip_high) ? 1.f : 0.f;
-      out[STAT_CISPO_CLIP] = o.cispo_clip ? 1.f : 0.f;
-    } else {
-      out[STAT_CLIP_LOW] = acc[STAT_CLIP_LOW];
-      out[STAT_CLIP_HIGH] = acc[STAT_CLIP_HIGH];
-      out[STAT_CLIP_REGION] = acc[STAT_CLIP_REGION];
-      out[STAT_CISPO_CLIP] = acc[STAT_CISPO_CLIP];
-    }
+#pragma unroll
+    for (int k = 0; k < NUM_STATS - 1; ++k) out[k] = acc[k];
     out[NUM_STATS - 1] = 0.f;
   }
 }
@@ -702,8 +702,8 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) seq_grad_kernel(const DevArgs a) {
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
     const int64_t b = n / a.T, t = n - b * a.T;
-    const T* row = static_cast<const T*>(a.logits) + b * a.stride_b + t * a.stride_t;
-    T* grow = static_cast<T*>(a.grad) + b * a.grad_stride_b + t * a.grad_stride_t;
+    const T* row = logits_row<T>(a, b, t);
+    T* grow = grad_row<T>(a, b, t);
     if (a.gbuf[n] == 0.f) {  // a masked row (or g = 0): zeros, the row is not read
       row_zero(grow, (int)a.V);
       continue;
@@ -834,32 +834,15 @@ static unsigned row_grid(int64_t N, int64_t row_bytes, int device, bool two_swee
   return (unsigned)(N < grid ? N : grid);
 }
 
+// A row kernel over the d.N token rows: row_grid() blocks (each loops over rows) of row_threads<T>(V)
+// threads. two_sweeps: the kernel rereads its row after the block's reduction (token level with a
+// gradient), so the rows in flight must fit in L2.
 template <typename T>
-static void launch_token_fused(const DevArgs& d, int device, cudaStream_t stream) {
-  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, d.grad != nullptr);
-  GF_LAUNCH(token_fused_kernel<T>, grid, row_threads<T>(d.V), stream, d);
-  GF_LAUNCH_CHECK(token_fused_kernel);
-}
-
-template <typename T>
-static void launch_logprob(const DevArgs& d, int device, cudaStream_t stream) {
-  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
-  GF_LAUNCH(logprob_kernel<T>, grid, row_threads<T>(d.V), stream, d);
-  GF_LAUNCH_CHECK(logprob_kernel);
-}
-
-template <typename T>
-static void launch_logprob_grad(const DevArgs& d, int device, cudaStream_t stream) {
-  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
-  GF_LAUNCH(logprob_grad_kernel<T>, grid, row_threads<T>(d.V), stream, d);
-  GF_LAUNCH_CHECK(logprob_grad_kernel);
-}
-
-template <typename T>
-static void launch_seq_grad(const DevArgs& d, int device, cudaStream_t stream) {
-  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, false);
-  GF_LAUNCH(seq_grad_kernel<T>, grid, row_threads<T>(d.V), stream, d);
-  GF_LAUNCH_CHECK(seq_grad_kernel);
+static void launch_rows(void (*kernel)(const DevArgs), const char* name, const DevArgs& d, int device,
+                        cudaStream_t stream, bool two_sweeps) {
+  const unsigned grid = row_grid(d.N, d.V * (int64_t)sizeof(T), device, two_sweeps);
+  GF_LAUNCH(kernel, grid, row_threads<T>(d.V), stream, d);
+  check_launch(name);
 }
 
 // Calls f.template operator()<T>() with the logits' element type.
@@ -882,7 +865,27 @@ static void check_logits(const LogitsView& l) {
   GF_CHECK_GRID(l.B);  // seq_row_kernel: one block per sequence (row kernels loop, any B·T)
 }
 
-void fused_loss(const FusedArgs& f) {
+// The row kernels' arguments with the logits view, the ids, τ (and k2 = log2(e)/τ) filled in, the
+// rest null / 0. grad: the gradient rows (pointer and B/T strides), or null.
+static DevArgs dev_args(const LogitsView& l, const int64_t* ids, double temperature, void* grad, int64_t grad_stride_b,
+                        int64_t grad_stride_t) {
+  DevArgs d{};
+  d.logits = l.ptr;
+  d.ids = ids;
+  d.N = l.B * l.T;
+  d.T = l.T;
+  d.V = l.V;
+  d.stride_b = l.stride_b;
+  d.stride_t = l.stride_t;
+  d.grad = grad;
+  d.grad_stride_b = grad_stride_b;
+  d.grad_stride_t = grad_stride_t;
+  d.tau = temperature;
+  d.k2 = (float)(1.4426950408889634 / temperature);
+  return d;
+}
+
+void fused_loss(const LossArgs& f, const Context& c) {
   // 1. check what Python promised
   const LogitsView& l = f.logits;
   check_logits(l);
@@ -891,7 +894,7 @@ void fused_loss(const FusedArgs& f) {
   GF_CHECK_PTR(f.weight);
   GF_CHECK_PTR(f.logp);
   GF_CHECK_PTR(f.stats);
-  GF_CHECK_PTR(f.scratch);
+  GF_CHECK_PTR(c.scratch);
   GF_REQUIRE((f.advantages != nullptr) != (f.rewards != nullptr), "exactly one of advantages and rewards");
   GF_REQUIRE(f.rewards == nullptr || (f.group_size >= 2 && l.B % f.group_size == 0), "group_size must divide B");
   GF_REQUIRE(f.params.beta == 0.f || f.ref_logp != nullptr, "ref_logp is needed when beta != 0");
@@ -900,39 +903,27 @@ void fused_loss(const FusedArgs& f) {
   const int64_t B = l.B, T = l.T, N = B * T;
   const bool want_grad = f.grad != nullptr;
   const Scratch S = scratch_layout(B, T, f.params.level, f.rewards != nullptr, want_grad);
-  GF_REQUIRE(f.scratch_floats >= S.total, "scratch needs " + std::to_string(S.total) + " floats");
+  GF_REQUIRE(c.scratch_floats >= S.total, "scratch needs " + std::to_string(S.total) + " floats");
 
-  DeviceGuard guard(f.device);
-  cudaStream_t stream = static_cast<cudaStream_t>(f.stream);
+  DeviceGuard guard(c.device);
+  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
 
-  DevArgs d{};
-  d.logits = l.ptr;
-  d.grad = f.grad;
-  d.ids = f.ids;
+  DevArgs d = dev_args(l, f.ids, f.temperature, f.grad, f.grad_stride_b, f.grad_stride_t);
   d.mask = f.mask;
   d.weight = f.weight;
   d.old = f.old_logp;
   d.ref = f.params.beta != 0.f ? f.ref_logp : nullptr;
   d.isr = f.isr;
   d.logp = f.logp;
-  d.N = N;
-  d.T = T;
-  d.V = l.V;
-  d.stride_b = l.stride_b;
-  d.stride_t = l.stride_t;
-  d.grad_stride_b = f.grad_stride_b;
-  d.grad_stride_t = f.grad_stride_t;
   d.isr_sb = f.isr_per_token ? T : 1;
   d.isr_st = f.isr_per_token ? 1 : 0;
   d.p = f.params;
-  d.tau = f.temperature;
-  d.k2 = (float)(1.4426950408889634 / f.temperature);
-  d.parts = f.scratch + S.parts;
+  d.parts = c.scratch + S.parts;
 
   // 2. advantages: given, or from rewards in a one-block kernel ("fused advantage broadcast": a
   //    (B,) vector, never a (B, T) tensor)
   if (f.rewards) {
-    float* adv = f.scratch + S.adv;
+    float* adv = c.scratch + S.adv;
     GF_LAUNCH(advantages_kernel, 1, kAdvThreads, stream, f.rewards, B, f.group_size, f.scale_rewards, f.adv_eps, adv);
     GF_LAUNCH_CHECK(advantages_kernel);
     d.adv = adv;
@@ -946,76 +937,71 @@ void fused_loss(const FusedArgs& f) {
 
   // 3. the passes over the logits
   if (f.params.level == TOKEN) {
-    dispatch_dtype(l.dtype, [&](auto tag) { launch_token_fused<decltype(tag)>(d, f.device, stream); });
+    dispatch_dtype(l.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_rows<T>(token_fused_kernel<T>, "token_fused_kernel", d, c.device, stream, want_grad);
+    });
     GF_LAUNCH(reduce_stats_kernel, 1, kReduceThreads, stream, d.parts, N, f.stats);
     GF_LAUNCH_CHECK(reduce_stats_kernel);
     return;
   }
-  d.rmax = f.scratch + S.rmax;
-  d.log2s = f.scratch + S.log2s;
-  d.entropy = f.scratch + S.entropy;
-  d.gbuf = want_grad ? f.scratch + S.gbuf : nullptr;
-  d.row_flags = (f.rewards != nullptr || !f.adv_per_token) ? 1 : 0;
-  dispatch_dtype(l.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, f.device, stream); });
+  d.rmax = c.scratch + S.rmax;
+  d.log2s = c.scratch + S.log2s;
+  d.entropy = c.scratch + S.entropy;
+  d.gbuf = want_grad ? c.scratch + S.gbuf : nullptr;
+  dispatch_dtype(l.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_rows<T>(logprob_kernel<T>, "logprob_kernel", d, c.device, stream, false);
+  });
   GF_LAUNCH(seq_row_kernel, (unsigned)B, kSeqThreads, stream, d);
   GF_LAUNCH_CHECK(seq_row_kernel);
-  if (want_grad) dispatch_dtype(l.dtype, [&](auto tag) { launch_seq_grad<decltype(tag)>(d, f.device, stream); });
+  if (want_grad)
+    dispatch_dtype(l.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_rows<T>(seq_grad_kernel<T>, "seq_grad_kernel", d, c.device, stream, false);
+    });
   GF_LAUNCH(reduce_stats_kernel, 1, kReduceThreads, stream, d.parts, B, f.stats);
   GF_LAUNCH_CHECK(reduce_stats_kernel);
 }
 
-void token_logprobs(const LogprobArgs& a) {
+void token_logprobs(const LogprobArgs& a, const Context& c) {
   check_logits(a.logits);
   GF_CHECK_PTR(a.ids);
   GF_CHECK_PTR(a.logp);
   GF_REQUIRE(a.tau_rows != nullptr || a.temperature > 0.f, "temperature must be > 0");
-  DeviceGuard guard(a.device);
-  DevArgs d{};
-  d.logits = a.logits.ptr;
-  d.ids = a.ids;
+  DeviceGuard guard(c.device);
+  DevArgs d = dev_args(a.logits, a.ids, a.temperature, nullptr, 0, 0);
   d.logp = a.logp;
   d.entropy = a.entropy;
   d.lse = a.lse;
   d.tau_rows = a.tau_rows;
-  d.N = a.logits.B * a.logits.T;
-  d.T = a.logits.T;
-  d.V = a.logits.V;
-  d.stride_b = a.logits.stride_b;
-  d.stride_t = a.logits.stride_t;
   d.p.temperature = (float)a.temperature;
-  d.tau = a.temperature;
-  d.k2 = (float)(1.4426950408889634 / a.temperature);
-  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob<decltype(tag)>(d, a.device, stream); });
+  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
+  dispatch_dtype(a.logits.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_rows<T>(logprob_kernel<T>, "logprob_kernel", d, c.device, stream, false);
+  });
 }
 
-void logprobs_backward(const LogprobGradArgs& a) {
+void logprobs_backward(const LogprobGradArgs& a, const Context& c) {
   check_logits(a.logits);
   GF_CHECK_PTR(a.grad);
   GF_CHECK_PTR(a.ids);
   GF_CHECK_PTR(a.lse);
   GF_REQUIRE(a.g_entropy == nullptr || a.entropy != nullptr, "the entropy gradient needs the saved entropy");
   GF_REQUIRE(a.tau_rows != nullptr || a.temperature > 0.0, "temperature must be > 0");
-  DeviceGuard guard(a.device);
-  DevArgs d{};
-  d.logits = a.logits.ptr;
-  d.grad = a.grad;
-  d.ids = a.ids;
+  DeviceGuard guard(c.device);
+  DevArgs d = dev_args(a.logits, a.ids, a.temperature, a.grad, a.grad_stride_b, a.grad_stride_t);
   d.entropy = const_cast<float*>(a.entropy);  // read only (DevArgs' entropy is an output elsewhere)
   d.lse = const_cast<float*>(a.lse);          // read only here
   d.tau_rows = a.tau_rows;
   d.g_logp = a.g_logp;
   d.g_ent = a.g_entropy;
-  d.N = a.logits.B * a.logits.T;
-  d.T = a.logits.T;
-  d.V = a.logits.V;
-  d.stride_b = a.logits.stride_b;
-  d.stride_t = a.logits.stride_t;
-  d.grad_stride_b = a.grad_stride_b;
-  d.grad_stride_t = a.grad_stride_t;
-  d.tau = a.temperature;
-  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  dispatch_dtype(a.logits.dtype, [&](auto tag) { launch_logprob_grad<decltype(tag)>(d, a.device, stream); });
+  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
+  dispatch_dtype(a.logits.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_rows<T>(logprob_grad_kernel<T>, "logprob_grad_kernel", d, c.device, stream, false);
+  });
 }
 
 void token_terms_host(const LossParams& p, int64_t n, const float* logp, const float* ref, const float* adv,
