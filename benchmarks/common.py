@@ -329,6 +329,35 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     return "\n".join([fmt_line(heads), sep] + [fmt_line(c) for c in cells])
 
 
+def add_shape_args(p, full_shape, quick_shape) -> None:
+    """The options of a CPU table over one (B, T, V) shape: --quick, --device, --backend, --shape, --dtype,
+    --repeats, --out-dir, --no-save (``shape_and_repeats`` reads them back)."""
+    p.add_argument("--quick", action="store_true", help=f"B,T,V = {quick_shape} (seconds)")
+    p.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only (the GPU suite times the kernels)")
+    p.add_argument("--backend", default="cpu", help="grpo_fast backend: cpu (default), torch, triton")
+    p.add_argument("--shape", default=None, help="B,T,V (default %s)" % ",".join(map(str, full_shape)))
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--repeats", type=int, default=None, help="default 7 (3 with --quick)")
+    p.add_argument("--out-dir", default="bench_results")
+    p.add_argument("--no-save", action="store_true")
+
+
+def shape_and_repeats(args, full_shape, quick_shape):
+    """(B, T, V) and the repeat count from the options of ``add_shape_args``."""
+    shape = (tuple(int(v) for v in args.shape.split(",")) if args.shape
+             else (quick_shape if args.quick else full_shape))
+    return shape, args.repeats or (3 if args.quick else 7)
+
+
+def save_rows(args, name: str, payload: dict) -> None:
+    """Unless --no-save: ``payload`` plus the machine into <out-dir>/<name>.json."""
+    if args.no_save:
+        return
+    path = os.path.join(args.out_dir, f"{name}.json")
+    write_json(path, {"machine": machine_info(args.device), **payload})
+    print(f"wrote {path}")
+
+
 def write_json(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

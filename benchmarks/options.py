@@ -21,7 +21,6 @@ in-place call overwrites are restored untimed before each run.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Dict, List, Tuple
 
@@ -188,33 +187,20 @@ COLUMNS = [("path", "path", ""), ("case", "case", ""), ("ms", "fwd+bwd ms", ".1f
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks options", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"B,T,V = {QUICK_SHAPE} (seconds)")
-    p.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only for now (the GPU suite times the kernels)")
-    p.add_argument("--backend", default="cpu", help="grpo_fast backend: cpu (default), torch, triton")
-    p.add_argument("--shape", default=None, help="B,T,V (default %s)" % (",".join(map(str, FULL_SHAPE))))
-    p.add_argument("--dtype", default="fp32", choices=list(common.DTYPES))
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out-dir", default="bench_results")
-    p.add_argument("--no-save", action="store_true")
+    common.add_shape_args(p, FULL_SHAPE, QUICK_SHAPE)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    shape = (tuple(int(v) for v in args.shape.split(",")) if args.shape
-             else (QUICK_SHAPE if args.quick else FULL_SHAPE))
-    repeats = args.repeats or (3 if args.quick else 7)
+    shape, repeats = common.shape_and_repeats(args, FULL_SHAPE, QUICK_SHAPE)
     rows = run(shape, args.dtype, args.backend, repeats)
     print(f"B,T,V = {shape}, {args.dtype}, backend={args.backend}")
     print(common.format_table(rows, COLUMNS))
     print(f"time: median of {repeats} fwd+bwd runs, cases interleaved; 'vs dapo' = this case / the default "
           f"dapo fused loss in the same run. Fused-pass options: limit {FUSED_LIMIT}x; primitive-path "
           f"options: {PRIMITIVE_LIMIT}x.")
-    if not args.no_save:
-        os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, f"options_{args.backend}_{args.dtype}.json")
-        common.write_json(path, {"machine": common.machine_info(args.device), "shape": shape, "rows": rows})
-        print(f"wrote {path}")
+    common.save_rows(args, f"options_{args.backend}_{args.dtype}", {"shape": shape, "rows": rows})
     return 0
 
 

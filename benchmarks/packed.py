@@ -19,7 +19,6 @@ input untimed before each run.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -109,34 +108,20 @@ COLUMNS = [("level", "level", ""), ("layout", "layout", ""), ("ms", "fwd+bwd ms"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks packed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"B,T,V = {QUICK_SHAPE} (seconds)")
-    p.add_argument("--device", default="cpu", choices=["cpu"])
-    p.add_argument("--backend", default="cpu")
-    p.add_argument("--shape", default=None, help="B,T,V (default %s)" % ",".join(map(str, FULL_SHAPE)))
-    p.add_argument("--padding", type=float, default=0.3)
-    p.add_argument("--dtype", default="fp32", choices=list(common.DTYPES))
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out-dir", default="bench_results")
-    p.add_argument("--no-save", action="store_true")
+    common.add_shape_args(p, FULL_SHAPE, QUICK_SHAPE)
+    p.add_argument("--padding", type=float, default=0.3, help="fraction of the (B, T) grid that is padding")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    shape = (tuple(int(v) for v in args.shape.split(",")) if args.shape
-             else (QUICK_SHAPE if args.quick else FULL_SHAPE))
-    repeats = args.repeats or (3 if args.quick else 7)
+    shape, repeats = common.shape_and_repeats(args, FULL_SHAPE, QUICK_SHAPE)
     rows, pad = run(shape, args.dtype, args.backend, args.padding, repeats)
     print(f"B,T,V = {shape}, {args.dtype}, backend={args.backend}, padding {pad:.1%} of the (B, T) grid")
     print(common.format_table(rows, COLUMNS))
     print(f"time: median of {repeats} fwd+bwd runs (in place), layouts interleaved; target: masked and packed "
           f"<= {TARGET}x the all-rows time at 30% padding.")
-    if not args.no_save:
-        os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, f"packed_{args.backend}_{args.dtype}.json")
-        common.write_json(path, {"machine": common.machine_info(args.device), "shape": shape, "padding": pad,
-                                 "rows": rows})
-        print(f"wrote {path}")
+    common.save_rows(args, f"packed_{args.backend}_{args.dtype}", {"shape": shape, "padding": pad, "rows": rows})
     return 0
 
 
