@@ -177,7 +177,9 @@ class _Logprobs(torch.autograd.Function):
         def small(g):
             return None if g is None else g.reshape(ids.shape).to(torch.float32).contiguous()
 
-        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        # the backend's allocator: on CPU huge pages and the reuse of a released gradient's buffer
+        # (backends/cpu.py empty_grad); a fresh torch.empty faulted in 4 KiB pages every call
+        grad = ctx.impl.empty_grad(z)
         ctx.impl.logprobs_backward(z, ids, tau, lse, entropy, small(g_logp), small(g_entropy), grad)
         return grad.view(ctx.shape), None, None, None, None, None
 

@@ -183,6 +183,9 @@ class Kernels:
     def __init__(self, local, layout: ShardLayout):
         self.local, self.layout = local, layout
 
+    def empty_grad(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.local.empty_grad(logits)  # the shard's gradient: the local backend's allocator
+
     def _local_ids(self, ids: torch.Tensor):
         loc = ids - self.layout.start
         own = (loc >= 0) & (loc < self.layout.size)
