@@ -7,7 +7,8 @@ The loss-coverage issue's speed rule, measured in one run on one shape:
 * **fused pass** options (computed inside the one kernel pass over the logits): ``grpo_fast.grpo_loss``
   with ``inplace=True`` (the gradient overwrites the logits, as the trainer and the TRL drop-in use
   it) for every loss type and option; each row's time over the default ``dapo`` row must stay
-  within 1.10.
+  within 1.10. One more row, ``inplace=False``, shows what a fresh gradient buffer costs (the
+  primitive path cannot write in place: its backward runs after other ops may have read the logits).
 * **primitive path** options (the loss written in torch on the per-token vectors of
   ``grpo_fast.logprobs(..., return_entropy=True)``: verl's policy losses of ``grpo_fast.verl_losses``,
   TRL's entropy bonus and off-policy mask): each row's time over the same ``dapo`` row must stay
@@ -54,7 +55,7 @@ def _inputs(B: int, T: int, V: int, dtype: torch.dtype, seed: int = 0):
 
 def fused_cases() -> Dict[str, dict]:
     """name -> grpo_loss keywords (on top of ids, advantages, mask, old_logp)."""
-    out = {"dapo (default)": {}}
+    out = {"dapo (default)": {}, "dapo, inplace=False (fresh gradient buffer)": {"_inplace": False}}
     for lt in ("grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo"):
         out[f"loss_type={lt}"] = {"loss_type": lt, **({"epsilon_high": 5.0} if lt == "cispo" else {})}
     out["delta=3"] = {"delta": 3.0}
@@ -116,6 +117,7 @@ def _fused_fn(x, backend: str, kw: dict):
     import grpo_fast
 
     kw = dict(kw)
+    inplace = kw.pop("_inplace", True)
     extra = {}
     if kw.pop("_ref", False):
         extra["ref_logp"] = x["ref"]
@@ -128,7 +130,7 @@ def _fused_fn(x, backend: str, kw: dict):
 
     def run(z):
         loss, _ = grpo_fast.grpo_loss(z, x["ids"], completion_mask=x["mask"], old_logp=x["old"],
-                                      inplace=True, backend=backend, **extra, **kw)
+                                      inplace=inplace, backend=backend, **extra, **kw)
         loss.backward()
 
     return run
