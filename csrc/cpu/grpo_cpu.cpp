@@ -68,7 +68,7 @@ struct RowKernels {
   const char* name;
   RowStats (*stats[3])(const void* zrow, int64_t V, float inv_tau, int64_t y);
   void (*grad[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c);
-  RowStats (*stats_keep[3])(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf);
+  RowStats (*stats_keep[3])(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf, const void* next);
   void (*grad_kept[3])(const float* ebuf, void* grow, int64_t V, float c);
   void (*grad_lp[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float xmax, float log_s, float a,
                      float b);
@@ -252,7 +252,11 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
         continue;
       }
       const void* zrow = zrow_at(b, t);
-      const RowStats rs = keep ? K.stats_keep[dtype](zrow, V, inv_tau, a.ids[n], ebuf.data())
+      // the row this thread most likely sweeps next: rows are handed out one chunk at a time in
+      // order, so about nthreads·chunk rows ahead (a guess: a wrong one only warms another core's row)
+      const int64_t nn = n + (chunk > 1 && (n + 1) % chunk != 0 ? 1 : nthreads * chunk - chunk + 1);
+      const void* next = (nn < N && a.mask[nn] != 0.f) ? zrow_at(nn / T, nn % T) : nullptr;
+      const RowStats rs = keep ? K.stats_keep[dtype](zrow, V, inv_tau, a.ids[n], ebuf.data(), next)
                                : K.stats[dtype](zrow, V, inv_tau, a.ids[n]);
       logp[n] = rs.logp;
       ent[n] = rs.entropy;

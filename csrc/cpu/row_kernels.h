@@ -31,12 +31,18 @@ static inline vf vshift(vf z, vf inv_tau, vf neg_max) { return vadd(vmul(z, inv_
 // never 0·(−inf) = NaN; a NaN logit stays NaN (it is max's second operand).
 // KEEP: also store e_j = e^(t_j) (fp32) in ebuf[0..V), so that the gradient pass that follows at once
 // needs no second exp (the same values: the gradient is bitwise the one row_grad would write).
+// NEXT (may be null): the row this thread sweeps next. The exp pass runs from L2 and leaves the memory
+// bus idle, so it asks for the next row's lines meanwhile (a prefetch: no effect on any value), and the
+// next max pass finds them in cache instead of waiting for DRAM.
 template <class D, bool KEEP>
-static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf) {
+static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf,
+                               const void* next = nullptr) {
   using T = typename D::T;
   const D d{};
   const T* z = static_cast<const T*>(zrow);
+  const char* pf = static_cast<const char*>(next);
   const int64_t v1 = V - V % W, v2 = V - V % (2 * W);
+  constexpr int64_t kStep = 2 * W * (int64_t)sizeof(T);  // bytes of the row one iteration consumes
 
   vf m0 = vset1(-INFINITY), m1 = m0;
   int64_t i = 0;
@@ -52,6 +58,8 @@ static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64
   const vf it = vset1(inv_tau), nm = vset1(nxmax), lowest = vset1(-3.402823466e38f);
   vf s0 = vzero(), s1 = s0, q0 = s0, q1 = s0;
   for (i = 0; i < v2; i += 2 * W) {
+    if (pf)
+      for (int64_t off = 0; off < kStep; off += 64) __builtin_prefetch(pf + i * (int64_t)sizeof(T) + off, 0, 3);
     const vf t0 = vshift(vload(d, z + i), it, nm), t1 = vshift(vload(d, z + i + W), it, nm);
     const vf e0 = vexp(t0), e1 = vexp(t1);
     if (KEEP) { vstore(F32{}, ebuf + i, e0); vstore(F32{}, ebuf + i + W, e1); }
@@ -94,8 +102,8 @@ static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y)
   return row_stats_impl<D, false>(zrow, V, inv_tau, y, nullptr);
 }
 template <class D>
-static RowStats row_stats_keep(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf) {
-  return row_stats_impl<D, true>(zrow, V, inv_tau, y, ebuf);
+static RowStats row_stats_keep(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf, const void* next) {
+  return row_stats_impl<D, true>(zrow, V, inv_tau, y, ebuf, next);
 }
 
 // g[0..n) = c·e^(z·inv_tau − max) for the n < W entries of a row's tail, through an fp32 buffer.
