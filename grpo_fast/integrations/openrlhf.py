@@ -64,16 +64,9 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     return entropy.to(logits.dtype)
 
 
-def _version_tuple(v: str):
-    out = []
-    for part in v.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out + [0] * (3 - len(out)))
-
-
 def check_version(version: Optional[str] = None) -> str:
     """The installed OpenRLHF version; ``RuntimeError`` if it is missing or outside ``TESTED``."""
+    from packaging.version import Version  # a dependency of transformers, so of OpenRLHF
     if version is None:
         from importlib import metadata
 
@@ -83,7 +76,7 @@ def check_version(version: Optional[str] = None) -> str:
             raise RuntimeError("grpo_fast.integrations.openrlhf: OpenRLHF is not installed "
                                "(pip install openrlhf; tested with OpenRLHF 0.11.2)") from e
     lo, hi = TESTED
-    if not (_version_tuple(lo) <= _version_tuple(version) < _version_tuple(hi)):
+    if not Version(lo) <= Version(version) < Version(hi):
         raise RuntimeError(f"grpo_fast.integrations.openrlhf: OpenRLHF {version} is outside the tested range "
                            f">={lo},<{hi}; its actor's log-prob functions may have changed. Install "
                            f"openrlhf=={lo}, or update and re-test this integration")

@@ -77,6 +77,7 @@ except ImportError as _e:  # an optional extra: say how to get it
         "grpo_fast.integrations.trl needs TRL: install it with `pip install 'grpo_fast[trl]'` "
         f"(tested with trl 1.16). Import failed with: {_e}"
     ) from _e
+from packaging.version import Version  # noqa: E402 - a dependency of trl's transformers
 
 import grpo_fast
 from grpo_fast import reference
@@ -117,11 +118,8 @@ _LOSS_METHODS = ("_compute_loss", "compute_loss", "_get_per_token_logps_and_entr
 
 
 def _trl_version() -> tuple:
-    parts = []
-    for p in trl.__version__.split(".")[:2]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    """(major, minor) of the installed trl (packaging's parser: "1.16.0rc1" is (1, 16))."""
+    return Version(trl.__version__).release[:2]
 
 
 if _trl_version() < TESTED_TRL:
