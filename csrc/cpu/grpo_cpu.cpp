@@ -66,7 +66,7 @@ struct RowStats {
 // One instruction set's row kernels, indexed by DType.
 struct RowKernels {
   const char* name;
-  RowStats (*stats[3])(const void* zrow, int64_t V, float inv_tau, int64_t y);
+  RowStats (*stats[3])(const void* zrow, int64_t V, float inv_tau, int64_t y, const void* next);
   void (*grad[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c);
   RowStats (*stats_keep[3])(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf, const void* next);
   void (*grad_kept[3])(const float* ebuf, void* grow, int64_t V, float c);
@@ -257,7 +257,7 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
       const int64_t nn = n + (chunk > 1 && (n + 1) % chunk != 0 ? 1 : nthreads * chunk - chunk + 1);
       const void* next = (nn < N && a.mask[nn] != 0.f) ? zrow_at(nn / T, nn % T) : nullptr;
       const RowStats rs = keep ? K.stats_keep[dtype](zrow, V, inv_tau, a.ids[n], ebuf.data(), next)
-                               : K.stats[dtype](zrow, V, inv_tau, a.ids[n]);
+                               : K.stats[dtype](zrow, V, inv_tau, a.ids[n], next);
       logp[n] = rs.logp;
       ent[n] = rs.entropy;
       if (seq) {
@@ -349,7 +349,6 @@ static void logprobs_fwd_impl(const LogprobArgs& a, int nthreads) {
   const LogitsView& L = a.logits;
   const int64_t T = L.T, V = L.V, N = L.B * T, chunk = chunk_tokens(V);
   const float tau0 = (float)a.temperature;
-  (void)nthreads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
 #endif
@@ -357,7 +356,12 @@ static void logprobs_fwd_impl(const LogprobArgs& a, int nthreads) {
     const int64_t b = n / T, t = n % T;
     const void* zrow = static_cast<const char*>(L.ptr) + (b * L.stride_b + t * L.stride_t) * elem_size(L.dtype);
     const float inv_tau = (float)(1.0 / (double)(a.tau_rows ? a.tau_rows[n] : tau0));
-    const RowStats rs = K.stats[L.dtype](zrow, V, inv_tau, a.ids[n]);
+    // the row this thread most likely sweeps next, prefetched during the exp pass (as in the loss)
+    const int64_t nn = n + (chunk > 1 && (n + 1) % chunk != 0 ? 1 : nthreads * chunk - chunk + 1);
+    const void* next = nn < N ? static_cast<const char*>(L.ptr) +
+                                    ((nn / T) * L.stride_b + (nn % T) * L.stride_t) * elem_size(L.dtype)
+                              : nullptr;
+    const RowStats rs = K.stats[L.dtype](zrow, V, inv_tau, a.ids[n], next);
     a.logp[n] = rs.logp;
     if (a.lse) {
       a.lse[2 * n] = rs.xmax;

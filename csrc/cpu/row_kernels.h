@@ -98,8 +98,8 @@ static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64
 }
 
 template <class D>
-static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y) {
-  return row_stats_impl<D, false>(zrow, V, inv_tau, y, nullptr);
+static RowStats row_stats(const void* zrow, int64_t V, float inv_tau, int64_t y, const void* next) {
+  return row_stats_impl<D, false>(zrow, V, inv_tau, y, nullptr, next);
 }
 template <class D>
 static RowStats row_stats_keep(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf, const void* next) {
