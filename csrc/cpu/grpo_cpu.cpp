@@ -67,12 +67,14 @@ struct RowStats {
 struct RowKernels {
   const char* name;
   RowStats (*stats[3])(const void* zrow, int64_t V, float inv_tau, int64_t y, const void* next);
-  void (*grad[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c);
+  // stream: non-temporal stores (the destination is not in cache; row_kernels.h, put)
+  void (*grad[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float nxmax, float c, bool stream);
   RowStats (*stats_keep[3])(const void* zrow, int64_t V, float inv_tau, int64_t y, float* ebuf, const void* next);
-  void (*grad_kept[3])(const float* ebuf, void* grow, int64_t V, float c);
+  void (*grad_kept[3])(const float* ebuf, void* grow, int64_t V, float c, bool stream);
   void (*grad_lp[3])(const void* zrow, void* grow, int64_t V, float inv_tau, float xmax, float log_s, float a,
-                     float b);
+                     float b, bool stream);
   void (*exp)(const float* x, float* y, int64_t n);
+  void (*zero)(void* p, int64_t bytes);  // streaming zeros: a gradient row whose logits were not read
 };
 
 // ---- the row kernels, once per instruction set ----------------------------------------------------
@@ -170,13 +172,16 @@ static inline int64_t chunk_tokens(int64_t V) { return std::max<int64_t>(1, 1638
 // ebuf: the row's e^(x − max) kept by stats_keep, or null (then they are recomputed from the logits).
 static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void* zrow, const float* ebuf, void* grow,
                                   int64_t V, int64_t y, float inv_tau, float xmax, float sum, float logp, float g) {
+  // A separate gradient buffer is not in cache: streaming stores. In place, the row was just read.
+  const bool stream = grow != zrow;
   if (g == 0.f) {  // masked, clipped or zero-advantage token: the whole row is 0 (no exp needed)
-    memset(grow, 0, (size_t)(V * elem_size(dtype)));
+    if (stream) K.zero(grow, V * elem_size(dtype));
+    else memset(grow, 0, (size_t)(V * elem_size(dtype)));
     return;
   }
   const float gt = g * inv_tau;
-  if (ebuf) K.grad_kept[dtype](ebuf, grow, V, -gt / sum);  // −(g/τ)·p_j
-  else K.grad[dtype](zrow, grow, V, inv_tau, -xmax, -gt / sum);
+  if (ebuf) K.grad_kept[dtype](ebuf, grow, V, -gt / sum, stream);  // −(g/τ)·p_j
+  else K.grad[dtype](zrow, grow, V, inv_tau, -xmax, -gt / sum, stream);
   // Target: (g/τ)·(1 − p_y), with 1 − p_y = −expm1(logp) accurate even when p_y is close to 1.
   const float vy = gt * -expm1f(logp);
   char* gy = static_cast<char*>(grow) + y * elem_size(dtype);
@@ -248,7 +253,7 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
         kl[n] = 0.f;
         flags[n] = 0;
         if (seq) { xmax[n] = 0.f; ssum[n] = 1.f; }
-        else if (a.grad) memset(grow_at(b, t), 0, (size_t)(V * elem_size(dtype)));
+        else if (a.grad) K.zero(grow_at(b, t), V * elem_size(dtype));  // not in cache, in place or not
         continue;
       }
       const void* zrow = zrow_at(b, t);
@@ -393,7 +398,7 @@ static void logprobs_bwd_impl(const LogprobGradArgs& a, int nthreads) {
     char* grow = static_cast<char*>(a.grad) + (b * a.grad_stride_b + t * a.grad_stride_t) * es;
     const float g_l = a.g_logp ? a.g_logp[n] : 0.f, g_h = a.g_entropy ? a.g_entropy[n] : 0.f;
     if (g_l == 0.f && g_h == 0.f) {
-      memset(grow, 0, (size_t)(V * es));
+      K.zero(grow, V * es);  // the row is not read: streaming zeros, in place or not
       continue;
     }
     const float inv_tau = (float)(1.0 / (double)(a.tau_rows ? a.tau_rows[n] : tau0));
@@ -406,7 +411,7 @@ static void logprobs_bwd_impl(const LogprobGradArgs& a, int nthreads) {
     else if (dtype == DTYPE_BF16) zy = bf16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
     else zy = f16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
     const float xmax = a.lse[2 * n], log_s = a.lse[2 * n + 1];
-    K.grad_lp[dtype](zrow, grow, V, inv_tau, xmax, log_s, aa, bb);
+    K.grad_lp[dtype](zrow, grow, V, inv_tau, xmax, log_s, aa, bb, /*stream=*/grow != zrow);
     // Target: gl·(1 − p_y)/τ with 1 − p_y = −expm1(log p_y) (accurate when p_y is near 1), plus the
     // entropy term p_y·bb·(log p_y + H), log p_y formed as in the row kernel.
     const float lpy = (zy * inv_tau - xmax) - log_s;  // -ffp-contract=off: x_y rounded first, as vshift does

@@ -49,6 +49,11 @@ static inline __m128i to_16bit(F16, vf v) { return _mm256_cvtps_ph(v, _MM_FROUND
 static inline void vstore(F32, float* p, vf v) { _mm256_storeu_ps(p, v); }
 static inline void vstore(BF16 d, uint16_t* p, vf v) { _mm_storeu_si128((__m128i*)p, to_16bit(d, v)); }
 static inline void vstore(F16 d, uint16_t* p, vf v) { _mm_storeu_si128((__m128i*)p, to_16bit(d, v)); }
+// Non-temporal stores (p aligned to W·sizeof(T)) and the fence that orders them; see simd_avx512.h.
+static inline void vstream(F32, float* p, vf v) { _mm256_stream_ps(p, v); }
+static inline void vstream(BF16 d, uint16_t* p, vf v) { _mm_stream_si128((__m128i*)p, to_16bit(d, v)); }
+static inline void vstream(F16 d, uint16_t* p, vf v) { _mm_stream_si128((__m128i*)p, to_16bit(d, v)); }
+static inline void vfence() { _mm_sfence(); }
 
 // ---- e^x (exp_poly.h) -----------------------------------------------------------------------------
 static inline vf vexp(vf x) {

@@ -40,6 +40,12 @@ static inline __m256i to_16bit(F16, vf v) { return _mm512_cvtps_ph(v, _MM_FROUND
 static inline void vstore(F32, float* p, vf v) { _mm512_storeu_ps(p, v); }
 static inline void vstore(BF16 d, uint16_t* p, vf v) { _mm256_storeu_si256((__m256i*)p, to_16bit(d, v)); }
 static inline void vstore(F16 d, uint16_t* p, vf v) { _mm256_storeu_si256((__m256i*)p, to_16bit(d, v)); }
+// Non-temporal (streaming) stores: p aligned to the store's width (W·sizeof(T)); no read of the line
+// first. vfence() orders them before the row is handed on (the end of the parallel region).
+static inline void vstream(F32, float* p, vf v) { _mm512_stream_ps(p, v); }
+static inline void vstream(BF16 d, uint16_t* p, vf v) { _mm256_stream_si256((__m256i*)p, to_16bit(d, v)); }
+static inline void vstream(F16 d, uint16_t* p, vf v) { _mm256_stream_si256((__m256i*)p, to_16bit(d, v)); }
+static inline void vfence() { _mm_sfence(); }
 
 // ---- e^x (exp_poly.h) -----------------------------------------------------------------------------
 static inline vf vexp(vf x) {

@@ -20,5 +20,8 @@ template <class D>
 static inline vf vload(D d, const typename D::T* p) { vf r; for (int i = 0; i < W; ++i) r.v[i] = to_f32(d, p[i]); return r; }
 template <class D>
 static inline void vstore(D d, typename D::T* p, vf v) { for (int i = 0; i < W; ++i) p[i] = from_f32(d, v.v[i]); }
+template <class D>  // no streaming stores in portable C++: plain ones
+static inline void vstream(D d, typename D::T* p, vf v) { vstore(d, p, v); }
+static inline void vfence() {}
 
 static inline vf vexp(vf x) { for (int i = 0; i < W; ++i) x.v[i] = expf_poly(x.v[i]); return x; }
