@@ -12,6 +12,9 @@ gradients: a policy loss with an entropy term), giving ∂z (N, V):
                    (reads/writes (N, V) tensors about ten times, holds log_softmax and p for backward)
     trl            TRL's selective_log_softmax + entropy_from_logits (its chunked entropy), through
                    autograd, when trl is importable
+    loss-<k>       the yardstick, not a log-prob provider: grpo_fast's fused GRPO loss (dapo, inplace=False,
+                   advantages g_l per token, the same τ) fwd+bwd on the same logits with backend k. The
+                   column "vs loss" divides every provider's time by it, within the same run.
 
 Time: median of ``--repeats`` fwd+bwd runs after one warm-up, providers interleaved round-robin on
 CPU (shared machines: load from other jobs hits them alike). Memory: extra peak over what exists
@@ -71,6 +74,9 @@ def providers(device) -> Dict[str, Optional[Callable]]:
         out[f"grpo_fast-{k}"] = why or (lambda z, ids, k=k: grpo_fast.logprobs(
             z, ids, temperature=TEMPERATURE, return_entropy=True, backend=k))
     out["eager"] = _eager
+    for k in ("cpu", "triton", "cuda"):
+        if callable(out[f"grpo_fast-{k}"]):
+            out[f"loss-{k}"] = lambda z, ids, k=k: _fused_loss(z, ids, k)
     trl, why = _trl_fns()
     if trl is None:
         out["trl"] = why
@@ -80,8 +86,22 @@ def providers(device) -> Dict[str, Optional[Callable]]:
     return out
 
 
+def _fused_loss(z, ids, backend):
+    """The fused GRPO loss on the same (N, V) logits as one row of N tokens (the yardstick row)."""
+    import grpo_fast
+
+    g = torch.Generator().manual_seed(1)
+    adv = torch.randn(1, ids.numel(), generator=g).to(z.device)
+    loss, _ = grpo_fast.grpo_loss(z.unsqueeze(0), ids.unsqueeze(0), adv, temperature=TEMPERATURE, backend=backend)
+    return loss
+
+
 def _step(fn, z, ids, gl, gh):
-    logp, ent = fn(z, ids)
+    out = fn(z, ids)
+    if isinstance(out, torch.Tensor):  # the fused loss (the yardstick): a scalar
+        out.backward()
+        return None
+    logp, ent = out
     ((logp * gl).sum() + (ent * gh).sum()).backward()
     return None
 
@@ -117,7 +137,8 @@ def run(shapes, dtype: str, device: str, repeats: int, only=None, memory: bool =
         for name, fn in runnable.items():
             z.grad = None
             _step(fn, z, ids, gl, gh)  # warm-up
-            errs[name] = float((z.grad.float() - want).abs().max() / want.abs().max())
+            if not name.startswith("loss-"):  # the yardstick computes another quantity
+                errs[name] = float((z.grad.float() - want).abs().max() / want.abs().max())
         # round-robin: each repeat runs every provider once
         for _ in range(repeats):
             for name, fn in runnable.items():
@@ -131,7 +152,7 @@ def run(shapes, dtype: str, device: str, repeats: int, only=None, memory: bool =
                 base = med
             row = {"N": N, "V": V, "dtype": dtype, "provider": name, "ms": med * 1e3,
                    "spread": (max(times[name]) - min(times[name])) / med if med else 0.0,
-                   "max_rel_err_dz": errs[name]}
+                   "max_rel_err_dz": errs.get(name)}
             if memory:
                 try:
                     res = common.run_child("benchmarks.logprobs",
@@ -141,15 +162,20 @@ def run(shapes, dtype: str, device: str, repeats: int, only=None, memory: bool =
                     row["extra_mb"] = float("nan")
                     print(f"  memory child for {name} failed: {e}")
             rows.append(row)
+        loss_ms = next((r["ms"] for r in rows if r["N"] == N and r["V"] == V and r["provider"].startswith("loss-")),
+                       None)
         for row in rows:
             if row["N"] == N and row["V"] == V and base:
                 row["vs_eager"] = base / (row["ms"] / 1e3)
+            if row["N"] == N and row["V"] == V and loss_ms:
+                row["vs_loss"] = row["ms"] / loss_ms
     return rows
 
 
 COLUMNS = [("N", "N", "d"), ("V", "V", "d"), ("dtype", "dtype", ""), ("provider", "provider", ""),
            ("ms", "fwd+bwd ms", ".1f"), ("spread", "spread", ".0%"),
-           ("vs_eager", "vs eager", lambda v: f"{v:.2f}x"), ("extra_mb", "extra peak MB", ".0f"),
+           ("vs_eager", "vs eager", lambda v: f"{v:.2f}x"), ("vs_loss", "vs loss", lambda v: f"{v:.2f}x"),
+           ("extra_mb", "extra peak MB", ".0f"),
            ("max_rel_err_dz", "max|dz err|/max|dz|", ".1e")]
 
 

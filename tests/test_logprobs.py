@@ -433,6 +433,11 @@ def test_benchmark_table_runs_and_agrees_with_float64():
     assert [r["provider"] for r in rows] == ["grpo_fast-cpu", "eager"]
     assert all(r["ms"] > 0 and r["max_rel_err_dz"] < 1e-5 for r in rows), rows
     assert rows[1]["vs_eager"] == pytest.approx(1.0)
+    # the fused loss as the yardstick: in the same run, every row gets its time over the loss's
+    rows = bench.run([(32, 97)], "fp32", "cpu", repeats=1, only=["grpo_fast-cpu", "loss-cpu"], memory=False)
+    assert rows[1]["provider"] == "loss-cpu" and rows[1]["vs_loss"] == pytest.approx(1.0)
+    assert rows[1]["max_rel_err_dz"] is None  # another quantity: not compared with the log-prob gradient
+    assert rows[0]["vs_loss"] == pytest.approx(rows[0]["ms"] / rows[1]["ms"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
