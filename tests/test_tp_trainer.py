@@ -59,15 +59,17 @@ def _full_params(lm):
     return out
 
 
-def _steps(tr, cfg, lm, path, tensors):
-    """STEPS optimizer steps of ``loop.update`` on the whole batch; the parameters after them."""
-    p_ids, p_mask, comp, mask, rewards, ref = tensors
-    batch = tr.build_batch(p_ids, p_mask, comp, mask, tr.advantages_for_rank(rewards, cfg, 0, 1))
+def _steps(tr, cfg, lm, path, tensors, rank=0, world=1, group=None):
+    """STEPS optimizer steps of ``loop.update`` on this data-parallel rank's rows of the batch (all of
+    them for ``world`` 1); the parameters after them."""
+    per = P * G // world
+    p_ids, p_mask, comp, mask, rewards, ref = (t[rank * per:(rank + 1) * per] for t in tensors)
+    batch = tr.build_batch(p_ids, p_mask, comp, mask, tr.advantages_for_rank(rewards, cfg, rank, world, group))
     if cfg.beta != 0:
         batch["ref_logp"] = ref
     opt = torch.optim.SGD(lm.parameters(), lr=LR, momentum=0.9)
     for _ in range(STEPS):
-        tr.update(lm, lm, opt, batch, cfg, path, 1)
+        tr.update(lm, lm, opt, batch, cfg, path, world)
     return _full_params(lm)
 
 
@@ -147,6 +149,44 @@ def worker(out_dir: str) -> None:
     # the one-process checkpoint (written by the test before the launch) resumes here for step 3
     tr.train(_run_cfg(tr, os.path.join(out_dir, "tp_resumed"), vocab_parallel=2, steps=3,
                       resume=os.path.join(out_dir, "one")), task=task)
+    dist.destroy_process_group()
+
+
+DP_TP_CASE = ("fused_linear_grpo_batchstd_accum2", "grpo", 0.04, 2, "batch", "fused_linear", "auto", True)
+
+
+def _all_equal(t: torch.Tensor) -> bool:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return all(torch.equal(parts[0], p) for p in parts)
+
+
+def worker_dp_tp(out_dir: str) -> None:
+    """4 processes: 2 data-parallel replicas (half the prompts each) × 2 ranks splitting the head."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    from grpo_fast.trainer import loop as tr
+    from grpo_fast.trainer import tp
+
+    rank, world = tr.dist_setup(torch.device("cpu"))
+    assert world == 4
+    tp_group, dp_group = tp.parallel_groups(2, world, torch.device("cpu"))
+    tr_, cfg, lm, path, tensors = _case(DP_TP_CASE, out_dir)
+    split = tp.shard_lm_head(lm.model, tp_group, dp_group)
+    assert (split.dp_rank, split.tp_rank) == divmod(rank, 2)
+    params = _steps(tr_, cfg, lm, path, tensors, split.dp_rank, 2, dp_group)
+    assert _all_equal(torch.cat([p.flatten() for p in params.values()])), "the ranks' gathered weights differ"
+    if rank == 0:
+        torch.save(params, os.path.join(out_dir, "dp_tp.pt"))
+    # end to end: 2 steps, 2 prompts per replica; every rank ends with the same whole weights
+    task = tr.get_task("reverse", n_digits=3)
+    torch.manual_seed(0)
+    model = tr.build_default_model(_run_cfg(tr, os.path.join(out_dir, "dp_tp"), vocab_parallel=2), task)
+    tr.train(_run_cfg(tr, os.path.join(out_dir, "dp_tp"), vocab_parallel=2, warmup_steps=2), model=model, task=task)
+    assert _all_equal(torch.cat([p.flatten() for p in _full_params(tr.CausalLM(model)).values()]))
     dist.destroy_process_group()
 
 
@@ -248,5 +288,19 @@ def test_bad_splits_fail_at_start_up():
         tp.shard_lm_head(model, None, None)
 
 
+def test_data_parallel_replicas_of_a_split_head(tmp_path):
+    """dp × tp = 2 × 2 processes take the optimizer steps of one process on the whole batch."""
+    run_two_processes(__file__, tmp_path, nproc=4)
+    tr, cfg, lm, path, tensors = _case(DP_TP_CASE, str(tmp_path))
+    want = _steps(tr, cfg, lm, path, tensors)
+    got = torch.load(tmp_path / "dp_tp.pt")
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=2e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+    summary = json.load(open(tmp_path / "dp_tp" / "summary.json"))
+    assert summary["world_size"] == 4 and summary["vocab_parallel"] == 2
+    assert [r["step"] for r in _metrics(tmp_path / "dp_tp" / "metrics.jsonl")] == [1, 2]
+
+
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    (worker_dp_tp if os.environ.get("WORLD_SIZE") == "4" else worker)(sys.argv[1])
