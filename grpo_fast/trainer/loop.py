@@ -16,6 +16,7 @@ Run it:
     python -m grpo_fast train --out runs/cmp --compare            # fused loss vs the eager reference, ~3 min
     torchrun --nproc_per_node 2 -m grpo_fast train --out runs/ddp # DistributedDataParallel (gloo / nccl)
     torchrun --nproc_per_node 2 -m grpo_fast train --dist fsdp --out runs/fsdp  # FSDP2 (fully_shard)
+    torchrun --nproc_per_node 2 -m grpo_fast train --vocab-parallel 2 --out runs/tp  # the LM head split along V
     python examples/hf_llama_reverse.py                           # any Hugging Face causal LM
 
 From Python: ``train(TrainConfig(...), model=my_causal_lm, task=my_task)``; the model is any
@@ -29,6 +30,9 @@ DDP averages gradients over ranks, so those losses are multiplied by the world s
 shards the model with FSDP2 instead (``wrap_policy``), which averages the same way; the fused-linear
 loss is computed inside the FSDP root's forward (``CausalLM.forward(..., head_loss=...)``), where the
 LM head's weight is all-gathered, and sampling runs on gathered weights (``gathered``).
+``--vocab-parallel N`` splits the LM head along V over N ranks that share the prompts (trainer/tp.py):
+``rank`` / ``world`` below are then those of the data-parallel replicas, the head is a
+``tp.ShardedHead`` and every pass through it (loss, log-probs, sampling) takes its group.
 """
 from __future__ import annotations
 
