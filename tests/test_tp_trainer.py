@@ -30,11 +30,13 @@ sys.path.insert(0, HERE)
 
 from test_ddp import G, P, _setup, run_two_processes  # noqa: E402
 
-# (name, loss_type, beta, grad_accum, scale_rewards, path, loss_backend, tied)
+# (name, loss_type, beta, grad_accum, scale_rewards, path, loss_backend, tied, model)
 CASES = [
-    ("fused_linear_dapo_accum2", "dapo", 0.04, 2, "group", "fused_linear", "auto", True),
-    ("logits_grpo_batchstd_untied", "grpo", 0.0, 1, "batch", "logits", "auto", False),
-    ("eager_reference_dapo_accum3", "dapo", 0.04, 3, "none", "logits", "torch", True),
+    ("fused_linear_dapo_accum2", "dapo", 0.04, 2, "group", "fused_linear", "auto", True, "tiny"),
+    ("logits_grpo_batchstd_untied", "grpo", 0.0, 1, "batch", "logits", "auto", False, "tiny"),
+    ("eager_reference_dapo_accum3", "dapo", 0.04, 3, "none", "logits", "torch", True, "tiny"),
+    # a Hugging Face Llama: tie_word_embeddings, an embedding with padding_idx
+    ("llama_fused_linear_dapo", "dapo", 0.04, 1, "group", "fused_linear", "auto", True, "llama"),
 ]
 STEPS, LR = 2, 0.5
 V_SAMPLE, B_SAMPLE, DRAWS = 37, 48, 8
@@ -43,6 +45,12 @@ V_SAMPLE, B_SAMPLE, DRAWS = 37, 48, 8
 def _case(case, out_dir):
     tr, cfg, lm, path, tensors = _setup(case[:6], out_dir)
     cfg.loss_backend = case[6]
+    if case[8] == "llama":
+        torch.manual_seed(0)
+        llama_cfg = tr.TrainConfig(out=out_dir, model="llama", vocab_size=0, n_layer=1, n_head=2, n_embd=24,
+                                   max_new_tokens=5, progress=False)
+        lm = tr.CausalLM(tr.build_default_model(llama_cfg, tr.get_task("reverse", n_digits=3)))
+        assert lm.is_hf and lm.model.get_input_embeddings().padding_idx is not None
     if not case[7]:  # the head its own tensor: the embedding stays whole on every rank
         lm.model.lm_head.weight = torch.nn.Parameter(lm.model.wte.weight.detach().clone())
     return tr, cfg, lm, path, tensors
@@ -71,6 +79,20 @@ def _steps(tr, cfg, lm, path, tensors, rank=0, world=1, group=None):
     for _ in range(STEPS):
         tr.update(lm, lm, opt, batch, cfg, path, world)
     return _full_params(lm)
+
+
+def _llama_draws(tr, lm, prompt_ids, prompt_mask, generator):
+    """Completions of a Hugging Face model sampled the long way: the whole sequence through the
+    model at every step (no KV cache), the whole vocabulary's logits, ``loop._sample_next``."""
+    seq, mask, out = prompt_ids, prompt_mask, []
+    done = torch.zeros(len(seq), dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = tr._sample_next(lm(seq, mask, 1)[:, -1], 0.9, generator)
+            out.append(torch.where(done, torch.zeros_like(nxt), nxt))
+            done |= out[-1] == 1
+            seq, mask = torch.cat([seq, out[-1][:, None]], 1), torch.cat([mask, torch.ones(len(seq), 1)], 1)
+    return torch.stack(out, 1)
 
 
 def _sample_logits():
@@ -106,9 +128,21 @@ def worker(out_dir: str) -> None:
         tr_, cfg, lm, path, tensors = _case(case, out_dir)
         split = tp.shard_lm_head(lm.model, tp_group, dp_group)
         assert (split.start, split.local, split.total) == ((0, 7, 13), (7, 6, 13))[rank]
-        assert (lm.model.wte.weight is lm.model.lm_head.weight) == case[7]
+        emb = lm.model.wte if case[8] == "tiny" else lm.model.get_input_embeddings()
+        assert (emb.weight is lm.lm_head().weight) == case[7]
         assert tr_.wrap_policy(lm, cfg, world, cpu) is lm
         got[case[0]] = _steps(tr_, cfg, lm, path, tensors)
+        if case[8] == "llama":  # the split head's KV-cache sampling draws the long way's tokens
+            whole = _case(case, out_dir)[2]
+            whole.model.load_state_dict(got[case[0]], strict=False)  # the tied head follows the embedding
+            assert torch.equal(whole.model.lm_head.weight, got[case[0]]["model.embed_tokens.weight"])
+            task = tr_.get_task("reverse", n_digits=3)
+            p_ids, p_mask = tensors[0], tensors[1]
+            comp, _ = tr_.sample_completions(lm, p_ids, p_mask, max_new_tokens=5, temperature=0.9,
+                                             eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id,
+                                             generator=torch.Generator().manual_seed(4))
+            want = _llama_draws(tr_, whole, p_ids, p_mask, torch.Generator().manual_seed(4))
+            assert torch.equal(comp, want[:, :comp.shape[1]]), (comp, want)
         # the parameters that are not split are the same on both ranks, bit for bit
         split_ids = {id(p) for p in tp.sharded_parameters(lm.model).values()}
         flat = torch.cat([p.detach().flatten() for p in lm.parameters() if id(p) not in split_ids])
@@ -222,7 +256,7 @@ def test_split_head_trains_as_one_process(tmp_path):
         assert got.keys() == want.keys()
         for n in want:
             torch.testing.assert_close(got[n], want[n], atol=2e-6, rtol=1e-5, msg=lambda m: f"{case[0]} {n}: {m}")
-        head = "lm_head.weight" if "lm_head.weight" in want else "wte.weight"
+        head = next(n for n in ("lm_head.weight", "wte.weight", "model.embed_tokens.weight") if n in want)
         assert float((want[head] - before[head]).abs().max()) > 1e-3  # the steps moved the split head
     split_draws = torch.stack([a for a, _ in saved["draws"]])
     whole_draws = torch.stack([b for _, b in saved["draws"]])

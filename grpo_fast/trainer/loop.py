@@ -211,6 +211,15 @@ class CausalLM(nn.Module):
             return head if isinstance(head, (nn.Linear, tp.ShardedHead)) else None
         return None
 
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states (a Hugging Face model: with its logit scale and softcap)."""
+        z = self.lm_head()(h)
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.logit_softcap is not None:
+            z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
+        return z
+
     @property
     def vocab_split(self) -> Optional[tp.VocabSplit]:
         """The process groups and rows of a head split along V (``tp.shard_lm_head``); None when whole."""
@@ -238,14 +247,7 @@ class CausalLM(nn.Module):
             if hidden or self.lm_head() is not None:
                 out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
                 h = out.last_hidden_state[:, -T:]
-                if hidden:
-                    return h
-                z = self.lm_head()(h)
-                if self.logit_scale != 1.0:
-                    z = z * self.logit_scale
-                if self.logit_softcap is not None:
-                    z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
-                return z
+                return h if hidden else self.head_logits(h)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
             return _first_logits(out)[:, -T:]
         if hidden:
@@ -309,11 +311,16 @@ def sample_completions(lm: CausalLM, prompt_ids: torch.Tensor, prompt_mask: torc
             done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
             seq, seq_mask = prompt_ids, prompt_mask
             step_input = prompt_ids
+            hf_cache = None
             for _ in range(max_new_tokens):
                 if cache is not None:
                     logits = model(step_input, cache=cache)[:, -1]  # only the new positions are computed
-                elif lm.is_hf:  # a split head (generate would sample from one shard): no KV cache here
-                    logits = lm(seq, seq_mask, 1)[:, -1]
+                elif lm.is_hf:  # a split head (generate would sample one shard's logits): its KV cache, our draw
+                    pos = (seq_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
+                    o = model.base_model(input_ids=step_input, attention_mask=seq_mask, position_ids=pos,
+                                         past_key_values=hf_cache, use_cache=True)
+                    hf_cache = o.past_key_values
+                    logits = lm.head_logits(o.last_hidden_state[:, -1])
                 else:
                     logits = _first_logits(model(seq))[:, -1]  # no cache: recompute the whole sequence
                 # a split head gives this rank's (B, V_r) logits; tp.sample_next draws the same token on every rank
