@@ -186,7 +186,7 @@ def worker(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-DP_TP_CASE = ("fused_linear_grpo_batchstd_accum2", "grpo", 0.04, 2, "batch", "fused_linear", "auto", True)
+DP_TP_CASE = ("fused_linear_grpo_batchstd_accum2", "grpo", 0.04, 2, "batch", "fused_linear", "auto", True, "tiny")
 
 
 def _all_equal(t: torch.Tensor) -> bool:
