@@ -7,8 +7,9 @@ untied) is split with ``tp.shard_lm_head``. The worker:
 
 1. runs two ``loop.update`` steps (GRPO gradient, clipping, SGD with momentum) per case (the
    fused-linear loss with KL and accumulation, the fused loss on the shard's logits, the eager
-   reference) and saves the parameters with the head gathered; the test compares them with one
-   process on the whole head (fp32, 2e-6 / 1e-5, as tests/test_fsdp.py);
+   reference, a tied Hugging Face Llama) and saves the parameters with the head gathered; the test
+   compares them with one process on the whole head (fp32, 2e-6 / 1e-5, as tests/test_fsdp.py); the
+   Llama's split sampling (its KV cache) must draw the tokens of a whole-vocabulary loop;
 2. draws tokens with ``tp.sample_next`` from the two halves of (B, 37) logits and saves them next to
    ``loop._sample_next``'s draws from the whole rows with the same generator: they must be equal;
 3. trains two steps end to end with ``train`` (warm-up, sampling, old and reference log-probs,
@@ -17,6 +18,10 @@ untied) is split with ``tp.shard_lm_head``. The worker:
    the attention's key bias into a step of ~lr); reloads its checkpoint into a freshly split model,
    loads the one-process checkpoint and resumes from it (the test resumes it in one process too);
 4. checks that a split that does not divide the processes fails at start-up on both ranks.
+
+``test_data_parallel_replicas_of_a_split_head`` launches 4 processes (2 replicas × 2 shards): two
+optimizer steps on half the prompts per replica give one process's parameters on the whole batch,
+and two steps of ``train`` leave every rank with the same whole weights.
 """
 import json
 import os
