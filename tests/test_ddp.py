@@ -99,11 +99,11 @@ def worker(out_dir: str) -> None:
         torch.save(torch.stack(both), os.path.join(out_dir, "run_params.pt"))
 
 
-def run_two_processes(script: str, out_dir) -> None:
-    """``python -m torch.distributed.run --standalone --nproc_per_node 2 script out_dir``; fails the
-    test with the end of the ranks' output when it does not exit 0."""
+def run_two_processes(script: str, out_dir, nproc: int = 2) -> None:
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 script out_dir`` (``nproc``
+    processes); fails the test with the end of the ranks' output when it does not exit 0."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            os.path.abspath(script), str(out_dir)]
     try:
         res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)

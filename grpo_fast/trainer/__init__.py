@@ -4,6 +4,7 @@
     config.py    TrainConfig: every setting, its flag, its valid range
     harness.py   memory measurement, checkpoints, plots
     compare.py   --compare: the fused loss against the eager reference, from the same seed
+    tp.py        --vocab-parallel: the LM head split along V over ranks
 
 ``python -m grpo_fast train`` (``grpo-fast train``) runs ``main``; from Python,
 ``train(TrainConfig(...), model=..., task=...)``.
@@ -16,7 +17,7 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
-from . import loop
+from . import loop, tp
 from .compare import compare, compare_plot, compare_report
 from .config import CONFIG_CHECKS, ConfigError, TrainConfig, _cli_args, check_config, parse_args  # noqa: F401
 from .harness import load_checkpoint, peak_mem_mb, reset_peak_mem, save_checkpoint, tenth_means, write_plots
@@ -46,7 +47,7 @@ __all__ = ["TrainConfig", "ConfigError", "CONFIG_CHECKS", "check_config", "parse
            "compare_report", "compare_plot", "CausalLM", "sample_completions", "completion_mask_from_ids",
            "encode_prompts", "sequence_logprobs", "advantages_for_rank", "build_batch", "rollout", "loss_options",
            "accumulate_gradients", "update", "policy_reward", "supervised_warmup", "build_default_model",
-           "load_checkpoint", "save_checkpoint", "peak_mem_mb", "reset_peak_mem", "tenth_means", "write_plots", "loop",
+           "load_checkpoint", "save_checkpoint", "peak_mem_mb", "reset_peak_mem", "tenth_means", "write_plots", "loop", "tp",
            "wrap_policy", "gathered", "is_fsdp", "transformer_blocks"]
 
 def main(argv: Optional[List[str]] = None) -> int:

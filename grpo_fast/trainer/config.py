@@ -68,6 +68,8 @@ class TrainConfig:
     loss_backend: str = "auto"  # auto | cpu | triton | cuda | torch (the eager reference)
     loss_path: str = "auto"  # auto: fused-linear when the LM head is known and it is importable | fused_linear | logits
     dist: str = "ddp"  # under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2, fully_shard per block + root)
+    # The loss, the log-probs and sampling then run on the shards, never on (B, T, V) logits (trainer/tp.py).
+    vocab_parallel: int = 1  # under torchrun: the LM head (and a tied embedding) split along V over N ranks holding the same batch; processes: a multiple of N; 1: off
     # bookkeeping
     save_every: int = 0  # 0: only at the end
     resume: str = ""  # a checkpoint file or a run directory holding ckpt.pt
@@ -171,6 +173,8 @@ CONFIG_CHECKS = {
     "loss_backend": _one_of(*BACKENDS),
     "loss_path": _one_of("auto", "fused_linear", "logits"),
     "dist": _one_of("ddp", "fsdp"),
+    "vocab_parallel": ((lambda v, c: _int(1)[0](v, c) and (v == 1 or (c.dist != "fsdp" and not c.compare))),
+                       "an integer >= 1 (1: off); above 1 not with --dist fsdp nor --compare"),
     "save_every": (_int(0)[0], "an integer >= 0 (0: only at the end)"),
     "resume": (_resume_ok, "empty, a checkpoint file, or a run directory holding ckpt.pt"),
     "compare": _flag(),

@@ -73,16 +73,29 @@ def save_checkpoint(path: str, step: int, lm, ref_lm, optimizer, gens: Dict[str,
     """Called on every rank (under FSDP2 the full weights and optimizer state are gathered from the
     shards, a collective); rank 0 writes. The model and the optimizer are saved as full state dicts
     keyed by parameter name (torch.distributed.checkpoint's ``get_state_dict``), the same file
-    whether the run was one process, DDP or FSDP2: any of them resumes from it."""
+    whether the run was one process, DDP, FSDP2 or ``--vocab-parallel`` (the head's rows gathered
+    from the ranks of the tp group): any of them resumes from it."""
+    from . import tp
+
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the full tensors, on rank 0 only
     model_state = get_model_state_dict(lm.model, options=opts)
     optim_state = get_optimizer_state_dict(lm.model, optimizer, options=opts)
+    ref_state = None if ref_lm is None else ref_lm.model.state_dict()
+    if tp.find_split(lm.model) is not None:  # the head's rows of every rank (a collective)
+        weights, moments = tp.full_state(lm.model, optimizer)
+        ref_weights = None if ref_lm is None else tp.full_state(ref_lm.model)[0]
+        if _is_main():
+            model_state.update(weights)
+            for name, st in optim_state["state"].items():
+                st.update(moments.get(name, {}))
+            if ref_state is not None:
+                ref_state.update(ref_weights)
     if not _is_main():
         return
     state = {
         "step": step,
         "model": model_state,
-        "ref_model": None if ref_lm is None else ref_lm.model.state_dict(),
+        "ref_model": ref_state,
         "optimizer": optim_state,
         "optimizer_keys": "names",
         "generators": {k: g.get_state() for k, g in gens.items()},
@@ -97,20 +110,27 @@ def save_checkpoint(path: str, step: int, lm, ref_lm, optimizer, gens: Dict[str,
 
 
 def load_checkpoint(path: str, lm, ref_lm, optimizer, gens: Dict[str, torch.Generator]) -> int:
-    """Every rank reads the file; under FSDP2 each keeps its shard of the weights and optimizer state."""
+    """Every rank reads the file; under FSDP2 each keeps its shard of the weights and optimizer state,
+    with ``--vocab-parallel`` its rows of the LM head."""
+    from . import tp
+
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     state = torch.load(path, map_location="cpu", weights_only=False)
+    split = tp.find_split(lm.model)
     opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(lm.model, state["model"], options=opts)
+    set_model_state_dict(lm.model, state["model"] if split is None else tp.local_state(lm.model, state["model"]),
+                         options=opts)
     if ref_lm is not None and state["ref_model"] is not None:
-        ref_lm.model.load_state_dict(state["ref_model"])
+        ref = state["ref_model"]
+        ref_lm.model.load_state_dict(ref if split is None else tp.local_state(ref_lm.model, ref))
     if state.get("optimizer_keys") == "names":
-        set_optimizer_state_dict(lm.model, optimizer, state["optimizer"], options=opts)
+        osd = state["optimizer"] if split is None else tp.local_optimizer_state(lm.model, state["optimizer"])
+        set_optimizer_state_dict(lm.model, optimizer, osd, options=opts)
     else:  # written before the checkpoints keyed the optimizer state by name: by position, one process only
-        if any(isinstance(p, DTensor) for p in lm.parameters()):
+        if split is not None or any(isinstance(p, DTensor) for p in lm.parameters()):
             raise ValueError(f"{path}: this checkpoint's optimizer state is keyed by position (an older format); "
-                             "resume it without --dist fsdp")
+                             "resume it without --dist fsdp or --vocab-parallel")
         optimizer.load_state_dict(state["optimizer"])
     for k, g in gens.items():
         g.set_state(state["generators"][k])

@@ -16,6 +16,7 @@ Run it:
     python -m grpo_fast train --out runs/cmp --compare            # fused loss vs the eager reference, ~3 min
     torchrun --nproc_per_node 2 -m grpo_fast train --out runs/ddp # DistributedDataParallel (gloo / nccl)
     torchrun --nproc_per_node 2 -m grpo_fast train --dist fsdp --out runs/fsdp  # FSDP2 (fully_shard)
+    torchrun --nproc_per_node 2 -m grpo_fast train --vocab-parallel 2 --out runs/tp  # the LM head split along V
     python examples/hf_llama_reverse.py                           # any Hugging Face causal LM
 
 From Python: ``train(TrainConfig(...), model=my_causal_lm, task=my_task)``; the model is any
@@ -29,6 +30,9 @@ DDP averages gradients over ranks, so those losses are multiplied by the world s
 shards the model with FSDP2 instead (``wrap_policy``), which averages the same way; the fused-linear
 loss is computed inside the FSDP root's forward (``CausalLM.forward(..., head_loss=...)``), where the
 LM head's weight is all-gathered, and sampling runs on gathered weights (``gathered``).
+``--vocab-parallel N`` splits the LM head along V over N ranks that share the prompts (trainer/tp.py):
+``rank`` / ``world`` below are then those of the data-parallel replicas, the head is a
+``tp.ShardedHead`` and every pass through it (loss, log-probs, sampling) takes its group.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ from ..model import GPTConfig, TinyGPT
 from ..tasks import Task, get_task
 
 
+from . import tp
 from .config import TrainConfig
 from .harness import (load_checkpoint, peak_mem_mb, reset_peak_mem, save_checkpoint, tenth_means,
                       write_plots)
@@ -70,18 +75,25 @@ def dist_setup(device: torch.device):
     return dist.get_rank(), dist.get_world_size()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over ``group`` (None: every process)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def all_gather_cat(t: torch.Tensor, group=None) -> torch.Tensor:
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts)
+
+
+def data_group(lm: "CausalLM"):
+    """The processes that take different prompts: the dp group of ``--vocab-parallel``, else all (None)."""
+    split = lm.vocab_split
+    return None if split is None else split.dp_group
 
 
 def transformer_blocks(model: nn.Module) -> List[nn.Module]:
@@ -100,7 +112,7 @@ def wrap_policy(lm: "CausalLM", cfg: TrainConfig, world: int, device: torch.devi
     which holds the embeddings and the LM head; fp32 throughout, no mixed-precision policy). FSDP2
     shards ``lm`` in place (its parameters become DTensors split on dim 0) and returns it: create the
     optimizer after this call."""
-    if world == 1:
+    if world == 1 or lm.vocab_split is not None:  # --vocab-parallel averages gradients itself (tp.py)
         return lm
     if cfg.dist == "ddp":
         return nn.parallel.DistributedDataParallel(lm)
@@ -190,13 +202,29 @@ class CausalLM(nn.Module):
         self.logit_softcap = getattr(cfg, "final_logit_softcapping", None) if self.is_hf else None
         self.logit_scale = float(getattr(cfg, "logit_scale", 1.0) or 1.0) if self.is_hf else 1.0
 
-    def lm_head(self) -> Optional[nn.Linear]:
+    def lm_head(self) -> Optional[nn.Module]:
+        """The LM head: an nn.Linear, or this rank's rows of it (``tp.ShardedHead``, ``--vocab-parallel``)."""
         if self.is_tiny:
             return self.model.lm_head
         if self.is_hf:
             head = self.model.get_output_embeddings()
-            return head if isinstance(head, nn.Linear) else None
+            return head if isinstance(head, (nn.Linear, tp.ShardedHead)) else None
         return None
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states (a Hugging Face model: with its logit scale and softcap)."""
+        z = self.lm_head()(h)
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.logit_softcap is not None:
+            z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
+        return z
+
+    @property
+    def vocab_split(self) -> Optional[tp.VocabSplit]:
+        """The process groups and rows of a head split along V (``tp.shard_lm_head``); None when whole."""
+        head = self.lm_head()
+        return head.split if isinstance(head, tp.ShardedHead) else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, hidden: bool = False,
                 head_loss=None):
@@ -219,14 +247,7 @@ class CausalLM(nn.Module):
             if hidden or self.lm_head() is not None:
                 out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
                 h = out.last_hidden_state[:, -T:]
-                if hidden:
-                    return h
-                z = self.lm_head()(h)
-                if self.logit_scale != 1.0:
-                    z = z * self.logit_scale
-                if self.logit_softcap is not None:
-                    z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
-                return z
+                return h if hidden else self.head_logits(h)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
             return _first_logits(out)[:, -T:]
         if hidden:
@@ -273,10 +294,11 @@ def sample_completions(lm: CausalLM, prompt_ids: torch.Tensor, prompt_mask: torc
     """
     model = lm.model
     B, P = prompt_ids.shape
+    split = lm.vocab_split
     was_training = model.training
     model.eval()
     try:
-        if lm.is_hf:
+        if lm.is_hf and split is None:
             # HF generate draws from the global torch RNG. top_k=0 / top_p=1: sample the full
             # softmax(logits / τ) the loss assumes, not the model's default truncated one.
             seq = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True,
@@ -287,19 +309,29 @@ def sample_completions(lm: CausalLM, prompt_ids: torch.Tensor, prompt_mask: torc
             cache = model.new_cache(B, P + max_new_tokens) if lm.is_tiny else None
             out = []
             done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-            seq = prompt_ids
+            seq, seq_mask = prompt_ids, prompt_mask
             step_input = prompt_ids
+            hf_cache = None
             for _ in range(max_new_tokens):
                 if cache is not None:
                     logits = model(step_input, cache=cache)[:, -1]  # only the new positions are computed
+                elif lm.is_hf:  # a split head (generate would sample one shard's logits): its KV cache, our draw
+                    pos = (seq_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
+                    o = model.base_model(input_ids=step_input, attention_mask=seq_mask, position_ids=pos,
+                                         past_key_values=hf_cache, use_cache=True)
+                    hf_cache = o.past_key_values
+                    logits = lm.head_logits(o.last_hidden_state[:, -1])
                 else:
                     logits = _first_logits(model(seq))[:, -1]  # no cache: recompute the whole sequence
-                nxt = _sample_next(logits, temperature, generator)
+                # a split head gives this rank's (B, V_r) logits; tp.sample_next draws the same token on every rank
+                nxt = (_sample_next(logits, temperature, generator) if split is None
+                       else tp.sample_next(logits, temperature, generator, split))
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 out.append(nxt)
                 done |= nxt == eos_id
                 step_input = nxt[:, None]
                 seq = torch.cat([seq, step_input], dim=1)
+                seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=1)
                 if bool(done.all()):
                     break
             ids = torch.stack(out, dim=1)
@@ -335,11 +367,18 @@ def sequence_logprobs(lm: CausalLM, batch: dict, cfg: TrainConfig, micro: int) -
     out = []
     B, T = batch["completion_ids"].shape
     head = lm.lm_head()
+    split = lm.vocab_split
     use_fl = (head is not None and hasattr(grpo_fast, "fused_linear_token_logprobs") and cfg.loss_path != "logits"
               and cfg.loss_backend != "torch")
     for s in range(0, B, micro):
         ids, am, y = batch["input_ids"][s:s + micro], batch["attention_mask"][s:s + micro], batch["completion_ids"][s:s + micro]
-        if use_fl:
+        if split is not None:  # the head's rows on this rank: the primitives with its group (the same (B, T) everywhere)
+            if use_fl:
+                out.append(head_logprobs(lm, lm(ids, am, T, hidden=True), y, cfg.temperature, cfg.loss_backend))
+            else:
+                out.append(grpo_fast.logprobs(lm(ids, am, T), y, temperature=cfg.temperature, backend=cfg.loss_backend,
+                                              **split.kwargs())[0])
+        elif use_fl:
             hidden = lm(ids, am, T, hidden=True)
             out.append(grpo_fast.fused_linear_token_logprobs(hidden, head.weight, y, bias=head.bias, logit_scale=lm.logit_scale,
                                                              logit_softcap=lm.logit_softcap, temperature=cfg.temperature,
@@ -349,11 +388,22 @@ def sequence_logprobs(lm: CausalLM, batch: dict, cfg: TrainConfig, micro: int) -
     return torch.cat(out)
 
 
-def advantages_for_rank(rewards: torch.Tensor, cfg: TrainConfig, rank: int, world: int) -> torch.Tensor:
+def head_logprobs(lm: CausalLM, hidden: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                  backend: str = "auto") -> torch.Tensor:
+    """(B, T) log-probs of ``ids`` from the hidden states through ``lm``'s LM head (its rows on this rank
+    and their group with ``--vocab-parallel``), never building the logits; differentiable."""
+    head = lm.lm_head()
+    return grpo_fast.fused_linear_logprobs(hidden, head.weight, ids, bias=head.bias, temperature=temperature,
+                                           logit_scale=lm.logit_scale, logit_softcap=lm.logit_softcap, backend=backend,
+                                           **tp.split_kwargs(head))[0]
+
+
+def advantages_for_rank(rewards: torch.Tensor, cfg: TrainConfig, rank: int, world: int, group=None) -> torch.Tensor:
     """(n,) advantages of this rank's rows. Groups never straddle ranks, so "group" and "none" are
-    local; "batch" divides by the std of every rank's rewards, gathered first."""
+    local; "batch" divides by the std of every rank's rewards, gathered first. ``rank`` / ``world``:
+    this process's place among the ``group`` (None: all) processes that take different prompts."""
     if cfg.scale_rewards == "batch" and world > 1:
-        all_r = all_gather_cat(rewards)
+        all_r = all_gather_cat(rewards, group)
         return grpo_fast.group_advantages(all_r, cfg.group_size, cfg.scale_rewards).view(world, -1)[rank]
     return grpo_fast.group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
 
@@ -374,7 +424,8 @@ def build_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, advant
 
 def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConfig, step_gen: torch.Generator,
             sample_gen: torch.Generator, rank: int, world: int, device) -> dict:
-    """One step's experience for this rank: its share of the prompts, G completions each, scored."""
+    """One step's experience for this rank: its share of the prompts, G completions each, scored.
+    ``rank`` / ``world``: among the processes that take different prompts (``--vocab-parallel``: the dp group)."""
     examples = task.sample(cfg.prompts_per_step, step_gen)  # every rank draws the same prompts ...
     per_rank = cfg.prompts_per_step // world
     examples = examples[rank * per_rank:(rank + 1) * per_rank]  # ... and keeps its own slice
@@ -389,7 +440,8 @@ def rollout(lm: CausalLM, ref_lm: Optional[CausalLM], task: Task, cfg: TrainConf
     completions = [task.tokenizer.decode(row) for row in comp_ids.tolist()]
     rewards, parts = task.rewards(prompts, completions, examples)
     rewards = rewards.to(device)
-    batch = build_batch(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages_for_rank(rewards, cfg, rank, world), max_new)
+    batch = build_batch(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages_for_rank(rewards, cfg, rank, world, data_group(lm)),
+                        max_new)
     batch.update(prompts=prompts, completions=completions, rewards=rewards, reward_parts=parts)
     micro = math.ceil(len(prompts) / cfg.grad_accum)
     # Old log-probs only matter when the policy moves between sampling and a later update.
@@ -442,17 +494,20 @@ def micro_batch_loss(policy: nn.Module, lm: CausalLM, batch: dict, rows: slice, 
         # and its gradient goes back through FSDP's reduce-scatter to the shards (DDP: the all-reduce).
         def head_loss(hidden, head):
             return grpo_fast.fused_linear_grpo_loss(hidden, head.weight, ids, adv, bias=head.bias, logit_scale=lm.logit_scale,
-                                                    logit_softcap=lm.logit_softcap, **per_call, **loss_options(cfg))
+                                                    logit_softcap=lm.logit_softcap, **per_call, **loss_options(cfg),
+                                                    **tp.split_kwargs(head))
         return policy(batch["input_ids"][rows], batch["attention_mask"][rows], T, head_loss=head_loss)
     logits = policy(batch["input_ids"][rows], batch["attention_mask"][rows], T)
     # inplace: the kernel turns the logits into their gradient; safe when they are the fresh output of
     # the LM head (a Linear does not keep its output for backward) — not when a softcap made them.
     inplace = lm.lm_head() is not None and lm.logit_softcap is None
-    return grpo_fast.grpo_loss(logits, ids, adv, inplace=inplace, **per_call, **loss_options(cfg))
+    return grpo_fast.grpo_loss(logits, ids, adv, inplace=inplace, **per_call, **loss_options(cfg),
+                               **tp.split_kwargs(lm.lm_head()))
 
 
 def accumulate_gradients(policy: nn.Module, lm: CausalLM, batch: dict, cfg: TrainConfig, path: str, world: int) -> dict:
-    """Backward of the step's loss over ``grad_accum`` micro-batches into ``.grad``.
+    """Backward of the step's loss over ``grad_accum`` micro-batches into ``.grad``. ``world``: the
+    number of data-parallel replicas (the processes, or their tp groups with ``--vocab-parallel``).
 
     Returns the loss (as the whole step's loss, not this rank's share) and the token-weighted
     means of the loss metrics over this rank's tokens.
@@ -461,7 +516,7 @@ def accumulate_gradients(policy: nn.Module, lm: CausalLM, batch: dict, cfg: Trai
     micro = math.ceil(B / cfg.grad_accum)
     chunks = [slice(s, min(s + micro, B)) for s in range(0, B, micro)]
     # dapo / cispo normalize by the completion tokens of the whole step: every micro-batch, every rank.
-    num_items = float(all_reduce_sum(batch["completion_mask"].sum().reshape(1).double()).item())
+    num_items = float(all_reduce_sum(batch["completion_mask"].sum().reshape(1).double(), data_group(lm)).item())
     sum_normalized = LOSS_TABLE[cfg.loss_type].uses_num_items
     # DDP and FSDP2 average gradients over ranks: a sum-normalized loss is multiplied back by the world size;
     # a per-micro-batch mean is divided by the number of micro-batches.
@@ -491,7 +546,12 @@ def update(policy: nn.Module, lm: CausalLM, optimizer, batch: dict, cfg: TrainCo
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         it = accumulate_gradients(policy, lm, batch, cfg, path, world)
-        it["grad_norm"] = clip_grad_norm(lm.parameters(), cfg.max_grad_norm)
+        split = lm.vocab_split
+        if split is None:
+            it["grad_norm"] = clip_grad_norm(lm.parameters(), cfg.max_grad_norm)
+        else:  # no DDP wrapper: average over the data-parallel replicas here; the norm sums the shards'
+            tp.average_gradients(lm.parameters(), split.dp_group)
+            it["grad_norm"] = tp.clip_grad_norm(lm, split, cfg.max_grad_norm)
         optimizer.step()
         for k, v in it.items():
             logs[k] = logs.get(k, 0.0) + v / cfg.num_iterations
@@ -540,16 +600,17 @@ def supervised_warmup(lm: CausalLM, task: Task, cfg: TrainConfig, gen: torch.Gen
             tgt[i, :len(t)] = torch.tensor(t)
         tgt = tgt.to(device)
         comp = tgt.clamp(min=0)
-        logits = lm(torch.cat([prompt_ids, comp[:, :T - 1]], 1),
-                    torch.cat([prompt_mask, torch.ones(n, T - 1, device=device)], 1), T)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        args = (torch.cat([prompt_ids, comp[:, :T - 1]], 1), torch.cat([prompt_mask, torch.ones(n, T - 1, device=device)], 1), T)
+        if lm.vocab_split is None:
+            logits = lm(*args)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        else:  # the head's rows on this rank: the cross-entropy from the split log-probs
+            valid = tgt != -100
+            loss = -(head_logprobs(lm, lm(*args, hidden=True), comp) * valid).sum() / valid.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if dist.is_initialized() and dist.get_world_size() > 1:  # identical data on every rank; keep replicas equal
-            for p in lm.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
+        if dist.is_initialized():  # identical data on every rank; keep replicas equal
+            tp.average_gradients(lm.parameters(), data_group(lm))
         opt.step()
         done += 1
         if cfg.warmup_target_reward > 0 and done % 5 == 0:
@@ -599,7 +660,10 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     rank, world = dist_setup(device)
-    if cfg.prompts_per_step % world:
+    n_tp = cfg.vocab_parallel
+    if n_tp > 1:
+        tp.check_world(n_tp, world, cfg.prompts_per_step)
+    elif cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of processes ({world})")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -610,10 +674,14 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     task = task or get_task(cfg.task, n_digits=cfg.n_digits)
     model = (model or build_default_model(cfg, task)).to(device)
+    if n_tp > 1:  # rank 0's weights everywhere, then each rank keeps its rows of the head (trainer/tp.py)
+        tp.shard_lm_head(model, *tp.parallel_groups(n_tp, world, device), broadcast=True)
     lm = CausalLM(model)
-    # Generators: the prompts (same on every rank) and the sampling (different per rank).
+    # ``rank`` / ``world`` among the processes that take different prompts (the ranks of a tp group share theirs)
+    d_rank, d_world = (rank, world) if lm.vocab_split is None else (lm.vocab_split.dp_rank, lm.vocab_split.dp_size)
+    # Generators: the prompts (same on every rank) and the sampling (different per data-parallel rank).
     gens = {"prompts": torch.Generator().manual_seed(cfg.seed + 1),
-            "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2 + 1000 * rank)}
+            "sample": torch.Generator(device=device).manual_seed(cfg.seed + 2 + 1000 * d_rank)}
     is_main = rank == 0
     if is_main:
         os.makedirs(cfg.out, exist_ok=True)
@@ -651,18 +719,18 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with gathered(lm):  # FSDP2: sampling and the old log-probs call the inner model on full weights
-            batch = rollout(lm, ref_lm, task, cfg, gens["prompts"], gens["sample"], rank, world, device)
+            batch = rollout(lm, ref_lm, task, cfg, gens["prompts"], gens["sample"], d_rank, d_world, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
         rollout_peak = peak_mem_mb(device)
         reset_peak_mem(device, trim=True)  # the update's own peak: loss forward + backward + optimizer
         t1u = time.perf_counter()
-        logs = update(policy, lm, optimizer, batch, cfg, path, world)
+        logs = update(policy, lm, optimizer, batch, cfg, path, d_world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
-        # Rank-averaged metrics for the log (one small all_reduce).
+        # Rank-averaged metrics for the log (one small all_reduce; the ranks of a tp group hold the same values).
         names = ["reward_mean", "completion_len"] + [f"reward/{k}" for k in batch["reward_parts"]] + sorted(logs)
         local = [float(batch["rewards"].mean()), float(batch["completion_mask"].sum(1).mean())]
         local += [float(v.mean()) for v in batch["reward_parts"].values()] + [logs[k] for k in sorted(logs)]
@@ -692,6 +760,7 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], task: Optional[Task]) -
         times = sorted(r["step_time_s"] for r in rows)
         summary = {
             "task": task.name, "task_description": task.description, "steps": cfg.steps, "world_size": world,
+            "vocab_parallel": n_tp,
             "device": str(device), "loss_backend": cfg.loss_backend, "loss_path": path,
             "warmup_final_loss": warmup_loss, "warmup_steps_done": warmup_done, "warmup_final_reward": warmup_reward,
             "reward_first_tenth": first, "reward_last_tenth": last,
