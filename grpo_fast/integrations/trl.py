@@ -27,8 +27,9 @@ TRL options and what they map to (all read from ``GRPOConfig`` / the trainer, as
     loss_type                    loss_type (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo); vespo on the
                                  log-prob primitive (below)
     beta                         beta, with kl_estimator="k3" (TRL's only estimator)
-    epsilon / epsilon_high       epsilon_low / epsilon_high
+    epsilon / epsilon_high       epsilon_low / epsilon_high (each where TRL reads it: see IGNORED_OPTIONS below)
     delta                        delta (clip family; TRL ignores it for cispo, sapo and vespo, so do we)
+    use_liger_kernel             Liger's layer kernels on the model (below); the loss stays grpo_fast's
     importance_sampling_level    importance_sampling_level
     temperature                  temperature
     use_bias_correction_kl       use_bias_correction_kl
@@ -48,13 +49,25 @@ per-token log-probs (and the entropy's gradient) before the loss. With any of th
 in torch on the (B, T) vectors: ``reference.per_token_loss`` and ``reference.aggregate`` (the math every
 kernel is tested against), TRL's own ``get_gamma_weights`` (VESPO's φ), ``get_off_policy_mask`` and
 ``get_high_entropy_mask``, TRL's entropy-bonus scaling and its adaptive coefficient update, logged as
-TRL logs them (``vespo/phi_seq_mean``, ``policy_loss``, ``entropy_coef``). vespo ignores epsilon,
-epsilon_high, delta and the SAPO temperatures as TRL does (``IGNORED_OPTIONS``): not checked, not used.
+TRL logs them (``vespo/phi_seq_mean``, ``policy_loss``, ``entropy_coef``).
 
-Refused with ``ValueError`` when the trainer is built, never a silent fallback: use_liger_kernel (in
-trl 1.16 it patches the model's layers with Liger's Triton kernels; untested together), vision-language
-models, and a subclass that overrides ``_compute_loss``, ``compute_loss`` or
-``_get_per_token_logps_and_entropies`` (its loss would otherwise be replaced without notice).
+Options TRL 1.16 ignores for a loss type are ignored here too, not checked and not used
+(``IGNORED_OPTIONS``, by LOSS_TABLE's family): cispo reads only epsilon_high (its cap; ``epsilon`` is its
+default), so epsilon, delta and the SAPO temperatures are ignored; sapo ignores epsilon, epsilon_high and
+delta; the clip family ignores the SAPO temperatures; vespo ignores all of them.
+
+use_liger_kernel=True: as in trl 1.16, whose GRPOTrainer computes the loss itself (it no longer uses Liger's
+``LigerFusedLinearGRPOLoss``, nor its option restrictions) and only lets ``Trainer.train()`` patch the
+model's layers (RMSNorm, SwiGLU, RoPE, ...) with Liger's Triton kernels, with
+``liger_kernel_config["fused_linear_cross_entropy"]`` forced off (that patch would replace the model's
+forward; TRL raises if it is asked for). The patched layers run the backbone, and the loss is grpo_fast's,
+with every option above (tests/test_trl_liger.py: against TRL's own trainer with the flag).
+
+Refused with ``ValueError``, never a silent fallback: vision-language models and a subclass that overrides
+``_compute_loss``, ``compute_loss`` or ``_get_per_token_logps_and_entropies`` (its loss would otherwise be
+replaced without notice), when the trainer is built; and, at the step, a model whose forward was replaced
+after the trainer was built (by hand, e.g. Liger's fused_linear_cross_entropy patch): the loss runs inside
+the forward the drop-in installed.
 """
 from __future__ import annotations
 
