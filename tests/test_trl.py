@@ -383,6 +383,20 @@ def test_model_forward_replaced_after_build_raises(tiny, tmp_path):
         _step(tr, inputs)
 
 
+def test_mixed_precision_wrapped_forward_keeps_the_loss(tiny, tmp_path):
+    """Trainer.train() has accelerate wrap the model's forward for mixed precision (autocast, then
+    convert_outputs_to_fp32, a decorator chain through __wrapped__): the drop-in's forward is still found
+    in it, and the step is unchanged."""
+    tr = _build(GRPOTrainer, tiny, tmp_path, bf16=True, loss_type="dapo", beta=0.04)
+    assert tr.accelerator.native_amp
+    inputs = _batch(tr)
+    before = _step(tr, inputs)
+    forward = tr.model.forward
+    assert tr.accelerator.prepare_model(tr.model) is tr.model and tr.model.forward is not forward
+    after = _step(tr, inputs)
+    assert math.isclose(after[0].item(), before[0].item(), rel_tol=1e-6) and _grad_err(after[1], before[1]) <= 1e-6
+
+
 def test_unsupported_option_set_later_raises_at_step(tiny, tmp_path):
     tr = _build(GRPOTrainer, tiny, tmp_path)
     inputs = _batch(tr)

@@ -281,13 +281,24 @@ def _install_hidden_forward(model) -> None:
             aux = _router_aux_loss(text_config, out.router_logits, kwargs.get("attention_mask"))
         return loss, metrics, aux
 
-    _forward._grpo_fast_hidden_forward = True  # after functools.wraps, which copies the class forward's __dict__
     model.forward = types.MethodType(_forward, model)
+    model._grpo_fast_forward = _forward  # for _has_hidden_forward
 
 
 def _has_hidden_forward(model) -> bool:
-    """Whether ``model.forward`` is still the one ``_install_hidden_forward`` put there."""
-    return getattr(getattr(model.forward, "__func__", None), "_grpo_fast_hidden_forward", False)
+    """Whether ``model.forward`` still calls the one ``_install_hidden_forward`` put there: that function, or
+    a decorator chain down to it through ``__wrapped__`` (accelerate's mixed-precision wrapping, applied in
+    ``Trainer.train()``, wraps it so: autocast, then convert_outputs_to_fp32)."""
+    target = getattr(model, "_grpo_fast_forward", None)
+    f = model.forward
+    for _ in range(64):  # a decorator chain is short; a cycle must not hang
+        f = getattr(f, "__func__", f)
+        if f is target:
+            return True
+        f = getattr(f, "__wrapped__", None)
+        if f is None:
+            return False
+    return False
 
 
 class GRPOTrainer(_TRLGRPOTrainer):
