@@ -199,6 +199,15 @@ def test_step_matches_trl(tiny, tmp_path, loss_type, level):
         assert ref[2]["clip_ratio/region_mean"] > 0
 
 
+# GRPOConfig values that TRL 1.16 ignores for a loss type, each one grpo_fast's validation would reject if it
+# were used: epsilon outside [0, 1), delta <= 1 + epsilon_high, epsilon_high < 0, SAPO temperatures <= 0 or NaN.
+# cispo's epsilon_high (its cap, which TRL reads) is set, so that TRL's epsilon is not its default.
+IGNORED_VALUES = {
+    "cispo": dict(epsilon=1.5, epsilon_high=1.1, delta=0.5, sapo_temperature_pos=-1.0, sapo_temperature_neg=0.0),
+    "sapo": dict(epsilon=1.5, epsilon_high=-0.5, delta=0.5),
+    "dapo": dict(sapo_temperature_pos=float("nan"), sapo_temperature_neg=-1.0),
+}
+
 OPTION_CASES = {
     "delta": dict(config=dict(loss_type="grpo", delta=1.5, epsilon_high=0.28)),
     "temperature": dict(config=dict(loss_type="dapo", temperature=0.7, beta=0.02)),
@@ -232,6 +241,11 @@ OPTION_CASES = {
     # for the other loss types are accepted (not checked, not used), and the step still matches TRL.
     "vespo_ignores_clip_options": dict(config=dict(loss_type="vespo", beta=0.04, epsilon=1.5, epsilon_high=-0.5,
                                                     delta=0.5, sapo_temperature_pos=-1.0, sapo_temperature_neg=0.0)),
+    # Likewise cispo reads only epsilon_high (the cap), sapo no clip option, the clip family no SAPO temperature
+    # (IGNORED_OPTIONS): values grpo_fast would reject are not checked and do not change the step.
+    "cispo_ignores_epsilon_delta_sapo": dict(config=dict(loss_type="cispo", beta=0.04, **IGNORED_VALUES["cispo"])),
+    "sapo_ignores_clip_options": dict(config=dict(loss_type="sapo", beta=0.04, **IGNORED_VALUES["sapo"])),
+    "dapo_ignores_sapo_temperatures": dict(config=dict(loss_type="dapo", beta=0.04, **IGNORED_VALUES["dapo"])),
     "entropy_coef_dapo": dict(config=dict(loss_type="dapo", beta=0.04, entropy_coef=0.05)),
     "entropy_coef_grpo_seq": dict(config=dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.1,
                                               beta=0.04)),
@@ -333,13 +347,54 @@ def test_adaptive_entropy_matches_trl_over_steps(tiny, tmp_path):
     assert ref_tr.entropy_coef > 0.05  # the controller moved (entropy below the target: the coefficient grows)
 
 
+@pytest.mark.parametrize("loss_type", sorted(IGNORED_VALUES))
+def test_ignored_options_do_not_change_the_step(tiny, tmp_path, loss_type):
+    """The values TRL ignores for this loss type give bit for bit the drop-in's step with GRPOConfig's
+    defaults for them (the step with them equals TRL's: test_option_matches_trl)."""
+    config = dict(loss_type=loss_type, beta=0.04, epsilon_high=IGNORED_VALUES[loss_type].get("epsilon_high", 0.28))
+    plain = _build(GRPOTrainer, tiny, tmp_path, **config)
+    odd = _build(GRPOTrainer, tiny, tmp_path, **{**config, **IGNORED_VALUES[loss_type]})
+    inputs = _batch(plain)
+    (l0, g0, m0), (l1, g1, m1) = _step(plain, inputs), _step(odd, inputs)
+    assert torch.equal(l0, l1) and m0 == m1
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
 @pytest.mark.parametrize("config, words", [
-    (dict(use_liger_kernel=True), "use_liger_kernel"),
     (dict(epsilon=1.5), "epsilon_low"),  # a value grpo_fast rejects: at build time, not at step 1
-], ids=["liger", "bad_epsilon"])
+    (dict(loss_type="cispo", epsilon_high=float("nan")), "epsilon_high"),  # cispo's cap is read, so it is checked
+    (dict(loss_type="sapo", sapo_temperature_neg=0.0), "sapo_temperature"),
+], ids=["bad_epsilon", "cispo_bad_cap", "sapo_bad_temperature"])
 def test_unsupported_option_raises_at_build(tiny, tmp_path, config, words):
     with pytest.raises(ValueError, match=words):
         _build(GRPOTrainer, tiny, tmp_path, **config)
+
+
+def test_model_forward_replaced_after_build_raises(tiny, tmp_path):
+    """A patch that replaces the model's forward after the trainer is built (Liger's fused_linear_cross_entropy
+    applied by hand, say) would bypass the grpo_fast loss: the step refuses it, naming the cause."""
+    tr = _build(GRPOTrainer, tiny, tmp_path, use_liger_kernel=True)
+    assert tr.args.liger_kernel_config == {"fused_linear_cross_entropy": False}  # TRL's own setting, kept
+    inputs = _batch(tr)
+    _step(tr, inputs)  # accepted: the patches Trainer.train() applies keep the forward (tests/test_trl_liger.py)
+    model = tr.model
+    model.forward = type(model).forward.__get__(model)
+    with pytest.raises(ValueError, match="forward of Qwen2ForCausalLM was replaced"):
+        _step(tr, inputs)
+
+
+def test_mixed_precision_wrapped_forward_keeps_the_loss(tiny, tmp_path):
+    """Trainer.train() has accelerate wrap the model's forward for mixed precision (autocast, then
+    convert_outputs_to_fp32, a decorator chain through __wrapped__): the drop-in's forward is still found
+    in it, and the step is unchanged."""
+    tr = _build(GRPOTrainer, tiny, tmp_path, bf16=True, loss_type="dapo", beta=0.04)
+    assert tr.accelerator.native_amp
+    inputs = _batch(tr)
+    before = _step(tr, inputs)
+    forward = tr.model.forward
+    assert tr.accelerator.prepare_model(tr.model) is tr.model and tr.model.forward is not forward
+    after = _step(tr, inputs)
+    assert math.isclose(after[0].item(), before[0].item(), rel_tol=1e-6) and _grad_err(after[1], before[1]) <= 1e-6
 
 
 def test_unsupported_option_set_later_raises_at_step(tiny, tmp_path):
@@ -372,8 +427,8 @@ def test_patch_trl(tiny, tmp_path):
         from trl.trainer.grpo_trainer import GRPOTrainer as Patched2
 
         assert Patched is GRPOTrainer and Patched2 is GRPOTrainer
-        with pytest.raises(ValueError, match="use_liger_kernel"):
-            _build(trl.GRPOTrainer, tiny, tmp_path, use_liger_kernel=True)
+        with pytest.raises(ValueError, match="epsilon_low"):  # the drop-in's checks run
+            _build(trl.GRPOTrainer, tiny, tmp_path, epsilon=1.5)
     finally:
         unpatch_trl()
     assert trl.GRPOTrainer is original

@@ -27,8 +27,9 @@ TRL options and what they map to (all read from ``GRPOConfig`` / the trainer, as
     loss_type                    loss_type (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo); vespo on the
                                  log-prob primitive (below)
     beta                         beta, with kl_estimator="k3" (TRL's only estimator)
-    epsilon / epsilon_high       epsilon_low / epsilon_high
+    epsilon / epsilon_high       epsilon_low / epsilon_high (each where TRL reads it: see IGNORED_OPTIONS below)
     delta                        delta (clip family; TRL ignores it for cispo, sapo and vespo, so do we)
+    use_liger_kernel             Liger's layer kernels on the model (below); the loss stays grpo_fast's
     importance_sampling_level    importance_sampling_level
     temperature                  temperature
     use_bias_correction_kl       use_bias_correction_kl
@@ -48,13 +49,25 @@ per-token log-probs (and the entropy's gradient) before the loss. With any of th
 in torch on the (B, T) vectors: ``reference.per_token_loss`` and ``reference.aggregate`` (the math every
 kernel is tested against), TRL's own ``get_gamma_weights`` (VESPO's φ), ``get_off_policy_mask`` and
 ``get_high_entropy_mask``, TRL's entropy-bonus scaling and its adaptive coefficient update, logged as
-TRL logs them (``vespo/phi_seq_mean``, ``policy_loss``, ``entropy_coef``). vespo ignores epsilon,
-epsilon_high, delta and the SAPO temperatures as TRL does (``IGNORED_OPTIONS``): not checked, not used.
+TRL logs them (``vespo/phi_seq_mean``, ``policy_loss``, ``entropy_coef``).
 
-Refused with ``ValueError`` when the trainer is built, never a silent fallback: use_liger_kernel (in
-trl 1.16 it patches the model's layers with Liger's Triton kernels; untested together), vision-language
-models, and a subclass that overrides ``_compute_loss``, ``compute_loss`` or
-``_get_per_token_logps_and_entropies`` (its loss would otherwise be replaced without notice).
+Options TRL 1.16 ignores for a loss type are ignored here too, not checked and not used
+(``IGNORED_OPTIONS``, by LOSS_TABLE's family): cispo reads only epsilon_high (its cap; ``epsilon`` is its
+default), so epsilon, delta and the SAPO temperatures are ignored; sapo ignores epsilon, epsilon_high and
+delta; the clip family ignores the SAPO temperatures; vespo ignores all of them.
+
+use_liger_kernel=True: as in trl 1.16, whose GRPOTrainer computes the loss itself (it no longer uses Liger's
+``LigerFusedLinearGRPOLoss``, nor its option restrictions) and only lets ``Trainer.train()`` patch the
+model's layers (RMSNorm, SwiGLU, RoPE, ...) with Liger's Triton kernels, with
+``liger_kernel_config["fused_linear_cross_entropy"]`` forced off (that patch would replace the model's
+forward; TRL raises if it is asked for). The patched layers run the backbone, and the loss is grpo_fast's,
+with every option above (tests/test_trl_liger.py: against TRL's own trainer with the flag).
+
+Refused with ``ValueError``, never a silent fallback: vision-language models and a subclass that overrides
+``_compute_loss``, ``compute_loss`` or ``_get_per_token_logps_and_entropies`` (its loss would otherwise be
+replaced without notice), when the trainer is built; and, at the step, a model whose forward was replaced
+after the trainer was built (by hand, e.g. Liger's fused_linear_cross_entropy patch): the loss runs inside
+the forward the drop-in installed.
 """
 from __future__ import annotations
 
@@ -105,12 +118,21 @@ TRL_METRIC_NAMES = {
 # vectors), with the loss type whose aggregation they share.
 PRIMITIVE_LOSS_TYPES = {"vespo": "dapo"}
 
-# The loss options (GRPOOptions names) that TRL 1.16's _compute_loss never reads for a loss type:
-# vespo's branch computes φ from the sequence's log-ratio and its own vespo_* options, and neither
-# the clip range (TRL's ``epsilon`` / ``epsilon_high``), ``delta`` nor the SAPO temperatures enter its
-# loss or its metrics. grpo_fast neither checks nor uses them there either: they get GRPOOptions'
-# defaults (docs/spec.md, "TRL options computed on the log-prob primitive").
-IGNORED_OPTIONS = {"vespo": ("epsilon_low", "epsilon_high", "delta", "sapo_temperature_pos", "sapo_temperature_neg")}
+# The loss options (GRPOOptions names) that TRL 1.16's _compute_loss never reads for a loss type, by
+# the per-token family of LOSS_TABLE: the clip family reads epsilon, epsilon_high and delta but not the
+# SAPO temperatures; cispo (is_weight) caps the ratio at epsilon_high only (TRL's ``epsilon`` matters only
+# as epsilon_high's default, which the trainer has already resolved); sapo (soft_gate) reads its
+# temperatures and no clip option. vespo's branch computes φ from the sequence's log-ratio and its own
+# vespo_* options: none of them enter its loss or its metrics. grpo_fast neither checks nor uses an
+# ignored option: GRPOOptions' default stands in for it (docs/spec.md, the per-loss-type table).
+_SAPO_TEMPERATURES = ("sapo_temperature_pos", "sapo_temperature_neg")
+_IGNORED_BY_FAMILY = {
+    "clip": _SAPO_TEMPERATURES,
+    "is_weight": ("epsilon_low", "delta") + _SAPO_TEMPERATURES,
+    "soft_gate": ("epsilon_low", "epsilon_high", "delta"),
+}
+IGNORED_OPTIONS = {name: _IGNORED_BY_FAMILY[t.family] for name, t in LOSS_TABLE.items() if t.family in _IGNORED_BY_FAMILY}
+IGNORED_OPTIONS["vespo"] = ("epsilon_low", "epsilon_high", "delta") + _SAPO_TEMPERATURES
 _OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOOptions)}
 
 # Methods whose override in a subclass would change the policy loss that the drop-in replaces.
@@ -136,11 +158,6 @@ def unsupported_options(args) -> list:
     if loss_type not in LOSS_TYPES and loss_type not in PRIMITIVE_LOSS_TYPES:
         out.append(f"loss_type={loss_type!r} is not implemented by grpo_fast (it implements "
                    f"{sorted(LOSS_TYPES) + sorted(PRIMITIVE_LOSS_TYPES)})")
-    if getattr(args, "use_liger_kernel", False):
-        out.append(
-            "use_liger_kernel=True: Liger and grpo_fast are alternative kernels for the same model; the drop-in is "
-            "not tested with Liger's patches, so use one or the other (set use_liger_kernel=False)"
-        )
     if loss_type in LOSS_TABLE and LOSS_TABLE[loss_type].aggregation == "fixed_length" and getattr(args, "max_completion_length", 1) is None:
         out.append(f"loss_type={loss_type!r} normalizes by max_completion_length, which is None")
     return out
@@ -265,6 +282,23 @@ def _install_hidden_forward(model) -> None:
         return loss, metrics, aux
 
     model.forward = types.MethodType(_forward, model)
+    model._grpo_fast_forward = _forward  # for _has_hidden_forward
+
+
+def _has_hidden_forward(model) -> bool:
+    """Whether ``model.forward`` still calls the one ``_install_hidden_forward`` put there: that function, or
+    a decorator chain down to it through ``__wrapped__`` (accelerate's mixed-precision wrapping, applied in
+    ``Trainer.train()``, wraps it so: autocast, then convert_outputs_to_fp32)."""
+    target = getattr(model, "_grpo_fast_forward", None)
+    f = model.forward
+    for _ in range(64):  # a decorator chain is short; a cycle must not hang
+        f = getattr(f, "__func__", f)
+        if f is target:
+            return True
+        f = getattr(f, "__wrapped__", None)
+        if f is None:
+            return False
+    return False
 
 
 class GRPOTrainer(_TRLGRPOTrainer):
@@ -309,11 +343,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._grpo_fast_raise(problems)
         self._grpo_fast_check_values()
 
-        # The same module TRL gave its fused LM head: the transformers model under a PEFT wrapper.
-        from accelerate.utils import is_peft_model
-
-        target = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        _install_hidden_forward(target)
+        _install_hidden_forward(self._grpo_fast_head_model())
         self._grpo_fast_cast_fp32 = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
 
     # ---- checks ----------------------------------------------------------------------------------
@@ -328,6 +358,28 @@ class GRPOTrainer(_TRLGRPOTrainer):
                     f"replaces TRL's loss, so that override would be silently ignored or silently bypass grpo_fast. "
                     f"Subclass trl.GRPOTrainer instead to keep a custom loss."
                 )
+
+    def _grpo_fast_head_model(self):
+        """The module TRL gave its fused LM head, whose forward the drop-in wraps: the transformers model
+        under a PEFT wrapper."""
+        from accelerate.utils import is_peft_model
+
+        return self.model.get_base_model() if is_peft_model(self.model) else self.model
+
+    def _grpo_fast_check_forward(self) -> None:
+        """The loss runs inside the model's forward (``_install_hidden_forward``): a patch that replaced that
+        forward after the trainer was built would take the ``grpo_fast_loss`` argument into its ``**kwargs``
+        and return logits instead of the loss. With use_liger_kernel=True, Trainer.train() patches the model
+        with Liger's kernels; TRL 1.16 forces ``liger_kernel_config["fused_linear_cross_entropy"] = False``
+        (the only Liger patch that replaces the forward), so this only fails for a patch applied by hand."""
+        model = self._grpo_fast_head_model()
+        if not _has_hidden_forward(model):
+            raise ValueError(
+                f"the forward of {type(model).__name__} was replaced after grpo_fast's GRPOTrainer was built (by "
+                f"{getattr(model.forward, '__qualname__', model.forward)!r}), so the grpo_fast loss would not run: "
+                "apply model patches (e.g. Liger's apply_liger_kernel_to_*) before building the trainer, and keep "
+                "Liger's fused_linear_cross_entropy off (TRL's default with use_liger_kernel=True)"
+            )
 
     @staticmethod
     def _grpo_fast_raise(problems) -> None:
@@ -362,8 +414,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             kl_estimator="k3",
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
-            # TRL applies delta in the clip family only; grpo_fast's API rejects it elsewhere, so it is not passed.
-            delta=self.args.delta if LOSS_TABLE[lt].delta else None,
+            delta=self.args.delta,
             max_completion_length=self.max_completion_length if LOSS_TABLE[lt].aggregation == "fixed_length" else None,
             sapo_temperature_pos=self.args.sapo_temperature_pos,
             sapo_temperature_neg=self.args.sapo_temperature_neg,
@@ -379,9 +430,10 @@ class GRPOTrainer(_TRLGRPOTrainer):
         # Settings can be changed on a built trainer; re-check the cheap ones so nothing is bypassed.
         self._grpo_fast_raise(unsupported_options(types.SimpleNamespace(
             loss_type=self.loss_type, entropy_coef=self.entropy_coef, use_adaptive_entropy=self.use_adaptive_entropy,
-            off_policy_mask_threshold=self.off_policy_mask_threshold, use_liger_kernel=False,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
             max_completion_length=self.max_completion_length,
         )))
+        self._grpo_fast_check_forward()
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
