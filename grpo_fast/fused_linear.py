@@ -241,7 +241,8 @@ def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs):
     logp: (R, T) float32; mask, weight: (R, T); A: (R,) or (R, T); old, ref, isr: (R, T) | (R,) | None.
     """
     o = inp.options
-    L, r, kl = per_token_loss(logp, mask, A, o, old_logp=old, ref_logp=ref, importance_sampling_ratio=isr)
+    L, r, kl = per_token_loss(logp, mask, A, o, old_logp=old, ref_logp=ref, importance_sampling_ratio=isr,
+                              cfg=inp.cfg)
     stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=logp.device)
     for name, count in flag_counts(r, A, mask, o, row_level_flags(o.importance_sampling_level, A)).items():
         stats[METRIC_STAT_INDEX[name]] = count

@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["POLICY_LOSSES", "AGG_MODES", "KL_TYPES", "get_policy_loss_fn", "agg_loss", "kl_penalty",
-           "masked_mean"]
+__all__ = ["POLICY_LOSSES", "AGG_MODES", "KL_TYPES", "FUSED_LOSSES", "get_policy_loss_fn", "agg_loss", "agg_weights",
+           "kl_penalty", "masked_mean", "fused_policy_loss"]
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # verl's names of the KL estimators; a trailing "+" (e.g. "k3+") is the straight-through variant.
@@ -113,28 +113,42 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     With dp_size > 1 the global normalizer (batch_num_tokens or global_batch_size) is required: each
     rank's loss is then its share of the global mean, and DP's gradient averaging gives the global one.
     """
+    w = agg_weights(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    return _masked_sum(loss_mat * w.to(loss_mat.dtype), loss_mask)
+
+
+def agg_weights(loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1, batch_num_tokens=None,
+                global_batch_size=None, loss_scale_factor=None) -> torch.Tensor:
+    """The per-token weights w (B, T) float64 of ``agg_loss``: agg_loss(L) = Σ m·w·L (every mode is linear
+    in L). The fused kernels take them as their aggregation weights (validation.aggregation_weights'
+    role); ``agg_loss`` itself is Σ over the mask of w·L."""
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
-    if loss_agg_mode == "token-mean":
+    m = loss_mask.to(torch.float64)
+
+    def num(x):
+        return torch.as_tensor(x, dtype=torch.float64, device=m.device)
+
+    if loss_agg_mode in ("token-mean", "token-sum"):
+        if loss_agg_mode == "token-sum":
+            return m * dp_size
         if batch_num_tokens is None:
             if dp_size > 1:
                 raise ValueError("agg_loss: token-mean with dp_size > 1 needs batch_num_tokens (the global token count)")
-            batch_num_tokens = loss_mask.sum()
-        return _masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
-    if loss_agg_mode == "token-sum":
-        return _masked_sum(loss_mat, loss_mask) * dp_size
-    lengths = loss_mask.sum(-1)
-    row_total = _masked_sum(loss_mat, loss_mask, -1)
-    per_row = row_total / (lengths + _EPS) if loss_agg_mode == "seq-mean-token-mean" else row_total
-    has_tokens = (lengths > 0).to(per_row.dtype)
+            batch_num_tokens = m.sum()
+        return m * (dp_size / num(batch_num_tokens))
+    lengths = m.sum(-1, keepdim=True)
+    # Σm + 1e-8 in the mask's own arithmetic, as verl forms it (an integer mask's count + 1e-8 is float32)
+    per_row = (1.0 / (loss_mask.sum(-1, keepdim=True) + _EPS).to(torch.float64) if loss_agg_mode == "seq-mean-token-mean"
+               else torch.ones_like(lengths))
     if global_batch_size is None:
         if dp_size > 1:
             raise ValueError(f"agg_loss: {loss_agg_mode} with dp_size > 1 needs global_batch_size (the global row count)")
-        global_batch_size = has_tokens.sum()
-    loss = _masked_sum(per_row, has_tokens) / global_batch_size * dp_size
+        global_batch_size = (lengths > 0).sum()
+    w = m * per_row * (dp_size / num(global_batch_size))
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
-    return loss
+        w = w / num(m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return w
 
 
 def _agg(pg, mask, mode, config):
@@ -641,6 +655,151 @@ POLICY_LOSSES: dict[str, Callable] = {
                             bypass_mode)
 }
 _NOT_SUPPORTED: dict = {}  # verl losses refused with a reason (none at present)
+
+
+# ---- the fused single pass ------------------------------------------------------------------------------
+# The token-level losses whose per-token math is a run-time parameterization of a kernel family
+# (_config.LOSS_TABLE's families; docs/spec.md, "verl's policy losses"):
+#   vanilla  clip family, log-ratio clamp ±20, dual clip at clip_ratio_c for A < 0
+#   cispo    is_weight family, weight clamp(r, 1 − ε_low, 1 + ε_high), log-ratio clamp ±20
+#   gpg      is_weight family, weight clamp(r, 1, 1) = 1 (on-policy: no old_log_prob read)
+#   dro      gpg plus the KL term β·k2 with the old log-prob as the reference: β/2·s², β = dro_beta
+#   sapo     soft_gate family, log-ratio clamp ±20, tau_pos / tau_neg
+FUSED_FAMILIES = {"vanilla": "clip", "cispo": "is_weight", "gpg": "is_weight", "dro": "is_weight", "sapo": "soft_gate"}
+FUSED_LOSSES = tuple(sorted(FUSED_FAMILIES))
+
+
+def _fused_setup(loss_mode, config, temperature):
+    """(GRPOOptions, extra KernelConfig fields, on-policy, old as the KL reference) of a fused loss mode."""
+    from ._config import LOSS_TABLE
+    from .options import GRPOOptions
+
+    if not isinstance(loss_mode, str) or loss_mode not in FUSED_FAMILIES:
+        if isinstance(loss_mode, str) and loss_mode in POLICY_LOSSES:
+            raise ValueError(
+                f"loss_mode {loss_mode!r} has no fused form (it needs batch statistics or a per-sequence ratio); "
+                f"the fused ones are {list(FUSED_LOSSES)}. Compute it on the differentiable log-probs: "
+                f"logp = grpo_fast.logprobs(logits, responses); "
+                f"grpo_fast.verl_losses.get_policy_loss_fn({loss_mode!r})(old_log_prob, logp, advantages, response_mask, ...)")
+        raise ValueError(f"unknown loss_mode {loss_mode!r}; the fused ones are {list(FUSED_LOSSES)}, verl's others "
+                         f"{sorted(set(POLICY_LOSSES) - set(FUSED_FAMILIES))} run through get_policy_loss_fn")
+    family = FUSED_FAMILIES[loss_mode]
+    loss_type = next(name for name, t in LOSS_TABLE.items() if t.family == family)  # any of the family
+    low, high = _clip_bounds(config)
+    kw = dict(loss_type=loss_type, temperature=temperature)
+    extra = dict(log_ratio_clamp=_LOG_RATIO_CLAMP)
+    if loss_mode == "vanilla":
+        c = _cfg(config, "clip_ratio_c", 3.0)
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 1.0:
+            raise ValueError(f"clip_ratio_c (dual-clip bound) must be a number > 1, got {c!r}")
+        kw.update(epsilon_low=low, epsilon_high=high)
+        extra["dual_clip_c"] = float(c)
+    elif loss_mode == "cispo":
+        kw.update(epsilon_low=low, epsilon_high=high)
+        extra.update(is_lo=1.0 - low, is_hi=1.0 + high)
+    elif loss_mode == "sapo":
+        kw.update(sapo_temperature_pos=_cfg(config, "tau_pos", 1.0), sapo_temperature_neg=_cfg(config, "tau_neg", 1.05))
+    else:  # gpg, dro: weight 1, no ratio
+        extra = dict(is_lo=1.0, is_hi=1.0)
+        if loss_mode == "dro":
+            beta = _cfg(_cfg(config, "policy_loss"), "dro_beta")
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+                raise ValueError(f"policy_loss.dro_beta must be a positive value when using DRO, got {beta!r}")
+            kw.update(beta=float(beta), kl_estimator="k2")
+    return GRPOOptions(**kw), extra, loss_mode in ("gpg", "dro"), loss_mode == "dro"
+
+
+class _KeepLogp:
+    """A backend whose fused_loss also keeps the per-token log-probs it returns (for verl's metrics)."""
+
+    def __init__(self, impl):
+        self.impl, self.logp = impl, None
+
+    def empty_grad(self, logits):
+        return self.impl.empty_grad(logits)
+
+    def fused_loss(self, inp, grad):
+        stats, self.logp = self.impl.fused_loss(inp, grad)
+        return stats, self.logp
+
+
+def fused_policy_loss(logits, responses, old_log_prob, advantages, response_mask, loss_mode="vanilla",
+                      loss_agg_mode="token-mean", config=None, rollout_is_weights=None, *, temperature=1.0,
+                      inplace=False, loss_scale=1.0, backend="auto"):
+    """verl's policy loss ``loss_mode`` from the logits in grpo_fast's fused single pass (one read of the
+    logits, the gradient written in the forward), for the token-level losses ``FUSED_LOSSES``: vanilla,
+    cispo, gpg, dro, sapo. The same loss and gradient as ``get_policy_loss_fn(loss_mode)`` on
+    ``grpo_fast.logprobs(logits, responses, temperature=temperature)``, and verl's metrics.
+
+    Args:
+        logits: (B, T, V) float32 | bfloat16 | float16, the response positions' logits (shifted:
+            ``logits[b, t]`` scores ``responses[b, t]``).
+        responses: (B, T) int64 | int32 token ids.
+        old_log_prob, advantages, response_mask, rollout_is_weights: (B, T) as verl passes them
+            (advantages may also be (B,)). rollout_is_weights (detached) multiply the per-token loss.
+        loss_mode, loss_agg_mode, config: verl's names (``config``: verl's ActorConfig or anything with
+            its fields: clip_ratio(_low/_high/_c), tau_pos/neg, policy_loss.dro_beta, global_batch_info).
+        temperature, inplace, loss_scale, backend: as in ``grpo_fast.grpo_loss``.
+
+    Returns:
+        (loss, metrics): a float32 scalar differentiable in ``logits``, and verl's metrics dict
+        (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``; none for gpg), computed
+        by the loss's own function here on the kernel's log-probs.
+
+    Other verl losses (gspo, geo_mean, clip_cov, kl_cov, dppo_*, bypass_mode) raise a ValueError that
+    points to ``get_policy_loss_fn`` on ``grpo_fast.logprobs``' differentiable log-probs.
+    """
+    import dataclasses
+
+    from . import _autograd as _ag
+    from . import backends as _backends
+    from .api import _FusedGRPOLoss, _self_overlapping
+    from .reference import token_logprobs_reference, per_token_loss
+    from .validation import _float_tensor, check_backend, validate_loss_args
+
+    backend = check_backend(backend)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    loss_scale = _ag.check_loss_scale(loss_scale)
+    opts, extra, on_policy, old_as_ref = _fused_setup(loss_mode, config, temperature)
+    agg_mode = "seq-mean-token-mean" if loss_mode == "sapo" else loss_agg_mode  # verl's sapo ignores it
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        # the (B, T) tensors the kernels do not read when on-policy are still checked (verl's metrics read them)
+        _float_tensor("old_log_prob", old_log_prob, [tuple(logits.shape[:2])], logits.device)
+        if old_log_prob is None:
+            raise ValueError("old_log_prob is required: a (B, T) tensor")
+    inp = validate_loss_args(logits, responses, advantages, old_logp=None if on_policy else old_log_prob,
+                             ref_logp=old_log_prob if old_as_ref else None, completion_mask=response_mask,
+                             options=opts)
+    B, T = inp.mask.shape
+    w = agg_weights(inp.mask, agg_mode, **dict(_cfg(config, "global_batch_info", None) or {}))
+    isw = _float_tensor("rollout_is_weights", rollout_is_weights, [(B, T)], logits.device)
+    if isw is not None:
+        w = w * isw
+    w = torch.where(inp.mask != 0, w, torch.zeros_like(w)).to(torch.float32)
+    inp = dataclasses.replace(inp, weight=w, cfg=dataclasses.replace(inp.cfg, **extra))
+    impl = _backends.resolve(backend, inp.logits.device)
+    A = inp.advantages if inp.advantages.dim() == 2 else inp.advantages.unsqueeze(1).expand(B, T)
+    if impl.autograd:  # the eager reference: a masked row's logits never reach the softmax
+        valid = inp.mask != 0
+        z = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+        logp = token_logprobs_reference(z, inp.ids, inp.cfg.temperature)
+        logp = torch.where(valid, logp, torch.zeros_like(logp))
+        L, _, _ = per_token_loss(logp, inp.mask, inp.advantages, inp.options, old_logp=inp.old_logp,
+                                 ref_logp=inp.ref_logp, cfg=inp.cfg)
+        loss = (inp.weight.to(L.dtype) * torch.where(valid, L, torch.zeros_like(L))).sum().float()
+        logp = logp.detach().float()
+    else:
+        need_grad = logits.requires_grad and torch.is_grad_enabled()
+        inplace = inplace and need_grad and not _self_overlapping(inp.logits)
+        _ag.fold_scale(inp, loss_scale)
+        keeper = _KeepLogp(impl)
+        loss, _stats = _FusedGRPOLoss.apply(logits, inp, keeper, inplace, need_grad, loss_scale)
+        logp = keeper.logp
+    with torch.no_grad():
+        _, metrics = POLICY_LOSSES[loss_mode](inp.old_logp if inp.old_logp is not None else
+                                              old_log_prob.detach().float(), logp, A, inp.mask, agg_mode, config, isw)
+    return loss, metrics
 
 
 def get_policy_loss_fn(name: str) -> Callable:
