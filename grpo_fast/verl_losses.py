@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 __all__ = ["POLICY_LOSSES", "AGG_MODES", "KL_TYPES", "FUSED_LOSSES", "get_policy_loss_fn", "agg_loss", "agg_weights",
-           "kl_penalty", "masked_mean", "fused_policy_loss"]
+           "kl_penalty", "masked_mean", "fused_policy_loss", "fused_linear_policy_loss"]
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # verl's names of the KL estimators; a trailing "+" (e.g. "k3+") is the straight-through variant.
@@ -665,7 +665,9 @@ _NOT_SUPPORTED: dict = {}  # verl losses refused with a reason (none at present)
 #   gpg      is_weight family, weight clamp(r, 1, 1) = 1 (on-policy: no old_log_prob read)
 #   dro      gpg plus the KL term β·k2 with the old log-prob as the reference: β/2·s², β = dro_beta
 #   sapo     soft_gate family, log-ratio clamp ±20, tau_pos / tau_neg
-FUSED_FAMILIES = {"vanilla": "clip", "cispo": "is_weight", "gpg": "is_weight", "dro": "is_weight", "sapo": "soft_gate"}
+# (keyed by the functions: verl's mode names are read from them, as POLICY_LOSSES does)
+FUSED_FAMILIES = {f.__name__: family for f, family in ((vanilla, "clip"), (cispo, "is_weight"), (gpg, "is_weight"),
+                                                       (dro, "is_weight"), (sapo, "soft_gate"))}
 FUSED_LOSSES = tuple(sorted(FUSED_FAMILIES))
 
 
@@ -683,44 +685,88 @@ def _fused_setup(loss_mode, config, temperature):
                 f"grpo_fast.verl_losses.get_policy_loss_fn({loss_mode!r})(old_log_prob, logp, advantages, response_mask, ...)")
         raise ValueError(f"unknown loss_mode {loss_mode!r}; the fused ones are {list(FUSED_LOSSES)}, verl's others "
                          f"{sorted(set(POLICY_LOSSES) - set(FUSED_FAMILIES))} run through get_policy_loss_fn")
-    family = FUSED_FAMILIES[loss_mode]
+    family, fn = FUSED_FAMILIES[loss_mode], POLICY_LOSSES[loss_mode]
     loss_type = next(name for name, t in LOSS_TABLE.items() if t.family == family)  # any of the family
     low, high = _clip_bounds(config)
     kw = dict(loss_type=loss_type, temperature=temperature)
     extra = dict(log_ratio_clamp=_LOG_RATIO_CLAMP)
-    if loss_mode == "vanilla":
+    if fn is vanilla:
         c = _cfg(config, "clip_ratio_c", 3.0)
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 1.0:
             raise ValueError(f"clip_ratio_c (dual-clip bound) must be a number > 1, got {c!r}")
         kw.update(epsilon_low=low, epsilon_high=high)
         extra["dual_clip_c"] = float(c)
-    elif loss_mode == "cispo":
+    elif fn is cispo:
         kw.update(epsilon_low=low, epsilon_high=high)
         extra.update(is_lo=1.0 - low, is_hi=1.0 + high)
-    elif loss_mode == "sapo":
+    elif fn is sapo:
         kw.update(sapo_temperature_pos=_cfg(config, "tau_pos", 1.0), sapo_temperature_neg=_cfg(config, "tau_neg", 1.05))
     else:  # gpg, dro: weight 1, no ratio
         extra = dict(is_lo=1.0, is_hi=1.0)
-        if loss_mode == "dro":
+        if fn is dro:
             beta = _cfg(_cfg(config, "policy_loss"), "dro_beta")
             if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
                 raise ValueError(f"policy_loss.dro_beta must be a positive value when using DRO, got {beta!r}")
             kw.update(beta=float(beta), kl_estimator="k2")
-    return GRPOOptions(**kw), extra, loss_mode in ("gpg", "dro"), loss_mode == "dro"
+    return GRPOOptions(**kw), extra, fn in (gpg, dro), fn is dro
 
 
 class _KeepLogp:
-    """A backend whose fused_loss also keeps the per-token log-probs it returns (for verl's metrics)."""
+    """A backend whose fused_loss also keeps the per-token log-probs it returns, in call order (the
+    fused-linear loop calls it once per chunk of tokens), for verl's metrics."""
 
     def __init__(self, impl):
-        self.impl, self.logp = impl, None
+        self.impl, self.parts = impl, []
 
-    def empty_grad(self, logits):
-        return self.impl.empty_grad(logits)
+    def __getattr__(self, name):  # autograd, empty_grad, the other entry points: the backend's
+        return getattr(self.impl, name)
 
     def fused_loss(self, inp, grad):
-        stats, self.logp = self.impl.fused_loss(inp, grad)
-        return stats, self.logp
+        stats, logp = self.impl.fused_loss(inp, grad)
+        self.parts.append(logp.reshape(-1))
+        return stats, logp
+
+    def logp(self, B: int, T: int) -> torch.Tensor:
+        return torch.cat(self.parts).view(B, T)
+
+
+def _fused_inputs(logits, responses, old_log_prob, advantages, response_mask, loss_mode, loss_agg_mode, config,
+                  rollout_is_weights, temperature):
+    """Validated LossInputs of a fused verl loss (``logits`` may be a (B, T, V) stand-in), its aggregation
+    mode and the rollout IS weights (B, T) float32 or None. The aggregation weights are verl's
+    (agg_weights, with config.global_batch_info) times the IS weights; KernelConfig carries the mode's
+    parameters (_fused_setup)."""
+    import dataclasses
+
+    from .validation import _float_tensor, validate_loss_args
+
+    opts, extra, on_policy, old_as_ref = _fused_setup(loss_mode, config, temperature)
+    agg_mode = "seq-mean-token-mean" if POLICY_LOSSES[loss_mode] is sapo else loss_agg_mode  # verl's sapo ignores it
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        # also when the kernels do not read it (gpg, dro): verl's metrics do
+        if old_log_prob is None:
+            raise ValueError("old_log_prob is required: a (B, T) tensor")
+        _float_tensor("old_log_prob", old_log_prob, [tuple(logits.shape[:2])], logits.device)
+    inp = validate_loss_args(logits, responses, advantages, old_logp=None if on_policy else old_log_prob,
+                             ref_logp=old_log_prob if old_as_ref else None, completion_mask=response_mask,
+                             options=opts)
+    B, T = inp.mask.shape
+    w = agg_weights(inp.mask, agg_mode, **dict(_cfg(config, "global_batch_info", None) or {}))
+    isw = _float_tensor("rollout_is_weights", rollout_is_weights, [(B, T)], inp.mask.device)
+    if isw is not None:
+        w = w * isw
+    w = torch.where(inp.mask != 0, w, torch.zeros_like(w)).to(torch.float32)
+    inp = dataclasses.replace(inp, weight=w, cfg=dataclasses.replace(inp.cfg, **extra))
+    return inp, agg_mode, isw
+
+
+@torch.no_grad()
+def _fused_metrics(loss_mode, inp, old_log_prob, logp, agg_mode, config, isw) -> dict:
+    """verl's metrics of ``loss_mode``: its own function here, on the kernel's (B, T) log-probs."""
+    B, T = inp.mask.shape
+    A = inp.advantages if inp.advantages.dim() == 2 else inp.advantages.unsqueeze(1).expand(B, T)
+    old = old_log_prob.detach().to(device=logp.device, dtype=torch.float32)
+    return POLICY_LOSSES[loss_mode](old, logp.detach(), A, inp.mask, agg_mode, config, isw)[1]
 
 
 def fused_policy_loss(logits, responses, old_log_prob, advantages, response_mask, loss_mode="vanilla",
@@ -736,7 +782,7 @@ def fused_policy_loss(logits, responses, old_log_prob, advantages, response_mask
             ``logits[b, t]`` scores ``responses[b, t]``).
         responses: (B, T) int64 | int32 token ids.
         old_log_prob, advantages, response_mask, rollout_is_weights: (B, T) as verl passes them
-            (advantages may also be (B,)). rollout_is_weights (detached) multiply the per-token loss.
+            (advantages may also be (B,)). rollout_is_weights (constants) multiply the per-token loss.
         loss_mode, loss_agg_mode, config: verl's names (``config``: verl's ActorConfig or anything with
             its fields: clip_ratio(_low/_high/_c), tau_pos/neg, policy_loss.dro_beta, global_batch_info).
         temperature, inplace, loss_scale, backend: as in ``grpo_fast.grpo_loss``.
@@ -749,58 +795,63 @@ def fused_policy_loss(logits, responses, old_log_prob, advantages, response_mask
     Other verl losses (gspo, geo_mean, clip_cov, kl_cov, dppo_*, bypass_mode) raise a ValueError that
     points to ``get_policy_loss_fn`` on ``grpo_fast.logprobs``' differentiable log-probs.
     """
-    import dataclasses
-
     from . import _autograd as _ag
     from . import backends as _backends
     from .api import _FusedGRPOLoss, _self_overlapping
-    from .reference import token_logprobs_reference, per_token_loss
-    from .validation import _float_tensor, check_backend, validate_loss_args
+    from .reference import per_token_loss, token_logprobs_reference
+    from .validation import check_backend
 
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     loss_scale = _ag.check_loss_scale(loss_scale)
-    opts, extra, on_policy, old_as_ref = _fused_setup(loss_mode, config, temperature)
-    agg_mode = "seq-mean-token-mean" if loss_mode == "sapo" else loss_agg_mode  # verl's sapo ignores it
-    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
-        # the (B, T) tensors the kernels do not read when on-policy are still checked (verl's metrics read them)
-        _float_tensor("old_log_prob", old_log_prob, [tuple(logits.shape[:2])], logits.device)
-        if old_log_prob is None:
-            raise ValueError("old_log_prob is required: a (B, T) tensor")
-    inp = validate_loss_args(logits, responses, advantages, old_logp=None if on_policy else old_log_prob,
-                             ref_logp=old_log_prob if old_as_ref else None, completion_mask=response_mask,
-                             options=opts)
-    B, T = inp.mask.shape
-    w = agg_weights(inp.mask, agg_mode, **dict(_cfg(config, "global_batch_info", None) or {}))
-    isw = _float_tensor("rollout_is_weights", rollout_is_weights, [(B, T)], logits.device)
-    if isw is not None:
-        w = w * isw
-    w = torch.where(inp.mask != 0, w, torch.zeros_like(w)).to(torch.float32)
-    inp = dataclasses.replace(inp, weight=w, cfg=dataclasses.replace(inp.cfg, **extra))
+    inp, agg_mode, isw = _fused_inputs(logits, responses, old_log_prob, advantages, response_mask, loss_mode,
+                                       loss_agg_mode, config, rollout_is_weights, temperature)
     impl = _backends.resolve(backend, inp.logits.device)
-    A = inp.advantages if inp.advantages.dim() == 2 else inp.advantages.unsqueeze(1).expand(B, T)
-    if impl.autograd:  # the eager reference: a masked row's logits never reach the softmax
+    if impl.autograd:  # the eager reference (double backward works); a masked row never reaches the softmax
         valid = inp.mask != 0
         z = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-        logp = token_logprobs_reference(z, inp.ids, inp.cfg.temperature)
-        logp = torch.where(valid, logp, torch.zeros_like(logp))
+        logp = torch.where(valid, token_logprobs_reference(z, inp.ids, inp.cfg.temperature), 0.0)
         L, _, _ = per_token_loss(logp, inp.mask, inp.advantages, inp.options, old_logp=inp.old_logp,
                                  ref_logp=inp.ref_logp, cfg=inp.cfg)
-        loss = (inp.weight.to(L.dtype) * torch.where(valid, L, torch.zeros_like(L))).sum().float()
+        loss = (inp.weight.to(L.dtype) * torch.where(valid, L, 0.0)).sum().float()
         logp = logp.detach().float()
     else:
         need_grad = logits.requires_grad and torch.is_grad_enabled()
         inplace = inplace and need_grad and not _self_overlapping(inp.logits)
         _ag.fold_scale(inp, loss_scale)
         keeper = _KeepLogp(impl)
-        loss, _stats = _FusedGRPOLoss.apply(logits, inp, keeper, inplace, need_grad, loss_scale)
-        logp = keeper.logp
-    with torch.no_grad():
-        _, metrics = POLICY_LOSSES[loss_mode](inp.old_logp if inp.old_logp is not None else
-                                              old_log_prob.detach().float(), logp, A, inp.mask, agg_mode, config, isw)
-    return loss, metrics
+        loss, _ = _FusedGRPOLoss.apply(logits, inp, keeper, inplace, need_grad, loss_scale)
+        logp = keeper.logp(*inp.mask.shape)
+    return loss, _fused_metrics(loss_mode, inp, old_log_prob, logp, agg_mode, config, isw)
 
+
+def fused_linear_policy_loss(hidden, weight, responses, old_log_prob, advantages, response_mask, loss_mode="vanilla",
+                             loss_agg_mode="token-mean", config=None, rollout_is_weights=None, *, bias=None,
+                             temperature=1.0, logit_scale=1.0, logit_softcap=None, chunk_size=None, loss_scale=1.0,
+                             backend="auto"):
+    """``fused_policy_loss`` of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the
+    logits: the chunked loop of ``grpo_fast.fused_linear_grpo_loss`` (hidden (B, T, H), weight (V, H),
+    bias (V,) or None; the same options), the verl loss in its fused kernels. Returns (loss, metrics)
+    with gradients for hidden, weight and bias."""
+    from . import _autograd as _ag
+    from . import backends as _backends
+    from .fused_linear import _check_chunk_size, _check_linear, _check_transform, _compute_dtype, _linear_loss
+    from .fused_linear import _standin_logits, _Transform
+    from .validation import check_backend
+
+    backend = check_backend(backend)
+    loss_scale = _ag.check_loss_scale(loss_scale)
+    cdtype, autocast = _compute_dtype(hidden)
+    B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
+    scale, cap = _check_transform(logit_scale, logit_softcap, temperature)
+    chunk = _check_chunk_size(chunk_size)
+    inp, agg_mode, isw = _fused_inputs(_standin_logits(B, T, V, cdtype, hidden.device), responses, old_log_prob,
+                                       advantages, response_mask, loss_mode, loss_agg_mode, config,
+                                       rollout_is_weights, temperature)
+    keeper = _KeepLogp(_backends.resolve(backend, hidden.device))
+    loss, _ = _linear_loss(hidden, weight, bias, inp, keeper, _Transform(scale, cap), chunk, cdtype, loss_scale)
+    return loss, _fused_metrics(loss_mode, inp, old_log_prob, keeper.logp(B, T), agg_mode, config, isw)
 
 def get_policy_loss_fn(name: str) -> Callable:
     """The policy loss verl registers under ``name`` (``POLICY_LOSSES``); ValueError for any other."""
