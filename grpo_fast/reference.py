@@ -178,8 +178,8 @@ def per_token_loss(logp: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, o: G
         if cfg is not None and cfg.dual_clip_c > 0:  # verl's dual clip: for A < 0 at most −A·c
             L = torch.where(A < 0, torch.minimum(L, -A * cfg.dual_clip_c), L)
     elif family == "is_weight":  # MiniMax-M1: clipped, stop-gradient IS weight on the log-prob
-        lo, hi = (0.0, eps_high) if cfg is None else cfg.is_bounds
-        L = -torch.clamp(r, lo, hi).detach() * A * logp
+        w = torch.clamp(r, max=eps_high) if cfg is None else torch.clamp(r, *cfg.is_bounds)
+        L = -w.detach() * A * logp
     else:  # soft_gate (SAPO): a sigmoid gate instead of a hard clip
         tau = torch.where(A > 0, torch.full_like(A, o.sapo_temperature_pos), torch.full_like(A, o.sapo_temperature_neg))
         L = -(4.0 / tau) * torch.sigmoid(tau * (r - 1)) * A
