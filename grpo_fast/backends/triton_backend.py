@@ -223,7 +223,9 @@ def _common_args(inp, dummy):
     flags = dict(FAMILY=cfg.family, KL_EST=cfg.kl_estimator, HAS_DELTA=cfg.has_delta,
                  HAS_KL=cfg.beta != 0.0, BIAS_KL=cfg.bias_correction_kl, HAS_OLD=inp.old_logp is not None,
                  ADV_MODE=adv_mode, SCALE=cfg.scale_rewards, ISR_MODE=isr_mode,
-                 BLOCK_G=_next_pow2(max(cfg.group_size, 2)))
+                 BLOCK_G=_next_pow2(max(cfg.group_size, 2)),
+                 # verl's forms (the floats stay run-time values; these only compile their code in)
+                 CLAMP_S=cfg.log_ratio_clamp > 0, DUAL_CLIP=cfg.is_clip_family and cfg.dual_clip_c > 0)
     return ptrs, floats, flags
 
 

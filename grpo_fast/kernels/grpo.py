@@ -210,7 +210,7 @@ def _clip_flags(r, A, eps_low, eps_high, is_hi, FAMILY: tl.constexpr):
 @triton.jit
 def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi,
                  FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr,
-                 HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr):
+                 HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, CLAMP_S: tl.constexpr, DUAL_CLIP: tl.constexpr):
     """grpo_math.h token_terms() in Triton; works on scalars and on blocks alike.
 
     Returns (loss, kl, d_logp, d_ratio, clip_low, clip_high, cispo_clip), flags as float 0/1:
@@ -218,12 +218,13 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
       d_logp  = ∂loss/∂logp with r held fixed;  d_ratio = ∂loss/∂r with logp held fixed.
     """
     zero = tl.zeros_like(logp + r + A)
-    # verl's log-ratio clamp (lr_clamp > 0): r = clamp(r, e^−c, e^c), no gradient through r where active
-    rmax = tl.where(lr_clamp > 0.0, tl.exp(lr_clamp), float("inf"))
-    rmin = tl.where(lr_clamp > 0.0, tl.exp(-lr_clamp), 0.0)
-    # (0/1 floats, not & of comparisons: the interpreter mis-types a scalar int1 against a block)
-    dr_pass = tl.where(r > rmax, 0.0, tl.where(r < rmin, 0.0, 1.0)) + zero
-    r = tl.where(r > rmax, rmax, tl.where(r < rmin, rmin, r))
+    dr_pass = 1.0
+    if CLAMP_S:
+        # verl's log-ratio clamp (lr_clamp > 0): r = clamp(r, e^−c, e^c), no gradient through r where active
+        rmax = tl.exp(lr_clamp)
+        rmin = tl.exp(-lr_clamp)
+        dr_pass = tl.where(r > rmax, 0.0, tl.where(r < rmin, 0.0, 1.0)) + zero
+        r = tl.where(r > rmax, rmax, tl.where(r < rmin, rmin, r))
     if FAMILY == CLIP:
         # L = −min(r1·A, r2·A). Derivative as torch autograd takes it through the reference:
         # min() splits a tie half/half, clamp passes the gradient on [lo, hi] inclusive.
@@ -242,13 +243,14 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
         dmin = tl.where(v1 < v2, A * d1, tl.where(v2 < v1, A * d2, 0.5 * A * (d1 + d2)))
         L = -tl.minimum(v1, v2, propagate_nan=NAN)
         dL_dr = -dmin + zero
-        # verl's dual clip (dual_c > 0): for A < 0, min(L, −A·c); a tie splits the gradient half/half
-        cap = -A * dual_c
-        dual_a = tl.where(dual_c > 0.0, A, 0.0) + zero  # < 0 where the dual clip applies
-        capped = tl.where(dual_a < 0.0, tl.where(L > cap, 1.0, 0.0), 0.0)
-        tie = tl.where(dual_a < 0.0, tl.where(L == cap, 1.0, 0.0), 0.0)
-        dL_dr = tl.where(capped > 0.0, 0.0, tl.where(tie > 0.0, 0.5 * dL_dr, dL_dr))
-        L = tl.where(capped > 0.0, cap, L)
+        if DUAL_CLIP:
+            # verl's dual clip: for A < 0, min(L, −A·c); a tie splits the gradient half/half (nested
+            # where on 0/1 floats, not &: the interpreter mis-types a scalar int1 against a block)
+            cap = -A * dual_c
+            capped = tl.where(A < 0.0, tl.where(L > cap, 1.0, 0.0), 0.0) + zero
+            tie = tl.where(A < 0.0, tl.where(L == cap, 1.0, 0.0), 0.0) + zero
+            dL_dr = tl.where(capped > 0.0, 0.0, tl.where(tie > 0.0, 0.5 * dL_dr, dL_dr))
+            L = tl.where(capped > 0.0, cap, L)
         dL_dlogp = zero
         clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, is_hi, FAMILY)
         clip_low += zero
@@ -374,7 +376,7 @@ def _grpo_token_fwd_kernel(
     FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
-    SOFT_BF16: tl.constexpr = False,
+    SOFT_BF16: tl.constexpr = False, CLAMP_S: tl.constexpr = False, DUAL_CLIP: tl.constexpr = False,
 ):
     """Token-level loss of token rows pid, pid + P, pid + 2P, ... (P = the grid), and each row's
     gradient when HAS_GRAD.
@@ -417,7 +419,7 @@ def _grpo_token_fwd_kernel(
                             ref_ptr, isr_ptr, grad_ptr, logp_ptr, stats_ptr, T, V, G, stride_lb, stride_lt, stride_gb,
                             stride_gt, temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi, adv_eps, FAMILY,
                             KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, HAS_OLD, ADV_MODE, SCALE, ISR_MODE, HAS_GRAD, BLOCK_G,
-                            BLOCK_V, SOFT_BF16)
+                            BLOCK_V, SOFT_BF16, CLAMP_S, DUAL_CLIP)
 
 
 @triton.jit
@@ -428,7 +430,7 @@ def _grpo_token_row(
     FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
+    SOFT_BF16: tl.constexpr, CLAMP_S: tl.constexpr, DUAL_CLIP: tl.constexpr,
 ):
     """The body of _grpo_token_fwd_kernel for a valid (unmasked) token row."""
     b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(row, logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb,
@@ -462,7 +464,7 @@ def _grpo_token_row(
 
     loss, kl, d_logp, d_ratio, low, high, cispo = _token_terms(
         logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi,
-        FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+        FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, CLAMP_S, DUAL_CLIP)
 
     out = stats_ptr + row * NUM_STATS
     tl.store(out + 0, w * loss)
@@ -535,6 +537,7 @@ def _grpo_seq_row_kernel(
     FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+    CLAMP_S: tl.constexpr = False, DUAL_CLIP: tl.constexpr = False,
 ):
     """Sequence-level (GSPO) pass 2 for sequence b = program_id: needs only the (B, T) log-probs.
 
@@ -590,7 +593,7 @@ def _grpo_seq_row_kernel(
         ent = tl.load(entropy_ptr + base + cols, mask=valid, other=0.0)
         loss, kl, d_logp, d_ratio, low, high, cispo = _token_terms(
             lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi,
-            FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+            FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, CLAMP_S, DUAL_CLIP)
         # tl.where on `valid`, not a product: lanes past T load zeros, but a non-finite row
         # ratio would still make 0·x NaN there
         acc_loss += tl.where(valid, w * loss, 0.0)
@@ -621,7 +624,7 @@ def _grpo_seq_row_kernel(
                                               valid, A_row, isr_row, ADV_MODE, ISR_MODE, HAS_KL)
             _l, _k, d_logp, _dr, _lo, _hi, _ci = _token_terms(
                 lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi,
-                FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+                FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, CLAMP_S, DUAL_CLIP)
             g = tl.where(m != 0.0, w * d_logp + row_dr * m, 0.0)  # a masked token: 0, its row is not read
             tl.store(g_ptr + base + cols, g, mask=valid)
 
