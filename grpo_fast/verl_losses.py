@@ -28,6 +28,7 @@ the ``rollout_corr/*`` diagnostics of ``config.policy_loss.rollout_correction``)
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 import torch
@@ -711,6 +712,13 @@ def _fused_setup(loss_mode, config, temperature):
     return GRPOOptions(**kw), extra, fn in (gpg, dro), fn is dro
 
 
+# grpo_fast's argument and option names in validation's messages -> verl's (the caller's) names
+_VERL_NAME_OF = {"completion_ids": "responses", "completion_mask": "response_mask", "old_logp": "old_log_prob",
+                 "ref_logp": "old_log_prob", "epsilon_low": "clip_ratio_low", "epsilon_high": "clip_ratio_high",
+                 "sapo_temperature_pos": "tau_pos", "sapo_temperature_neg": "tau_neg"}
+_VERL_NAMES = re.compile(r"\b(%s)\b" % "|".join(_VERL_NAME_OF))
+
+
 class _KeepLogp:
     """A backend whose fused_loss also keeps the per-token log-probs it returns, in call order (the
     fused-linear loop calls it once per chunk of tokens), for verl's metrics."""
@@ -747,9 +755,12 @@ def _fused_inputs(logits, responses, old_log_prob, advantages, response_mask, lo
         if old_log_prob is None:
             raise ValueError("old_log_prob is required: a (B, T) tensor")
         _float_tensor("old_log_prob", old_log_prob, [tuple(logits.shape[:2])], logits.device)
-    inp = validate_loss_args(logits, responses, advantages, old_logp=None if on_policy else old_log_prob,
-                             ref_logp=old_log_prob if old_as_ref else None, completion_mask=response_mask,
-                             options=opts)
+    try:
+        inp = validate_loss_args(logits, responses, advantages, old_logp=None if on_policy else old_log_prob,
+                                 ref_logp=old_log_prob if old_as_ref else None, completion_mask=response_mask,
+                                 options=opts)
+    except (ValueError, TypeError) as e:  # the message names the arguments as the caller passed them
+        raise type(e)(_VERL_NAMES.sub(lambda m: _VERL_NAME_OF[m.group(0)], str(e))) from e
     B, T = inp.mask.shape
     w = agg_weights(inp.mask, agg_mode, **dict(_cfg(config, "global_batch_info", None) or {}))
     isw = _float_tensor("rollout_is_weights", rollout_is_weights, [(B, T)], inp.mask.device)

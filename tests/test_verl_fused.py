@@ -200,9 +200,9 @@ def test_bad_input_is_named():
         _call(config=dict(CONFIG, clip_ratio_c=1.0))
     with pytest.raises(ValueError, match="dro_beta"):
         _call(loss_mode="dro", config=dict(CONFIG, policy_loss={}))
-    with pytest.raises(ValueError, match="epsilon_low"):
+    with pytest.raises(ValueError, match="clip_ratio_low must lie in"):
         _call(config=dict(CONFIG, clip_ratio_low=1.5))
-    with pytest.raises(ValueError, match="sapo_temperature"):
+    with pytest.raises(ValueError, match="tau_pos and tau_neg must be > 0"):
         _call(loss_mode="sapo", config=dict(CONFIG, tau_neg=-1.0))
     with pytest.raises(ValueError, match="rollout_is_weights must have shape"):
         _call(rollout_is_weights=torch.ones(5))
@@ -210,7 +210,11 @@ def test_bad_input_is_named():
         _call(loss_mode="gpg", old_log_prob=torch.zeros(2, 2))
     with pytest.raises(ValueError, match="batch_num_tokens"):
         _call(config=dict(CONFIG, global_batch_info=dict(dp_size=2)))
-    with pytest.raises(ValueError, match="completion_ids must lie in"):
+    with pytest.raises(ValueError, match="response_mask must hold only 0 and 1"):
+        _call(response_mask=torch.full((5, 7), 0.5))
+    with pytest.raises(ValueError, match=r"advantages must have shape \(5,\) or \(5, 7\)"):
+        _call(advantages=torch.zeros(5, 6))
+    with pytest.raises(ValueError, match="responses must lie in"):
         _call(responses=torch.full((5, 7), 41))
 
 
