@@ -5,7 +5,8 @@
     tests/test_verl_losses.py) on float64 log_softmax log-probs, for every fused mode × aggregation mode
     (slow backends: each mode with two aggregation modes by default), on inputs with ratios far outside
     the clip range, |log-ratio| > 20, A = 0, masked tokens and rows, −inf logits and rollout IS weights.
-(b) Parity with verl's OWN functions (skipped without verl): fp32, 1e-5 relative.
+(b) Parity with verl's OWN functions (skipped without verl): fp32, 1e-5 relative, every backend (slow
+    backends: one aggregation mode per loss mode by default).
 (c) Bad input: unknown and primitive-only modes, bad config values, each named.
 """
 from __future__ import annotations
@@ -155,7 +156,9 @@ def verl():
 
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("mode", MODES)
-def test_fused_matches_verl(verl, mode, agg):
+def test_fused_matches_verl(verl, backend, mode, agg):
+    if backend.slow and not full_matrix() and AGGS.index(agg) != MODES.index(mode) % len(AGGS):
+        pytest.skip(f"{backend.id} is slow: one aggregation mode per loss mode; GRPO_FAST_FULL_MATRIX=1 runs all")
     core_algos, make_config = verl
     for global_info in ({}, GLOBAL):
         config = make_config(mode, global_info)
@@ -165,8 +168,9 @@ def test_fused_matches_verl(verl, mode, agg):
         lp = torch.log_softmax(x, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
         want, want_m = core_algos.get_policy_loss_fn(mode)(old, lp, A, mask, agg, config, isw)
         (want_g,) = torch.autograd.grad(want, x)
-        x2 = z.clone().requires_grad_(True)
-        loss, metrics = gv.fused_policy_loss(x2, y, old, A, mask, mode, agg, config, isw, backend="cpu")
+        x2 = backend.put(z).requires_grad_(True)
+        loss, metrics = gv.fused_policy_loss(x2, *backend.put((y, old, A, mask)), mode, agg, config, backend.put(isw),
+                                             backend=backend.name)
         loss.backward()
         assert math.isclose(loss.item(), want.item(), rel_tol=1e-5, abs_tol=1e-6), (mode, agg, loss.item(), want.item())
         assert set(metrics) == set(want_m)
@@ -174,7 +178,7 @@ def test_fused_matches_verl(verl, mode, agg):
             v = float(v)
             tol = 1.0 / int(mask.sum()) + 1e-6 if "clipfrac" in k else 1e-5 * max(1.0, abs(v))
             assert abs(metrics[k] - v) <= tol, (mode, k, metrics[k], v)
-        torch.testing.assert_close(x2.grad, want_g, rtol=1e-5, atol=1e-5 * want_g.abs().max().item())
+        torch.testing.assert_close(x2.grad.cpu(), want_g, rtol=1e-5, atol=1e-5 * want_g.abs().max().item())
 
 
 # ---- (c) bad input ---------------------------------------------------------------------------------------
