@@ -223,7 +223,7 @@ def _sig_logprobs(ldt):
 
 
 _SIDE = ("mask_ptr", "weight_ptr", "adv_ptr", "rewards_ptr", "batch_std_ptr", "old_ptr", "ref_ptr", "isr_ptr")
-_FLOATS = ("eps_low", "eps_high", "delta", "beta", "sapo_pos", "sapo_neg", "adv_eps")
+_FLOATS = ("eps_low", "eps_high", "delta", "beta", "sapo_pos", "sapo_neg", "lr_clamp", "dual_c", "is_lo", "is_hi", "adv_eps")
 
 
 def _sig_token_fwd(ldt):
@@ -269,8 +269,15 @@ _LP_BWD_ALL = {"TAU_PER_ROW": True, "HAS_G_LOGP": True, "HAS_G_ENT": True}
 def _loss_flags(loss_type: int, *, kl=True, grad=True, adv_mode=2, level_seq=False):
     t = LOSS_BY_CODE[loss_type]
     f = dict(FAMILY=FAMILY_CODES[t.family], KL_EST=0, HAS_DELTA=t.delta, HAS_KL=kl, BIAS_KL=False, HAS_OLD=True,
-             ADV_MODE=adv_mode, SCALE=1, ISR_MODE=2, HAS_GRAD=grad, BLOCK_G=16)
+             ADV_MODE=adv_mode, SCALE=1, ISR_MODE=2, HAS_GRAD=grad, BLOCK_G=16, CLAMP_S=False, DUAL_CLIP=False)
     return f
+
+
+def _verl_flags():
+    """verl's vanilla as verl_losses.fused_policy_loss runs it: log-ratio clamp, dual clip, per-token
+    advantages, the IS weights folded into the aggregation weights, gradient."""
+    return {**_loss_flags(0, kl=False, adv_mode=1), "HAS_DELTA": False, "ISR_MODE": 0, "CLAMP_S": True,
+            "DUAL_CLIP": True}
 
 
 # One loss type of each per-token family (the kernels' code paths): the first of each in the table.
@@ -284,11 +291,14 @@ _DTYPE_OF = {2: "bf16", 4: "fp32"}
 
 
 def _streaming_jobs(bv: int, nw: int, dt: str, cfg: str, aligned: bool, ns: int):
-    """The five V-streaming kernels at one config, heaviest flag set, logits of dtype ``dt``."""
+    """The five V-streaming kernels at one config, heaviest flag set (the loss kernel also with verl's
+    vanilla flags), logits of dtype ``dt``."""
     tag = "" if aligned else " unaligned"
     return [
         ("_grpo_token_fwd_kernel", f"grpo+delta+k3+rewards+grad {dt}{tag}", _sig_token_fwd(dt),
          {**_loss_flags(0), "BLOCK_V": bv}, nw, ns, cfg, aligned),
+        ("_grpo_token_fwd_kernel", f"verl vanilla (clamp+dual clip)+grad {dt}{tag}", _sig_token_fwd(dt),
+         {**_verl_flags(), "BLOCK_V": bv}, nw, ns, cfg, aligned),
         ("_token_logprobs_kernel", f"mask+logp+entropy+lse {dt}{tag}", _sig_logprobs(dt),
          {"HAS_MASK": True, "STORE_ENTROPY": True, "STORE_LSE": True, "BLOCK_V": bv}, nw, ns, cfg, aligned),
         ("_grpo_grad_kernel", f"{dt}{tag}", _sig_grad(dt), {"BLOCK_V": bv}, nw, ns, cfg, aligned),
@@ -299,7 +309,7 @@ def _streaming_jobs(bv: int, nw: int, dt: str, cfg: str, aligned: bool, ns: int)
     ]
 
 
-STREAMING_KERNELS = 5
+STREAMING_KERNELS = 6  # entries of _streaming_jobs
 
 
 def jobs(quick: bool = False, arch: int = 90):
@@ -380,7 +390,7 @@ def variant_jobs():
     base = _loss_flags(0)
     options = dict(FAMILY=sorted(FAMILY_CODES.values()), KL_EST=sorted(KL_ESTIMATORS.values()), HAS_DELTA=(False, True), HAS_KL=(False, True),
                    BIAS_KL=(False, True), HAS_OLD=(False, True), ADV_MODE=range(3), SCALE=range(3),
-                   ISR_MODE=range(3), HAS_GRAD=(False, True))
+                   ISR_MODE=range(3), HAS_GRAD=(False, True), CLAMP_S=(False, True), DUAL_CLIP=(False, True))
     flag_sets = [base] + [{**base, k: v} for k, vals in options.items() for v in vals if v != base[k]]
     dcfg = f"BLOCK_V={DEFAULT_BLOCK_V} warps={DEFAULT_WARPS}"
     out = []

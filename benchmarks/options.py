@@ -13,6 +13,9 @@ The loss-coverage issue's speed rule, measured in one run on one shape:
   ``grpo_fast.logprobs(..., return_entropy=True)``: verl's policy losses of ``grpo_fast.verl_losses``,
   TRL's entropy bonus and off-policy mask): each row's time over the same ``dapo`` row must stay
   within 1.5.
+* **verl fused**: verl's token-level losses in the fused pass (``verl_losses.fused_policy_loss``,
+  ``inplace=True``), each row just above the same loss's primitive-path row: one run shows both
+  (fused-pass limit, 1.10).
 
 Inputs: random logits (std 2), ids, (B,) advantages, old/ref log-probs near the current ones, 25%
 padding at the end of the rows. Time: median of ``--repeats`` fwd+bwd runs after one warm-up, every
@@ -76,6 +79,13 @@ _VERL_CONFIG = {"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2
                                 "kl_cov_ratio": 0.0002, "ppo_kl_coef": 0.1, "dro_beta": 0.1}}
 
 
+def verl_fused_cases() -> Dict[str, str]:
+    """row name -> verl loss mode, for the losses verl_losses.fused_policy_loss runs in the fused pass."""
+    from grpo_fast import verl_losses
+
+    return {f"verl {n} (fused)": n for n in verl_losses.FUSED_LOSSES}
+
+
 def _verl_case(name: str):
     from grpo_fast import verl_losses
 
@@ -136,6 +146,18 @@ def _fused_fn(x, backend: str, kw: dict):
     return run
 
 
+def _verl_fused_fn(x, backend: str, mode: str):
+    from grpo_fast import verl_losses
+
+    def run(z):
+        loss, _ = verl_losses.fused_policy_loss(z, x["ids"], x["old"], x["adv"].unsqueeze(1).expand_as(x["old"]),
+                                                x["mask"], mode, "token-mean", _VERL_CONFIG, inplace=True,
+                                                backend=backend)
+        loss.backward()
+
+    return run
+
+
 def _primitive_fn(x, backend: str, loss_fn):
     import grpo_fast
 
@@ -153,7 +175,11 @@ def run(shape: Tuple[int, int, int], dtype: str, backend: str, repeats: int) -> 
     cases = {}
     for name, kw in fused_cases().items():
         cases[name] = ("fused", _fused_fn(x, backend, kw))
+    fused_verl = {mode: name for name, mode in verl_fused_cases().items()}
     for name, fn in primitive_cases().items():
+        mode = name[len("verl "):] if name.startswith("verl ") else None
+        if mode in fused_verl:  # the fused row right above its primitive-path row
+            cases[fused_verl[mode]] = ("verl fused", _verl_fused_fn(x, backend, mode))
         cases[name] = ("primitive", _primitive_fn(x, backend, fn))
     work = pristine.clone()
 
@@ -174,7 +200,7 @@ def run(shape: Tuple[int, int, int], dtype: str, backend: str, repeats: int) -> 
     rows = []
     for name, (path, _) in cases.items():
         med = sorted(times[name])[repeats // 2]
-        limit = FUSED_LIMIT if path == "fused" else PRIMITIVE_LIMIT
+        limit = PRIMITIVE_LIMIT if path == "primitive" else FUSED_LIMIT
         rows.append({"path": path, "case": name, "ms": med * 1e3,
                      "spread": (max(times[name]) - min(times[name])) / med if med else 0.0,
                      "vs_default": med / base, "limit": limit,

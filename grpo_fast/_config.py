@@ -88,6 +88,17 @@ class KernelConfig:
     adv_eps: float
     max_completion_length: float
     num_items: float  # -1.0: not given, use Σ mask of this call
+    # verl's per-token forms (grpo_fast/verl_losses.py: fused_policy_loss); the defaults are TRL's
+    # formulas. grpo_math.h LossParams has the same fields.
+    log_ratio_clamp: float = 0.0  # > 0: r = exp(clamp(s, ±c)), no gradient through r where clamped
+    dual_clip_c: float = 0.0  # > 0 (clip family): for A < 0 the loss is at most −A·c (dual clip)
+    is_lo: float = 0.0  # is_weight family: the weight is clamp(r, is_lo, is_hi)
+    is_hi: float = -1.0  # < 0: eps_high (TRL's cispo cap); see is_bounds
+
+    @property
+    def is_bounds(self) -> tuple:
+        """The is_weight family's (lo, hi): clamp(r, lo, hi) is its stop-gradient weight."""
+        return self.is_lo, (self.eps_high if self.is_hi < 0 else self.is_hi)
 
     @property
     def loss(self) -> LossType:

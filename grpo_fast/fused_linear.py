@@ -241,7 +241,8 @@ def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs):
     logp: (R, T) float32; mask, weight: (R, T); A: (R,) or (R, T); old, ref, isr: (R, T) | (R,) | None.
     """
     o = inp.options
-    L, r, kl = per_token_loss(logp, mask, A, o, old_logp=old, ref_logp=ref, importance_sampling_ratio=isr)
+    L, r, kl = per_token_loss(logp, mask, A, o, old_logp=old, ref_logp=ref, importance_sampling_ratio=isr,
+                              cfg=inp.cfg)
     stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=logp.device)
     for name, count in flag_counts(r, A, mask, o, row_level_flags(o.importance_sampling_level, A)).items():
         stats[METRIC_STAT_INDEX[name]] = count
@@ -624,8 +625,16 @@ def fused_linear_grpo_loss(
                                     loss_scale)
     inp = validate_loss_args(_standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages,
                              **tensors._asdict(), options=opts)
-    impl = _backends.resolve(backend, hidden.device)
-    transform = _Transform(scale, cap)
+    loss, stats = _linear_loss(hidden, weight, bias, inp, _backends.resolve(backend, hidden.device),
+                               _Transform(scale, cap), chunk, cdtype, loss_scale)
+    return loss, metrics_from_sums(stats, inp)
+
+
+def _linear_loss(hidden, weight, bias, inp: LossInputs, impl, transform: _Transform, chunk: Optional[int],
+                 cdtype: torch.dtype, loss_scale: float):
+    """(loss, stats) of the chunked fused pass on validated inputs (their logits a (B, T, V) stand-in);
+    ``impl``: the resolved backend (or an object with its entry points and ``autograd``)."""
+    B, T, V = inp.logits.shape
     if chunk is None:
         chunk = _auto_chunk(B * T, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
                             impl.autograd, row=T if inp.cfg.level == 1 else 0)
@@ -635,8 +644,7 @@ def fused_linear_grpo_loss(
     _ag.fold_scale(inp, loss_scale)
     plan = _Plan(inp=inp, A=A, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
                  grad_enabled=torch.is_grad_enabled(), B=B, T=T, V=V, loss_scale=loss_scale)
-    loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
-    return loss, metrics_from_sums(stats, inp)
+    return _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
 
 
 def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,

@@ -15,11 +15,12 @@ logits' own dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from ._config import LOSS_TABLE
+from ._config import LOSS_TABLE, KernelConfig
 from .options import GRPOOptions, LossTensors, with_options
 
 
@@ -151,12 +152,14 @@ def aggregate(L: torch.Tensor, mask: torch.Tensor, aggregation: str, *, max_comp
 
 def per_token_loss(logp: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, o: GRPOOptions, *,
                    old_logp: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
-                   importance_sampling_ratio: Optional[torch.Tensor] = None):
+                   importance_sampling_ratio: Optional[torch.Tensor] = None, cfg: Optional[KernelConfig] = None):
     """The per-token loss ``L`` (B, T) of docs/spec.md before aggregation, with the ratio ``r`` ((B, T),
     or (B, 1) at sequence level) and the KL term (B, T) (None when beta = 0).
 
     Differentiable in ``logp``; ``mask``, ``A`` ((B,) or (B, T)), old/ref and the IS ratio are
-    constants. Used by the reference and by the fused-linear path's torch code.
+    constants. Used by the reference and by the fused-linear path's torch code. ``cfg`` (the kernels'
+    KernelConfig) adds verl's generalizations of the families (grpo_fast/verl_losses.py:
+    fused_policy_loss): the log-ratio clamp, the dual clip and the is_weight bounds; None: TRL's forms.
     """
     acc = logp.dtype
     eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
@@ -164,14 +167,19 @@ def per_token_loss(logp: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, o: G
     A = A.unsqueeze(1) if A.dim() == 1 else A  # (B, 1) broadcasts over T
 
     r = importance_ratio(logp, mask, o.importance_sampling_level, old_logp)
+    if cfg is not None and cfg.log_ratio_clamp > 0:  # verl: exp(clamp(s, ±c)), no gradient where clamped
+        r = torch.clamp(r, math.exp(-cfg.log_ratio_clamp), math.exp(cfg.log_ratio_clamp))
 
     family = LOSS_TABLE[o.loss_type].family
     if family == "clip":
         r2 = torch.clamp(r, 1 - o.epsilon_low, 1 + eps_high)
         r1 = torch.clamp(r, max=o.delta) if o.delta is not None else r  # two-sided clipping (INTELLECT-2)
         L = -torch.min(r1 * A, r2 * A)
+        if cfg is not None and cfg.dual_clip_c > 0:  # verl's dual clip: for A < 0 at most −A·c
+            L = torch.where(A < 0, torch.minimum(L, -A * cfg.dual_clip_c), L)
     elif family == "is_weight":  # MiniMax-M1: clipped, stop-gradient IS weight on the log-prob
-        L = -torch.clamp(r, max=eps_high).detach() * A * logp
+        w = torch.clamp(r, max=eps_high) if cfg is None else torch.clamp(r, *cfg.is_bounds)
+        L = -w.detach() * A * logp
     else:  # soft_gate (SAPO): a sigmoid gate instead of a hard clip
         tau = torch.where(A > 0, torch.full_like(A, o.sapo_temperature_pos), torch.full_like(A, o.sapo_temperature_neg))
         L = -(4.0 / tau) * torch.sigmoid(tau * (r - 1)) * A

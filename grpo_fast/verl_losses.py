@@ -28,12 +28,13 @@ the ``rollout_corr/*`` diagnostics of ``config.policy_loss.rollout_correction``)
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 import torch
 
-__all__ = ["POLICY_LOSSES", "AGG_MODES", "KL_TYPES", "get_policy_loss_fn", "agg_loss", "kl_penalty",
-           "masked_mean"]
+__all__ = ["POLICY_LOSSES", "AGG_MODES", "KL_TYPES", "FUSED_LOSSES", "get_policy_loss_fn", "agg_loss", "agg_weights",
+           "kl_penalty", "masked_mean", "fused_policy_loss", "fused_linear_policy_loss"]
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # verl's names of the KL estimators; a trailing "+" (e.g. "k3+") is the straight-through variant.
@@ -113,28 +114,42 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     With dp_size > 1 the global normalizer (batch_num_tokens or global_batch_size) is required: each
     rank's loss is then its share of the global mean, and DP's gradient averaging gives the global one.
     """
+    w = agg_weights(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    return _masked_sum(loss_mat * w.to(loss_mat.dtype), loss_mask)
+
+
+def agg_weights(loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1, batch_num_tokens=None,
+                global_batch_size=None, loss_scale_factor=None) -> torch.Tensor:
+    """The per-token weights w (B, T) float64 of ``agg_loss``: agg_loss(L) = Σ m·w·L (every mode is linear
+    in L). The fused kernels take them as their aggregation weights (validation.aggregation_weights'
+    role); ``agg_loss`` itself is Σ over the mask of w·L."""
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
-    if loss_agg_mode == "token-mean":
+    m = loss_mask.to(torch.float64)
+
+    def num(x):
+        return torch.as_tensor(x, dtype=torch.float64, device=m.device)
+
+    if loss_agg_mode in ("token-mean", "token-sum"):
+        if loss_agg_mode == "token-sum":
+            return m * dp_size
         if batch_num_tokens is None:
             if dp_size > 1:
                 raise ValueError("agg_loss: token-mean with dp_size > 1 needs batch_num_tokens (the global token count)")
-            batch_num_tokens = loss_mask.sum()
-        return _masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
-    if loss_agg_mode == "token-sum":
-        return _masked_sum(loss_mat, loss_mask) * dp_size
-    lengths = loss_mask.sum(-1)
-    row_total = _masked_sum(loss_mat, loss_mask, -1)
-    per_row = row_total / (lengths + _EPS) if loss_agg_mode == "seq-mean-token-mean" else row_total
-    has_tokens = (lengths > 0).to(per_row.dtype)
+            batch_num_tokens = m.sum()
+        return m * (dp_size / num(batch_num_tokens))
+    lengths = m.sum(-1, keepdim=True)
+    # Σm + 1e-8 in the mask's own arithmetic, as verl forms it (an integer mask's count + 1e-8 is float32)
+    per_row = (1.0 / (loss_mask.sum(-1, keepdim=True) + _EPS).to(torch.float64) if loss_agg_mode == "seq-mean-token-mean"
+               else torch.ones_like(lengths))
     if global_batch_size is None:
         if dp_size > 1:
             raise ValueError(f"agg_loss: {loss_agg_mode} with dp_size > 1 needs global_batch_size (the global row count)")
-        global_batch_size = has_tokens.sum()
-    loss = _masked_sum(per_row, has_tokens) / global_batch_size * dp_size
+        global_batch_size = (lengths > 0).sum()
+    w = m * per_row * (dp_size / num(global_batch_size))
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
-    return loss
+        w = w / num(m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return w
 
 
 def _agg(pg, mask, mode, config):
@@ -642,6 +657,212 @@ POLICY_LOSSES: dict[str, Callable] = {
 }
 _NOT_SUPPORTED: dict = {}  # verl losses refused with a reason (none at present)
 
+
+# ---- the fused single pass ------------------------------------------------------------------------------
+# The token-level losses whose per-token math is a run-time parameterization of a kernel family
+# (_config.LOSS_TABLE's families; docs/spec.md, "verl's policy losses"):
+#   vanilla  clip family, log-ratio clamp ±20, dual clip at clip_ratio_c for A < 0
+#   cispo    is_weight family, weight clamp(r, 1 − ε_low, 1 + ε_high), log-ratio clamp ±20
+#   gpg      is_weight family, weight clamp(r, 1, 1) = 1 (on-policy: no old_log_prob read)
+#   dro      gpg plus the KL term β·k2 with the old log-prob as the reference: β/2·s², β = dro_beta
+#   sapo     soft_gate family, log-ratio clamp ±20, tau_pos / tau_neg
+# (keyed by the functions: verl's mode names are read from them, as POLICY_LOSSES does)
+FUSED_FAMILIES = {f.__name__: family for f, family in ((vanilla, "clip"), (cispo, "is_weight"), (gpg, "is_weight"),
+                                                       (dro, "is_weight"), (sapo, "soft_gate"))}
+FUSED_LOSSES = tuple(sorted(FUSED_FAMILIES))
+
+
+def _fused_setup(loss_mode, config, temperature):
+    """(GRPOOptions, extra KernelConfig fields, on-policy, old as the KL reference) of a fused loss mode."""
+    from ._config import LOSS_TABLE
+    from .options import GRPOOptions
+
+    if not isinstance(loss_mode, str) or loss_mode not in FUSED_FAMILIES:
+        if isinstance(loss_mode, str) and loss_mode in POLICY_LOSSES:
+            raise ValueError(
+                f"loss_mode {loss_mode!r} has no fused form (it needs batch statistics or a per-sequence ratio); "
+                f"the fused ones are {list(FUSED_LOSSES)}. Compute it on the differentiable log-probs: "
+                f"logp = grpo_fast.logprobs(logits, responses); "
+                f"grpo_fast.verl_losses.get_policy_loss_fn({loss_mode!r})(old_log_prob, logp, advantages, response_mask, ...)")
+        raise ValueError(f"unknown loss_mode {loss_mode!r}; the fused ones are {list(FUSED_LOSSES)}, verl's others "
+                         f"{sorted(set(POLICY_LOSSES) - set(FUSED_FAMILIES))} run through get_policy_loss_fn")
+    family, fn = FUSED_FAMILIES[loss_mode], POLICY_LOSSES[loss_mode]
+    loss_type = next(name for name, t in LOSS_TABLE.items() if t.family == family)  # any of the family
+    low, high = _clip_bounds(config)
+    kw = dict(loss_type=loss_type, temperature=temperature)
+    extra = dict(log_ratio_clamp=_LOG_RATIO_CLAMP)
+    if fn is vanilla:
+        c = _cfg(config, "clip_ratio_c", 3.0)
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 1.0:
+            raise ValueError(f"clip_ratio_c (dual-clip bound) must be a number > 1, got {c!r}")
+        kw.update(epsilon_low=low, epsilon_high=high)
+        extra["dual_clip_c"] = float(c)
+    elif fn is cispo:
+        kw.update(epsilon_low=low, epsilon_high=high)
+        extra.update(is_lo=1.0 - low, is_hi=1.0 + high)
+    elif fn is sapo:
+        kw.update(sapo_temperature_pos=_cfg(config, "tau_pos", 1.0), sapo_temperature_neg=_cfg(config, "tau_neg", 1.05))
+    else:  # gpg, dro: weight 1, no ratio
+        extra = dict(is_lo=1.0, is_hi=1.0)
+        if fn is dro:
+            beta = _cfg(_cfg(config, "policy_loss"), "dro_beta")
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+                raise ValueError(f"policy_loss.dro_beta must be a positive value when using DRO, got {beta!r}")
+            kw.update(beta=float(beta), kl_estimator="k2")
+    return GRPOOptions(**kw), extra, fn in (gpg, dro), fn is dro
+
+
+# grpo_fast's argument and option names in validation's messages -> verl's (the caller's) names
+_VERL_NAME_OF = {"completion_ids": "responses", "completion_mask": "response_mask", "old_logp": "old_log_prob",
+                 "ref_logp": "old_log_prob", "epsilon_low": "clip_ratio_low", "epsilon_high": "clip_ratio_high",
+                 "sapo_temperature_pos": "tau_pos", "sapo_temperature_neg": "tau_neg"}
+_VERL_NAMES = re.compile(r"\b(%s)\b" % "|".join(_VERL_NAME_OF))
+
+
+class _KeepLogp:
+    """A backend whose fused_loss also keeps the per-token log-probs it returns, in call order (the
+    fused-linear loop calls it once per chunk of tokens), for verl's metrics."""
+
+    def __init__(self, impl):
+        self.impl, self.parts = impl, []
+
+    def __getattr__(self, name):  # autograd, empty_grad, the other entry points: the backend's
+        return getattr(self.impl, name)
+
+    def fused_loss(self, inp, grad):
+        stats, logp = self.impl.fused_loss(inp, grad)
+        self.parts.append(logp.reshape(-1))
+        return stats, logp
+
+    def logp(self, B: int, T: int) -> torch.Tensor:
+        return torch.cat(self.parts).view(B, T)
+
+
+def _fused_inputs(logits, responses, old_log_prob, advantages, response_mask, loss_mode, loss_agg_mode, config,
+                  rollout_is_weights, temperature):
+    """Validated LossInputs of a fused verl loss (``logits`` may be a (B, T, V) stand-in), its aggregation
+    mode and the rollout IS weights (B, T) float32 or None. The aggregation weights are verl's
+    (agg_weights, with config.global_batch_info) times the IS weights; KernelConfig carries the mode's
+    parameters (_fused_setup)."""
+    import dataclasses
+
+    from .validation import _float_tensor, validate_loss_args
+
+    opts, extra, on_policy, old_as_ref = _fused_setup(loss_mode, config, temperature)
+    agg_mode = "seq-mean-token-mean" if POLICY_LOSSES[loss_mode] is sapo else loss_agg_mode  # verl's sapo ignores it
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        # also when the kernels do not read it (gpg, dro): verl's metrics do
+        if old_log_prob is None:
+            raise ValueError("old_log_prob is required: a (B, T) tensor")
+        _float_tensor("old_log_prob", old_log_prob, [tuple(logits.shape[:2])], logits.device)
+    try:
+        inp = validate_loss_args(logits, responses, advantages, old_logp=None if on_policy else old_log_prob,
+                                 ref_logp=old_log_prob if old_as_ref else None, completion_mask=response_mask,
+                                 options=opts)
+    except (ValueError, TypeError) as e:  # the message names the arguments as the caller passed them
+        raise type(e)(_VERL_NAMES.sub(lambda m: _VERL_NAME_OF[m.group(0)], str(e))) from e
+    B, T = inp.mask.shape
+    w = agg_weights(inp.mask, agg_mode, **dict(_cfg(config, "global_batch_info", None) or {}))
+    isw = _float_tensor("rollout_is_weights", rollout_is_weights, [(B, T)], inp.mask.device)
+    if isw is not None:
+        w = w * isw
+    w = torch.where(inp.mask != 0, w, torch.zeros_like(w)).to(torch.float32)
+    inp = dataclasses.replace(inp, weight=w, cfg=dataclasses.replace(inp.cfg, **extra))
+    return inp, agg_mode, isw
+
+
+@torch.no_grad()
+def _fused_metrics(loss_mode, inp, old_log_prob, logp, agg_mode, config, isw) -> dict:
+    """verl's metrics of ``loss_mode``: its own function here, on the kernel's (B, T) log-probs."""
+    B, T = inp.mask.shape
+    A = inp.advantages if inp.advantages.dim() == 2 else inp.advantages.unsqueeze(1).expand(B, T)
+    old = old_log_prob.detach().to(device=logp.device, dtype=torch.float32)
+    return POLICY_LOSSES[loss_mode](old, logp.detach(), A, inp.mask, agg_mode, config, isw)[1]
+
+
+def fused_policy_loss(logits, responses, old_log_prob, advantages, response_mask, loss_mode="vanilla",
+                      loss_agg_mode="token-mean", config=None, rollout_is_weights=None, *, temperature=1.0,
+                      inplace=False, loss_scale=1.0, backend="auto"):
+    """verl's policy loss ``loss_mode`` from the logits in grpo_fast's fused single pass (one read of the
+    logits, the gradient written in the forward), for the token-level losses ``FUSED_LOSSES``: vanilla,
+    cispo, gpg, dro, sapo. The same loss and gradient as ``get_policy_loss_fn(loss_mode)`` on
+    ``grpo_fast.logprobs(logits, responses, temperature=temperature)``, and verl's metrics.
+
+    Args:
+        logits: (B, T, V) float32 | bfloat16 | float16, the response positions' logits (shifted:
+            ``logits[b, t]`` scores ``responses[b, t]``).
+        responses: (B, T) int64 | int32 token ids.
+        old_log_prob, advantages, response_mask, rollout_is_weights: (B, T) as verl passes them
+            (advantages may also be (B,)). rollout_is_weights (constants) multiply the per-token loss.
+        loss_mode, loss_agg_mode, config: verl's names (``config``: verl's ActorConfig or anything with
+            its fields: clip_ratio(_low/_high/_c), tau_pos/neg, policy_loss.dro_beta, global_batch_info).
+        temperature, inplace, loss_scale, backend: as in ``grpo_fast.grpo_loss``.
+
+    Returns:
+        (loss, metrics): a float32 scalar differentiable in ``logits``, and verl's metrics dict
+        (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``; none for gpg), computed
+        by the loss's own function here on the kernel's log-probs.
+
+    Other verl losses (gspo, geo_mean, clip_cov, kl_cov, dppo_*, bypass_mode) raise a ValueError that
+    points to ``get_policy_loss_fn`` on ``grpo_fast.logprobs``' differentiable log-probs.
+    """
+    from . import _autograd as _ag
+    from . import backends as _backends
+    from .api import _FusedGRPOLoss, _self_overlapping
+    from .reference import per_token_loss, token_logprobs_reference
+    from .validation import check_backend
+
+    backend = check_backend(backend)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    loss_scale = _ag.check_loss_scale(loss_scale)
+    inp, agg_mode, isw = _fused_inputs(logits, responses, old_log_prob, advantages, response_mask, loss_mode,
+                                       loss_agg_mode, config, rollout_is_weights, temperature)
+    impl = _backends.resolve(backend, inp.logits.device)
+    if impl.autograd:  # the eager reference (double backward works); a masked row never reaches the softmax
+        valid = inp.mask != 0
+        z = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+        logp = torch.where(valid, token_logprobs_reference(z, inp.ids, inp.cfg.temperature), 0.0)
+        L, _, _ = per_token_loss(logp, inp.mask, inp.advantages, inp.options, old_logp=inp.old_logp,
+                                 ref_logp=inp.ref_logp, cfg=inp.cfg)
+        loss = (inp.weight.to(L.dtype) * torch.where(valid, L, 0.0)).sum().float()
+        logp = logp.detach().float()
+    else:
+        need_grad = logits.requires_grad and torch.is_grad_enabled()
+        inplace = inplace and need_grad and not _self_overlapping(inp.logits)
+        _ag.fold_scale(inp, loss_scale)
+        keeper = _KeepLogp(impl)
+        loss, _ = _FusedGRPOLoss.apply(logits, inp, keeper, inplace, need_grad, loss_scale)
+        logp = keeper.logp(*inp.mask.shape)
+    return loss, _fused_metrics(loss_mode, inp, old_log_prob, logp, agg_mode, config, isw)
+
+
+def fused_linear_policy_loss(hidden, weight, responses, old_log_prob, advantages, response_mask, loss_mode="vanilla",
+                             loss_agg_mode="token-mean", config=None, rollout_is_weights=None, *, bias=None,
+                             temperature=1.0, logit_scale=1.0, logit_softcap=None, chunk_size=None, loss_scale=1.0,
+                             backend="auto"):
+    """``fused_policy_loss`` of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the
+    logits: the chunked loop of ``grpo_fast.fused_linear_grpo_loss`` (hidden (B, T, H), weight (V, H),
+    bias (V,) or None; the same options), the verl loss in its fused kernels. Returns (loss, metrics)
+    with gradients for hidden, weight and bias."""
+    from . import _autograd as _ag
+    from . import backends as _backends
+    from .fused_linear import _check_chunk_size, _check_linear, _check_transform, _compute_dtype, _linear_loss
+    from .fused_linear import _standin_logits, _Transform
+    from .validation import check_backend
+
+    backend = check_backend(backend)
+    loss_scale = _ag.check_loss_scale(loss_scale)
+    cdtype, autocast = _compute_dtype(hidden)
+    B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)
+    scale, cap = _check_transform(logit_scale, logit_softcap, temperature)
+    chunk = _check_chunk_size(chunk_size)
+    inp, agg_mode, isw = _fused_inputs(_standin_logits(B, T, V, cdtype, hidden.device), responses, old_log_prob,
+                                       advantages, response_mask, loss_mode, loss_agg_mode, config,
+                                       rollout_is_weights, temperature)
+    keeper = _KeepLogp(_backends.resolve(backend, hidden.device))
+    loss, _ = _linear_loss(hidden, weight, bias, inp, keeper, _Transform(scale, cap), chunk, cdtype, loss_scale)
+    return loss, _fused_metrics(loss_mode, inp, old_log_prob, keeper.logp(B, T), agg_mode, config, isw)
 
 def get_policy_loss_fn(name: str) -> Callable:
     """The policy loss verl registers under ``name`` (``POLICY_LOSSES``); ValueError for any other."""

@@ -10,8 +10,11 @@ def test_options_benchmark_runs_every_case():
 
     rows = bench.run((4, 8, 64), "fp32", "cpu", repeats=1)
     names = {r["case"] for r in rows}
-    assert names == set(bench.fused_cases()) | set(bench.primitive_cases())
-    assert {r["path"] for r in rows} == {"fused", "primitive"}
+    assert names == set(bench.fused_cases()) | set(bench.primitive_cases()) | set(bench.verl_fused_cases())
+    assert {r["path"] for r in rows} == {"fused", "primitive", "verl fused"}
+    order = [r["case"] for r in rows]
+    for name, mode in bench.verl_fused_cases().items():  # each fused verl row just above its primitive one
+        assert order.index(f"verl {mode}") == order.index(name) + 1
     assert all(r["ms"] > 0 for r in rows)
     assert bench.main(["--shape", "4,8,64", "--repeats", "1", "--no-save"]) == 0
 

@@ -91,6 +91,10 @@ inline LossParams loss_params(Kw& kw) {
   p.beta = (float)kw.get<double>("beta");
   p.sapo_temp_pos = (float)kw.get<double>("sapo_temp_pos");
   p.sapo_temp_neg = (float)kw.get<double>("sapo_temp_neg");
+  p.log_ratio_clamp = (float)kw.get<double>("log_ratio_clamp");
+  p.dual_clip_c = (float)kw.get<double>("dual_clip_c");
+  p.is_lo = (float)kw.get<double>("is_lo");
+  p.is_hi = (float)kw.get<double>("is_hi");
   return p;
 }
 

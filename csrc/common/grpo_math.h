@@ -51,6 +51,11 @@ struct LossParams {
   float eps_low, eps_high, delta;
   float beta;                  // 0 disables the KL term (ref may then be absent)
   float sapo_temp_pos, sapo_temp_neg;
+  // verl's per-token forms (grpo_fast/verl_losses.py: fused_policy_loss), generalizing the families:
+  float log_ratio_clamp;  // > 0: r = exp(clamp(s, ±c)), no gradient through r where the clamp is active; 0: off
+  float dual_clip_c;      // > 0 (CLIP): for A < 0 the loss is at most −A·c (verl's dual clip); 0: off
+  float is_lo, is_hi;     // IS_WEIGHT: the weight is clamp(r, is_lo, is_hi) (TRL cispo [0, εh], verl cispo
+                          // [1−εl, 1+εh], gpg and dro [1, 1])
 };
 
 // What one token contributes, before aggregation. The caller multiplies by the token's aggregation
@@ -82,6 +87,14 @@ GF_HD TokenTerms token_terms(const LossParams& p, float logp, float ref, float A
   TokenTerms o;
   float L = 0.f, dL_dr = 0.f, dL_dlogp = 0.f;
   o.clip_low = o.clip_high = o.cispo_clip = false;
+  // verl's log-ratio clamp: r = exp(clamp(s, ±c)) = clamp(r, e^−c, e^c); where it is active (strictly
+  // outside, as torch.clamp passes the gradient at the bounds) r is a constant: no gradient through it.
+  float dr_pass = 1.f;
+  if (p.log_ratio_clamp > 0.f) {
+    const float rmax = expf(p.log_ratio_clamp), rmin = expf(-p.log_ratio_clamp);
+    if (r > rmax) { r = rmax; dr_pass = 0.f; }
+    else if (r < rmin) { r = rmin; dr_pass = 0.f; }
+  }
   if (p.family == CLIP) {
     // L = -min(r1·A, r2·A), r2 = clamp(r, 1-εl, 1+εh), r1 = min(r, δ) or r.
     // The derivative follows torch: min() splits a tie half/half, clamp passes the gradient on
@@ -99,14 +112,20 @@ GF_HD TokenTerms token_terms(const LossParams& p, float logp, float ref, float A
     else dmin_dr = v1 + v2;  // a NaN operand: NaN, as autograd gives
     L = -min_nan(v1, v2);
     dL_dr = -dmin_dr;
+    if (p.dual_clip_c > 0.f && A < 0.f) {
+      // verl's dual clip: min(L, −A·c); torch.minimum splits a tie half/half, the cap has no r in it
+      const float cap = -A * p.dual_clip_c;
+      if (L > cap) { L = cap; dL_dr = 0.f; }
+      else if (L == cap) dL_dr *= 0.5f;
+    }
     o.clip_low = (r < lo) && (A < 0.f);
     o.clip_high = (r > hi) && (A > 0.f);
   } else if (p.family == IS_WEIGHT) {
-    // L = -stopgrad(min(r, εh))·A·logp: no gradient through the ratio.
-    const float c = min_nan(r, p.eps_high);
+    // L = -stopgrad(clamp(r, lo, hi))·A·logp: no gradient through the ratio.
+    const float c = min_nan(max_nan(r, p.is_lo), p.is_hi);
     L = -c * A * logp;
     dL_dlogp = -c * A;
-    o.cispo_clip = (r > p.eps_high) && (A > 0.f);
+    o.cispo_clip = (r > p.is_hi) && (A > 0.f);
   } else {  // SOFT_GATE (SAPO): L = -(4/τs)·σ(τs(r-1))·A,  dL/dr = -4·σ(1-σ)·A
     const float ts = A > 0.f ? p.sapo_temp_pos : p.sapo_temp_neg;
     const float s = sigmoidf_(ts * (r - 1.f));
@@ -133,6 +152,7 @@ GF_HD TokenTerms token_terms(const LossParams& p, float logp, float ref, float A
     o.loss += p.beta * kl;
     o.d_logp += p.beta * dkl;
   }
+  o.d_ratio *= dr_pass;
   return o;
 }
 

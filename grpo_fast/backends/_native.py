@@ -43,7 +43,8 @@ def params_kwargs(cfg: KernelConfig) -> dict:
         family=cfg.family, kl_estimator=cfg.kl_estimator, level=cfg.level, has_delta=cfg.has_delta,
         bias_correction_kl=cfg.bias_correction_kl, temperature=cfg.temperature, eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta, sapo_temp_pos=cfg.sapo_temp_pos,
-        sapo_temp_neg=cfg.sapo_temp_neg,
+        sapo_temp_neg=cfg.sapo_temp_neg, log_ratio_clamp=cfg.log_ratio_clamp, dual_clip_c=cfg.dual_clip_c,
+        is_lo=cfg.is_bounds[0], is_hi=cfg.is_bounds[1],
     )
 
 

@@ -218,11 +218,14 @@ def _common_args(inp, dummy):
         isr_ptr=inp.isr if inp.isr is not None else dummy,
     )
     floats = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
-                  sapo_pos=cfg.sapo_temp_pos, sapo_neg=cfg.sapo_temp_neg, adv_eps=cfg.adv_eps)
+                  sapo_pos=cfg.sapo_temp_pos, sapo_neg=cfg.sapo_temp_neg, adv_eps=cfg.adv_eps,
+                  lr_clamp=cfg.log_ratio_clamp, dual_c=cfg.dual_clip_c, is_lo=cfg.is_bounds[0], is_hi=cfg.is_bounds[1])
     flags = dict(FAMILY=cfg.family, KL_EST=cfg.kl_estimator, HAS_DELTA=cfg.has_delta,
                  HAS_KL=cfg.beta != 0.0, BIAS_KL=cfg.bias_correction_kl, HAS_OLD=inp.old_logp is not None,
                  ADV_MODE=adv_mode, SCALE=cfg.scale_rewards, ISR_MODE=isr_mode,
-                 BLOCK_G=_next_pow2(max(cfg.group_size, 2)))
+                 BLOCK_G=_next_pow2(max(cfg.group_size, 2)),
+                 # verl's forms (the floats stay run-time values; these only compile their code in)
+                 CLAMP_S=cfg.log_ratio_clamp > 0, DUAL_CLIP=cfg.is_clip_family and cfg.dual_clip_c > 0)
     return ptrs, floats, flags
 
 

@@ -189,7 +189,7 @@ def _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE: tl.conste
 
 
 @triton.jit
-def _clip_flags(r, A, eps_low, eps_high, FAMILY: tl.constexpr):
+def _clip_flags(r, A, eps_low, eps_high, is_hi, FAMILY: tl.constexpr):
     """(clip_low, clip_high, cispo_clip) as float 0/1 (docs/spec.md, Metrics)."""
     zero = tl.zeros_like(r + A)
     # give r and A the same shape before combining comparisons with &: the interpreter mis-types a
@@ -203,14 +203,14 @@ def _clip_flags(r, A, eps_low, eps_high, FAMILY: tl.constexpr):
         low = tl.where((r < 1.0 - eps_low) & (A < 0.0), 1.0, 0.0)
         high = tl.where((r > 1.0 + eps_high) & (A > 0.0), 1.0, 0.0)
     elif FAMILY == IS_WEIGHT:
-        cispo = tl.where((r > eps_high) & (A > 0.0), 1.0, 0.0)
+        cispo = tl.where((r > is_hi) & (A > 0.0), 1.0, 0.0)
     return low, high, cispo
 
 
 @triton.jit
-def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
+def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi,
                  FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr,
-                 HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr):
+                 HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, CLAMP_S: tl.constexpr, DUAL_CLIP: tl.constexpr):
     """grpo_math.h token_terms() in Triton; works on scalars and on blocks alike.
 
     Returns (loss, kl, d_logp, d_ratio, clip_low, clip_high, cispo_clip), flags as float 0/1:
@@ -218,6 +218,13 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
       d_logp  = ∂loss/∂logp with r held fixed;  d_ratio = ∂loss/∂r with logp held fixed.
     """
     zero = tl.zeros_like(logp + r + A)
+    dr_pass = 1.0
+    if CLAMP_S:
+        # verl's log-ratio clamp (lr_clamp > 0): r = clamp(r, e^−c, e^c), no gradient through r where active
+        rmax = tl.exp(lr_clamp)
+        rmin = tl.exp(-lr_clamp)
+        dr_pass = tl.where(r > rmax, 0.0, tl.where(r < rmin, 0.0, 1.0)) + zero
+        r = tl.where(r > rmax, rmax, tl.where(r < rmin, rmin, r))
     if FAMILY == CLIP:
         # L = −min(r1·A, r2·A). Derivative as torch autograd takes it through the reference:
         # min() splits a tie half/half, clamp passes the gradient on [lo, hi] inclusive.
@@ -236,18 +243,26 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
         dmin = tl.where(v1 < v2, A * d1, tl.where(v2 < v1, A * d2, 0.5 * A * (d1 + d2)))
         L = -tl.minimum(v1, v2, propagate_nan=NAN)
         dL_dr = -dmin + zero
+        if DUAL_CLIP:
+            # verl's dual clip: for A < 0, min(L, −A·c); a tie splits the gradient half/half (nested
+            # where on 0/1 floats, not &: the interpreter mis-types a scalar int1 against a block)
+            cap = -A * dual_c
+            capped = tl.where(A < 0.0, tl.where(L > cap, 1.0, 0.0), 0.0) + zero
+            tie = tl.where(A < 0.0, tl.where(L == cap, 1.0, 0.0), 0.0) + zero
+            dL_dr = tl.where(capped > 0.0, 0.0, tl.where(tie > 0.0, 0.5 * dL_dr, dL_dr))
+            L = tl.where(capped > 0.0, cap, L)
         dL_dlogp = zero
-        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, FAMILY)
+        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, is_hi, FAMILY)
         clip_low += zero
         clip_high += zero
         cispo_clip += zero
     elif FAMILY == IS_WEIGHT:
-        # L = −stopgrad(min(r, ε_high))·A·logp: no gradient through the ratio (MiniMax-M1).
-        c = tl.minimum(r, eps_high, propagate_nan=NAN)
+        # L = −stopgrad(clamp(r, is_lo, is_hi))·A·logp: no gradient through the ratio (MiniMax-M1).
+        c = tl.minimum(tl.maximum(r, is_lo, propagate_nan=NAN), is_hi, propagate_nan=NAN)
         L = -c * A * logp
         dL_dr = zero
         dL_dlogp = -c * A + zero
-        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, FAMILY)
+        clip_low, clip_high, cispo_clip = _clip_flags(r, A, eps_low, eps_high, is_hi, FAMILY)
         clip_low += zero
         clip_high += zero
         cispo_clip += zero
@@ -284,6 +299,7 @@ def _token_terms(logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos,
             dkl = dkl * r
         loss += beta * kl
         d_logp += beta * dkl
+    d_ratio = d_ratio * dr_pass
     return loss, kl, d_logp, d_ratio, clip_low, clip_high, cispo_clip
 
 
@@ -355,12 +371,12 @@ def _grpo_token_fwd_kernel(
     # sizes and strides (elements)
     N, T, V, G, stride_lb, stride_lt, stride_gb, stride_gt,
     # run-time floats
-    temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
+    temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi, adv_eps,
     # meta-parameters
     FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
-    SOFT_BF16: tl.constexpr = False,
+    SOFT_BF16: tl.constexpr = False, CLAMP_S: tl.constexpr = False, DUAL_CLIP: tl.constexpr = False,
 ):
     """Token-level loss of token rows pid, pid + P, pid + 2P, ... (P = the grid), and each row's
     gradient when HAS_GRAD.
@@ -401,20 +417,20 @@ def _grpo_token_fwd_kernel(
         else:
             _grpo_token_row(row, logits_ptr, ids_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr,
                             ref_ptr, isr_ptr, grad_ptr, logp_ptr, stats_ptr, T, V, G, stride_lb, stride_lt, stride_gb,
-                            stride_gt, temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps, FAMILY,
+                            stride_gt, temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi, adv_eps, FAMILY,
                             KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, HAS_OLD, ADV_MODE, SCALE, ISR_MODE, HAS_GRAD, BLOCK_G,
-                            BLOCK_V, SOFT_BF16)
+                            BLOCK_V, SOFT_BF16, CLAMP_S, DUAL_CLIP)
 
 
 @triton.jit
 def _grpo_token_row(
     row, logits_ptr, ids_ptr, mask_ptr, weight_ptr, adv_ptr, rewards_ptr, batch_std_ptr, old_ptr, ref_ptr, isr_ptr,
     grad_ptr, logp_ptr, stats_ptr, T, V, G, stride_lb, stride_lt, stride_gb, stride_gt,
-    temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
+    temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi, adv_eps,
     FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
+    SOFT_BF16: tl.constexpr, CLAMP_S: tl.constexpr, DUAL_CLIP: tl.constexpr,
 ):
     """The body of _grpo_token_fwd_kernel for a valid (unmasked) token row."""
     b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(row, logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb,
@@ -447,8 +463,8 @@ def _grpo_token_row(
         ref = logp
 
     loss, kl, d_logp, d_ratio, low, high, cispo = _token_terms(
-        logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
-        FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+        logp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi,
+        FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, CLAMP_S, DUAL_CLIP)
 
     out = stats_ptr + row * NUM_STATS
     tl.store(out + 0, w * loss)
@@ -492,7 +508,7 @@ def _seq_tile(logp_ptr, mask_ptr, weight_ptr, adv_ptr, isr_ptr, ref_ptr, idx, va
 
 
 @triton.jit
-def _row_clip_flags(acc_low, acc_high, acc_cispo, r, A_row, eps_low, eps_high, FAMILY: tl.constexpr,
+def _row_clip_flags(acc_low, acc_high, acc_cispo, r, A_row, eps_low, eps_high, is_hi, FAMILY: tl.constexpr,
                     ADV_MODE: tl.constexpr):
     """The clip flags of a sequence at sequence level (the row-flag rule): with a per-token
     advantage, the sums of the per-token flags over the valid tokens (acc_* are per-lane partial
@@ -503,7 +519,7 @@ def _row_clip_flags(acc_low, acc_high, acc_cispo, r, A_row, eps_low, eps_high, F
         high_n = tl.sum(acc_high, 0)
         cispo_n = tl.sum(acc_cispo, 0)
     else:
-        low_n, high_n, cispo_n = _clip_flags(r, A_row, eps_low, eps_high, FAMILY)
+        low_n, high_n, cispo_n = _clip_flags(r, A_row, eps_low, eps_high, is_hi, FAMILY)
     return low_n, high_n, cispo_n
 
 
@@ -516,11 +532,12 @@ def _grpo_seq_row_kernel(
     # sizes
     T, G,
     # run-time floats
-    eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, adv_eps,
+    eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi, adv_eps,
     # meta-parameters
     FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+    CLAMP_S: tl.constexpr = False, DUAL_CLIP: tl.constexpr = False,
 ):
     """Sequence-level (GSPO) pass 2 for sequence b = program_id: needs only the (B, T) log-probs.
 
@@ -575,8 +592,8 @@ def _grpo_seq_row_kernel(
                                           A_row, isr_row, ADV_MODE, ISR_MODE, HAS_KL)
         ent = tl.load(entropy_ptr + base + cols, mask=valid, other=0.0)
         loss, kl, d_logp, d_ratio, low, high, cispo = _token_terms(
-            lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
-            FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+            lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi,
+            FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, CLAMP_S, DUAL_CLIP)
         # tl.where on `valid`, not a product: lanes past T load zeros, but a non-finite row
         # ratio would still make 0·x NaN there
         acc_loss += tl.where(valid, w * loss, 0.0)
@@ -587,7 +604,7 @@ def _grpo_seq_row_kernel(
         acc_cispo += tl.where(valid, m * cispo, 0.0)
         acc_dr += tl.where(valid, w * d_ratio, 0.0)
 
-    low_n, high_n, cispo_n = _row_clip_flags(acc_low, acc_high, acc_cispo, r, A_row, eps_low, eps_high, FAMILY, ADV_MODE)
+    low_n, high_n, cispo_n = _row_clip_flags(acc_low, acc_high, acc_cispo, r, A_row, eps_low, eps_high, is_hi, FAMILY, ADV_MODE)
     out = stats_ptr + b * NUM_STATS
     tl.store(out + 0, tl.sum(acc_loss, 0))
     tl.store(out + 1, tl.sum(acc_ent, 0))
@@ -606,8 +623,8 @@ def _grpo_seq_row_kernel(
             lp, m, w, A, isr, ref = _seq_tile(logp_ptr, mask_ptr, weight_ptr, adv_ptr, isr_ptr, ref_ptr, base + cols,
                                               valid, A_row, isr_row, ADV_MODE, ISR_MODE, HAS_KL)
             _l, _k, d_logp, _dr, _lo, _hi, _ci = _token_terms(
-                lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
-                FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL)
+                lp, ref, A, isr, r, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi,
+                FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, CLAMP_S, DUAL_CLIP)
             g = tl.where(m != 0.0, w * d_logp + row_dr * m, 0.0)  # a masked token: 0, its row is not read
             tl.store(g_ptr + base + cols, g, mask=valid)
 
