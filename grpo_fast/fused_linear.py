@@ -471,11 +471,15 @@ def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, wei
         if lse is not None:
             lse[s:e] = ls.reshape(e - s, 2)
     # The loss as a function of the (B, T) log-probs: small, so torch autograd gives g = ∂loss/∂logp.
+    # A masked token's log-prob and entropy (NaN when its hidden state holds one) are replaced by 0,
+    # not multiplied by its zero weight: 0·NaN would reach the loss and the entropy metric.
+    valid = inp.mask != 0
     with torch.enable_grad():
         lp = logp.view(B, T).detach().requires_grad_(grads.any)
-        loss, stats = _loss_from_logp(lp, inp.mask, inp.weight, plan.A, inp.old_logp, inp.ref_logp, inp.isr, inp)
+        loss, stats = _loss_from_logp(torch.where(valid, lp, 0.0), inp.mask, inp.weight, plan.A, inp.old_logp,
+                                      inp.ref_logp, inp.isr, inp)
         g = torch.autograd.grad(loss, lp)[0].reshape(N) if grads.any else None
-    stats[STAT_ENTROPY] = (entropy.view(B, T) * inp.mask).sum()
+    stats[STAT_ENTROPY] = torch.where(valid, entropy.view(B, T), 0.0).sum()
     if g is None:
         return (stats,) + grads.finish(hidden, weight_in, bias_in)
     # Pass 2: recompute each chunk's logits (the same GEMM and transform: the saved lse parts match
