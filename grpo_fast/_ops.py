@@ -11,6 +11,7 @@ of a number that changes between calls (dynamo makes it symbolic), so under comp
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import List, Optional, Tuple
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from ._autograd import check_first_order, second_order_message
 from ._config import LOSS_TYPES, NUM_STATS, KernelConfig
+from .options import GRPOOptions
 
 _FIELDS = dataclasses.fields(KernelConfig)
 # The integer codes pick code paths (a change recompiles anyway); the float options may change every
@@ -115,3 +117,289 @@ _SECOND_ORDER = second_order_message(
 
 
 fused_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Packed rows (cu_seqlens), temperature tensors and the vocabulary split (group) under torch.compile
+#
+# These paths shape small tensors by data (the (S, T_max) layout of cu_seqlens, the shard offsets
+# all-gathered over the group), which a graph cannot trace. Each runs as an opaque custom op around
+# eager's own code (every check included, at run time, before any kernel); a process group crosses
+# the op boundary by its name and is resolved inside, as torch's functional collectives do.
+# --------------------------------------------------------------------------------------------
+
+_OPTION_FIELDS = dataclasses.fields(GRPOOptions)
+
+
+def _kind(field) -> str:
+    t = str(field.type)
+    return "s" if "str" in t else "b" if "bool" in t else "i" if "int" in t else "f"
+
+
+_SEP = "\x1f"  # between the fields' codes (custom ops take no list of strings)
+
+
+def pack_options(opts: GRPOOptions) -> Tuple[str, Tensor]:
+    """GRPOOptions as custom-op arguments: one code per field, joined by _SEP ("s<value>" for a string,
+    "n" for None, "b" / "i" / "f" for a number, whose value is the next element of the float64 CPU
+    tensor: data, so that a number changing between compiled calls does not recompile per value).
+    A temperature tensor is passed on its own: its field is packed as 1.0."""
+    fmt, nums = [], []
+    one = torch.ones((), dtype=torch.float64)
+    for f in _OPTION_FIELDS:
+        v = getattr(opts, f.name)
+        if isinstance(v, Tensor) and v.dim() > 0:
+            v = 1.0
+        if v is None:
+            fmt.append("n")
+        elif _kind(f) == "s":
+            fmt.append("s" + v)
+        else:
+            fmt.append(_kind(f))
+            nums.append(v.detach().to("cpu", torch.float64).reshape(()) if isinstance(v, Tensor) else one * v)
+    return _SEP.join(fmt), (torch.stack(nums) if nums else one.new_empty(0))
+
+
+def unpack_options(fmt: str, numbers: Tensor, temperature: Optional[Tensor]) -> GRPOOptions:
+    values = iter(numbers.tolist())
+    kw = {}
+    for f, code in zip(_OPTION_FIELDS, fmt.split(_SEP)):
+        if code == "n":
+            kw[f.name] = None
+        elif code[0] == "s":
+            kw[f.name] = code[1:]
+        else:
+            x = next(values)
+            kw[f.name] = bool(x) if code == "b" else int(x) if code == "i" else x
+    if temperature is not None:
+        kw["temperature"] = temperature
+    return GRPOOptions(**kw)
+
+
+def group_name(group) -> Optional[str]:
+    """A process group as a custom-op argument: its registered name (None: no group)."""
+    import torch.distributed as dist
+
+    if group is None:
+        return None
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup (the ranks that split the vocabulary) or "
+                        f"None, got {type(group).__name__}")
+    return group.group_name
+
+
+_AUTOGRAD_KEYS = [getattr(torch._C.DispatchKey, k) for k in ("AutogradOther", "AutogradNestedTensor", "AutogradCPU",
+                                                                "AutogradCUDA", "ADInplaceOrView")
+                  if hasattr(torch._C.DispatchKey, k)]
+
+
+@contextlib.contextmanager
+def autograd_inside_op():
+    """Autograd back on inside a custom op's implementation (the dispatcher runs it below the autograd
+    keys, grad mode off): eager's own autograd Functions then record and differentiate as in eager."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for k in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(k)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+def resolve_group(name: Optional[str]):
+    if name is None:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+@torch.library.custom_op("grpo_fast::grpo_loss_eager", mutates_args=())
+def grpo_loss_eager(
+    logits: Tensor, completion_ids: Tensor, advantages: Optional[Tensor], rewards: Optional[Tensor],
+    old_logp: Optional[Tensor], ref_logp: Optional[Tensor], completion_mask: Optional[Tensor],
+    importance_sampling_ratio: Optional[Tensor], num_items_in_batch: Optional[Tensor], cu_seqlens: Optional[Tensor],
+    temperature: Optional[Tensor], fmt: str, numbers: Tensor, backend: str, group: Optional[str],
+    vocab_start: Optional[int], n_values: int, need_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Eager ``grpo_loss`` (packed rows, a temperature tensor, a vocabulary split) as one op: (values
+    = [loss, metrics in metric_names order] float32, the logits' gradient for grad_output 1 (computed
+    here, as the fused kernels compute theirs in the forward pass), or (0,) without grad)."""
+    from ._config import metric_names
+    from .api import grpo_loss
+
+    opts = unpack_options(fmt, numbers, temperature)
+    x = logits.detach().requires_grad_(need_grad)
+    with autograd_inside_op():
+        loss, metrics = grpo_loss(x, completion_ids, advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp,
+                                  completion_mask=completion_mask, importance_sampling_ratio=importance_sampling_ratio,
+                                  num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens, backend=backend,
+                                  group=resolve_group(group), vocab_start=vocab_start, **opts.as_kwargs())
+        grad = torch.autograd.grad(loss, x)[0].contiguous() if need_grad else logits.new_empty(0)
+    names = metric_names(opts.loss_type, opts.beta)
+    assert len(names) + 1 == n_values, (names, n_values)
+    values = torch.stack([loss.detach().float()] + [metrics[n].float() for n in names])
+    return values, grad
+
+
+@grpo_loss_eager.register_fake
+def _(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask, importance_sampling_ratio,
+      num_items_in_batch, cu_seqlens, temperature, fmt, numbers, backend, group, vocab_start, n_values, need_grad):
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if need_grad else logits.new_empty(0)
+    return logits.new_empty(n_values, dtype=torch.float32), grad
+
+
+def _eager_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _eager_backward(ctx, grad_values, _grad_grad):
+    check_first_order(_SECOND_ORDER)
+    (grad,) = ctx.saved_tensors
+    dlogits = (grad * grad_values[0]).to(grad.dtype) if grad.numel() else None
+    return (dlogits,) + (None,) * 17
+
+
+grpo_loss_eager.register_autograd(_eager_backward, setup_context=_eager_setup_context)
+
+
+def compiled_grpo_loss(logits, completion_ids, advantages, tensors, opts: GRPOOptions, cu_seqlens, backend: str,
+                       group, vocab_start):
+    """grpo_loss under torch.compile with cu_seqlens, a temperature tensor or a group: grpo_loss_eager."""
+    from ._config import metric_names
+
+    names = metric_names(opts.loss_type, opts.beta)
+    fmt, numbers = pack_options(opts)
+    tau = opts.temperature if isinstance(opts.temperature, Tensor) and opts.temperature.dim() > 0 else None
+    n_items = tensors.num_items_in_batch
+    if n_items is not None and not isinstance(n_items, Tensor):
+        n_items = torch.ones((), dtype=torch.float64) * n_items
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
+    values, _ = grpo_loss_eager(logits, completion_ids, advantages, tensors.rewards, tensors.old_logp,
+                                tensors.ref_logp, tensors.completion_mask, tensors.importance_sampling_ratio, n_items,
+                                cu_seqlens, tau, fmt, numbers, backend, group_name(group), vocab_start,
+                                len(names) + 1, need_grad)
+    return values[0], {n: values[i + 1].detach() for i, n in enumerate(names)}
+
+
+# ---- grpo_fast.logprobs: forward and backward kernels as two ops, the formula between them
+
+def _fresh(out: Tensor, given: Optional[Tensor]) -> Tensor:
+    """``out``, or a copy when it shares memory with the op's input ``given`` (op outputs may not alias)."""
+    if given is not None and out.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
+        return out.clone()
+    return out
+
+
+_LAYOUT_FIELDS = ("rank", "world", "start", "size", "total", "max_size")
+
+
+@torch.library.custom_op("grpo_fast::logprobs_forward", mutates_args=())
+def logprobs_forward(
+    logits: Tensor, ids: Tensor, temperature: Optional[Tensor], tau_number: Tensor, cu_seqlens: Optional[Tensor],
+    backend: str, return_entropy: bool, group: Optional[str], vocab_start: Optional[int],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """logprobs' checks and forward kernel: (logp (B, T), entropy (B, T) or (0,), lse (B, T, 2), the
+    checked ids (B, T) int64, τ ((B, T) float32, or the float as a 0-d float64 tensor), the shard
+    layout (6,) int64 or (0,)), (B, T) being (1, N) for (N, V) logits. ``temperature``: a tensor τ,
+    else ``tau_number`` holds the float."""
+    from .logprobs import _prepare
+
+    tau_in = temperature if temperature is not None else float(tau_number)
+    z, ids3, tau, impl, _ = _prepare(logits, ids, tau_in, cu_seqlens, backend, resolve_group(group), vocab_start)
+    logp, entropy, lse = impl.logprobs_forward(z, ids3, tau, return_entropy)
+    if isinstance(tau, Tensor):
+        tau_out = _fresh(tau, temperature)
+    else:
+        tau_out = torch.tensor(tau, dtype=torch.float64)
+    layout = logits.new_empty(0, dtype=torch.int64)
+    if group is not None:
+        layout = torch.tensor([getattr(impl.layout, f) for f in _LAYOUT_FIELDS], dtype=torch.int64)
+    return (logp.view(ids3.shape), entropy.view(ids3.shape) if return_entropy else logp.new_empty(0), lse,
+            _fresh(ids3, ids), tau_out, layout)
+
+
+def _bt(logits: Tensor) -> Tuple[int, int]:
+    return (1, logits.shape[0]) if logits.dim() == 2 else (logits.shape[0], logits.shape[1])
+
+
+@logprobs_forward.register_fake
+def _(logits, ids, temperature, tau_number, cu_seqlens, backend, return_entropy, group, vocab_start):
+    B, T = _bt(logits)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    tau = torch.empty((B, T), **f32) if temperature is not None else torch.empty((), dtype=torch.float64)
+    layout = torch.empty(len(_LAYOUT_FIELDS) if group is not None else 0, dtype=torch.int64)
+    return (torch.empty((B, T), **f32), torch.empty((B, T) if return_entropy else (0,), **f32),
+            torch.empty((B, T, 2), **f32), torch.empty((B, T), dtype=torch.int64, device=logits.device), tau, layout)
+
+
+@torch.library.custom_op("grpo_fast::logprobs_backward", mutates_args=())
+def logprobs_backward(
+    logits: Tensor, ids: Tensor, tau: Tensor, lse: Tensor, entropy: Optional[Tensor], g_logp: Optional[Tensor],
+    g_entropy: Optional[Tensor], backend: str, group: Optional[str], layout: Tensor,
+) -> Tensor:
+    """The logits' gradient (their shape and dtype) from the upstream gradients of logp and entropy:
+    the backend's backward kernel on what logprobs_forward returned."""
+    from . import backends
+    from .vocab_parallel import Kernels, ShardLayout
+
+    z = logits.unsqueeze(0) if logits.dim() == 2 else logits
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    impl = backends.resolve(backend, z.device)
+    if group is not None:
+        impl = Kernels(impl, ShardLayout(group=resolve_group(group), **dict(zip(_LAYOUT_FIELDS, layout.tolist()))))
+    tau_k = float(tau) if tau.dim() == 0 else tau
+
+    def small(g):
+        return None if g is None else g.reshape(ids.shape).to(torch.float32).contiguous()
+
+    grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    impl.logprobs_backward(z, ids, tau_k, lse, entropy, small(g_logp), small(g_entropy), grad)
+    return grad.view(logits.shape)
+
+
+@logprobs_backward.register_fake
+def _(logits, ids, tau, lse, entropy, g_logp, g_entropy, backend, group, layout):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    logits, _ids, _temperature, _tau_number, _cu, backend, return_entropy, group, _vs = inputs
+    _logp, entropy, lse, ids3, tau, layout = output
+    ctx.backend, ctx.group, ctx.return_entropy = backend, group, return_entropy
+    ctx.save_for_backward(logits, ids3, tau, lse, entropy, layout)
+
+
+def _logprobs_backward_formula(ctx, g_logp, g_entropy, *_):
+    if torch.is_grad_enabled():
+        raise RuntimeError('grpo_fast.logprobs: the kernel backends are differentiable once; create_graph=True '
+                           '(higher-order gradients) needs backend="torch" outside torch.compile')
+    logits, ids3, tau, lse, entropy, layout = ctx.saved_tensors
+    grad = logprobs_backward(logits, ids3, tau, lse, entropy if ctx.return_entropy else None, g_logp,
+                             g_entropy if ctx.return_entropy else None, ctx.backend, ctx.group, layout)
+    return (grad,) + (None,) * 8
+
+
+logprobs_forward.register_autograd(_logprobs_backward_formula, setup_context=_logprobs_setup_context)
+
+
+def compiled_logprobs(logits, ids, temperature, return_entropy: bool, cu_seqlens, backend: str, group, vocab_start):
+    """grpo_fast.logprobs under torch.compile: logprobs_forward / logprobs_backward. The checks that
+    shape the outputs (the logits' rank) run while tracing; all others inside the forward op."""
+    from .logprobs import _check_logits_nd
+    from .packed import packed_rows
+    from .vocab_parallel import is_dtensor
+
+    if is_dtensor(logits):
+        raise NotImplementedError("grpo_fast.logprobs: DTensor logits are not supported under torch.compile; pass "
+                                  "the local shard (logits.to_local()) and group=")
+    if cu_seqlens is not None:
+        logits = packed_rows(logits, "logits", "V")
+    _check_logits_nd(logits)
+    lead = tuple(logits.shape[:-1])
+    tau_t = temperature if isinstance(temperature, Tensor) and temperature.dim() > 0 else None
+    one = torch.ones((), dtype=torch.float64)
+    tau_n = one if tau_t is not None else (temperature.detach().to("cpu", torch.float64).reshape(())
+                                            if isinstance(temperature, Tensor) else one * temperature)
+    logp, entropy, *_ = logprobs_forward(logits, ids, tau_t, tau_n, cu_seqlens, backend, return_entropy,
+                                         group_name(group), vocab_start)
+    return logp.view(lead), (entropy.view(lead) if return_entropy else None)

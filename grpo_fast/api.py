@@ -171,13 +171,20 @@ def grpo_loss(
     loss_scale = 1.0 if compiling else _ag.check_loss_scale(loss_scale)
     tensors = LossTensors.pop(kwargs)
     opts = GRPOOptions.from_kwargs("grpo_loss", kwargs)
+    tau_tensor = isinstance(opts.temperature, torch.Tensor) and opts.temperature.dim() > 0
+    if compiling and (group is not None or cu_seqlens is not None or tau_tensor):
+        if _vp.is_dtensor(logits):
+            raise NotImplementedError("grpo_loss: DTensor logits are not supported under torch.compile; pass the "
+                                      "local shard (logits.to_local()) and group=")
+        from . import _ops
+
+        # Shapes that depend on data (cu_seqlens' layout, the shard offsets): eager's code in one custom op
+        return _ops.compiled_grpo_loss(logits, completion_ids, advantages, tensors, opts, cu_seqlens, backend, group,
+                                       vocab_start)
     if group is not None or _vp.is_dtensor(logits):
         return _vp.grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, backend, opts, group, vocab_start)
     tau = None
-    if isinstance(opts.temperature, torch.Tensor) and opts.temperature.dim() > 0:
-        # one τ per row or per token: through the log-prob primitive (see _tau_tensor_loss)
-        if compiling:
-            raise NotImplementedError("grpo_loss with a temperature tensor is not supported under torch.compile yet")
+    if tau_tensor:  # one τ per row or per token: through the log-prob primitive (see _tau_tensor_loss)
         tau, opts = opts.temperature, dataclasses.replace(opts, temperature=1.0)
     if cu_seqlens is not None or tau is not None:
         return _packed_grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, inplace, backend, opts, tau,
@@ -212,8 +219,6 @@ def _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref
     from .logprobs import _check_temperature
     from .logprobs import logprobs as _logprobs
 
-    if torch.compiler.is_compiling():
-        raise NotImplementedError("grpo_loss with cu_seqlens is not supported under torch.compile yet")
     if cu_seqlens is None:  # a padded batch with a temperature tensor
         return _tau_tensor_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
                                 importance_sampling_ratio, num_items_in_batch, backend, opts, tau)

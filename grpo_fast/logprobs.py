@@ -233,7 +233,26 @@ def logprobs(
     """
     backend = check_backend(backend)
     return_entropy = _check_bool("return_entropy", return_entropy)
+    if torch.compiler.is_compiling():  # the kernels as custom ops (grpo_fast/_ops.py)
+        from . import _ops
+
+        return _ops.compiled_logprobs(logits, ids, temperature, return_entropy, cu_seqlens, backend, group,
+                                      vocab_start)
     logits, group = _vp.unwrap(logits, group, "logits", -1)
+    z, ids3, tau, impl, lead = _prepare(logits, ids, temperature, cu_seqlens, backend, group, vocab_start)
+    if impl.autograd:
+        tau_ref = tau if not isinstance(tau, torch.Tensor) else tau.view(lead)
+        logp, entropy = logprobs_reference(z.view(lead + (-1,)), ids3.view(lead), tau_ref,
+                                           return_entropy=return_entropy)
+        return logp.float(), (entropy.float() if entropy is not None else None)
+    out = _Logprobs.apply(logits, z, ids3, tau, impl, return_entropy)
+    return out if return_entropy else (out, None)
+
+
+def _prepare(logits, ids, temperature, cu_seqlens, backend: str, group, vocab_start):
+    """logprobs' checks (every one, before any kernel) and what its kernels take: (z (B, T, V) with
+    stride(-1) == 1, ids (B, T) int64, τ (a float or (B, T) float32), the kernels: a Backend, or the
+    shard's vocab_parallel.Kernels with a group, and the ids' shape). ``logits``: a plain tensor (no DTensor)."""
     if cu_seqlens is not None:
         logits, temperature = _packed_args(logits, "logits", "V", temperature, cu_seqlens)
     z = _check_logits_nd(logits)
@@ -246,14 +265,9 @@ def logprobs(
     impl = _backends.resolve(backend, z.device)
     if group is not None:  # the shard's kernels (backend="torch": their eager form) and a few all-reduces
         impl = _vp.Kernels(impl, layout)
-    elif impl.autograd:
-        tau_ref = tau if not isinstance(tau, torch.Tensor) else tau.view(lead)
-        logp, entropy = logprobs_reference(logits, ids3.view(lead), tau_ref, return_entropy=return_entropy)
-        return logp.float(), (entropy.float() if entropy is not None else None)
-    if z.stride(-1) != 1:
+    if z.stride(-1) != 1 and not impl.autograd:
         z = z.contiguous()
-    out = _Logprobs.apply(logits, z, ids3, tau, impl, return_entropy)
-    return out if return_entropy else (out, None)
+    return z, ids3, tau, impl, lead
 
 
 # --------------------------------------------------------------------------------------------
