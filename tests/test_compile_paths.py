@@ -1,0 +1,231 @@
+"""torch.compile(fullgraph=True) of the paths whose small tensors are shaped by data: packed rows
+(cu_seqlens), temperature tensors and the vocabulary split (group), for grpo_loss and grpo_fast.logprobs
+(grpo_fast/_ops.py). Compiled equals eager: loss, metrics, per-token values and gradients; bad input
+still raises eager's named error, at run time. The vocab split runs under torchrun with 2 gloo ranks
+(``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_compile_paths.py OUT``),
+each rank comparing compiled with eager on its own shard (eager's split is checked against one
+process in tests/test_vocab_parallel.py). Small shapes, aot_eager (the ops are opaque: inductor sees
+the same graph around them; one inductor case), each compiled function reused across its cases.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+import grpo_fast
+from grpo_fast.backends import unavailable_reason
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+BACKENDS = [b for b in ("torch", "cpu") if unavailable_reason(b, torch.device("cpu")) is None]
+S_LENS = [3, 5, 2, 4]  # 4 sequences packed into N = 14 rows
+N, V = sum(S_LENS), 13
+CU = torch.tensor([0, 3, 8, 10, 14])
+
+
+def _packed_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, V, generator=g) * 2
+    ids = torch.randint(0, V, (N,), generator=g)
+    with torch.no_grad():
+        lp = torch.log_softmax(z, -1).gather(-1, ids[:, None])[:, 0]
+    old = lp + 0.3 * torch.randn(N, generator=g)
+    mask = torch.ones(N)
+    mask[[4, 11]] = 0
+    return dict(z=z, ids=ids, rewards=torch.rand(4, generator=g), old=old, mask=mask,
+                tau_seq=torch.rand(4, generator=g) + 0.5, tau_tok=torch.rand(N, generator=g) + 0.5,
+                c_lp=torch.randn(N, generator=g), c_ent=torch.randn(N, generator=g))
+
+
+def _loss_step(z, ids, rewards, old, mask, cu, tau, backend, level, loss_type):
+    return grpo_fast.grpo_loss(z, ids, rewards=rewards, group_size=2, old_logp=old, completion_mask=mask, cu_seqlens=cu,
+                               temperature=tau, importance_sampling_level=level, loss_type=loss_type, beta=0.0,
+                               backend=backend)
+
+
+def _run(fn, z0, *args):
+    z = z0.clone().requires_grad_()
+    loss, metrics = fn(z, *args)
+    loss.backward()
+    return loss.detach(), metrics, z.grad
+
+
+def _assert_same(got, want, what):
+    loss_c, met_c, g_c = got
+    loss_e, met_e, g_e = want
+    assert sorted(met_c) == sorted(met_e), what
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} loss: {m}")
+    for k in met_e:
+        torch.testing.assert_close(met_c[k], met_e[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
+    assert float(g_e.abs().max()) > 0
+    torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-7, msg=lambda m: f"{what} gradient: {m}")
+
+
+# (packed?, temperature, level, loss_type): token and sequence level on packed rows, a temperature
+# tensor per sequence / per token, on packed rows and on a padded batch
+CASES = [
+    ("packed", 0.8, "token", "dapo"),
+    ("packed", 0.8, "sequence", "grpo"),
+    ("packed", "tau_seq", "token", "dr_grpo"),
+    ("packed", "tau_tok", "sequence", "dapo"),
+    ("padded", "tau_seq", "token", "grpo"),
+    ("padded", "tau_tok", "token", "bnpo"),
+]
+
+
+def _case_args(x, layout, tau, level, loss_type, backend):
+    if layout == "packed":
+        z, ids, old, mask, cu = x["z"], x["ids"], x["old"], x["mask"], CU
+        t = x[tau] if isinstance(tau, str) else tau
+    else:  # the same tokens as a padded (4, 5) batch: the packed rows at their places, zeros elsewhere
+        T = max(S_LENS)
+        row = torch.repeat_interleave(torch.arange(4), torch.tensor(S_LENS))
+        col = torch.arange(N) - CU[:-1][row]
+
+        def pad(v, fill=0.0):
+            out = torch.full((4, T) + tuple(v.shape[1:]), fill, dtype=v.dtype)
+            out[row, col] = v
+            return out
+
+        z, ids, old, mask, cu = pad(x["z"]), pad(x["ids"], 0), pad(x["old"]), pad(x["mask"]), None
+        t = x[tau] if tau == "tau_seq" else pad(x["tau_tok"], 1.0)
+    return z, (ids, x["rewards"], old, mask, cu, t, backend, level, loss_type)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_loss_packed_and_temperature_tensor_compile_fullgraph(backend):
+    x = _packed_inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(_loss_step, fullgraph=True, backend="aot_eager")
+    for layout, tau, level, loss_type in CASES:
+        z, args = _case_args(x, layout, tau, level, loss_type, backend)
+        _assert_same(_run(compiled, z, *args), _run(_loss_step, z, *args), (layout, tau, level, loss_type))
+
+
+def test_grpo_loss_packed_under_inductor():
+    x = _packed_inputs(1)
+    torch._dynamo.reset()
+    compiled = torch.compile(_loss_step, fullgraph=True, backend="inductor")
+    z, args = _case_args(x, "packed", "tau_seq", "sequence", "grpo", BACKENDS[-1])
+    _assert_same(_run(compiled, z, *args), _run(_loss_step, z, *args), "inductor")
+
+
+def _logprobs_step(z, ids, tau, cu, backend, return_entropy, c_lp, c_ent):
+    lp, ent = grpo_fast.logprobs(z, ids, temperature=tau, return_entropy=return_entropy, cu_seqlens=cu,
+                                 backend=backend)
+    loss = (c_lp * lp).sum() + ((c_ent * ent).sum() if return_entropy else 0.0)
+    return loss, {"logp": lp.detach(), **({"entropy": ent.detach()} if return_entropy else {})}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_compile_fullgraph(backend):
+    """The log-prob primitive compiles with fullgraph=True (before: a data-dependent check broke the
+    graph): a float τ, a τ tensor per token, packed rows with a τ per sequence, (B, T, V) logits."""
+    x = _packed_inputs(2)
+    torch._dynamo.reset()
+    compiled = torch.compile(_logprobs_step, fullgraph=True, backend="aot_eager")
+    z3 = x["z"][:12].reshape(3, 4, V)
+    cases = [
+        (x["z"], x["ids"], 0.7, None, True, x["c_lp"], x["c_ent"]),
+        (x["z"], x["ids"], x["tau_tok"], None, True, x["c_lp"], x["c_ent"]),
+        (x["z"], x["ids"], x["tau_seq"], CU, True, x["c_lp"], x["c_ent"]),
+        (x["z"], x["ids"], 1.3, None, False, x["c_lp"], x["c_ent"]),
+        (z3, x["ids"][:12].reshape(3, 4), x["tau_tok"][:3], None, True, x["c_lp"][:12].reshape(3, 4),
+         x["c_ent"][:12].reshape(3, 4)),
+    ]
+    for i, (z, ids, tau, cu, ent, c_lp, c_ent) in enumerate(cases):
+        args = (ids, tau, cu, backend, ent, c_lp, c_ent)
+        _assert_same(_run(compiled, z, *args), _run(_logprobs_step, z, *args), f"case {i}")
+
+
+def test_bad_input_under_compile_raises_eagers_error():
+    x = _packed_inputs()
+    backend = BACKENDS[-1]
+    torch._dynamo.reset()
+    loss_fn = torch.compile(_loss_step, fullgraph=True, backend="aot_eager")
+    lp_fn = torch.compile(_logprobs_step, fullgraph=True, backend="aot_eager")
+    z, args = _case_args(x, "packed", "tau_seq", "token", "dapo", backend)
+    _run(loss_fn, z, *args)  # compiled once with good input
+    bad_cu = torch.tensor([0, 3, 8, 10, 13])
+    bad_tau = x["tau_seq"].clone()
+    bad_tau[2] = 0.0
+    bad_ids = x["ids"].clone()
+    bad_ids[5] = V
+    with pytest.raises(ValueError, match="cu_seqlens must end at the number of packed tokens N = 14"):
+        loss_fn(z, x["ids"], x["rewards"], x["old"], x["mask"], bad_cu, x["tau_seq"], backend, "token", "dapo")
+    with pytest.raises(ValueError, match="temperature must be finite and > 0 everywhere"):
+        loss_fn(z, x["ids"], x["rewards"], x["old"], x["mask"], CU, bad_tau, backend, "token", "dapo")
+    with pytest.raises(ValueError, match=r"completion_ids must lie in \[0, V\)"):
+        loss_fn(z, bad_ids, x["rewards"], x["old"], x["mask"], CU, x["tau_seq"], backend, "token", "dapo")
+    with pytest.raises(ValueError, match="cu_seqlens must end at the number of packed tokens N = 14"):
+        lp_fn(z, x["ids"], x["tau_seq"], bad_cu, backend, True, x["c_lp"], x["c_ent"])
+    with pytest.raises(ValueError, match="temperature must be finite and > 0 everywhere"):
+        lp_fn(z, x["ids"], bad_tau, CU, backend, True, x["c_lp"], x["c_ent"])
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, V\)|ids must lie in \[0, 13\)"):
+        lp_fn(z, bad_ids, 0.7, None, backend, True, x["c_lp"], x["c_ent"])
+
+
+# ---- the vocabulary split: 2 gloo ranks, compiled vs eager on each rank
+
+SPLIT = 7  # rank 0: [0, 7), rank 1: [7, 13)
+
+
+def _split_cases(x, shard, group, backend):
+    """name -> (fn, z (this rank's shard), args): the compiled and the eager function take the same."""
+    B, T = 2, 7
+    z3 = x["z"].reshape(B, T, V)[..., shard]
+    ids3, old3, mask3 = x["ids"].reshape(B, T), x["old"].reshape(B, T), x["mask"].reshape(B, T)
+    return {
+        "logprobs": (_split_logprobs, x["z"][:, shard], (x["ids"], x["tau_tok"], x["c_lp"], x["c_ent"], backend, group)),
+        "logprobs_float_tau": (_split_logprobs, x["z"][:, shard], (x["ids"], 0.8, x["c_lp"], x["c_ent"], backend, group)),
+        "grpo_loss": (_split_loss, z3, (ids3, x["rewards"][:2], old3, mask3, 0.9, backend, group, "token")),
+        "grpo_loss_seq_tau": (_split_loss, z3, (ids3, x["rewards"][:2], old3, mask3, x["tau_seq"][:2], backend, group,
+                                                "sequence")),
+    }
+
+
+def _split_logprobs(z, ids, tau, c_lp, c_ent, backend, group):
+    lp, ent = grpo_fast.logprobs(z, ids, temperature=tau, return_entropy=True, backend=backend, group=group)
+    return (c_lp * lp).sum() + (c_ent * ent).sum(), {"logp": lp.detach(), "entropy": ent.detach()}
+
+
+def _split_loss(z, ids, rewards, old, mask, tau, backend, group, level):
+    return grpo_fast.grpo_loss(z, ids, rewards=rewards, group_size=2, old_logp=old, completion_mask=mask, temperature=tau,
+                               importance_sampling_level=level, loss_type="grpo", backend=backend, group=group)
+
+
+def worker(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    group = dist.new_group([0, 1])
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, V)
+    x = _packed_inputs(3)
+    res = {}
+    compiled = {}
+    # the kernel backend (backend="torch" takes the same ops with its eager kernels; the cases above test it)
+    for name, (fn, z, args) in _split_cases(x, shard, group, BACKENDS[-1]).items():
+        if fn not in compiled:
+            compiled[fn] = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        res[name] = (_run(compiled[fn], z, *args), _run(fn, z, *args))
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_vocab_split_compile_fullgraph_two_ranks(tmp_path):
+    from test_ddp import run_two_processes
+
+    run_two_processes(__file__, tmp_path)
+    for rank in (0, 1):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(res) == 4
+        for name, (got, want) in res.items():
+            _assert_same(got, want, f"rank {rank} {name}")
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
