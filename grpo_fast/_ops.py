@@ -268,15 +268,10 @@ def compiled_grpo_loss(logits, completion_ids, advantages, tensors, opts: GRPOOp
 
     names = metric_names(opts.loss_type, opts.beta)
     fmt, numbers = pack_options(opts)
-    tau = opts.temperature if isinstance(opts.temperature, Tensor) and opts.temperature.dim() > 0 else None
-    n_items = tensors.num_items_in_batch
-    if n_items is not None and not isinstance(n_items, Tensor):
-        n_items = torch.ones((), dtype=torch.float64) * n_items
+    per_call, tau = _loss_tensor_args(tensors, opts)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
-    values, _ = grpo_loss_eager(logits, completion_ids, advantages, tensors.rewards, tensors.old_logp,
-                                tensors.ref_logp, tensors.completion_mask, tensors.importance_sampling_ratio, n_items,
-                                cu_seqlens, tau, fmt, numbers, backend, group_name(group), vocab_start,
-                                len(names) + 1, need_grad)
+    values, _ = grpo_loss_eager(logits, completion_ids, advantages, *per_call, cu_seqlens, tau, fmt, numbers, backend,
+                                group_name(group), vocab_start, len(names) + 1, need_grad)
     return values[0], {n: values[i + 1].detach() for i, n in enumerate(names)}
 
 
@@ -402,4 +397,236 @@ def compiled_logprobs(logits, ids, temperature, return_entropy: bool, cu_seqlens
                                             if isinstance(temperature, Tensor) else one * temperature)
     logp, entropy, *_ = logprobs_forward(logits, ids, tau_t, tau_n, cu_seqlens, backend, return_entropy,
                                          group_name(group), vocab_start)
+    return logp.view(lead), (entropy.view(lead) if return_entropy else None)
+
+
+# ---- fused_linear_grpo_loss: eager's code in one op, its three gradients computed inside
+
+@torch.library.custom_op("grpo_fast::fused_linear_grpo_loss_eager", mutates_args=())
+def fused_linear_grpo_loss_eager(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], completion_ids: Tensor, advantages: Optional[Tensor],
+    rewards: Optional[Tensor], old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
+    completion_mask: Optional[Tensor], importance_sampling_ratio: Optional[Tensor],
+    num_items_in_batch: Optional[Tensor], cu_seqlens: Optional[Tensor], temperature: Optional[Tensor], fmt: str,
+    numbers: Tensor, logit_scale: float, logit_softcap: Optional[float], chunk_size: Optional[int], backend: str,
+    group: Optional[str], vocab_start: Optional[int], n_values: int, needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eager ``fused_linear_grpo_loss`` as one op: (values as in grpo_loss_eager, ∂hidden, ∂weight, ∂bias
+    for grad_output 1, each (0,) when ``needs`` (hidden, weight, bias) says it is not wanted)."""
+    from ._config import metric_names
+    from .fused_linear import fused_linear_grpo_loss
+
+    opts = unpack_options(fmt, numbers, temperature)
+    leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((hidden, weight, bias), needs)]
+    with autograd_inside_op():
+        loss, metrics = fused_linear_grpo_loss(
+            leaves[0], leaves[1], completion_ids, advantages, bias=leaves[2], rewards=rewards, old_logp=old_logp,
+            ref_logp=ref_logp, completion_mask=completion_mask, importance_sampling_ratio=importance_sampling_ratio,
+            num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens, logit_scale=logit_scale,
+            logit_softcap=logit_softcap, chunk_size=chunk_size, backend=backend, group=resolve_group(group),
+            vocab_start=vocab_start, **opts.as_kwargs())
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad(loss, wanted) if wanted else ())
+    grads = [next(got).contiguous() if t is not None and t.requires_grad else hidden.new_empty(0) for t in leaves]
+    names = metric_names(opts.loss_type, opts.beta)
+    assert len(names) + 1 == n_values, (names, n_values)
+    values = torch.stack([loss.detach().float()] + [metrics[n].float() for n in names])
+    return (values, *grads)
+
+
+@fused_linear_grpo_loss_eager.register_fake
+def _(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
+      importance_sampling_ratio, num_items_in_batch, cu_seqlens, temperature, fmt, numbers, logit_scale, logit_softcap,
+      chunk_size, backend, group, vocab_start, n_values, needs):
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None and n else hidden.new_empty(0)
+             for t, n in zip((hidden, weight, bias), needs)]
+    return (hidden.new_empty(n_values, dtype=torch.float32), *grads)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+
+
+def _linear_backward(ctx, grad_values, *_):
+    check_first_order(_SECOND_ORDER_LINEAR)
+    out = [(g * grad_values[0]).to(g.dtype) if g.numel() else None for g in ctx.saved_tensors]
+    return (out[0], out[1], out[2]) + (None,) * 20
+
+
+_SECOND_ORDER_LINEAR = second_order_message(
+    "fused_linear_grpo_loss",
+    'compute the logits (hidden @ weight.T) and use grpo_fast.grpo_loss(logits, ..., backend="torch") for a loss '
+    "that needs them")
+
+fused_linear_grpo_loss_eager.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def _loss_tensor_args(tensors, opts: GRPOOptions):
+    """The per-call tensors as op arguments: num_items_in_batch as a 0-d tensor, the τ tensor apart."""
+    n_items = tensors.num_items_in_batch
+    if n_items is not None and not isinstance(n_items, Tensor):
+        n_items = torch.ones((), dtype=torch.float64) * n_items
+    tau = opts.temperature if isinstance(opts.temperature, Tensor) and opts.temperature.dim() > 0 else None
+    return (tensors.rewards, tensors.old_logp, tensors.ref_logp, tensors.completion_mask,
+            tensors.importance_sampling_ratio, n_items), tau
+
+
+def compiled_fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, tensors, opts: GRPOOptions,
+                                    logit_scale, logit_softcap, chunk_size, cu_seqlens, backend: str, group,
+                                    vocab_start):
+    """fused_linear_grpo_loss under torch.compile: fused_linear_grpo_loss_eager. logit_scale,
+    logit_softcap and chunk_size are constants of the graph (a new value compiles anew)."""
+    from ._config import metric_names
+    from .vocab_parallel import is_dtensor
+
+    if is_dtensor(weight) or is_dtensor(bias):
+        raise NotImplementedError("fused_linear_grpo_loss: a DTensor LM head is not supported under torch.compile; "
+                                  "pass the local rows (weight.to_local()) and group=")
+    names = metric_names(opts.loss_type, opts.beta)
+    fmt, numbers = pack_options(opts)
+    per_call, tau = _loss_tensor_args(tensors, opts)
+    g = torch.is_grad_enabled()
+    needs = [g and isinstance(t, Tensor) and t.requires_grad for t in (hidden, weight, bias)]
+    values, *_ = fused_linear_grpo_loss_eager(
+        hidden, weight, bias, completion_ids, advantages, *per_call, cu_seqlens, tau, fmt, numbers, logit_scale,
+        logit_softcap, chunk_size, backend, group_name(group), vocab_start, len(names) + 1, needs)
+    return values[0], {n: values[i + 1].detach() for i, n in enumerate(names)}
+
+
+# ---- grpo_fast.fused_linear_logprobs: the chunk loop's forward and backward as two ops
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("grpo_fast::fused_linear_logprobs_forward", mutates_args=())
+def fused_linear_logprobs_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, temperature: Optional[Tensor],
+    tau_number: Tensor, logit_scale: float, logit_softcap: Optional[float], return_entropy: bool,
+    chunk_size: Optional[int], cu_seqlens: Optional[Tensor], backend: str, group: Optional[str],
+    vocab_start: Optional[int],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """fused_linear_logprobs' checks and forward chunk loop: (logp (N,), entropy (N,) or (0,), lse (N, 2),
+    the checked ids (N,) int64, the kernels' τ ((N,) float32, or the float as a 0-d float64 tensor), the
+    shard layout (6,) int64 or (0,), [chunk, compute dtype index] int64)."""
+    from .logprobs import _linear_forward, _linear_plan
+
+    tau_in = temperature if temperature is not None else float(tau_number)
+    plan, rows, layout = _linear_plan(hidden, weight, ids, bias, tau_in, logit_scale, logit_softcap, return_entropy,
+                                      chunk_size, cu_seqlens, backend, resolve_group(group), vocab_start)
+    logp, entropy, lse = _linear_forward(plan, rows, weight, bias)
+    tau_k = plan.tau_k if isinstance(plan.tau_k, Tensor) else torch.tensor(plan.tau_k, dtype=torch.float64)
+    lay = (torch.tensor([getattr(layout, f) for f in _LAYOUT_FIELDS], dtype=torch.int64) if layout is not None
+           else torch.empty(0, dtype=torch.int64))
+    return (logp, entropy if entropy is not None else logp.new_empty(0), lse, _fresh(plan.ids, ids),
+            _fresh(tau_k, temperature), lay, torch.tensor([plan.chunk, _DTYPES.index(plan.dtype)]))
+
+
+@fused_linear_logprobs_forward.register_fake
+def _(hidden, weight, bias, ids, temperature, tau_number, logit_scale, logit_softcap, return_entropy, chunk_size,
+      cu_seqlens, backend, group, vocab_start):
+    n = hidden.numel() // hidden.shape[-1]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    tau = torch.empty(n, **f32) if temperature is not None else torch.empty((), dtype=torch.float64)
+    lay = torch.empty(len(_LAYOUT_FIELDS) if group is not None else 0, dtype=torch.int64)
+    return (torch.empty(n, **f32), torch.empty(n if return_entropy else 0, **f32), torch.empty((n, 2), **f32),
+            torch.empty(n, dtype=torch.int64, device=hidden.device), tau, lay, torch.empty(2, dtype=torch.int64))
+
+
+@torch.library.custom_op("grpo_fast::fused_linear_logprobs_backward", mutates_args=())
+def fused_linear_logprobs_backward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
+    g_logp: Optional[Tensor], g_entropy: Optional[Tensor], ids: Tensor, tau_k: Tensor, layout: Tensor, plan_ints: Tensor,
+    logit_scale: float, logit_softcap: Optional[float], backend: str, group: Optional[str], needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(∂hidden, ∂weight, ∂bias), each (0,) when not wanted: the chunk loop's backward on what
+    fused_linear_logprobs_forward returned; ∂hidden all-reduced over the group."""
+    import torch.distributed as dist
+
+    from . import backends
+    from .fused_linear import _check_transform, _Transform
+    from .logprobs import _LinearPlan, _linear_backward
+    from .vocab_parallel import Kernels, ShardLayout
+
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    impl = backends.resolve(backend, hidden.device)
+    pg = resolve_group(group)
+    if pg is not None:
+        impl = Kernels(impl, ShardLayout(group=pg, **dict(zip(_LAYOUT_FIELDS, layout.tolist()))))
+    chunk, dtype = plan_ints.tolist()
+    plan = _LinearPlan(impl=impl, transform=_Transform(*_check_transform(logit_scale, logit_softcap, 1.0)), chunk=chunk,
+                       dtype=_DTYPES[dtype], ids=ids, tau_k=float(tau_k) if tau_k.dim() == 0 else tau_k,
+                       return_entropy=entropy is not None, out_shape=tuple(ids.shape))
+    needs = (needs[0], needs[1], bias is not None and needs[2])
+    dh, dw, db = _linear_backward(plan, rows, weight, bias, lse, entropy, g_logp, g_entropy, needs)
+    if dh is not None and pg is not None:
+        dist.all_reduce(dh, group=pg)
+    out = []
+    for g, t, n in zip((dh, dw, db), (hidden, weight, bias), needs):
+        if not n:
+            out.append(hidden.new_empty(0))
+        else:  # None: no token carries an upstream gradient
+            out.append(torch.zeros_like(t, memory_format=torch.contiguous_format) if g is None else g.reshape(t.shape))
+    return tuple(out)
+
+
+@fused_linear_logprobs_backward.register_fake
+def _(hidden, weight, bias, lse, entropy, g_logp, g_entropy, ids, tau_k, layout, plan_ints, logit_scale, logit_softcap,
+      backend, group, needs):
+    # which gradients come back depends on the upstream gradients' values (none for a token without
+    # one): the fake has the shapes of the wanted ones, and the real op zero-fills the others
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None and n else hidden.new_empty(0)
+                 for t, n in zip((hidden, weight, bias), needs))
+
+
+def _linear_lp_setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    logit_scale, logit_softcap, return_entropy = inputs[6:9]
+    backend, group = inputs[11], inputs[12]
+    _logp, entropy, lse, ids, tau_k, layout, plan_ints = output
+    ctx.consts = (logit_scale, logit_softcap, return_entropy, backend, group, bias is not None)
+    ctx.save_for_backward(hidden, weight, bias if bias is not None else hidden.new_empty(0), lse, entropy, ids, tau_k,
+                          layout, plan_ints)
+
+
+def _linear_lp_backward(ctx, g_logp, g_entropy, *_):
+    if torch.is_grad_enabled():
+        raise RuntimeError("grpo_fast.fused_linear_logprobs: the kernel backends are differentiable once; "
+                           "create_graph=True (higher-order gradients) is not supported")
+    hidden, weight, bias, lse, entropy, ids, tau_k, layout, plan_ints = ctx.saved_tensors
+    logit_scale, logit_softcap, return_entropy, backend, group, has_bias = ctx.consts
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), has_bias and bool(ctx.needs_input_grad[2])]
+    grads = fused_linear_logprobs_backward(
+        hidden, weight, bias if has_bias else None, lse, entropy if return_entropy else None, g_logp,
+        g_entropy if return_entropy else None, ids, tau_k, layout, plan_ints, logit_scale, logit_softcap, backend,
+        group, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 11
+
+
+fused_linear_logprobs_forward.register_autograd(_linear_lp_backward, setup_context=_linear_lp_setup_context)
+
+
+def compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
+                                   return_entropy: bool, chunk_size, cu_seqlens, backend: str, group, vocab_start):
+    """fused_linear_logprobs under torch.compile: the two ops above (logit_scale, logit_softcap and
+    chunk_size are constants of the graph)."""
+    from .packed import packed_rows
+    from .vocab_parallel import is_dtensor
+
+    if is_dtensor(weight) or is_dtensor(bias):
+        raise NotImplementedError("grpo_fast.fused_linear_logprobs: a DTensor LM head is not supported under "
+                                  "torch.compile; pass the local rows (weight.to_local()) and group=")
+    if cu_seqlens is not None:
+        hidden = packed_rows(hidden, "hidden", "H")
+    if not isinstance(hidden, Tensor) or hidden.dim() not in (2, 3):
+        from .validation import _fmt_shape
+
+        raise ValueError(f"hidden must have shape (N, H) or (B, T, H), got {_fmt_shape(hidden)}")
+    lead = tuple(hidden.shape[:-1])
+    tau_t = temperature if isinstance(temperature, Tensor) and temperature.dim() > 0 else None
+    one = torch.ones((), dtype=torch.float64)
+    tau_n = one if tau_t is not None else (temperature.detach().to("cpu", torch.float64).reshape(())
+                                            if isinstance(temperature, Tensor) else one * temperature)
+    logp, entropy, *_ = fused_linear_logprobs_forward(hidden, weight, bias, ids, tau_t, tau_n, logit_scale, logit_softcap,
+                                                      return_entropy, chunk_size, cu_seqlens, backend, group_name(group),
+                                                      vocab_start)
     return logp.view(lead), (entropy.view(lead) if return_entropy else None)

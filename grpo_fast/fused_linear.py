@@ -605,13 +605,19 @@ def fused_linear_grpo_loss(
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     loss_scale = _ag.check_loss_scale(loss_scale)
+    tensors = LossTensors.pop(kwargs)
+    opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", kwargs)
+    if torch.compiler.is_compiling():  # eager's code in one custom op (grpo_fast/_ops.py); loss_scale: not folded
+        from . import _ops
+
+        return _ops.compiled_fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, tensors, opts,
+                                                    logit_scale, logit_softcap, chunk_size, cu_seqlens, backend, group,
+                                                    vocab_start)
     cdtype, autocast = _compute_dtype(hidden)
     if cu_seqlens is not None:
         from .packed import packed_rows
 
         hidden = packed_rows(hidden, "hidden", "H").unsqueeze(0)
-    tensors = LossTensors.pop(kwargs)
-    opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", kwargs)
     if group is not None or _vp.is_dtensor(weight) or (isinstance(opts.temperature, torch.Tensor)
                                                        and opts.temperature.dim() > 0):
         if cu_seqlens is not None:
