@@ -167,6 +167,77 @@ def test_bad_input_under_compile_raises_eagers_error():
         lp_fn(z, bad_ids, 0.7, None, backend, True, x["c_lp"], x["c_ent"])
 
 
+# ---- the fused-linear forms: hidden states and the LM head
+
+H = 6
+
+
+def _linear_inputs(seed=4):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden=torch.randn(N, H, generator=g), weight=torch.randn(V, H, generator=g) * 0.5,
+                bias=torch.randn(V, generator=g) * 0.1)
+
+
+def _run_linear(fn, h0, w0, b0, *args):
+    h, w, b = (t.clone().requires_grad_() for t in (h0, w0, b0))
+    loss, metrics = fn(h, w, b, *args)
+    loss.backward()
+    return loss.detach(), metrics, (h.grad, w.grad, b.grad)
+
+
+def _assert_same_linear(got, want, what):
+    for name, g_c, g_e in zip(("d hidden", "d weight", "d bias"), got[2], want[2]):
+        _assert_same((got[0], got[1], g_c), (want[0], want[1], g_e), f"{what} {name}")
+
+
+def _linear_loss_step(h, w, b, ids, rewards, old, mask, cu, tau, backend, level):
+    return grpo_fast.fused_linear_grpo_loss(h, w, ids, bias=b, rewards=rewards, group_size=2, old_logp=old,
+                                            completion_mask=mask, cu_seqlens=cu, temperature=tau, logit_softcap=4.0,
+                                            importance_sampling_level=level, loss_type="grpo", chunk_size=4,
+                                            backend=backend)
+
+
+def _linear_logprobs_step(h, w, b, ids, tau, cu, backend, c_lp, c_ent):
+    lp, ent = grpo_fast.fused_linear_logprobs(h, w, ids, bias=b, temperature=tau, cu_seqlens=cu, logit_scale=0.5,
+                                              return_entropy=True, chunk_size=4, backend=backend)
+    return (c_lp * lp).sum() + (c_ent * ent).sum(), {"logp": lp.detach(), "entropy": ent.detach()}
+
+
+def test_fused_linear_forms_compile_fullgraph():
+    """fused_linear_grpo_loss (padded and packed, float τ and τ tensors, both levels) and
+    fused_linear_logprobs (float τ, τ per token, packed rows with τ per sequence) compiled == eager
+    (before: neither compiled with fullgraph=True). One backend: the ops run eager's chunk loops,
+    whichever kernels they call."""
+    backend = BACKENDS[-1]
+    x, lin = _packed_inputs(5), _linear_inputs()
+    hw = (lin["hidden"], lin["weight"], lin["bias"])
+    # a padded batch: 4 rows of 3 tokens (the first 12 packed tokens)
+    h4, ids4, old4, mask4 = (x_[:12].reshape(4, 3, *x_.shape[1:]) for x_ in (lin["hidden"], x["ids"], x["old"], x["mask"]))
+    h3, ids3 = lin["hidden"][:12].reshape(3, 4, H), x["ids"][:12].reshape(3, 4)
+    torch._dynamo.reset()
+    loss_fn = torch.compile(_linear_loss_step, fullgraph=True, backend="aot_eager")
+    lp_fn = torch.compile(_linear_logprobs_step, fullgraph=True, backend="aot_eager")
+    loss_cases = [
+        (hw, (x["ids"], x["rewards"], x["old"], x["mask"], CU, 0.8, backend, "token")),
+        (hw, (x["ids"], x["rewards"], x["old"], x["mask"], CU, 0.8, backend, "sequence")),
+        ((h4,) + hw[1:], (ids4, x["rewards"], old4, mask4, None, x["tau_tok"][:12].reshape(4, 3), backend, "token")),
+        ((h4,) + hw[1:], (ids4, x["rewards"], old4, mask4, None, 1.1, backend, "sequence")),
+    ]
+    for i, (tensors, args) in enumerate(loss_cases):
+        _assert_same_linear(_run_linear(loss_fn, *tensors, *args), _run_linear(_linear_loss_step, *tensors, *args),
+                            f"fused_linear_grpo_loss case {i}")
+    lp_cases = [
+        (hw, (x["ids"], 0.7, None, backend, x["c_lp"], x["c_ent"])),
+        (hw, (x["ids"], x["tau_tok"], None, backend, x["c_lp"], x["c_ent"])),
+        (hw, (x["ids"], x["tau_seq"], CU, backend, x["c_lp"], x["c_ent"])),
+        ((h3,) + hw[1:], (ids3, x["tau_tok"][:3], None, backend, x["c_lp"][:12].reshape(3, 4),
+                          x["c_ent"][:12].reshape(3, 4))),
+    ]
+    for i, (tensors, args) in enumerate(lp_cases):
+        _assert_same_linear(_run_linear(lp_fn, *tensors, *args), _run_linear(_linear_logprobs_step, *tensors, *args),
+                            f"fused_linear_logprobs case {i}")
+
+
 # ---- the vocabulary split: 2 gloo ranks, compiled vs eager on each rank
 
 SPLIT = 7  # rank 0: [0, 7), rank 1: [7, 13)
@@ -184,6 +255,29 @@ def _split_cases(x, shard, group, backend):
         "grpo_loss_seq_tau": (_split_loss, z3, (ids3, x["rewards"][:2], old3, mask3, x["tau_seq"][:2], backend, group,
                                                 "sequence")),
     }
+
+
+def _split_linear_cases(x, lin, shard, group, backend):
+    B, T = 2, 7
+    h3, ids3, old3, mask3 = (t.reshape(B, T, *t.shape[1:]) for t in (lin["hidden"], x["ids"], x["old"], x["mask"]))
+    w, b = lin["weight"][shard], lin["bias"][shard]
+    return {
+        "fused_linear_logprobs": (_split_linear_logprobs, (lin["hidden"], w, b),
+                                  (x["ids"], x["tau_tok"], x["c_lp"], x["c_ent"], backend, group)),
+        "fused_linear_grpo_loss": (_split_linear_loss, (h3, w, b), (ids3, x["rewards"][:2], old3, mask3, backend, group)),
+    }
+
+
+def _split_linear_logprobs(h, w, b, ids, tau, c_lp, c_ent, backend, group):
+    lp, ent = grpo_fast.fused_linear_logprobs(h, w, ids, bias=b, temperature=tau, return_entropy=True, chunk_size=4,
+                                              backend=backend, group=group)
+    return (c_lp * lp).sum() + (c_ent * ent).sum(), {"logp": lp.detach(), "entropy": ent.detach()}
+
+
+def _split_linear_loss(h, w, b, ids, rewards, old, mask, backend, group):
+    return grpo_fast.fused_linear_grpo_loss(h, w, ids, bias=b, rewards=rewards, group_size=2, old_logp=old,
+                                            completion_mask=mask, temperature=0.9, chunk_size=4, backend=backend,
+                                            group=group)
 
 
 def _split_logprobs(z, ids, tau, c_lp, c_ent, backend, group):
@@ -212,6 +306,9 @@ def worker(out_dir: str) -> None:
         if fn not in compiled:
             compiled[fn] = torch.compile(fn, fullgraph=True, backend="aot_eager")
         res[name] = (_run(compiled[fn], z, *args), _run(fn, z, *args))
+    for name, (fn, tensors, args) in _split_linear_cases(x, _linear_inputs(), shard, group, BACKENDS[-1]).items():
+        res[name] = (_run_linear(torch.compile(fn, fullgraph=True, backend="aot_eager"), *tensors, *args),
+                     _run_linear(fn, *tensors, *args))
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -222,9 +319,10 @@ def test_vocab_split_compile_fullgraph_two_ranks(tmp_path):
     run_two_processes(__file__, tmp_path)
     for rank in (0, 1):
         res = torch.load(tmp_path / f"rank{rank}.pt")
-        assert len(res) == 4
+        assert len(res) == 6
         for name, (got, want) in res.items():
-            _assert_same(got, want, f"rank {rank} {name}")
+            check = _assert_same_linear if name.startswith("fused_linear") else _assert_same
+            check(got, want, f"rank {rank} {name}")
 
 
 if __name__ == "__main__":
