@@ -1,4 +1,5 @@
-"""torch.library custom ops, so that a training step calling grpo_loss compiles with fullgraph=True.
+"""torch.library custom ops, so that a training step calling grpo_loss, fused_linear_grpo_loss, logprobs or
+fused_linear_logprobs compiles with fullgraph=True (docs/spec.md, "Autograd and torch.compile").
 
 Eager calls go through api._FusedGRPOLoss (the gradient buffer is reused in place, no copy when
 grad_output == 1). Under torch.compile the kernels are opaque custom ops with fake (meta)
@@ -8,6 +9,10 @@ gradient out of place (one extra pass over it, which the compiler may fuse with 
 Value checks that read tensor data (ids in [0, V), finite rewards) cannot be traced, nor can those
 of a number that changes between calls (dynamo makes it symbolic), so under compile they run inside
 ``grpo_fast::check_values`` — still before any kernel, at run time.
+
+Packed rows, temperature tensors, the vocabulary split and the fused-linear loss run eager's own code
+inside one op each (``grpo_loss_eager``, ``fused_linear_grpo_loss_eager``: the gradient computed with the
+loss); the log-prob primitives are a forward and a backward op each, with the formula between them.
 """
 from __future__ import annotations
 
