@@ -23,8 +23,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._autograd import check_first_order, second_order_message
+from ._autograd import check_first_order
 from ._config import LOSS_TYPES, NUM_STATS, KernelConfig
+from .api import _SECOND_ORDER  # the fused losses' second-order errors (imported lazily: api loads first)
+from .fused_linear import _SECOND_ORDER as _SECOND_ORDER_LINEAR
 from .options import GRPOOptions
 
 _FIELDS = dataclasses.fields(KernelConfig)
@@ -103,25 +105,26 @@ def _(logits, ids, mask, weight, advantages, rewards, old_logp, ref_logp, isr, c
     return stats, grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+def register_precomputed_gradients(op, n_inputs: int, n_grads: int, message: str) -> None:
+    """The autograd formula of an op returning (values whose [0] is the loss, then the gradients of its
+    first ``n_grads`` inputs for grad_output 1, each (0,) when not computed): backward scales them by
+    grad_output. ``message``: the error of a second-order backward."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output[1:1 + n_grads])
+
+    def backward(ctx, grad_values, *_):
+        # No second order (the saved gradients have no graph): a create_graph backward raises instead of
+        # silently dropping the Hessian term (torch.compile refuses double backward anyway).
+        check_first_order(message)
+        # Out of place from the saved gradients: a retained graph (retain_graph=True) can run this again.
+        grads = tuple((g * grad_values[0]).to(g.dtype) if g.numel() else None for g in ctx.saved_tensors)
+        return grads + (None,) * (n_inputs - n_grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_stats, _grad_grad):
-    # No second order (the saved gradient has no graph): a create_graph backward raises instead of
-    # silently dropping the Hessian term (torch.compile refuses double backward anyway).
-    check_first_order(_SECOND_ORDER)
-    # Out of place from the saved gradient: a retained graph (retain_graph=True) can run this again.
-    (grad,) = ctx.saved_tensors
-    dlogits = (grad * grad_stats[0]).to(grad.dtype) if grad.numel() else None
-    return (dlogits,) + (None,) * 12
-
-
-_SECOND_ORDER = second_order_message(
-    "grpo_loss", 'use backend="torch" (the eager reference, plain autograd) for a loss that needs them')
-
-
-fused_loss.register_autograd(_backward, setup_context=_setup_context)
+register_precomputed_gradients(fused_loss, 13, 1, _SECOND_ORDER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,18 +255,7 @@ def _(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completio
     return logits.new_empty(n_values, dtype=torch.float32), grad
 
 
-def _eager_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-
-
-def _eager_backward(ctx, grad_values, _grad_grad):
-    check_first_order(_SECOND_ORDER)
-    (grad,) = ctx.saved_tensors
-    dlogits = (grad * grad_values[0]).to(grad.dtype) if grad.numel() else None
-    return (dlogits,) + (None,) * 17
-
-
-grpo_loss_eager.register_autograd(_eager_backward, setup_context=_eager_setup_context)
+register_precomputed_gradients(grpo_loss_eager, 18, 1, _SECOND_ORDER)
 
 
 def compiled_grpo_loss(logits, completion_ids, advantages, tensors, opts: GRPOOptions, cu_seqlens, backend: str,
@@ -448,22 +440,7 @@ def _(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_l
     return (hidden.new_empty(n_values, dtype=torch.float32), *grads)
 
 
-def _linear_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
-
-
-def _linear_backward(ctx, grad_values, *_):
-    check_first_order(_SECOND_ORDER_LINEAR)
-    out = [(g * grad_values[0]).to(g.dtype) if g.numel() else None for g in ctx.saved_tensors]
-    return (out[0], out[1], out[2]) + (None,) * 20
-
-
-_SECOND_ORDER_LINEAR = second_order_message(
-    "fused_linear_grpo_loss",
-    'compute the logits (hidden @ weight.T) and use grpo_fast.grpo_loss(logits, ..., backend="torch") for a loss '
-    "that needs them")
-
-fused_linear_grpo_loss_eager.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+register_precomputed_gradients(fused_linear_grpo_loss_eager, 23, 3, _SECOND_ORDER_LINEAR)
 
 
 def _loss_tensor_args(tensors, opts: GRPOOptions):
