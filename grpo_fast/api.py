@@ -16,7 +16,7 @@ from . import _autograd as _ag
 from . import backends as _backends
 from . import vocab_parallel as _vp
 from ._config import LOSS_TABLE, METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
-from .options import GRPOOptions, LossTensors, with_options
+from .options import Execution, GRPOOptions, LossTensors, with_options
 from .reference import grpo_loss_reference, group_advantages_reference, row_level_flags
 from .validation import (
     LossInputs,
@@ -110,14 +110,7 @@ def grpo_loss(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
     advantages: Optional[torch.Tensor] = None,
-    *,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    inplace: bool = False,
-    loss_scale: float = 1.0,
-    backend: str = "auto",
-    group=None,
-    vocab_start: Optional[int] = None,
-    **kwargs,  # the per-call tensors (options.LossTensors) and the loss options
+    **kwargs,  # the execution keywords (options.Execution), the per-call tensors (options.LossTensors), the options
 ):
     """The GRPO loss from completion logits in one fused pass (docs/spec.md).
 
@@ -163,6 +156,7 @@ def grpo_loss(
         ...                                     completion_mask=mask, beta=0.04, ref_logp=ref_logp)
         >>> loss.backward()
     """
+    cu_seqlens, inplace, loss_scale, backend, group, vocab_start = Execution.pop(kwargs)
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")

@@ -62,7 +62,7 @@ from . import backends as _backends
 from . import vocab_parallel as _vp
 from ._config import METRIC_STAT_INDEX, NUM_STATS, STAT_ENTROPY, STAT_KL, STAT_LOSS
 from .api import _LossModule, metrics_from_sums
-from .options import GRPOOptions, LossTensors, with_options
+from .options import Execution, GRPOOptions, LossTensors, with_options
 from .reference import (
     flag_counts,
     group_advantages_reference,
@@ -552,13 +552,7 @@ def fused_linear_grpo_loss(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    inplace: bool = False,
-    loss_scale: float = 1.0,
-    backend: str = "auto",
-    group=None,
-    vocab_start: Optional[int] = None,
-    **kwargs,  # the per-call tensors (options.LossTensors) and the loss options
+    **kwargs,  # the execution keywords (options.Execution), the per-call tensors (options.LossTensors), the options
 ):
     """The GRPO loss of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
 
@@ -601,6 +595,7 @@ def fused_linear_grpo_loss(
         ...                                                   rewards=rewards, group_size=8, completion_mask=mask)
         >>> loss.backward()
     """
+    cu_seqlens, inplace, loss_scale, backend, group, vocab_start = Execution.pop(kwargs)
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
