@@ -112,6 +112,25 @@ def test_grpo_loss_packed_under_inductor():
     _assert_same(_run(compiled, z, *args), _run(_loss_step, z, *args), "inductor")
 
 
+def _eps_step(z, ids, rewards, old, mask, eps, tau, backend):
+    return grpo_fast.grpo_loss(z, ids, rewards=rewards, group_size=2, old_logp=old, completion_mask=mask, cu_seqlens=CU,
+                               epsilon_low=eps, temperature=tau, backend=backend)
+
+
+def test_changing_numbers_on_packed_rows_compile_once_more():
+    """The options reach grpo_fast::grpo_loss_eager inside a tensor: a number changing between calls
+    is one recompile (dynamo makes it symbolic), not one per value, and every value equals eager."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    x = _packed_inputs(6)
+    torch._dynamo.reset()
+    compiled = torch.compile(_eps_step, fullgraph=True, backend="aot_eager")
+    for eps, tau in [(0.2, 1.0), (0.05, 0.8), (0.3, 1.3), (0.1, 0.6)]:
+        args = (x["ids"], x["rewards"], x["old"], x["mask"], eps, tau, BACKENDS[-1])
+        _assert_same(_run(compiled, x["z"], *args), _run(_eps_step, x["z"], *args), (eps, tau))
+    assert len(_debug_get_cache_entry_list(_eps_step.__code__)) == 2
+
+
 def _logprobs_step(z, ids, tau, cu, backend, return_entropy, c_lp, c_ent):
     lp, ent = grpo_fast.logprobs(z, ids, temperature=tau, return_entropy=return_entropy, cu_seqlens=cu,
                                  backend=backend)
