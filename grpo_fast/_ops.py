@@ -147,6 +147,18 @@ def _kind(field) -> str:
 _SEP = "\x1f"  # between the fields' codes (custom ops take no list of strings)
 
 
+def _loss_names(opts: GRPOOptions) -> List[str]:
+    """While tracing: the string options checked as eager checks them (they shape the graph: the metric
+    names), and the metric names of the values an eager op returns."""
+    from ._config import KL_ESTIMATORS, LEVELS, SCALE_REWARDS, metric_names
+    from .validation import _choice
+
+    for name, choices in (("loss_type", LOSS_TYPES), ("kl_estimator", KL_ESTIMATORS),
+                          ("importance_sampling_level", LEVELS), ("scale_rewards", SCALE_REWARDS)):
+        _choice(name, getattr(opts, name), choices)
+    return metric_names(opts.loss_type, opts.beta)
+
+
 def pack_options(opts: GRPOOptions) -> Tuple[str, Tensor]:
     """GRPOOptions as custom-op arguments: one code per field, joined by _SEP ("s<value>" for a string,
     "n" for None, "b" / "i" / "f" for a number, whose value is the next element of the float64 CPU
@@ -261,9 +273,7 @@ register_precomputed_gradients(grpo_loss_eager, 18, 1, _SECOND_ORDER)
 def compiled_grpo_loss(logits, completion_ids, advantages, tensors, opts: GRPOOptions, cu_seqlens, backend: str,
                        group, vocab_start):
     """grpo_loss under torch.compile with cu_seqlens, a temperature tensor or a group: grpo_loss_eager."""
-    from ._config import metric_names
-
-    names = metric_names(opts.loss_type, opts.beta)
+    names = _loss_names(opts)
     fmt, numbers = pack_options(opts)
     per_call, tau = _loss_tensor_args(tensors, opts)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
@@ -458,13 +468,12 @@ def compiled_fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advant
                                     vocab_start):
     """fused_linear_grpo_loss under torch.compile: fused_linear_grpo_loss_eager. logit_scale,
     logit_softcap and chunk_size are constants of the graph (a new value compiles anew)."""
-    from ._config import metric_names
     from .vocab_parallel import is_dtensor
 
     if is_dtensor(weight) or is_dtensor(bias):
         raise NotImplementedError("fused_linear_grpo_loss: a DTensor LM head is not supported under torch.compile; "
                                   "pass the local rows (weight.to_local()) and group=")
-    names = metric_names(opts.loss_type, opts.beta)
+    names = _loss_names(opts)
     fmt, numbers = pack_options(opts)
     per_call, tau = _loss_tensor_args(tensors, opts)
     g = torch.is_grad_enabled()
