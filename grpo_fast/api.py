@@ -417,6 +417,12 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     """
     backend = check_backend(backend)
     logits = check_logits(logits)
+    if torch.compiler.is_compiling():  # the log-prob primitive's forward op (grpo_fast/_ops.py)
+        from . import _ops
+
+        logp, entropy = _ops.compiled_logprobs(logits, completion_ids, temperature, return_entropy, None, backend,
+                                               None, None)
+        return (logp, entropy) if return_entropy else logp
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         from .logprobs import logprobs
 

@@ -723,6 +723,14 @@ def fused_linear_token_logprobs(
         >>> ref_logp = grpo_fast.fused_linear_token_logprobs(ref_hidden, ref_model.lm_head.weight, completion_ids)
     """
     backend = check_backend(backend)
+    if torch.compiler.is_compiling():  # fused_linear_logprobs' forward op (grpo_fast/_ops.py)
+        from . import _ops
+
+        _check_linear(hidden, weight, bias, mixed_ok=_compute_dtype(hidden)[1])  # (B, T, H) here, as below
+        logp, entropy = _ops.compiled_fused_linear_logprobs(hidden, weight, completion_ids, bias, temperature,
+                                                            logit_scale, logit_softcap, return_entropy, chunk_size,
+                                                            None, backend, None, None)
+        return (logp, entropy) if return_entropy else logp
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         from .logprobs import fused_linear_logprobs
 

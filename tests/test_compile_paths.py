@@ -257,6 +257,29 @@ def test_fused_linear_forms_compile_fullgraph():
                             f"fused_linear_logprobs case {i}")
 
 
+def _no_grad_step(z, h, w, b, ids, tau, backend):
+    return (grpo_fast.token_logprobs(z, ids, tau, return_entropy=True, backend=backend)
+            + grpo_fast.fused_linear_token_logprobs(h, w, ids, bias=b, temperature=tau, logit_softcap=3.0,
+                                                    return_entropy=True, chunk_size=5, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_logprob_helpers_compile_fullgraph(backend):
+    """token_logprobs and fused_linear_token_logprobs (the old / reference log-probs) through the
+    primitives' forward ops: compiled == eager, a float τ and a τ per row."""
+    x, lin = _packed_inputs(7), _linear_inputs()
+    z, ids = x["z"][:12].reshape(3, 4, V), x["ids"][:12].reshape(3, 4)
+    h = lin["hidden"][:12].reshape(3, 4, H)
+    torch._dynamo.reset()
+    compiled = torch.compile(_no_grad_step, fullgraph=True, backend="aot_eager")
+    for tau in (0.7, x["tau_seq"][:3]):
+        args = (z.clone().requires_grad_(), h.clone().requires_grad_(), lin["weight"], lin["bias"], ids, tau, backend)
+        for got, want, name in zip(compiled(*args), _no_grad_step(*args), ("logp", "entropy", "linear logp",
+                                                                             "linear entropy")):
+            assert not got.requires_grad  # no graph: these are constants of the loss
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 # ---- the vocabulary split: 2 gloo ranks, compiled vs eager on each rank
 
 SPLIT = 7  # rank 0: [0, 7), rank 1: [7, 13)
