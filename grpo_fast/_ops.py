@@ -409,13 +409,30 @@ def compiled_logprobs(logits, ids, temperature, return_entropy: bool, cu_seqlens
 
 # ---- fused_linear_grpo_loss: eager's code in one op, its three gradients computed inside
 
+def transform_args(logit_scale, logit_softcap) -> Tuple[Tensor, bool]:
+    """logit_scale and logit_softcap as op arguments: [scale, cap] as data in a float64 CPU tensor (a value
+    changing between compiled calls is one recompile, not one per value), and whether there is a softcap.
+    Their types are checked here, their values inside the op (eager's checks)."""
+    from .validation import _number
+
+    scale = _number("logit_scale", logit_scale, check_value=False)
+    cap = _number("logit_softcap", logit_softcap, allow_none=True, check_value=False)
+    one = torch.ones((), dtype=torch.float64)
+    return torch.stack([one * scale, one * (1.0 if cap is None else cap)]), cap is not None
+
+
+def transform_values(transform: Tensor, has_softcap: bool):
+    scale, cap = transform.tolist()
+    return scale, (cap if has_softcap else None)
+
+
 @torch.library.custom_op("grpo_fast::fused_linear_grpo_loss_eager", mutates_args=())
 def fused_linear_grpo_loss_eager(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], completion_ids: Tensor, advantages: Optional[Tensor],
     rewards: Optional[Tensor], old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
     completion_mask: Optional[Tensor], importance_sampling_ratio: Optional[Tensor],
     num_items_in_batch: Optional[Tensor], cu_seqlens: Optional[Tensor], temperature: Optional[Tensor], fmt: str,
-    numbers: Tensor, logit_scale: float, logit_softcap: Optional[float], chunk_size: Optional[int], backend: str,
+    numbers: Tensor, transform: Tensor, has_softcap: bool, chunk_size: Optional[int], backend: str,
     group: Optional[str], vocab_start: Optional[int], n_values: int, needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Eager ``fused_linear_grpo_loss`` as one op: (values as in grpo_loss_eager, ∂hidden, ∂weight, ∂bias
@@ -424,6 +441,7 @@ def fused_linear_grpo_loss_eager(
     from .fused_linear import fused_linear_grpo_loss
 
     opts = unpack_options(fmt, numbers, temperature)
+    logit_scale, logit_softcap = transform_values(transform, has_softcap)
     leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((hidden, weight, bias), needs)]
     with autograd_inside_op():
         loss, metrics = fused_linear_grpo_loss(
@@ -443,7 +461,7 @@ def fused_linear_grpo_loss_eager(
 
 @fused_linear_grpo_loss_eager.register_fake
 def _(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
-      importance_sampling_ratio, num_items_in_batch, cu_seqlens, temperature, fmt, numbers, logit_scale, logit_softcap,
+      importance_sampling_ratio, num_items_in_batch, cu_seqlens, temperature, fmt, numbers, transform, has_softcap,
       chunk_size, backend, group, vocab_start, n_values, needs):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None and n else hidden.new_empty(0)
              for t, n in zip((hidden, weight, bias), needs)]
@@ -466,8 +484,7 @@ def _loss_tensor_args(tensors, opts: GRPOOptions):
 def compiled_fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, tensors, opts: GRPOOptions,
                                     logit_scale, logit_softcap, chunk_size, cu_seqlens, backend: str, group,
                                     vocab_start):
-    """fused_linear_grpo_loss under torch.compile: fused_linear_grpo_loss_eager. logit_scale,
-    logit_softcap and chunk_size are constants of the graph (a new value compiles anew)."""
+    """fused_linear_grpo_loss under torch.compile: fused_linear_grpo_loss_eager."""
     from .vocab_parallel import is_dtensor
 
     if is_dtensor(weight) or is_dtensor(bias):
@@ -479,8 +496,9 @@ def compiled_fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advant
     g = torch.is_grad_enabled()
     needs = [g and isinstance(t, Tensor) and t.requires_grad for t in (hidden, weight, bias)]
     values, *_ = fused_linear_grpo_loss_eager(
-        hidden, weight, bias, completion_ids, advantages, *per_call, cu_seqlens, tau, fmt, numbers, logit_scale,
-        logit_softcap, chunk_size, backend, group_name(group), vocab_start, len(names) + 1, needs)
+        hidden, weight, bias, completion_ids, advantages, *per_call, cu_seqlens, tau, fmt, numbers,
+        *transform_args(logit_scale, logit_softcap), chunk_size, backend, group_name(group), vocab_start,
+        len(names) + 1, needs)
     return values[0], {n: values[i + 1].detach() for i, n in enumerate(names)}
 
 
@@ -492,7 +510,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @torch.library.custom_op("grpo_fast::fused_linear_logprobs_forward", mutates_args=())
 def fused_linear_logprobs_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, temperature: Optional[Tensor],
-    tau_number: Tensor, logit_scale: float, logit_softcap: Optional[float], return_entropy: bool,
+    tau_number: Tensor, transform: Tensor, has_softcap: bool, return_entropy: bool,
     chunk_size: Optional[int], cu_seqlens: Optional[Tensor], backend: str, group: Optional[str],
     vocab_start: Optional[int],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -502,8 +520,9 @@ def fused_linear_logprobs_forward(
     from .logprobs import _linear_forward, _linear_plan
 
     tau_in = temperature if temperature is not None else float(tau_number)
-    plan, rows, layout = _linear_plan(hidden, weight, ids, bias, tau_in, logit_scale, logit_softcap, return_entropy,
-                                      chunk_size, cu_seqlens, backend, resolve_group(group), vocab_start)
+    plan, rows, layout = _linear_plan(hidden, weight, ids, bias, tau_in, *transform_values(transform, has_softcap),
+                                      return_entropy, chunk_size, cu_seqlens, backend, resolve_group(group),
+                                      vocab_start)
     logp, entropy, lse = _linear_forward(plan, rows, weight, bias)
     tau_k = plan.tau_k if isinstance(plan.tau_k, Tensor) else torch.tensor(plan.tau_k, dtype=torch.float64)
     lay = (torch.tensor([getattr(layout, f) for f in _LAYOUT_FIELDS], dtype=torch.int64) if layout is not None
@@ -513,7 +532,7 @@ def fused_linear_logprobs_forward(
 
 
 @fused_linear_logprobs_forward.register_fake
-def _(hidden, weight, bias, ids, temperature, tau_number, logit_scale, logit_softcap, return_entropy, chunk_size,
+def _(hidden, weight, bias, ids, temperature, tau_number, transform, has_softcap, return_entropy, chunk_size,
       cu_seqlens, backend, group, vocab_start):
     n = hidden.numel() // hidden.shape[-1]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -526,15 +545,15 @@ def _(hidden, weight, bias, ids, temperature, tau_number, logit_scale, logit_sof
 @torch.library.custom_op("grpo_fast::fused_linear_logprobs_backward", mutates_args=())
 def fused_linear_logprobs_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
-    g_logp: Optional[Tensor], g_entropy: Optional[Tensor], ids: Tensor, tau_k: Tensor, layout: Tensor, plan_ints: Tensor,
-    logit_scale: float, logit_softcap: Optional[float], backend: str, group: Optional[str], needs: List[bool],
+    g_logp: Optional[Tensor], g_entropy: Optional[Tensor], ids: Tensor, tau_k: Tensor, layout: Tensor,
+    plan_ints: Tensor, transform: Tensor, has_softcap: bool, backend: str, group: Optional[str], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(∂hidden, ∂weight, ∂bias), each (0,) when not wanted: the chunk loop's backward on what
     fused_linear_logprobs_forward returned; ∂hidden all-reduced over the group."""
     import torch.distributed as dist
 
     from . import backends
-    from .fused_linear import _check_transform, _Transform
+    from .fused_linear import _Transform
     from .logprobs import _LinearPlan, _linear_backward
     from .vocab_parallel import Kernels, ShardLayout
 
@@ -544,7 +563,7 @@ def fused_linear_logprobs_backward(
     if pg is not None:
         impl = Kernels(impl, ShardLayout(group=pg, **dict(zip(_LAYOUT_FIELDS, layout.tolist()))))
     chunk, dtype = plan_ints.tolist()
-    plan = _LinearPlan(impl=impl, transform=_Transform(*_check_transform(logit_scale, logit_softcap, 1.0)), chunk=chunk,
+    plan = _LinearPlan(impl=impl, transform=_Transform(*transform_values(transform, has_softcap)), chunk=chunk,
                        dtype=_DTYPES[dtype], ids=ids, tau_k=float(tau_k) if tau_k.dim() == 0 else tau_k,
                        return_entropy=entropy is not None, out_shape=tuple(ids.shape))
     needs = (needs[0], needs[1], bias is not None and needs[2])
@@ -561,34 +580,34 @@ def fused_linear_logprobs_backward(
 
 
 @fused_linear_logprobs_backward.register_fake
-def _(hidden, weight, bias, lse, entropy, g_logp, g_entropy, ids, tau_k, layout, plan_ints, logit_scale, logit_softcap,
+def _(hidden, weight, bias, lse, entropy, g_logp, g_entropy, ids, tau_k, layout, plan_ints, transform, has_softcap,
       backend, group, needs):
     # which gradients come back depends on the upstream gradients' values (none for a token without
     # one): the fake has the shapes of the wanted ones, and the real op zero-fills the others
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None and n else hidden.new_empty(0)
-                 for t, n in zip((hidden, weight, bias), needs))
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None and n
+                 else hidden.new_empty(0) for t, n in zip((hidden, weight, bias), needs))
 
 
 def _linear_lp_setup_context(ctx, inputs, output):
     hidden, weight, bias = inputs[:3]
-    logit_scale, logit_softcap, return_entropy = inputs[6:9]
+    transform, has_softcap, return_entropy = inputs[6:9]
     backend, group = inputs[11], inputs[12]
     _logp, entropy, lse, ids, tau_k, layout, plan_ints = output
-    ctx.consts = (logit_scale, logit_softcap, return_entropy, backend, group, bias is not None)
+    ctx.consts = (has_softcap, return_entropy, backend, group, bias is not None)
     ctx.save_for_backward(hidden, weight, bias if bias is not None else hidden.new_empty(0), lse, entropy, ids, tau_k,
-                          layout, plan_ints)
+                          layout, plan_ints, transform)
 
 
 def _linear_lp_backward(ctx, g_logp, g_entropy, *_):
     if torch.is_grad_enabled():
         raise RuntimeError("grpo_fast.fused_linear_logprobs: the kernel backends are differentiable once; "
                            "create_graph=True (higher-order gradients) is not supported")
-    hidden, weight, bias, lse, entropy, ids, tau_k, layout, plan_ints = ctx.saved_tensors
-    logit_scale, logit_softcap, return_entropy, backend, group, has_bias = ctx.consts
+    hidden, weight, bias, lse, entropy, ids, tau_k, layout, plan_ints, transform = ctx.saved_tensors
+    has_softcap, return_entropy, backend, group, has_bias = ctx.consts
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), has_bias and bool(ctx.needs_input_grad[2])]
     grads = fused_linear_logprobs_backward(
         hidden, weight, bias if has_bias else None, lse, entropy if return_entropy else None, g_logp,
-        g_entropy if return_entropy else None, ids, tau_k, layout, plan_ints, logit_scale, logit_softcap, backend,
+        g_entropy if return_entropy else None, ids, tau_k, layout, plan_ints, transform, has_softcap, backend,
         group, needs)
     return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 11
 
@@ -598,8 +617,7 @@ fused_linear_logprobs_forward.register_autograd(_linear_lp_backward, setup_conte
 
 def compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
                                    return_entropy: bool, chunk_size, cu_seqlens, backend: str, group, vocab_start):
-    """fused_linear_logprobs under torch.compile: the two ops above (logit_scale, logit_softcap and
-    chunk_size are constants of the graph)."""
+    """fused_linear_logprobs under torch.compile: the two ops above."""
     from .packed import packed_rows
     from .vocab_parallel import is_dtensor
 
@@ -617,7 +635,7 @@ def compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit
     one = torch.ones((), dtype=torch.float64)
     tau_n = one if tau_t is not None else (temperature.detach().to("cpu", torch.float64).reshape(())
                                             if isinstance(temperature, Tensor) else one * temperature)
-    logp, entropy, *_ = fused_linear_logprobs_forward(hidden, weight, bias, ids, tau_t, tau_n, logit_scale, logit_softcap,
-                                                      return_entropy, chunk_size, cu_seqlens, backend, group_name(group),
-                                                      vocab_start)
+    logp, entropy, *_ = fused_linear_logprobs_forward(hidden, weight, bias, ids, tau_t, tau_n,
+                                                      *transform_args(logit_scale, logit_softcap), return_entropy,
+                                                      chunk_size, cu_seqlens, backend, group_name(group), vocab_start)
     return logp.view(lead), (entropy.view(lead) if return_entropy else None)

@@ -117,9 +117,10 @@ def _eps_step(z, ids, rewards, old, mask, eps, tau, backend):
                                epsilon_low=eps, temperature=tau, backend=backend)
 
 
-def test_changing_numbers_on_packed_rows_compile_once_more():
-    """The options reach grpo_fast::grpo_loss_eager inside a tensor: a number changing between calls
-    is one recompile (dynamo makes it symbolic), not one per value, and every value equals eager."""
+def test_changing_numbers_compile_once_more():
+    """The options reach the ops inside a tensor: a number changing between calls is one recompile
+    (dynamo makes it symbolic), not one per value, and every value equals eager (the loss options on
+    packed rows; logit_scale, logit_softcap and chunk_size on the fused-linear forms)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     x = _packed_inputs(6)
@@ -129,6 +130,23 @@ def test_changing_numbers_on_packed_rows_compile_once_more():
         args = (x["ids"], x["rewards"], x["old"], x["mask"], eps, tau, BACKENDS[-1])
         _assert_same(_run(compiled, x["z"], *args), _run(_eps_step, x["z"], *args), (eps, tau))
     assert len(_debug_get_cache_entry_list(_eps_step.__code__)) == 2
+    # logit_scale / logit_softcap / chunk_size of the fused-linear forms too (a tensor as well)
+    lin = _linear_inputs()
+    hw = (lin["hidden"], lin["weight"], lin["bias"])
+    compiled = torch.compile(_scale_step, fullgraph=True, backend="aot_eager")
+    for scale, cap, chunk in [(1.0, 4.0, 4), (0.5, 3.0, 5), (0.25, 6.0, 3), (2.0, 5.0, 6)]:
+        args = (x["ids"], scale, cap, chunk, BACKENDS[-1], x["c_lp"], x["c_ent"])
+        _assert_same_linear(_run_linear(compiled, *hw, *args), _run_linear(_scale_step, *hw, *args), (scale, cap, chunk))
+    assert len(_debug_get_cache_entry_list(_scale_step.__code__)) == 2
+
+
+def _scale_step(h, w, b, ids, scale, cap, chunk, backend, c_lp, c_ent):
+    lp, ent = grpo_fast.fused_linear_logprobs(h, w, ids, bias=b, logit_scale=scale, logit_softcap=cap, chunk_size=chunk,
+                                              return_entropy=True, backend=backend)
+    loss, metrics = grpo_fast.fused_linear_grpo_loss(h.view(2, -1, H), w, ids.view(2, -1), bias=b, advantages=c_lp[:2],
+                                                     logit_scale=scale, logit_softcap=cap, chunk_size=chunk,
+                                                     backend=backend)
+    return loss + (c_lp * lp).sum() + (c_ent * ent).sum(), metrics
 
 
 def _logprobs_step(z, ids, tau, cu, backend, return_entropy, c_lp, c_ent):
