@@ -16,7 +16,7 @@ from . import _autograd as _ag
 from . import backends as _backends
 from . import vocab_parallel as _vp
 from ._config import LOSS_TABLE, METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
-from .options import GRPOOptions, LossTensors, with_options
+from .options import Execution, GRPOOptions, LossTensors, with_options
 from .reference import grpo_loss_reference, group_advantages_reference, row_level_flags
 from .validation import (
     LossInputs,
@@ -110,14 +110,7 @@ def grpo_loss(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
     advantages: Optional[torch.Tensor] = None,
-    *,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    inplace: bool = False,
-    loss_scale: float = 1.0,
-    backend: str = "auto",
-    group=None,
-    vocab_start: Optional[int] = None,
-    **kwargs,  # the per-call tensors (options.LossTensors) and the loss options
+    **kwargs,  # the execution keywords (options.Execution), the per-call tensors (options.LossTensors), the options
 ):
     """The GRPO loss from completion logits in one fused pass (docs/spec.md).
 
@@ -163,6 +156,7 @@ def grpo_loss(
         ...                                     completion_mask=mask, beta=0.04, ref_logp=ref_logp)
         >>> loss.backward()
     """
+    cu_seqlens, inplace, loss_scale, backend, group, vocab_start = Execution.pop(kwargs)
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
@@ -171,13 +165,20 @@ def grpo_loss(
     loss_scale = 1.0 if compiling else _ag.check_loss_scale(loss_scale)
     tensors = LossTensors.pop(kwargs)
     opts = GRPOOptions.from_kwargs("grpo_loss", kwargs)
+    tau_tensor = isinstance(opts.temperature, torch.Tensor) and opts.temperature.dim() > 0
+    if compiling and (group is not None or cu_seqlens is not None or tau_tensor):
+        if _vp.is_dtensor(logits):
+            raise NotImplementedError("grpo_loss: DTensor logits are not supported under torch.compile; pass the "
+                                      "local shard (logits.to_local()) and group=")
+        from . import _ops
+
+        # Shapes that depend on data (cu_seqlens' layout, the shard offsets): eager's code in one custom op
+        return _ops.compiled_grpo_loss(logits, completion_ids, advantages, tensors, opts, cu_seqlens, backend, group,
+                                       vocab_start)
     if group is not None or _vp.is_dtensor(logits):
         return _vp.grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, backend, opts, group, vocab_start)
     tau = None
-    if isinstance(opts.temperature, torch.Tensor) and opts.temperature.dim() > 0:
-        # one τ per row or per token: through the log-prob primitive (see _tau_tensor_loss)
-        if compiling:
-            raise NotImplementedError("grpo_loss with a temperature tensor is not supported under torch.compile yet")
+    if tau_tensor:  # one τ per row or per token: through the log-prob primitive (see _tau_tensor_loss)
         tau, opts = opts.temperature, dataclasses.replace(opts, temperature=1.0)
     if cu_seqlens is not None or tau is not None:
         return _packed_grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, inplace, backend, opts, tau,
@@ -212,8 +213,6 @@ def _packed_grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref
     from .logprobs import _check_temperature
     from .logprobs import logprobs as _logprobs
 
-    if torch.compiler.is_compiling():
-        raise NotImplementedError("grpo_loss with cu_seqlens is not supported under torch.compile yet")
     if cu_seqlens is None:  # a padded batch with a temperature tensor
         return _tau_tensor_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
                                 importance_sampling_ratio, num_items_in_batch, backend, opts, tau)
@@ -418,6 +417,12 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     """
     backend = check_backend(backend)
     logits = check_logits(logits)
+    if torch.compiler.is_compiling():  # the log-prob primitive's forward op (grpo_fast/_ops.py)
+        from . import _ops
+
+        logp, entropy = _ops.compiled_logprobs(logits, completion_ids, temperature, return_entropy, None, backend,
+                                               None, None)
+        return (logp, entropy) if return_entropy else logp
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         from .logprobs import logprobs
 

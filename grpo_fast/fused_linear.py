@@ -62,7 +62,7 @@ from . import backends as _backends
 from . import vocab_parallel as _vp
 from ._config import METRIC_STAT_INDEX, NUM_STATS, STAT_ENTROPY, STAT_KL, STAT_LOSS
 from .api import _LossModule, metrics_from_sums
-from .options import GRPOOptions, LossTensors, with_options
+from .options import Execution, GRPOOptions, LossTensors, with_options
 from .reference import (
     flag_counts,
     group_advantages_reference,
@@ -472,11 +472,15 @@ def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, wei
         if lse is not None:
             lse[s:e] = ls.reshape(e - s, 2)
     # The loss as a function of the (B, T) log-probs: small, so torch autograd gives g = ∂loss/∂logp.
+    # A masked token's log-prob and entropy (NaN when its hidden state holds one) are replaced by 0,
+    # not multiplied by its zero weight: 0·NaN would reach the loss and the entropy metric.
+    valid = inp.mask != 0
     with torch.enable_grad():
         lp = logp.view(B, T).detach().requires_grad_(grads.any)
-        loss, stats = _loss_from_logp(lp, inp.mask, inp.weight, plan.A, inp.old_logp, inp.ref_logp, inp.isr, inp)
+        loss, stats = _loss_from_logp(torch.where(valid, lp, 0.0), inp.mask, inp.weight, plan.A, inp.old_logp,
+                                      inp.ref_logp, inp.isr, inp)
         g = torch.autograd.grad(loss, lp)[0].reshape(N) if grads.any else None
-    stats[STAT_ENTROPY] = (entropy.view(B, T) * inp.mask).sum()
+    stats[STAT_ENTROPY] = torch.where(valid, entropy.view(B, T), 0.0).sum()
     if g is None:
         return (stats,) + grads.finish(hidden, weight_in, bias_in)
     # Pass 2: recompute each chunk's logits (the same GEMM and transform: the saved lse parts match
@@ -549,13 +553,7 @@ def fused_linear_grpo_loss(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    inplace: bool = False,
-    loss_scale: float = 1.0,
-    backend: str = "auto",
-    group=None,
-    vocab_start: Optional[int] = None,
-    **kwargs,  # the per-call tensors (options.LossTensors) and the loss options
+    **kwargs,  # the execution keywords (options.Execution), the per-call tensors (options.LossTensors), the options
 ):
     """The GRPO loss of ``logits = softcap(logit_scale · (hidden · weightᵀ + bias))`` without the logits.
 
@@ -598,17 +596,24 @@ def fused_linear_grpo_loss(
         ...                                                   rewards=rewards, group_size=8, completion_mask=mask)
         >>> loss.backward()
     """
+    cu_seqlens, inplace, loss_scale, backend, group, vocab_start = Execution.pop(kwargs)
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     loss_scale = _ag.check_loss_scale(loss_scale)
+    tensors = LossTensors.pop(kwargs)
+    opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", kwargs)
+    if torch.compiler.is_compiling():  # eager's code in one custom op (grpo_fast/_ops.py); loss_scale: not folded
+        from . import _ops
+
+        return _ops.compiled_fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, tensors, opts,
+                                                    logit_scale, logit_softcap, chunk_size, cu_seqlens, backend, group,
+                                                    vocab_start)
     cdtype, autocast = _compute_dtype(hidden)
     if cu_seqlens is not None:
         from .packed import packed_rows
 
         hidden = packed_rows(hidden, "hidden", "H").unsqueeze(0)
-    tensors = LossTensors.pop(kwargs)
-    opts = GRPOOptions.from_kwargs("fused_linear_grpo_loss", kwargs)
     if group is not None or _vp.is_dtensor(weight) or (isinstance(opts.temperature, torch.Tensor)
                                                        and opts.temperature.dim() > 0):
         if cu_seqlens is not None:
@@ -726,6 +731,14 @@ def fused_linear_token_logprobs(
         >>> ref_logp = grpo_fast.fused_linear_token_logprobs(ref_hidden, ref_model.lm_head.weight, completion_ids)
     """
     backend = check_backend(backend)
+    if torch.compiler.is_compiling():  # fused_linear_logprobs' forward op (grpo_fast/_ops.py)
+        from . import _ops
+
+        _check_linear(hidden, weight, bias, mixed_ok=_compute_dtype(hidden)[1])  # (B, T, H) here, as below
+        logp, entropy = _ops.compiled_fused_linear_logprobs(hidden, weight, completion_ids, bias, temperature,
+                                                            logit_scale, logit_softcap, return_entropy, chunk_size,
+                                                            None, backend, None, None)
+        return (logp, entropy) if return_entropy else logp
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         from .logprobs import fused_linear_logprobs
 

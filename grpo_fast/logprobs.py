@@ -233,7 +233,26 @@ def logprobs(
     """
     backend = check_backend(backend)
     return_entropy = _check_bool("return_entropy", return_entropy)
+    if torch.compiler.is_compiling():  # the kernels as custom ops (grpo_fast/_ops.py)
+        from . import _ops
+
+        return _ops.compiled_logprobs(logits, ids, temperature, return_entropy, cu_seqlens, backend, group,
+                                      vocab_start)
     logits, group = _vp.unwrap(logits, group, "logits", -1)
+    z, ids3, tau, impl, lead = _prepare(logits, ids, temperature, cu_seqlens, backend, group, vocab_start)
+    if impl.autograd:
+        tau_ref = tau if not isinstance(tau, torch.Tensor) else tau.view(lead)
+        logp, entropy = logprobs_reference(z.view(lead + (-1,)), ids3.view(lead), tau_ref,
+                                           return_entropy=return_entropy)
+        return logp.float(), (entropy.float() if entropy is not None else None)
+    out = _Logprobs.apply(logits, z, ids3, tau, impl, return_entropy)
+    return out if return_entropy else (out, None)
+
+
+def _prepare(logits, ids, temperature, cu_seqlens, backend: str, group, vocab_start):
+    """logprobs' checks (every one, before any kernel) and what its kernels take: (z (B, T, V) with
+    stride(-1) == 1, ids (B, T) int64, τ (a float or (B, T) float32), the kernels: a Backend, or the
+    shard's vocab_parallel.Kernels with a group, and the ids' shape). ``logits``: a plain tensor (no DTensor)."""
     if cu_seqlens is not None:
         logits, temperature = _packed_args(logits, "logits", "V", temperature, cu_seqlens)
     z = _check_logits_nd(logits)
@@ -246,14 +265,9 @@ def logprobs(
     impl = _backends.resolve(backend, z.device)
     if group is not None:  # the shard's kernels (backend="torch": their eager form) and a few all-reduces
         impl = _vp.Kernels(impl, layout)
-    elif impl.autograd:
-        tau_ref = tau if not isinstance(tau, torch.Tensor) else tau.view(lead)
-        logp, entropy = logprobs_reference(logits, ids3.view(lead), tau_ref, return_entropy=return_entropy)
-        return logp.float(), (entropy.float() if entropy is not None else None)
-    if z.stride(-1) != 1:
+    if z.stride(-1) != 1 and not impl.autograd:
         z = z.contiguous()
-    out = _Logprobs.apply(logits, z, ids3, tau, impl, return_entropy)
-    return out if return_entropy else (out, None)
+    return z, ids3, tau, impl, lead
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,31 +290,78 @@ def _chunk_tau(tau_k, s: int, e: int):
     return tau_k[s:e].view(1, e - s) if isinstance(tau_k, torch.Tensor) else tau_k
 
 
+def _linear_forward(plan: _LinearPlan, hidden, weight, bias):
+    """The chunk loop's forward: (logp, entropy or None, lse (N, 2)), flat over the N tokens."""
+    from .fused_linear import _cast, _matmul_chunk
+
+    N, H = plan.ids.shape[0], hidden.shape[-1]
+    V = weight.shape[0]
+    hidden2d = hidden.reshape(N, H)
+    w, b = _cast(weight, plan.dtype), _cast(bias, plan.dtype)
+    buf = torch.empty((min(plan.chunk, N), V), dtype=plan.dtype, device=hidden.device)
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty((N, 2), dtype=torch.float32, device=hidden.device)  # (shift, log_d) per token
+    entropy = torch.empty(N, dtype=torch.float32, device=hidden.device) if plan.return_entropy else None
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes explicit (plan.dtype) from here on
+        for s in range(0, N, plan.chunk):
+            e = min(s + plan.chunk, N)
+            z = plan.transform.forward_(_matmul_chunk(_cast(hidden2d[s:e], plan.dtype), w, b, buf[:e - s]))
+            lp, ent, ls = plan.impl.logprobs_forward(z.view(1, e - s, V), plan.ids[s:e].view(1, -1),
+                                                     _chunk_tau(plan.tau_k, s, e), plan.return_entropy)
+            logp[s:e] = lp.reshape(-1)
+            lse[s:e] = ls.reshape(e - s, 2)
+            if entropy is not None:
+                entropy[s:e] = ent.reshape(-1)
+    return logp, entropy, lse
+
+
+def _linear_backward(plan: _LinearPlan, hidden, weight, bias, lse, entropy, g_logp, g_entropy, needs):
+    """The chunk loop's backward: (∂hidden, ∂weight, ∂bias), None where ``needs`` says not wanted or
+    no token carries an upstream gradient. Recomputes each chunk's logits."""
+    from .fused_linear import _cast, _Grads, _matmul_chunk
+
+    N, H = plan.ids.shape[0], hidden.shape[-1]
+    V = weight.shape[0]
+    hidden2d = hidden.reshape(N, H)
+    if not hidden2d.is_contiguous():
+        hidden2d = hidden2d.contiguous()
+    if g_logp is None and g_entropy is None:
+        return None, None, None
+    gl = None if g_logp is None else g_logp.reshape(N).to(torch.float32).contiguous()
+    gh = None if g_entropy is None else g_entropy.reshape(N).to(torch.float32).contiguous()
+    live = (gl != 0) if gl is not None else (gh != 0)
+    if gl is not None and gh is not None:
+        live |= gh != 0
+    grads = _Grads(hidden2d, weight, bias, needs, plan.dtype, live=live)  # a token without gradient adds none
+    if not grads.any:
+        return None, None, None
+    w, b = _cast(weight, plan.dtype), _cast(bias, plan.dtype)
+    buf = torch.empty((min(plan.chunk, N), V), dtype=plan.dtype, device=hidden.device)
+    # The softcap's chain rule needs t = tanh(·) after the kernel wrote the gradient: a second buffer.
+    gbuf = torch.empty_like(buf) if plan.transform.softcap is not None else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        for s in range(0, N, plan.chunk):
+            e = min(s + plan.chunk, N)
+            n = e - s
+            h_c = _cast(hidden2d[s:e], plan.dtype)
+            # The same GEMM and transform as forward: the same logits, so the saved lse parts match them.
+            z = plan.transform.forward_(_matmul_chunk(h_c, w, b, buf[:n]))
+            grad = z if gbuf is None else gbuf[:n]  # in place: each row is read before it is written
+            plan.impl.logprobs_backward(
+                z.view(1, n, V), plan.ids[s:e].view(1, n), _chunk_tau(plan.tau_k, s, e),
+                lse[s:e].view(1, n, 2), None if entropy is None else entropy[s:e].view(1, n),
+                None if gl is None else gl[s:e].view(1, n), None if gh is None else gh[s:e].view(1, n),
+                grad.view(1, n, V))
+            grads.add_chunk(plan.transform.backward_(grad, z), h_c, w, s, e)
+        return grads.finish(hidden, weight, bias)
+
+
 class _FusedLinearLogprobs(torch.autograd.Function):
     """(hidden, weight, bias) -> (logp, entropy); backward recomputes each chunk's logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: _LinearPlan):
-        from .fused_linear import _cast, _matmul_chunk
-
-        N, H = plan.ids.shape[0], hidden.shape[-1]
-        V = weight.shape[0]
-        hidden2d = hidden.reshape(N, H)
-        w, b = _cast(weight, plan.dtype), _cast(bias, plan.dtype)
-        buf = torch.empty((min(plan.chunk, N), V), dtype=plan.dtype, device=hidden.device)
-        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty((N, 2), dtype=torch.float32, device=hidden.device)  # (shift, log_d) per token
-        entropy = torch.empty(N, dtype=torch.float32, device=hidden.device) if plan.return_entropy else None
-        with torch.autocast(hidden.device.type, enabled=False):  # dtypes explicit (plan.dtype) from here on
-            for s in range(0, N, plan.chunk):
-                e = min(s + plan.chunk, N)
-                z = plan.transform.forward_(_matmul_chunk(_cast(hidden2d[s:e], plan.dtype), w, b, buf[:e - s]))
-                lp, ent, ls = plan.impl.logprobs_forward(z.view(1, e - s, V), plan.ids[s:e].view(1, -1),
-                                                         _chunk_tau(plan.tau_k, s, e), plan.return_entropy)
-                logp[s:e] = lp.reshape(-1)
-                lse[s:e] = ls.reshape(e - s, 2)
-                if entropy is not None:
-                    entropy[s:e] = ent.reshape(-1)
+        logp, entropy, lse = _linear_forward(plan, hidden, weight, bias)
         ctx.set_materialize_grads(False)
         ctx.plan = plan
         ctx.save_for_backward(hidden, weight, bias, lse, entropy)
@@ -310,45 +371,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
     @_kernel_backward("fused_linear_logprobs")
     def backward(ctx, g_logp, g_entropy):
-        from .fused_linear import _cast, _Grads, _matmul_chunk
-
         hidden, weight, bias, lse, entropy = ctx.saved_tensors
-        plan: _LinearPlan = ctx.plan
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        N, H = plan.ids.shape[0], hidden.shape[-1]
-        V = weight.shape[0]
-        hidden2d = hidden.reshape(N, H)
-        if not hidden2d.is_contiguous():
-            hidden2d = hidden2d.contiguous()
-        if g_logp is None and g_entropy is None:
-            return None, None, None, None
-        gl = None if g_logp is None else g_logp.reshape(N).to(torch.float32).contiguous()
-        gh = None if g_entropy is None else g_entropy.reshape(N).to(torch.float32).contiguous()
-        live = (gl != 0) if gl is not None else (gh != 0)
-        if gl is not None and gh is not None:
-            live |= gh != 0
-        grads = _Grads(hidden2d, weight, bias, needs, plan.dtype, live=live)  # a token without gradient adds none
-        if not grads.any:
-            return None, None, None, None
-        w, b = _cast(weight, plan.dtype), _cast(bias, plan.dtype)
-        buf = torch.empty((min(plan.chunk, N), V), dtype=plan.dtype, device=hidden.device)
-        # The softcap's chain rule needs t = tanh(·) after the kernel wrote the gradient: a second buffer.
-        gbuf = torch.empty_like(buf) if plan.transform.softcap is not None else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, N, plan.chunk):
-                e = min(s + plan.chunk, N)
-                n = e - s
-                h_c = _cast(hidden2d[s:e], plan.dtype)
-                # The same GEMM and transform as forward: the same logits, so the saved lse parts match them.
-                z = plan.transform.forward_(_matmul_chunk(h_c, w, b, buf[:n]))
-                grad = z if gbuf is None else gbuf[:n]  # in place: each row is read before it is written
-                plan.impl.logprobs_backward(
-                    z.view(1, n, V), plan.ids[s:e].view(1, n), _chunk_tau(plan.tau_k, s, e),
-                    lse[s:e].view(1, n, 2), None if entropy is None else entropy[s:e].view(1, n),
-                    None if gl is None else gl[s:e].view(1, n), None if gh is None else gh[s:e].view(1, n),
-                    grad.view(1, n, V))
-                grads.add_chunk(plan.transform.backward_(grad, z), h_c, w, s, e)
-            dh, dw, db = grads.finish(hidden, weight, bias)
+        dh, dw, db = _linear_backward(ctx.plan, hidden, weight, bias, lse, entropy, g_logp, g_entropy, needs)
         return dh, dw, db, None
 
 
@@ -397,13 +422,30 @@ def fused_linear_logprobs(
     Example:
         >>> logp, ent = grpo_fast.fused_linear_logprobs(hidden, model.lm_head.weight, ids, return_entropy=True)
     """
+    backend = check_backend(backend)
+    return_entropy = _check_bool("return_entropy", return_entropy)
+    if torch.compiler.is_compiling():  # the chunk loops as custom ops (grpo_fast/_ops.py)
+        from . import _ops
+
+        return _ops.compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
+                                                   return_entropy, chunk_size, cu_seqlens, backend, group, vocab_start)
+    weight, group = _vp.unwrap(weight, group, "weight", 0)
+    bias, group = _vp.unwrap(bias, group, "bias", 0)
+    plan, hidden, layout = _linear_plan(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
+                                        return_entropy, chunk_size, cu_seqlens, backend, group, vocab_start)
+    if layout is not None:  # ∂hidden is summed over the group
+        hidden = _vp.reduce_gradient(hidden, layout)
+    out = _FusedLinearLogprobs.apply(hidden, weight, bias, plan)
+    return out if return_entropy else (out, None)
+
+
+def _linear_plan(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap, return_entropy: bool, chunk_size,
+                 cu_seqlens, backend: str, group, vocab_start):
+    """fused_linear_logprobs' checks (every one, before any kernel) and its chunk plan: (plan, hidden
+    (the (N, H) rows with cu_seqlens), the ShardLayout with a group, else None). Plain tensors (no DTensor)."""
     from .fused_linear import (_auto_chunk, _check_chunk_size, _check_linear, _check_transform, _compute_dtype,
                                _Transform)
 
-    backend = check_backend(backend)
-    return_entropy = _check_bool("return_entropy", return_entropy)
-    weight, group = _vp.unwrap(weight, group, "weight", 0)
-    bias, group = _vp.unwrap(bias, group, "bias", 0)
     if cu_seqlens is not None:
         hidden, temperature = _packed_args(hidden, "hidden", "H", temperature, cu_seqlens)
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:
@@ -429,14 +471,12 @@ def fused_linear_logprobs(
     if chunk is None:  # with a group: from the largest shard, so that every rank walks the same chunks
         chunk = _auto_chunk(N, V if group is None else layout.max_size, torch.empty((), dtype=cdtype).element_size(),
                             transform.n_buffers, impl.autograd)
-    if group is not None:  # each chunk's forward all-reduces a few floats per token; ∂hidden is summed
+    if group is not None:  # each chunk's forward all-reduces a few floats per token
         impl = _vp.Kernels(impl, layout)
-        hidden = _vp.reduce_gradient(hidden, layout)
     if isinstance(tau, torch.Tensor):  # x = z/τ with z = s·pre or c·t: the kernels read pre at τ/s, t at τ/c
         tau_k = (tau / (cap if cap is not None else scale)).reshape(N).contiguous()
     else:
         tau_k = transform.kernel_temperature(tau)
     plan = _LinearPlan(impl=impl, transform=transform, chunk=chunk, dtype=cdtype, ids=ids3.reshape(N),
                        tau_k=tau_k, return_entropy=return_entropy, out_shape=lead)
-    out = _FusedLinearLogprobs.apply(hidden, weight, bias, plan)
-    return out if return_entropy else (out, None)
+    return plan, hidden, (layout if group is not None else None)

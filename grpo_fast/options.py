@@ -6,8 +6,9 @@ one ``GRPOOptions`` from its keywords (unknown names are a ``TypeError`` listing
 ``validation.validate_loss_args`` checks it once and carries it in ``LossInputs.options``; the
 kernels get it packed as ``_config.KernelConfig``.
 
-The public functions' signatures (``inspect.signature``, ``help()``) list every per-call tensor and
-every option explicitly: ``with_options`` builds them from these two records, and appends the
+The public functions' signatures (``inspect.signature``, ``help()``) list every execution keyword
+(``Execution``: cu_seqlens, inplace, loss_scale, backend, group, vocab_start), every per-call tensor
+and every option explicitly: ``with_options`` builds them from these three records, and appends the
 options' documentation to their docstrings.
 """
 from __future__ import annotations
@@ -93,19 +94,39 @@ class LossTensors(NamedTuple):
         return cls(**{name: kwargs.pop(name) for name in cls._fields if name in kwargs})
 
 
+class Execution(NamedTuple):
+    """How a GRPO loss runs, not what it computes: the keywords ``grpo_loss`` and ``fused_linear_grpo_loss``
+    share besides the per-call tensors and the options (``grpo_loss`` documents them). ``with_options``
+    lists them in both signatures; each function reads them with ``Execution.pop``."""
+
+    cu_seqlens: Optional[torch.Tensor] = None
+    inplace: bool = False
+    loss_scale: float = 1.0
+    backend: str = "auto"
+    group: object = None  # a torch.distributed ProcessGroup
+    vocab_start: Optional[int] = None
+
+    @classmethod
+    def pop(cls, kwargs: dict) -> "Execution":
+        """Take the execution keywords out of ``kwargs`` (a function's ``**kwargs``)."""
+        return cls(**{name: kwargs.pop(name) for name in cls._fields if name in kwargs})
+
+
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(GRPOOptions))
 _OPTIONS_DOC = GRPOOptions.__doc__.split("Options (keyword arguments):", 1)[1].rstrip()
 
 
 def with_options(fn):
-    """Give ``fn(..., **kwargs)`` a signature that lists every per-call tensor (``LossTensors``) and
-    every option as a keyword with its default, and the options' documentation at the end of its
-    docstring. ``fn`` itself is unchanged."""
+    """Give ``fn(..., **kwargs)`` a signature that lists every execution keyword (``Execution``), every
+    per-call tensor (``LossTensors``) and every option as a keyword with its default, and the options'
+    documentation at the end of its docstring. ``fn`` itself is unchanged."""
     sig = inspect.signature(fn)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     taken = {p.name for p in params}
+    hints = typing.get_type_hints(Execution)
+    generated = [(name, Execution._field_defaults[name], hints[name]) for name in Execution._fields]
     hints = typing.get_type_hints(LossTensors)
-    generated = [(name, None, hints[name]) for name in LossTensors._fields]
+    generated += [(name, None, hints[name]) for name in LossTensors._fields]
     generated += [(f.name, f.default, f.type) for f in dataclasses.fields(GRPOOptions)]
     for name, default, annotation in generated:
         if name not in taken:

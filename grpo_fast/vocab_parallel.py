@@ -180,6 +180,8 @@ class Kernels:
     """A backend's log-prob kernels (backends/__init__.py interface) on this rank's shard, giving the
     outputs of the whole vocabulary (module docstring). ``ids`` are global ids in [0, layout.total)."""
 
+    autograd = False  # as a Backend record: differentiated by the log-prob Functions, not by torch autograd
+
     def __init__(self, local, layout: ShardLayout):
         self.local, self.layout = local, layout
 

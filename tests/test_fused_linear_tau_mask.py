@@ -1,6 +1,6 @@
 """Two fused-linear items of issue #12: a temperature tensor in ``fused_linear_grpo_loss`` (through
 ``fused_linear_logprobs`` and the loss in torch), and a NaN in a masked hidden state, which must reach
-no gradient (∂weight, ∂bias, ∂hidden) on any fused-linear path.
+neither the loss, nor the metrics, nor a gradient (∂weight, ∂bias, ∂hidden) on any fused-linear path.
 
 Oracle for the temperature tensor: the float64 reference (``grpo_loss_reference``) on the full logits
 hidden·Wᵀ + b with the same per-token / per-row τ, differentiated by autograd; fp32 1e-5 relative.
@@ -77,12 +77,14 @@ def _nan_masked(hidden, mask):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["token", "sequence", "sequence-2pass", "tau-tensor", "logprobs"])
-def test_nan_in_masked_hidden_reaches_no_gradient(backend, case):
-    """The gradients with NaN in the masked hidden states equal those with zeros there."""
+def test_nan_in_masked_hidden_reaches_nothing(backend, case):
+    """With NaN in the masked hidden states, the loss, the metrics and the gradients equal those with
+    zeros there (docs/spec.md, "Valid rows only"), on every backend and fused-linear path."""
     hidden, weight, bias, ids, mask, adv, old, tau_tok, _ = _inputs()
 
-    def grads(hid):
+    def run(hid):
         h, w, b = (t.clone().requires_grad_() for t in (hid, weight, bias))
+        metrics = {}
         if case == "logprobs":
             lp, ent = grpo_fast.fused_linear_logprobs(h, w, ids, bias=b, return_entropy=True, chunk_size=6,
                                                       backend=backend)
@@ -92,18 +94,20 @@ def test_nan_in_masked_hidden_reaches_no_gradient(backend, case):
             level = "token" if case == "token" else "sequence"
             chunk = 3 if case == "sequence-2pass" else 10  # a row (T = 5) longer than a chunk: the pre-pass
             tau = tau_tok if case == "tau-tensor" else 0.8
-            loss, _ = grpo_fast.fused_linear_grpo_loss(h, w, ids, adv, bias=b, old_logp=old, completion_mask=mask,
-                                                       importance_sampling_level=level, temperature=tau,
-                                                       chunk_size=chunk, backend=backend)
+            loss, metrics = grpo_fast.fused_linear_grpo_loss(h, w, ids, adv, bias=b, old_logp=old, completion_mask=mask,
+                                                             importance_sampling_level=level, temperature=tau,
+                                                             chunk_size=chunk, backend=backend)
         loss.backward()
-        return h.grad, w.grad, b.grad
+        return loss.detach(), metrics, (h.grad, w.grad, b.grad)
 
-    if backend == "torch" and case == "token":
-        pytest.skip('backend="torch" token level differentiates the reference on each chunk, whose loss itself '
-                    "takes the masked NaN (0·NaN); the other paths are checked")
-    want = grads(torch.where(mask.unsqueeze(-1) != 0, hidden, torch.zeros_like(hidden)))
-    got = grads(_nan_masked(hidden, mask))
-    for g, w_, name in zip(got, want, ("d hidden", "d weight", "d bias")):
+    want = run(torch.where(mask.unsqueeze(-1) != 0, hidden, torch.zeros_like(hidden)))
+    got = run(_nan_masked(hidden, mask))
+    assert bool(torch.isfinite(got[0])), f"a masked NaN reached the loss: {got[0]}"
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7, msg="loss")
+    assert sorted(got[1]) == sorted(want[1])
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-6, atol=1e-7, msg=name)
+    for g, w_, name in zip(got[2], want[2], ("d hidden", "d weight", "d bias")):
         assert bool(torch.isfinite(g).all()), f"{name}: a masked NaN reached the gradient"
         assert float(w_.abs().max()) > 0
         torch.testing.assert_close(g, w_, rtol=1e-6, atol=1e-7, msg=name)

@@ -31,7 +31,11 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
     z = inp.logits.detach()
     with torch.enable_grad():
         z.requires_grad_(grad is not None)
-        logp, entropy = token_logprobs_reference(z, inp.ids, inp.cfg.temperature, return_entropy=True)
+        # Valid rows only (docs/spec.md): a masked row's logits are replaced by zeros before the softmax,
+        # so a NaN or inf there reaches neither the loss, nor the metrics, nor the gradient (its row is 0).
+        valid = (inp.mask != 0).unsqueeze(-1)
+        logp, entropy = token_logprobs_reference(torch.where(valid, z, torch.zeros((), dtype=z.dtype)), inp.ids,
+                                                 inp.cfg.temperature, return_entropy=True)
         A = inp.advantages
         if A is None:
             A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
