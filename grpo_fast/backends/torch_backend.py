@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .._config import STAT_ENTROPY
-from ..reference import group_advantages_reference, token_logprobs_reference
+from ..reference import group_advantages_reference, logprobs_reference, token_logprobs_reference
 
 DEVICE_TYPES = None  # any device torch computes on
 
@@ -31,12 +31,16 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
     z = inp.logits.detach()
     with torch.enable_grad():
         z.requires_grad_(grad is not None)
-        logp, entropy = token_logprobs_reference(z, inp.ids, inp.cfg.temperature, return_entropy=True)
+        if inp.entropy_weight is None:
+            logp, entropy = token_logprobs_reference(z, inp.ids, inp.cfg.temperature, return_entropy=True)
+        else:  # the entropy bonus: the entropy with its gradient
+            logp, entropy = logprobs_reference(z, inp.ids, inp.cfg.temperature, return_entropy=True)
         A = inp.advantages
         if A is None:
             A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
-        loss, stats = _loss_from_logp(logp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp)
-        stats[STAT_ENTROPY] = (entropy * inp.mask).sum()
+        loss, stats = _loss_from_logp(logp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp,
+                                      entropy, inp.entropy_weight)
+        stats[STAT_ENTROPY] = (entropy.detach() * inp.mask).sum()
         if grad is not None:
             (g,) = torch.autograd.grad(loss, z)
             grad.copy_(g)  # after autograd is done reading z: grad may alias the logits
