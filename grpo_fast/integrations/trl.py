@@ -41,8 +41,12 @@ TRL options and what they map to (all read from ``GRPOConfig`` / the trainer, as
     router_aux_loss_coef         MoE models: the router load-balancing loss is computed from the same
                                  backbone call and added as TRL adds it
 
-On the log-prob primitive: loss_type="vespo", the entropy bonus (entropy_coef, use_adaptive_entropy
-with entropy_target / entropy_coef_delta / _min / _max) and off_policy_mask_threshold need the
+The entropy bonus (entropy_coef, use_adaptive_entropy with entropy_target / entropy_coef_delta / _min /
+_max) runs in the fused loss (its ``entropy_coef`` option, rescaled for the drop-in's loss scaling), TRL's
+adaptive controller and its ``policy_loss`` / ``entropy_coef`` metrics around it.
+
+On the log-prob primitive: loss_type="vespo", off_policy_mask_threshold, and the entropy bonus together
+with top_entropy_quantile < 1 (TRL's bonus then averages over the high-entropy mask) need the
 per-token log-probs (and the entropy's gradient) before the loss. With any of them the drop-in runs
 ``grpo_fast.fused_linear_logprobs`` (no (B, T, V) logits; one fused backward) and evaluates TRL's loss
 in torch on the (B, T) vectors: ``reference.per_token_loss`` and ``reference.aggregate`` (the math every
