@@ -135,3 +135,17 @@ def test_bad_values_are_named(value, err):
     with pytest.raises(err, match="entropy_coef"):
         grpo_fast.grpo_loss(z, y, torch.ones(2), entropy_coef=value, backend="cpu")
     assert z.grad is None
+
+
+def test_torch_compile_fullgraph_names_the_option():
+    """Not under torch.compile yet: a fullgraph compile fails with the NotImplementedError that names
+    entropy_coef (without fullgraph, dynamo breaks the graph and the call runs eagerly, correctly)."""
+    z = torch.randn(2, 3, 7, requires_grad=True)
+    y = torch.zeros(2, 3, dtype=torch.long)
+
+    def f(z):
+        return grpo_fast.grpo_loss(z, y, torch.ones(2), entropy_coef=0.1, backend="cpu")[0]
+
+    with pytest.raises(Exception) as info:
+        torch.compile(f, backend="eager", fullgraph=True)(z)
+    assert "entropy_coef" in str(info.value)
