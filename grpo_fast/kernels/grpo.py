@@ -167,6 +167,16 @@ def _write_row_grad(z_row, g_row, y, shift, log_d, gs, V, temperature, BLOCK_V: 
 
 
 @triton.jit
+def _entropy_term(coef_ptr, entropy_ptr, row, HAS: tl.constexpr):
+    """(a row's entropy coefficient, its entropy H) from (N,) vectors, or (0, 0) when not HAS: the
+    log-prob backward's ∂L/∂H, or the fused loss's entropy-bonus weight w_H."""
+    if HAS:
+        return tl.load(coef_ptr + row), tl.load(entropy_ptr + row)
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
 def _group_advantage(rewards_ptr, batch_std_ptr, b, G, adv_eps, SCALE: tl.constexpr, BLOCK_G: tl.constexpr):
     """Advantage of sequence b from its group's G rewards (float64 statistics, as grpo_math.h).
 
@@ -644,12 +654,7 @@ def _grpo_grad_kernel(
     b = row // T
     t = row - b * T
     g = tl.load(g_ptr + row)
-    if HAS_ENT:
-        ew = tl.load(ew_ptr + row)
-        H = tl.load(entropy_ptr + row)
-    else:
-        ew = 0.0
-        H = 0.0
+    ew, H = _entropy_term(ew_ptr, entropy_ptr, row, HAS_ENT)
     if (g == 0.0) & (ew == 0.0):  # a masked row (or a zero gradient): zeros, the row is not read
         _zero_row(grad_ptr + b * stride_gb + t * stride_gt, V, BLOCK_V)
     else:
@@ -728,12 +733,7 @@ def _logprobs_bwd_kernel(
         gl = tl.load(g_logp_ptr + row)
     else:
         gl = 0.0
-    if HAS_G_ENT:
-        gh = tl.load(g_ent_ptr + row)
-        H = tl.load(entropy_ptr + row)
-    else:
-        gh = 0.0
-        H = 0.0
+    gh, H = _entropy_term(g_ent_ptr, entropy_ptr, row, HAS_G_ENT)
     offs = tl.arange(0, BLOCK_V)
     if (gl == 0.0) & (gh == 0.0):
         # padding the loss masked out: zeros, without reading the row
