@@ -149,3 +149,15 @@ def test_torch_compile_fullgraph_names_the_option():
     with pytest.raises(Exception) as info:
         torch.compile(f, backend="eager", fullgraph=True)(z)
     assert "entropy_coef" in str(info.value)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_nan_in_a_masked_row_does_not_reach_the_bonus(backend, level):
+    """A fully masked row holding NaN: its entropy is not read (w_H = 0 there), the loss stays finite and
+    its gradient row is exactly 0, as without the bonus."""
+    z, y, kw = case(backend, seed=8)  # row 1 is fully masked
+    z = z.clone()
+    z[1, 2, 5] = float("nan")
+    loss, _, grad = run_backend(z, y, backend.name, importance_sampling_level=level, entropy_coef=COEF, **kw)
+    assert bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all())
+    assert bool((grad[1] == 0).all())
