@@ -233,6 +233,7 @@ def _sig_token_fwd(ldt):
     s.update({k: "i32" for k in ("N", "T", "V", "G", "stride_lb", "stride_lt", "stride_gb", "stride_gt")})
     s["temperature"] = "fp32"
     s.update({k: "fp32" for k in _FLOATS})
+    s["ew_ptr"] = "*fp32"  # the entropy bonus's weights (read only with HAS_ENT)
     return s
 
 
@@ -247,7 +248,7 @@ def _sig_seq_row():
 def _sig_grad(ldt):
     return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32", "grad_ptr": _ptr(ldt),
             "T": "i32", "V": "i32", "stride_lb": "i32", "stride_lt": "i32", "stride_gb": "i32", "stride_gt": "i32",
-            "temperature": "fp32"}
+            "temperature": "fp32", "ew_ptr": "*fp32", "entropy_ptr": "*fp32"}
 
 
 def _sig_lp_fwd(ldt):
@@ -346,6 +347,11 @@ def jobs(quick: bool = False, arch: int = 90):
                     {**_loss_flags(lt), "BLOCK_T": 1024}, 4, NUM_STAGES, "BLOCK_T=1024 warps=4", True))
     out.append(("_grpo_token_fwd_kernel", "grpo, no grad, fp16", _sig_token_fwd("fp16"),
                 {**_loss_flags(0, kl=False, grad=False, adv_mode=0), "BLOCK_V": bv}, nw, NUM_STAGES, dcfg, True))
+    # the entropy bonus (entropy_coef) at the config of real vocabularies
+    out.append(("_grpo_token_fwd_kernel", "grpo+k3+rewards+grad+entropy bonus bf16", _sig_token_fwd("bf16"),
+                {**_loss_flags(0), "HAS_ENT": True, "BLOCK_V": bv}, nw, NUM_STAGES, dcfg, True))
+    out.append(("_grpo_grad_kernel", "entropy bonus bf16", _sig_grad("bf16"), {"HAS_ENT": True, "BLOCK_V": bv}, nw,
+                NUM_STAGES, dcfg, True))
     return out
 
 
@@ -403,6 +409,11 @@ def variant_jobs():
         out.append(("_grpo_token_fwd_kernel", f"logits {dt}", _sig_token_fwd(dt), {**base, "BLOCK_V": DEFAULT_BLOCK_V},
                     DEFAULT_WARPS, NUM_STAGES, dcfg))
         out.append(("_grpo_grad_kernel", f"logits {dt}", _sig_grad(dt), {"BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
+    for dt in ("bf16", "fp32"):  # the entropy bonus (entropy_coef): token level and sequence level's pass 3
+        out.append(("_grpo_token_fwd_kernel", f"HAS_ENT=1, logits {dt}", _sig_token_fwd(dt),
+                    {**base, "HAS_ENT": True, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
+        out.append(("_grpo_grad_kernel", f"HAS_ENT=1, logits {dt}", _sig_grad(dt),
+                    {"HAS_ENT": True, "BLOCK_V": DEFAULT_BLOCK_V}, DEFAULT_WARPS, NUM_STAGES, dcfg))
     # Triton specializes integer arguments equal to 1 into constants (T = 1, V = 1, no group)
     ones = {"T": 1, "V": 1}
     out.append(("_grpo_token_fwd_kernel", "T=V=G=1 (specialized)", _sig_token_fwd("bf16"),

@@ -70,6 +70,9 @@ def fused_cases() -> Dict[str, dict]:
     out["rewards+group_size (advantage in kernel)"] = {"_rewards": True, "group_size": 4}
     out["importance_sampling_ratio"] = {"_isr": True}
     out["temperature=0.7"] = {"temperature": 0.7}
+    # TRL's entropy bonus in the fused pass (what the TRL drop-in now runs; the primitive row below is the old way)
+    out["entropy_coef=0.01 (TRL entropy bonus)"] = {"entropy_coef": 0.01}
+    out["entropy_coef=0.01, sequence level"] = {"entropy_coef": 0.01, "importance_sampling_level": "sequence"}
     return out
 
 
@@ -118,6 +121,7 @@ def _trl_case(entropy_coef: float, off_policy_threshold):
 def primitive_cases() -> Dict[str, Callable]:
     out = {f"verl {n}": _verl_case(n) for n in ("vanilla", "gspo", "geo_mean", "gpg", "cispo", "sapo",
                                                  "clip_cov", "kl_cov", "dppo_tv", "dppo_kl", "dro")}
+    # the entropy bonus on the primitive: what the TRL drop-in still runs with top_entropy_quantile < 1
     out["TRL entropy bonus (entropy_coef=0.01)"] = _trl_case(0.01, None)
     out["TRL off_policy_mask_threshold=0.5"] = _trl_case(0.0, 0.5)
     return out

@@ -59,6 +59,8 @@ def fold_scale(inp, loss_scale: float) -> None:
     then report ``loss_scale · loss``: the caller divides it back (unscaled_loss)."""
     if loss_scale != 1.0:
         inp.weight = inp.weight * loss_scale
+        if inp.entropy_weight is not None:  # the entropy bonus is part of the loss too
+            inp.entropy_weight = inp.entropy_weight * loss_scale
 
 
 def unscaled_loss(loss_sum: torch.Tensor, loss_scale: float) -> torch.Tensor:

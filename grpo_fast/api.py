@@ -272,7 +272,7 @@ def _tau_tensor_loss(logits, completion_ids, advantages, rewards, old_logp, ref_
                                 backend="torch")
         zeros = torch.zeros((B, T), dtype=lp_v.dtype, device=logits.device)
         where = torch.nonzero(valid, as_tuple=True)
-        logp, entropy = zeros.index_put(where, lp_v), zeros.index_put(where, ent_v.detach())
+        logp, entropy = zeros.index_put(where, lp_v), zeros.index_put(where, ent_v)
     else:
         logp, entropy = _logprobs(logits, inp.ids, temperature=tau, return_entropy=True, backend=backend)
     loss, stats = _pk.loss_from_logp(logp, entropy, inp, None)
@@ -301,6 +301,9 @@ def _compiled_path(logits: torch.Tensor, inp: LossInputs, backend: str):
     """
     from . import _ops
 
+    if inp.entropy_weight is not None:
+        raise NotImplementedError("grpo_loss with entropy_coef != 0 is not supported under torch.compile yet; "
+                                  "call it eagerly (torch.compiler.disable) or set entropy_coef=0")
     codes, numbers = _ops.pack_config(inp.cfg)
     n_items = inp.num_items_in_batch
     if n_items is not None and not isinstance(n_items, torch.Tensor):

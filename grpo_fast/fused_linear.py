@@ -235,10 +235,12 @@ class _Transform:
 # pre-pass
 # --------------------------------------------------------------------------------------------
 
-def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs):
+def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs, entropy=None, entropy_weight=None):
     """loss = Σ w·L (differentiable in logp) and the stats sums except entropy.
 
     logp: (R, T) float32; mask, weight: (R, T); A: (R,) or (R, T); old, ref, isr: (R, T) | (R,) | None.
+    entropy_weight (R, T) or None (LossInputs.entropy_weight): the entropy bonus, loss −= Σ w_H·entropy,
+    with entropy (R, T) (differentiable where its gradient is wanted; masked tokens' values are dropped).
     """
     o = inp.options
     L, r, kl = per_token_loss(logp, mask, A, o, old_logp=old, ref_logp=ref, importance_sampling_ratio=isr,
@@ -249,6 +251,8 @@ def _loss_from_logp(logp, mask, weight, A, old, ref, isr, inp: LossInputs):
     if kl is not None:
         stats[STAT_KL] = (kl.detach() * mask).sum()
     loss = (weight * L).sum()
+    if entropy_weight is not None:  # where: a masked token's entropy (NaN if its logits hold one) is dropped
+        loss = loss - (entropy_weight * torch.where(mask != 0, entropy, torch.zeros_like(entropy))).sum()
     stats[STAT_LOSS] = loss.detach()
     return loss, stats
 
@@ -305,8 +309,9 @@ def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) ->
         def cut(x):
             return None if x is None else x[sl]
 
-        ids, mask, weight, A, old, ref, isr = (cut(x) for x in (inp.ids, inp.mask, inp.weight, plan.A,
-                                                                inp.old_logp, inp.ref_logp, inp.isr))
+        ids, mask, weight, A, old, ref, isr, ew = (cut(x) for x in (inp.ids, inp.mask, inp.weight, plan.A,
+                                                                    inp.old_logp, inp.ref_logp, inp.isr,
+                                                                    inp.entropy_weight))
     else:
         n = e - s
         logits = buf.view(1, n, plan.V)
@@ -322,15 +327,16 @@ def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) ->
                 x = x.view(B * T)[s:e]
             return x.reshape(1, n)
 
-        ids, mask, weight, A, old, ref, isr = (cut(x) for x in (inp.ids, inp.mask, inp.weight, plan.A,
-                                                                inp.old_logp, inp.ref_logp, inp.isr))
+        ids, mask, weight, A, old, ref, isr, ew = (cut(x) for x in (inp.ids, inp.mask, inp.weight, plan.A,
+                                                                    inp.old_logp, inp.ref_logp, inp.isr,
+                                                                    inp.entropy_weight))
     cfg = dataclasses.replace(inp.cfg, temperature=plan.transform.kernel_temperature(inp.cfg.temperature), group_size=0)
     def contig(x):  # the backends read these by raw pointer (an expanded row can have stride 0)
         return None if x is None else x.contiguous()
 
     return dataclasses.replace(inp, logits=logits, ids=contig(ids), mask=contig(mask), advantages=contig(A),
                                rewards=None, old_logp=contig(old), ref_logp=contig(ref), isr=contig(isr),
-                               weight=contig(weight), cfg=cfg)
+                               weight=contig(weight), entropy_weight=contig(ew), cfg=cfg)
 
 
 class _Grads:
@@ -477,10 +483,13 @@ def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, wei
     valid = inp.mask != 0
     with torch.enable_grad():
         lp = logp.view(B, T).detach().requires_grad_(grads.any)
+        ent_v = torch.where(valid, entropy.view(B, T), 0.0)
         loss, stats = _loss_from_logp(torch.where(valid, lp, 0.0), inp.mask, inp.weight, plan.A, inp.old_logp,
-                                      inp.ref_logp, inp.isr, inp)
+                                      inp.ref_logp, inp.isr, inp, ent_v, inp.entropy_weight)
         g = torch.autograd.grad(loss, lp)[0].reshape(N) if grads.any else None
-    stats[STAT_ENTROPY] = torch.where(valid, entropy.view(B, T), 0.0).sum()
+    # the entropy bonus −Σ w_H·H: ∂loss/∂H = −w_H, into the same backward kernel as g
+    g_ent = None if inp.entropy_weight is None or g is None else (-inp.entropy_weight).reshape(N).contiguous()
+    stats[STAT_ENTROPY] = ent_v.sum()
     if g is None:
         return (stats,) + grads.finish(hidden, weight_in, bias_in)
     # Pass 2: recompute each chunk's logits (the same GEMM and transform: the saved lse parts match
@@ -492,8 +501,9 @@ def _run_prepass(plan: _Plan, hidden, hidden2d, weight, bias, grads: _Grads, wei
         h_c = _cast(hidden2d[s:e], plan.dtype)
         chunk = plan.transform.forward_(_matmul_chunk(h_c, weight, bias, buf[:n]))
         grad = chunk if gbuf is None else gbuf[:n]
-        plan.impl.logprobs_backward(chunk.view(1, n, V), ids[s:e].view(1, n), tau_k, lse[s:e].view(1, n, 2), None,
-                                    g[s:e].view(1, n), None, grad.view(1, n, V))
+        plan.impl.logprobs_backward(chunk.view(1, n, V), ids[s:e].view(1, n), tau_k, lse[s:e].view(1, n, 2),
+                                    None if g_ent is None else entropy[s:e].view(1, n), g[s:e].view(1, n),
+                                    None if g_ent is None else g_ent[s:e].view(1, n), grad.view(1, n, V))
         grads.add_chunk(plan.transform.backward_(grad, chunk), h_c, weight, s, e)
     return (stats,) + grads.finish(hidden, weight_in, bias_in)
 

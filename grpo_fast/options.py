@@ -44,6 +44,11 @@ class GRPOOptions:
         max_completion_length: the dr_grpo normalizer (default T).
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 and A ≤ 0.
         use_bias_correction_kl: multiply the KL term by the importance ratio.
+        entropy_coef: c, TRL's entropy bonus: loss = policy loss − c·Σ m·H / Σ m, the mean entropy of
+            this call's valid tokens at ``temperature`` (TRL 1.16 ``_compute_loss``: not normalized by
+            ``num_items_in_batch`` nor by the loss type's aggregation); its gradient −c·∂H/∂z is
+            written in the same fused pass. 0 (default) = off. TRL's adaptive coefficient is a new
+            value per call.
     """
 
     loss_type: str = "dapo"
@@ -61,6 +66,7 @@ class GRPOOptions:
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
     use_bias_correction_kl: bool = False
+    entropy_coef: float = 0.0
 
     @classmethod
     def from_kwargs(cls, where: str, kwargs: dict) -> "GRPOOptions":

@@ -174,6 +174,7 @@ def flat_inputs(inp: LossInputs, lay: Layout, logits3: torch.Tensor) -> LossInpu
         return None if x is None else lay.unpad(x)
 
     return replace(inp, logits=logits3, ids=flat(inp.ids), mask=flat(inp.mask), weight=flat(inp.weight),
+                   entropy_weight=flat(inp.entropy_weight),
                    advantages=flat(A), rewards=None, old_logp=flat(inp.old_logp), ref_logp=flat(inp.ref_logp),
                    isr=flat(isr), cfg=replace(inp.cfg, group_size=0))
 
@@ -196,9 +197,10 @@ def loss_from_logp(logp: torch.Tensor, entropy: torch.Tensor, inp: LossInputs, l
     pad = (lambda x: x.reshape(inp.mask.shape)) if lay is None else lay.pad  # noqa: E731  (None: already (B, T))
     lp = pad(logp.reshape(-1).float())
     lp = torch.where(valid, lp, torch.zeros_like(lp))
-    loss, stats = _loss_from_logp(lp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp)
-    ent = pad(entropy.detach().reshape(-1).float())
-    stats[STAT_ENTROPY] = torch.where(valid, ent, torch.zeros_like(ent)).sum()
+    ent = pad(entropy.reshape(-1).float())  # differentiable: the entropy bonus (entropy_coef) reads it
+    loss, stats = _loss_from_logp(lp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp,
+                                  ent, inp.entropy_weight)
+    stats[STAT_ENTROPY] = torch.where(valid, ent.detach(), torch.zeros_like(ent)).sum()
     return loss, stats
 
 
@@ -213,5 +215,5 @@ def valid_logprobs(fn, rows: torch.Tensor, inp: LossInputs, lay: Layout, eager: 
     idx = torch.nonzero(lay.unpad(inp.mask)[0] != 0, as_tuple=True)[0]
     lp_v, ent_v = fn(rows[idx], ids[idx], return_entropy=True, **kw)
     zeros = torch.zeros(lay.N, dtype=lp_v.dtype, device=lp_v.device)
-    return zeros.index_put((idx,), lp_v), zeros.index_put((idx,), ent_v.detach())
+    return zeros.index_put((idx,), lp_v), zeros.index_put((idx,), ent_v)
 

@@ -253,7 +253,10 @@ def grpo_loss_reference(
     # its log-prob and entropy are 0, and where's backward gives its logits an exact 0 gradient.
     valid = mask != 0
     z = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-    logp, entropy = token_logprobs_reference(z, completion_ids, o.temperature, return_entropy=True)
+    if o.entropy_coef != 0.0:  # the entropy bonus differentiates the entropy too
+        logp, entropy = logprobs_reference(z, completion_ids, o.temperature, return_entropy=True)
+    else:
+        logp, entropy = token_logprobs_reference(z, completion_ids, o.temperature, return_entropy=True)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     if advantages is None:
@@ -263,6 +266,8 @@ def grpo_loss_reference(
 
     loss = aggregate(L, mask, LOSS_TABLE[o.loss_type].aggregation, max_completion_length=o.max_completion_length,
                      num_items_in_batch=num_items_in_batch)
+    if o.entropy_coef != 0.0:  # TRL's entropy bonus: c times the mean entropy of this call's valid tokens
+        loss = loss - o.entropy_coef * (entropy * mask).sum() / mask.sum().clamp(min=1.0)
 
     # Metrics: masked means over valid tokens; clip flags over rows where they are the row's.
     n_tok = mask.sum().clamp(min=1.0)

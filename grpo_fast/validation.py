@@ -258,6 +258,8 @@ class LossInputs:
     max_completion_length: int
     num_items_in_batch: Optional[float]  # or a 0-d float64 tensor under torch.compile
     options: Optional[GRPOOptions] = None  # the validated options, numbers as floats, epsilon_high resolved
+    # (B, T) float32 c·m/Σm (entropy_coef c): loss −= Σ entropy_weight·H, and its gradient; None: c = 0
+    entropy_weight: Optional[torch.Tensor] = None
 
 
 def check_group_size(group_size, B: int) -> int:
@@ -299,6 +301,16 @@ def aggregation_weights(mask: torch.Tensor, loss_type: str, max_completion_lengt
             n = torch.ones((), dtype=torch.float64) * num_items_in_batch
         c = 1.0 / n.clamp(min=1.0)
     return (m * c).to(torch.float32)
+
+
+def entropy_weights(mask: torch.Tensor, entropy_coef: float) -> Optional[torch.Tensor]:
+    """w_H[b, t] = c·m / max(Σ m, 1): the entropy bonus −Σ w_H·H is c times the mean entropy of this
+    call's valid tokens (TRL 1.16's entropy_loss before its accumulation division), whatever the loss
+    type's aggregation. In float64, then rounded, as aggregation_weights. None when c = 0 (off)."""
+    if entropy_coef == 0.0:
+        return None
+    m = mask.to(torch.float64)
+    return (m * (entropy_coef / m.sum().clamp(min=1.0))).to(torch.float32)
 
 
 def check_adv_eps(adv_eps) -> float:
@@ -371,7 +383,7 @@ def validate_loss_args(
     o = GRPOOptions() if options is None else options
     (loss_type, importance_sampling_level, beta, kl_estimator, epsilon_low, epsilon_high, delta, temperature,
      scale_rewards, adv_eps, group_size, max_completion_length, sapo_temperature_pos, sapo_temperature_neg,
-     use_bias_correction_kl) = (getattr(o, name) for name in OPTION_FIELDS)
+     use_bias_correction_kl, entropy_coef) = (getattr(o, name) for name in OPTION_FIELDS)
     # -- options (no tensor touched yet)
     lt = _choice("loss_type", loss_type, LOSS_TYPES)
     kl = _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
@@ -389,6 +401,7 @@ def validate_loss_args(
     sapo_neg = _number("sapo_temperature_neg", sapo_temperature_neg, check_value=check_values)
     n_items = _number("num_items_in_batch", num_items_in_batch, allow_none=True, check_value=check_values,
                       keep_tensor=not check_values)
+    entropy_coef = float32_option("entropy_coef", entropy_coef)
     if check_values:
         check_number_values(loss_type, temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                             delta=delta, beta=beta, adv_eps=adv_eps, sapo_temperature_pos=sapo_pos,
@@ -470,5 +483,6 @@ def validate_loss_args(
         options=dataclasses.replace(o, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                                     temperature=temperature, adv_eps=adv_eps, group_size=G or None,
                                     max_completion_length=mcl, sapo_temperature_pos=sapo_pos,
-                                    sapo_temperature_neg=sapo_neg),
+                                    sapo_temperature_neg=sapo_neg, entropy_coef=entropy_coef),
+        entropy_weight=entropy_weights(mask, entropy_coef),
     )

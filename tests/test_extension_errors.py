@@ -20,7 +20,8 @@ def test_cpu_allocation_failure_is_a_python_exception():
             grad_stride_t=0, ids=dummy, mask=dummy, weight=dummy, advantages=dummy, adv_per_token=False, rewards=0,
             group_size=0, scale_rewards=1, adv_eps=1e-4, old_logp=0, ref_logp=0, isr=0, isr_per_token=False,
             family=0, kl_estimator=0, level=0, has_delta=False, bias_correction_kl=False, temperature=1.0,
-            eps_low=0.2, eps_high=0.2, delta=0.0, beta=0.0, sapo_temp_pos=1.0, sapo_temp_neg=1.05, logp=dummy,
+            eps_low=0.2, eps_high=0.2, delta=0.0, beta=0.0, sapo_temp_pos=1.0, sapo_temp_neg=1.05,
+            log_ratio_clamp=float("inf"), dual_clip_c=0.0, is_lo=0.0, is_hi=0.2, entropy_weight=0, logp=dummy,
             stats=dummy, nthreads=1)
 
 

@@ -343,7 +343,9 @@ def test_adaptive_entropy_matches_trl_over_steps(tiny, tmp_path):
     for seed in range(3):
         inputs = _batch(ref_tr, seed=seed)
         _assert_same_step(_step(ref_tr, inputs), _step(our_tr, inputs))
-        assert our_tr.entropy_coef == ref_tr.entropy_coef and our_tr._last_world_entropy == ref_tr._last_world_entropy
+        assert our_tr.entropy_coef == ref_tr.entropy_coef
+        # the window's mean entropy: the fused loss sums it in its own order (float32 rounding apart)
+        assert math.isclose(our_tr._last_world_entropy, ref_tr._last_world_entropy, rel_tol=1e-6)
     assert ref_tr.entropy_coef > 0.05  # the controller moved (entropy below the target: the coefficient grows)
 
 
@@ -358,6 +360,20 @@ def test_ignored_options_do_not_change_the_step(tiny, tmp_path, loss_type):
     (l0, g0, m0), (l1, g1, m1) = _step(plain, inputs), _step(odd, inputs)
     assert torch.equal(l0, l1) and m0 == m1
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+@pytest.mark.parametrize("case", ["entropy_coef_dapo", "entropy_coef_grpo_seq", "entropy_coef_logits_path",
+                                  "entropy_coef_eval"])
+def test_entropy_bonus_runs_in_the_fused_loss(tiny, tmp_path, monkeypatch, case):
+    """The entropy bonus (without top_entropy_quantile) is computed by the fused loss (entropy_coef), not on
+    the log-prob primitive: the step still matches TRL with the primitive made unusable."""
+    import grpo_fast.integrations.trl as drop_in
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the entropy bonus went through the log-prob primitive")
+
+    monkeypatch.setattr(drop_in, "_linear_logprobs", refuse)
+    _compare(tiny, tmp_path, **OPTION_CASES[case])
 
 
 @pytest.mark.parametrize("config, words", [

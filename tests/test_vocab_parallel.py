@@ -106,6 +106,13 @@ def run_cases(x, shard, group, mesh=None):
                                         loss_type="grpo", temperature=TAU, backend="cpu", **kw)
     loss.backward()
     out["grpo_loss"] = dict(loss=loss, entropy=metrics["entropy"], clip=metrics["clip_ratio"], d_logits=z.grad)
+    # TRL's entropy bonus: across ranks through the primitive's entropy gradient, in one process in the kernel
+    z = sharded(x["z"])
+    loss, metrics = grpo_fast.grpo_loss(z, x["ids"], x["adv"], old_logp=x["old"], completion_mask=x["mask"],
+                                        loss_type="dapo", importance_sampling_level="sequence", temperature=TAU,
+                                        entropy_coef=0.4, backend="cpu", **kw)
+    loss.backward()
+    out["grpo_loss_entropy_coef"] = dict(loss=loss, entropy=metrics["entropy"], d_logits=z.grad)
 
     h, w = _leaf(x["hidden"]), sharded(x["weight"], 0)
     loss, metrics = grpo_fast.fused_linear_grpo_loss(h, w, x["ids"], x["adv"], old_logp=x["old"],
@@ -113,6 +120,12 @@ def run_cases(x, shard, group, mesh=None):
                                                      temperature=x["tau_t"], backend="cpu", **kw)
     loss.backward()
     out["fused_linear_grpo_loss"] = dict(loss=loss, entropy=metrics["entropy"], d_hidden=h.grad, d_weight=w.grad)
+    h, w = _leaf(x["hidden"]), sharded(x["weight"], 0)
+    loss, metrics = grpo_fast.fused_linear_grpo_loss(h, w, x["ids"], x["adv"], old_logp=x["old"],
+                                                     completion_mask=x["mask"], loss_type="grpo", chunk_size=5,
+                                                     temperature=TAU, entropy_coef=0.4, backend="cpu", **kw)
+    loss.backward()
+    out["fused_linear_entropy_coef"] = dict(loss=loss, d_hidden=h.grad, d_weight=w.grad)
 
     h, w = _leaf(x["hidden"].reshape(B * T, H)), sharded(x["weight"], 0)
     lp, ent = linear_cross_entropy(h, w, x["ids"].reshape(-1), TAU, "none", group)

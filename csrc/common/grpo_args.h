@@ -51,6 +51,9 @@ struct LossArgs {
   double temperature = 1.0;           // τ unrounded (params.temperature is its float32 rounding)
   float* logp = nullptr;              // out (B, T) float32
   float* stats = nullptr;             // out (NUM_STATS,) float32 sums (grpo_math.h, enum Stat)
+  // The entropy bonus (entropy_coef): (B, T) w_H = c·m/Σm, loss −= Σ w_H·H and each row's gradient adds
+  // −w_H·∂H/∂z_j = w_H·p_j·(log p_j + H)/τ; null: off (validation.py: entropy_weights).
+  const float* entropy_weight = nullptr;
 };
 
 // Per-token log-probs (and entropy when entropy != null), both (B, T) float32; with lse != null also

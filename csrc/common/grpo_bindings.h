@@ -127,6 +127,7 @@ inline LossArgs loss_args(Kw& kw) {
   a.temperature = kw.get<double>("temperature");
   a.logp = kw.ptr<float>("logp");
   a.stats = kw.ptr<float>("stats");
+  a.entropy_weight = kw.ptr<const float>("entropy_weight");
   return a;
 }
 

@@ -168,10 +168,36 @@ static inline uint8_t pack_flags(const TokenTerms& tt) {
 // Tokens per OpenMP work item: about 16k logits, so tiny vocabularies do not pay per-row overhead.
 static inline int64_t chunk_tokens(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
 
-// Writes ∂loss/∂z of one row given g = ∂loss/∂logp (already including the aggregation weight).
+// One row's ∂L/∂z_j = [gl·(1[j = y] − p_j) − gh·p_j·(log p_j + H)] / τ from the upstream gradients
+// gl = ∂L/∂logp and gh = ∂L/∂H, with log p_j = (x_j − xmax) − log_s (the two lse parts) and lpy = log p_y
+// formed the same way: the backward of grpo_fast.logprobs, and the fused loss's rows with an entropy
+// bonus. One read of the row (grad_lp), then the target entry. grow may equal zrow (lpy is known).
+static inline void write_row_grad_lp(const RowKernels& K, int32_t dtype, const void* zrow, void* grow, int64_t V,
+                                     int64_t y, float inv_tau, float xmax, float log_s, float lpy, float gl, float gh,
+                                     float H) {
+  const float bb = -gh * inv_tau;
+  K.grad_lp[dtype](zrow, grow, V, inv_tau, xmax, log_s, -(gl + gh * H) * inv_tau, bb, /*stream=*/grow != zrow);
+  // Target: gl·(1 − p_y)/τ with 1 − p_y = −expm1(log p_y) (accurate when p_y is near 1), plus the
+  // entropy term p_y·bb·(log p_y + H).
+  const float py = expf(lpy);
+  float vy = gl * inv_tau * -expm1f(lpy);
+  if (gh != 0.f && py > 0.f) vy += py * bb * (lpy + H);
+  char* gy = static_cast<char*>(grow) + y * elem_size(dtype);
+  if (dtype == DTYPE_F32) *reinterpret_cast<float*>(gy) = vy;
+  else if (dtype == DTYPE_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
+  else *reinterpret_cast<uint16_t*>(gy) = f32_to_f16(vy);
+}
+
+// Writes ∂loss/∂z of one row given g = ∂loss/∂logp (already including the aggregation weight) and
+// gh = ∂loss/∂H (the entropy bonus, −w_H; 0 without it) with H the row's entropy.
 // ebuf: the row's e^(x − max) kept by stats_keep, or null (then they are recomputed from the logits).
 static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void* zrow, const float* ebuf, void* grow,
-                                  int64_t V, int64_t y, float inv_tau, float xmax, float sum, float logp, float g) {
+                                  int64_t V, int64_t y, float inv_tau, float xmax, float sum, float logp, float g,
+                                  float gh, float H) {
+  if (gh != 0.f) {  // the entropy bonus: the log-prob primitive's backward row (reads the row, no kept exps)
+    write_row_grad_lp(K, dtype, zrow, grow, V, y, inv_tau, xmax, logf(sum), logp, g, gh, H);
+    return;
+  }
   // A separate gradient buffer is not in cache: streaming stores. In place, the row was just read.
   const bool stream = grow != zrow;
   if (g == 0.f) {  // masked, clipped or zero-advantage token: the whole row is 0 (no exp needed)
@@ -278,7 +304,8 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
       flags[n] = pack_flags(tt);
       if (a.grad) {
         const float g = a.weight[n] * (tt.d_logp + r * tt.d_ratio);
-        write_row_grad(K, dtype, zrow, ebuf.data(), grow_at(b, t), V, a.ids[n], inv_tau, rs.xmax, rs.sum, rs.logp, g);
+        write_row_grad(K, dtype, zrow, ebuf.data(), grow_at(b, t), V, a.ids[n], inv_tau, rs.xmax, rs.sum, rs.logp, g,
+                       a.entropy_weight ? -a.entropy_weight[n] : 0.f, rs.entropy);
       }
     }
   }
@@ -323,7 +350,7 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
       for (int64_t n = 0; n < N; ++n) {
         const int64_t b = n / T, t = n % T;
         write_row_grad(K, dtype, zrow_at(b, t), nullptr, grow_at(b, t), V, a.ids[n], inv_tau, xmax[n], ssum[n], logp[n],
-                       gtok[n]);
+                       gtok[n], a.entropy_weight ? -a.entropy_weight[n] : 0.f, ent[n]);
       }
     }
   }
@@ -334,6 +361,7 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
     for (int64_t t = 0; t < T; ++t, ++n) {
       const double m = a.mask[n];
       s[STAT_LOSS] += (double)a.weight[n] * (double)loss[n];
+      if (a.entropy_weight) s[STAT_LOSS] -= (double)a.entropy_weight[n] * (double)ent[n];  // the entropy bonus
       s[STAT_ENTROPY] += m * (double)ent[n];
       s[STAT_KL] += m * (double)kl[n];
       const uint8_t f = flags[n];
@@ -403,7 +431,6 @@ static void logprobs_bwd_impl(const LogprobGradArgs& a, int nthreads) {
     }
     const float inv_tau = (float)(1.0 / (double)(a.tau_rows ? a.tau_rows[n] : tau0));
     const float H = g_h != 0.f ? a.entropy[n] : 0.f;
-    const float aa = -(g_l + g_h * H) * inv_tau, bb = -g_h * inv_tau;
     // The target logit is read first: grow may be the logits themselves.
     const int64_t y = a.ids[n];
     float zy;
@@ -411,17 +438,8 @@ static void logprobs_bwd_impl(const LogprobGradArgs& a, int nthreads) {
     else if (dtype == DTYPE_BF16) zy = bf16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
     else zy = f16_to_f32(*reinterpret_cast<const uint16_t*>(zrow + y * es));
     const float xmax = a.lse[2 * n], log_s = a.lse[2 * n + 1];
-    K.grad_lp[dtype](zrow, grow, V, inv_tau, xmax, log_s, aa, bb, /*stream=*/grow != zrow);
-    // Target: gl·(1 − p_y)/τ with 1 − p_y = −expm1(log p_y) (accurate when p_y is near 1), plus the
-    // entropy term p_y·bb·(log p_y + H), log p_y formed as in the row kernel.
     const float lpy = (zy * inv_tau - xmax) - log_s;  // -ffp-contract=off: x_y rounded first, as vshift does
-    const float py = expf(lpy);
-    float vy = g_l * inv_tau * -expm1f(lpy);
-    if (g_h != 0.f && py > 0.f) vy += py * bb * (lpy + H);
-    char* gy = grow + y * es;
-    if (dtype == DTYPE_F32) *reinterpret_cast<float*>(gy) = vy;
-    else if (dtype == DTYPE_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
-    else *reinterpret_cast<uint16_t*>(gy) = f32_to_f16(vy);
+    write_row_grad_lp(K, dtype, zrow, grow, V, y, inv_tau, xmax, log_s, lpy, g_l, g_h, H);
   }
 }
 

@@ -461,6 +461,9 @@ struct DevArgs {
   LossParams p;
   float k2;   // log2(e)/τ
   double tau;  // τ as Python gave it (p.temperature is its float32 rounding)
+  // The entropy bonus: (B, T) w_H (loss −= Σ w_H·H), or null: off. A row with it writes the log-prob
+  // backward's row_value (RowLpGrad) with gl = ∂L/∂logp and gh = −w_H.
+  const float* ent_w;
 };
 
 __device__ __forceinline__ float load_or(const float* p, int64_t i, float dflt) { return p ? p[i] : dflt; }
@@ -504,12 +507,43 @@ __device__ __forceinline__ Lse row_sweep(const T* row, int64_t y, int V, float k
   return block_reduce_lse(row_lse(row, V, k2), k2);
 }
 
+// What logprob_grad_kernel needs of a row: log p_j = (x_j·inv_tau − shift) − log_s, the upstream
+// gradients and H.
+struct RowLpGrad {
+  float inv_tau, shift, log_s, gl, gh, H;
+};
+
+// ∂L/∂z_j = (g_logp·(1[j = y] − p_j) − g_H·p_j·(log p_j + H))/τ. A −inf logit has p_j = 0 and its
+// log p_j is replaced by 0 (never 0·(−inf)); a NaN logit stays NaN.
+__device__ __forceinline__ float row_value(float x, int j, int y, const RowLpGrad& r) {
+  // no FMA contraction: the forward's rounding of x/τ; x − shift is exact near the max
+  const float lp = (__fmul_rn(x, r.inv_tau) - r.shift) - r.log_s;
+  const float p = expf(lp);
+  const float d = r.gl * ((j == y ? 1.f : 0.f) - p) - r.gh * p * ((p > 0.f ? lp : 0.f) + r.H);
+  return d * r.inv_tau;
+}
+
+// The log-prob backward's sweep of a row (row_write, forwards). zero: both upstream gradients are 0
+// (a token the loss masked out): zeros, the row is not read.
+template <typename T>
+__device__ __forceinline__ void row_lp_grad(const T* row, T* grow, int V, int y, bool zero, const RowLpGrad& r) {
+  row_write<T, false>(row, grow, V, y, zero, r);
+}
+
+// The fused loss's row with the entropy bonus, as a log-prob backward row: from the row max m (logit
+// units) and log2 s of sweep 1, the lse parts are formed as logprob_kernel stores them (shift = m·(1/τ),
+// ln s), then row_value(RowLpGrad) writes (gl·(1[j = y] − p_j) − gh·p_j·(log p_j + H))/τ.
+__device__ __forceinline__ RowLpGrad ent_row(float m, float log2s, double tau, float gl, float gh, float H) {
+  const float inv_tau = (float)(1.0 / tau);
+  return RowLpGrad{inv_tau, __fmul_rn(m, inv_tau), log2s * kLn2, gl, gh, H};
+}
+
 // Token level: one block per token row at a time (blocks loop over rows, see row_grid()): logp,
 // the token's stats and (when asked) its gradient row. A masked row (m = 0) is not read: zeros,
 // a zero gradient row (a NaN in it does not reach the loss). m is the block's: the branch is uniform.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevArgs a) {
-  __shared__ float sh_bcast[2];
+  __shared__ float sh_bcast[4];  // log2 s, g/τ; with the entropy bonus also H, −w_H
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
     const int64_t b = n / a.T, t = n - b * a.T;
     if (a.mask[n] == 0.f) {
@@ -538,7 +572,8 @@ __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevAr
       const float r = expf(logp - (a.old ? a.old[n] : logp));
       const TokenTerms o = token_terms(a.p, logp, ref, A, isr, r);
       float part[NUM_STATS] = {};
-      part[STAT_LOSS] = w * o.loss;
+      const float ew = load_or(a.ent_w, n, 0.f);
+      part[STAT_LOSS] = w * o.loss - ew * ent;
       part[STAT_ENTROPY] = m * ent;
       part[STAT_KL] = m * o.kl;
       count_flags(part, o.clip_low, o.clip_high, o.cispo_clip, flag_weight(TOKEN, a.adv_st != 0, t, m));
@@ -546,10 +581,16 @@ __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevAr
       for (int k = 0; k < NUM_STATS; ++k) a.parts[n * NUM_STATS + k] = part[k];
       sh_bcast[0] = rs.log2s;
       sh_bcast[1] = w * (o.d_logp + r * o.d_ratio) / a.p.temperature;  // g/τ; dr/dlogp = r at token level
+      sh_bcast[2] = ent;
+      sh_bcast[3] = -ew;
     }
     if (a.grad != nullptr) {
       __syncthreads();
-      row_grad(row, grad_row<T>(a, b, t), (int)a.V, (int)y, RowSoftmax{st.m, a.k2, sh_bcast[0], sh_bcast[1]});
+      if (a.ent_w != nullptr)  // the entropy bonus: the log-prob backward's row, gl = g, gh = −w_H (backwards)
+        row_write<T, true>(row, grad_row<T>(a, b, t), (int)a.V, (int)y, false,
+                           ent_row(st.m, sh_bcast[0], a.tau, sh_bcast[1] * a.p.temperature, sh_bcast[3], sh_bcast[2]));
+      else
+        row_grad(row, grad_row<T>(a, b, t), (int)a.V, (int)y, RowSoftmax{st.m, a.k2, sh_bcast[0], sh_bcast[1]});
     }
     // Next row: thread 0 rewrites sh_bcast only after the next reduction's barriers, which every
     // thread reaches after it has read sh_bcast above.
@@ -593,29 +634,6 @@ __global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a
       }
     }
   }
-}
-
-// What logprob_grad_kernel needs of a row: log p_j = (x_j·inv_tau − shift) − log_s, the upstream
-// gradients and H.
-struct RowLpGrad {
-  float inv_tau, shift, log_s, gl, gh, H;
-};
-
-// ∂L/∂z_j = (g_logp·(1[j = y] − p_j) − g_H·p_j·(log p_j + H))/τ. A −inf logit has p_j = 0 and its
-// log p_j is replaced by 0 (never 0·(−inf)); a NaN logit stays NaN.
-__device__ __forceinline__ float row_value(float x, int j, int y, const RowLpGrad& r) {
-  // no FMA contraction: the forward's rounding of x/τ; x − shift is exact near the max
-  const float lp = (__fmul_rn(x, r.inv_tau) - r.shift) - r.log_s;
-  const float p = expf(lp);
-  const float d = r.gl * ((j == y ? 1.f : 0.f) - p) - r.gh * p * ((p > 0.f ? lp : 0.f) + r.H);
-  return d * r.inv_tau;
-}
-
-// The log-prob backward's sweep of a row (row_write, forwards). zero: both upstream gradients are 0
-// (a token the loss masked out): zeros, the row is not read.
-template <typename T>
-__device__ __forceinline__ void row_lp_grad(const T* row, T* grow, int V, int y, bool zero, const RowLpGrad& r) {
-  row_write<T, false>(row, grow, V, y, zero, r);
 }
 
 // Backward of grpo_fast.logprobs: one block per token row at a time, one read of the row (the saved
@@ -676,7 +694,7 @@ __global__ void __launch_bounds__(kSeqThreads) seq_row_kernel(const DevArgs a) {
       if (a.gbuf) a.gbuf[n] = 0.f;
       continue;
     }
-    acc[STAT_LOSS] += w * o.loss;
+    acc[STAT_LOSS] += w * o.loss - load_or(a.ent_w, n, 0.f) * a.entropy[n];
     acc[STAT_ENTROPY] += m * a.entropy[n];
     acc[STAT_KL] += m * o.kl;
     acc[NUM_STATS - 1] += w * o.d_ratio;
@@ -704,11 +722,16 @@ __global__ void __launch_bounds__(kMaxRowThreads) seq_grad_kernel(const DevArgs 
     const int64_t b = n / a.T, t = n - b * a.T;
     const T* row = logits_row<T>(a, b, t);
     T* grow = grad_row<T>(a, b, t);
-    if (a.gbuf[n] == 0.f) {  // a masked row (or g = 0): zeros, the row is not read
+    const float ew = load_or(a.ent_w, n, 0.f);
+    if (a.gbuf[n] == 0.f && ew == 0.f) {  // a masked row (or g = 0): zeros, the row is not read
       row_zero(grow, (int)a.V);
       continue;
     }
-    row_grad(row, grow, (int)a.V, (int)a.ids[n], RowSoftmax{a.rmax[n], a.k2, a.log2s[n], a.gbuf[n] / a.p.temperature});
+    if (ew != 0.f)  // the entropy bonus: the log-prob backward's row, gl = g, gh = −w_H
+      row_write<T, false>(row, grow, (int)a.V, (int)a.ids[n], false,
+                          ent_row(a.rmax[n], a.log2s[n], a.tau, a.gbuf[n], -ew, a.entropy[n]));
+    else
+      row_grad(row, grow, (int)a.V, (int)a.ids[n], RowSoftmax{a.rmax[n], a.k2, a.log2s[n], a.gbuf[n] / a.p.temperature});
   }
 }
 
@@ -919,6 +942,7 @@ void fused_loss(const LossArgs& f, const Context& c) {
   d.isr_st = f.isr_per_token ? 1 : 0;
   d.p = f.params;
   d.parts = c.scratch + S.parts;
+  d.ent_w = f.entropy_weight;
 
   // 2. advantages: given, or from rewards in a one-block kernel ("fused advantage broadcast": a
   //    (B,) vector, never a (B, T) tensor)

@@ -69,7 +69,8 @@ def fused_loss(ext, inp, grad: Optional[torch.Tensor], **context):
     Args:
         inp: validation.LossInputs — logits (B, T, V) fp32/bf16/fp16 with stride(-1) == 1 and any B/T
             strides; ids (B, T) int64; mask, weight (B, T) f32; advantages (B,)|(B, T) or rewards (B,);
-            old/ref (B, T) or None; isr (B,)|(B, T) or None; cfg: KernelConfig.
+            old/ref (B, T) or None; isr (B,)|(B, T) or None; cfg: KernelConfig; entropy_weight (B, T) or
+            None (the entropy bonus).
         grad: None, or (B, T, V) of the logits' dtype, stride(-1) == 1 — possibly the logits themselves
             (inplace): receives ∂loss/∂logits for grad_output = 1.
         context: the extension's execution keywords.
@@ -81,7 +82,7 @@ def fused_loss(ext, inp, grad: Optional[torch.Tensor], **context):
     B, T, _ = logits.shape
     dev = logits.device
     assert inp.ids.dtype == torch.int64 and inp.ids.is_contiguous() and inp.ids.device == dev
-    for name in ("mask", "weight", "advantages", "rewards", "old_logp", "ref_logp", "isr"):
+    for name in ("mask", "weight", "advantages", "rewards", "old_logp", "ref_logp", "isr", "entropy_weight"):
         _check_side(name, getattr(inp, name), dev)
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
     stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=dev)
@@ -94,7 +95,7 @@ def fused_loss(ext, inp, grad: Optional[torch.Tensor], **context):
         old_logp=ptr(inp.old_logp), ref_logp=ptr(inp.ref_logp) if cfg.beta != 0.0 else 0,
         isr=ptr(isr), isr_per_token=isr is not None and isr.dim() == 2,
         **params_kwargs(cfg),
-        logp=logp.data_ptr(), stats=stats.data_ptr(), **context,
+        logp=logp.data_ptr(), stats=stats.data_ptr(), entropy_weight=ptr(inp.entropy_weight), **context,
     )
     return stats, logp
 

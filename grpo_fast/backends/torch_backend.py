@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .._config import STAT_ENTROPY
-from ..reference import group_advantages_reference, token_logprobs_reference
+from ..reference import group_advantages_reference, logprobs_reference, token_logprobs_reference
 
 DEVICE_TYPES = None  # any device torch computes on
 
@@ -34,13 +34,17 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
         # Valid rows only (docs/spec.md): a masked row's logits are replaced by zeros before the softmax,
         # so a NaN or inf there reaches neither the loss, nor the metrics, nor the gradient (its row is 0).
         valid = (inp.mask != 0).unsqueeze(-1)
-        logp, entropy = token_logprobs_reference(torch.where(valid, z, torch.zeros((), dtype=z.dtype)), inp.ids,
-                                                 inp.cfg.temperature, return_entropy=True)
+        zv = torch.where(valid, z, torch.zeros((), dtype=z.dtype))
+        if inp.entropy_weight is None:
+            logp, entropy = token_logprobs_reference(zv, inp.ids, inp.cfg.temperature, return_entropy=True)
+        else:  # the entropy bonus: the entropy with its gradient
+            logp, entropy = logprobs_reference(zv, inp.ids, inp.cfg.temperature, return_entropy=True)
         A = inp.advantages
         if A is None:
             A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
-        loss, stats = _loss_from_logp(logp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp)
-        stats[STAT_ENTROPY] = (entropy * inp.mask).sum()
+        loss, stats = _loss_from_logp(logp, inp.mask, inp.weight, A, inp.old_logp, inp.ref_logp, inp.isr, inp,
+                                      entropy, inp.entropy_weight)
+        stats[STAT_ENTROPY] = (entropy.detach() * inp.mask).sum()
         if grad is not None:
             (g,) = torch.autograd.grad(loss, z)
             grad.copy_(g)  # after autograd is done reading z: grad may alias the logits

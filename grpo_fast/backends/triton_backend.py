@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .._config import NUM_STATS
+from .._config import NUM_STATS, STAT_LOSS
 
 # Set before Triton is imported (tests/conftest.py does it without a GPU): the kernels then run in
 # Triton's NumPy interpreter, on CPU tensors.
@@ -253,6 +253,7 @@ def _fused_loss(inp, grad, z, B, T, V, N, dev):
     dummy = torch.empty(1, dtype=torch.float32, device=dev)  # stands for absent optional tensors
     ptrs, floats, flags = _common_args(inp, dummy)
     cfg = inp.cfg
+    ew = inp.entropy_weight  # the entropy bonus (B, T), or None
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
     g_strides = _row_strides(grad) if grad is not None else (0, 0)
 
@@ -269,6 +270,7 @@ def _fused_loss(inp, grad, z, B, T, V, N, dev):
             N=N, T=T, V=V, G=max(cfg.group_size, 1), stride_lb=z.stride(0), stride_lt=z.stride(1),
             stride_gb=g_strides[0], stride_gt=g_strides[1],
             temperature=cfg.temperature, **floats, **flags, HAS_GRAD=grad is not None, SOFT_BF16=INTERPRET,
+            ew_ptr=ew if ew is not None else dummy, HAS_ENT=ew is not None,
         ), z)
         return stats.sum(0), logp
 
@@ -293,8 +295,12 @@ def _fused_loss(inp, grad, z, B, T, V, N, dev):
             logits_ptr=z, ids_ptr=inp.ids, lse_ptr=lse, g_ptr=g, grad_ptr=grad,
             T=T, V=V, stride_lb=z.stride(0), stride_lt=z.stride(1),
             stride_gb=g_strides[0], stride_gt=g_strides[1], temperature=cfg.temperature, SOFT_BF16=INTERPRET,
+            ew_ptr=ew if ew is not None else dummy, entropy_ptr=entropy, HAS_ENT=ew is not None,
         ), z)
-    return stats.sum(0), logp
+    stats = stats.sum(0)
+    if ew is not None:  # the entropy bonus's share of the loss: −Σ w_H·H over pass 1's entropies
+        stats[STAT_LOSS] -= (ew * entropy).sum()
+    return stats, logp
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool):

@@ -42,8 +42,12 @@ TRL options and what they map to (all read from ``GRPOConfig`` / the trainer, as
     router_aux_loss_coef         MoE models: the router load-balancing loss is computed from the same
                                  backbone call and added as TRL adds it
 
-On the log-prob primitive: loss_type="vespo", the entropy bonus (entropy_coef, use_adaptive_entropy
-with entropy_target / entropy_coef_delta / _min / _max) and off_policy_mask_threshold need the
+The entropy bonus (entropy_coef, use_adaptive_entropy with entropy_target / entropy_coef_delta / _min /
+_max) runs in the fused loss (its ``entropy_coef`` option, rescaled for the drop-in's loss scaling), TRL's
+adaptive controller and its ``policy_loss`` / ``entropy_coef`` metrics around it.
+
+On the log-prob primitive: loss_type="vespo", off_policy_mask_threshold, and the entropy bonus together
+with top_entropy_quantile < 1 (TRL's bonus then averages over the high-entropy mask) need the
 per-token log-probs (and the entropy's gradient) before the loss. With any of them the drop-in runs
 ``grpo_fast.fused_linear_logprobs`` (no (B, T, V) logits; one fused backward) and evaluates TRL's loss
 in torch on the (B, T) vectors: ``reference.per_token_loss`` and ``reference.aggregate`` (the math every
@@ -477,11 +481,17 @@ class GRPOTrainer(_TRLGRPOTrainer):
         top_q = self.top_entropy_quantile
         backend, fused_linear, chunk = self.grpo_fast_backend, self.grpo_fast_fused_linear, self.grpo_fast_chunk_size
         cast_fp32 = self._grpo_fast_cast_fp32
-        # vespo, the entropy bonus and the off-policy mask need the log-probs (and the entropy's gradient)
-        # before the loss: the log-prob primitive, then TRL's loss in torch on the (B, T) vectors.
-        primitive = (self.loss_type in PRIMITIVE_LOSS_TYPES or self._entropy_bonus_enabled
-                     or self.off_policy_mask_threshold is not None)
+        # vespo and the off-policy mask need the log-probs before the loss: the log-prob primitive, then
+        # TRL's loss in torch on the (B, T) vectors. So does the entropy bonus with top_entropy_quantile < 1
+        # (TRL's bonus then averages over mask × the high-entropy mask, which the fused loss does not take).
+        bonus = self._entropy_bonus_enabled
+        primitive = (self.loss_type in PRIMITIVE_LOSS_TYPES or self.off_policy_mask_threshold is not None
+                     or (bonus and top_q < 1.0))
         extra = {}
+        if bonus and not primitive:
+            # The fused loss's entropy_coef: TRL subtracts c·mean_m(H)/GA from the loss, which the drop-in
+            # returns as `scale`·(the fused loss), so the fused loss gets c/(GA·scale).
+            opts = dict(opts, entropy_coef=self._grpo_fast_entropy_coef() / (ga * scale))
 
         def loss_fn(hidden, weight, bias, logit_scale, softcap):
             h = hidden[:, -T - 1:-1]  # position i scores token i + 1: the completion's T positions
@@ -523,6 +533,13 @@ class GRPOTrainer(_TRLGRPOTrainer):
             out = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=loss_fn,
                         grpo_fast_aux=aux_enabled)
         loss, metrics = out[0], out[1]
+        if bonus and not primitive:
+            # TRL's policy_loss metric and the adaptive controller's window statistics, from the fused loss:
+            # its entropy metric is mean_m(H) over this call's valid tokens, the bonus it subtracted c'·that.
+            h_mean, n_tok = metrics["entropy"].detach(), mask.sum().to(torch.float32)
+            policy = loss.detach() + opts["entropy_coef"] * h_mean
+            extra["policy_loss"] = policy * scale if LOSS_TABLE[lt].uses_num_items else policy
+            extra["entropy_stats"] = torch.stack([h_mean.to(n_tok.device) * n_tok, n_tok])
         if scale != 1.0 and not primitive:  # the primitive path returns the scaled loss (and the entropy bonus)
             loss = loss * scale
         if aux_enabled:
@@ -600,11 +617,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         if self._entropy_bonus_enabled:
             eff = maskf if entropy_mask is None else maskf * entropy_mask
             entropy_loss = (ent * eff).sum() / eff.sum().clamp(min=1.0) / (ga if mode == "train" else 1.0)
-            if self.use_adaptive_entropy:
-                coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
-            else:
-                coef = self.entropy_coef
-            loss = loss - coef * entropy_loss
+            loss = loss - self._grpo_fast_entropy_coef() * entropy_loss
             extra["entropy_stats"] = torch.stack([(ent * eff).sum(), eff.sum()]).detach()
 
         n_tok = maskf.sum().clamp(min=1.0)
@@ -616,6 +629,13 @@ class GRPOTrainer(_TRLGRPOTrainer):
             for name, count in reference.flag_counts(r, advantages.to(logp.dtype), maskf, o, rows).items():
                 metrics[name] = count / (mask.shape[0] if rows else n_tok)
         return loss, metrics
+
+    def _grpo_fast_entropy_coef(self) -> float:
+        """The coefficient TRL applies in this call: the one set at the end of the previous optimizer step,
+        gated off by the adaptive controller while the last window's entropy is above entropy_target."""
+        if self.use_adaptive_entropy and not self._last_world_entropy <= self.args.entropy_target:
+            return 0.0  # TRL's test, as written there (a NaN entropy gates the bonus off too)
+        return float(self.entropy_coef)
 
     def _grpo_fast_entropy_controller(self, mode, extra) -> None:
         """TRL's entropy-bonus bookkeeping: the policy_loss metric, the adaptive coefficient's window

@@ -133,9 +133,11 @@ def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _write_row_grad(z_row, g_row, y, shift, log_d, gs, V, temperature, BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr,
-                    REVERSE: tl.constexpr = False):
+                    REVERSE: tl.constexpr = False, hs=0.0, H=0.0, HAS_ENT: tl.constexpr = False):
     """g_row[j] = gs·(1[j == y] − p_j) for j < V, with gs = dL/dlogp / τ, x = z / τ and
     p_j = exp((x_j − shift) − log_d) (the lse in its two parts, see _online_lse_entropy).
+    HAS_ENT (the entropy bonus): minus hs·p_j·(log p_j + H), hs = dL/dH / τ and H the row's entropy
+    (∂H/∂x_j = −p_j·(log p_j + H), as _logprobs_bwd_kernel; log p_j taken as 0 where p_j = 0).
 
     REVERSE (the second sweep of a row the same program has just read): blocks from the last to
     the first, so the first block re-read is the one read last, still in L2. Either way the loads
@@ -155,10 +157,23 @@ def _write_row_grad(z_row, g_row, y, shift, log_d, gs, V, temperature, BLOCK_V: 
         cols = start + offs
         valid = cols < V
         x = tl.load(z_row + cols, mask=valid, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) / temperature
-        p = tl.exp((x - shift) - log_d)
+        lp = (x - shift) - log_d
+        p = tl.exp(lp)
         grad = gs * (tl.where(cols == y, 1.0, 0.0) - p)
+        if HAS_ENT:
+            grad -= hs * p * (tl.where(p > 0.0, lp, 0.0) + H)
         tl.store(g_row + cols, _round_to(grad, g_row.dtype.element_ty, SOFT_BF16), mask=valid,
                  eviction_policy="evict_first")
+
+
+@triton.jit
+def _entropy_term(coef_ptr, entropy_ptr, row, HAS: tl.constexpr):
+    """(a row's entropy coefficient, its entropy H) from (N,) vectors, or (0, 0) when not HAS: the
+    log-prob backward's ∂L/∂H, or the fused loss's entropy-bonus weight w_H."""
+    if HAS:
+        return tl.load(coef_ptr + row), tl.load(entropy_ptr + row)
+    else:
+        return 0.0, 0.0
 
 
 @triton.jit
@@ -377,6 +392,8 @@ def _grpo_token_fwd_kernel(
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
     SOFT_BF16: tl.constexpr = False, CLAMP_S: tl.constexpr = False, DUAL_CLIP: tl.constexpr = False,
+    # the entropy bonus: ew_ptr (N,) w_H, loss −= w_H·H and its gradient (HAS_ENT; off: no code at all)
+    ew_ptr=None, HAS_ENT: tl.constexpr = False,
 ):
     """Token-level loss of token rows pid, pid + P, pid + 2P, ... (P = the grid), and each row's
     gradient when HAS_GRAD.
@@ -419,7 +436,7 @@ def _grpo_token_fwd_kernel(
                             ref_ptr, isr_ptr, grad_ptr, logp_ptr, stats_ptr, T, V, G, stride_lb, stride_lt, stride_gb,
                             stride_gt, temperature, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg, lr_clamp, dual_c, is_lo, is_hi, adv_eps, FAMILY,
                             KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, HAS_OLD, ADV_MODE, SCALE, ISR_MODE, HAS_GRAD, BLOCK_G,
-                            BLOCK_V, SOFT_BF16, CLAMP_S, DUAL_CLIP)
+                            BLOCK_V, SOFT_BF16, CLAMP_S, DUAL_CLIP, ew_ptr, HAS_ENT)
 
 
 @triton.jit
@@ -430,7 +447,7 @@ def _grpo_token_row(
     FAMILY: tl.constexpr, KL_EST: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_MODE: tl.constexpr, SCALE: tl.constexpr,
     ISR_MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr,
-    SOFT_BF16: tl.constexpr, CLAMP_S: tl.constexpr, DUAL_CLIP: tl.constexpr,
+    SOFT_BF16: tl.constexpr, CLAMP_S: tl.constexpr, DUAL_CLIP: tl.constexpr, ew_ptr, HAS_ENT: tl.constexpr,
 ):
     """The body of _grpo_token_fwd_kernel for a valid (unmasked) token row."""
     b, t, z_row, y, shift, log_d, entropy, logp = _row_logp(row, logits_ptr, ids_ptr, logp_ptr, T, V, stride_lb,
@@ -467,7 +484,12 @@ def _grpo_token_row(
         FAMILY, KL_EST, HAS_DELTA, HAS_KL, BIAS_KL, CLAMP_S, DUAL_CLIP)
 
     out = stats_ptr + row * NUM_STATS
-    tl.store(out + 0, w * loss)
+    if HAS_ENT:
+        ew = tl.load(ew_ptr + row)
+        tl.store(out + 0, w * loss - ew * entropy)
+    else:
+        ew = 0.0
+        tl.store(out + 0, w * loss)
     tl.store(out + 1, m * entropy)
     tl.store(out + 2, m * kl)
     tl.store(out + 3, m * low)
@@ -480,7 +502,8 @@ def _grpo_token_row(
         # token level: dr/dlogp = r, so dL/dlogp = w·(d_logp + r·d_ratio); zero on padding (w = 0)
         g = w * (d_logp + r * d_ratio)
         g_row = grad_ptr + b * stride_gb + t * stride_gt
-        _write_row_grad(z_row, g_row, y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16, True)
+        _write_row_grad(z_row, g_row, y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16, True,
+                        -ew / temperature, entropy, HAS_ENT)
 
 
 @triton.jit
@@ -639,21 +662,25 @@ def _grpo_grad_kernel(
     temperature,
     # meta-parameters
     BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr = False,
+    # the entropy bonus: ew_ptr (N,) w_H and entropy_ptr (N,) pass 1's H (HAS_ENT)
+    ew_ptr=None, entropy_ptr=None, HAS_ENT: tl.constexpr = False,
 ):
     """Sequence level, pass 3: grad[b, t, :] = g·(onehot(y) − softmax(x))/τ with pass 1's lse
-    (lse_ptr (N, 2): shift and log_d)."""
+    (lse_ptr (N, 2): shift and log_d), plus the entropy bonus's w_H·p·(log p + H)/τ when HAS_ENT."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
     g = tl.load(g_ptr + row)
-    if g == 0.0:  # a masked row (or a zero gradient): zeros, the row is not read
+    ew, H = _entropy_term(ew_ptr, entropy_ptr, row, HAS_ENT)
+    if (g == 0.0) & (ew == 0.0):  # a masked row (or a zero gradient): zeros, the row is not read
         _zero_row(grad_ptr + b * stride_gb + t * stride_gt, V, BLOCK_V)
     else:
         shift = tl.load(lse_ptr + 2 * row)
         log_d = tl.load(lse_ptr + 2 * row + 1)
         y = tl.load(ids_ptr + row)
         _write_row_grad(logits_ptr + b * stride_lb + t * stride_lt, grad_ptr + b * stride_gb + t * stride_gt,
-                        y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16)
+                        y, shift, log_d, g / temperature, V, temperature, BLOCK_V, SOFT_BF16, False,
+                        -ew / temperature, H, HAS_ENT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,12 +750,7 @@ def _logprobs_bwd_kernel(
         gl = tl.load(g_logp_ptr + row)
     else:
         gl = 0.0
-    if HAS_G_ENT:
-        gh = tl.load(g_ent_ptr + row)
-        H = tl.load(entropy_ptr + row)
-    else:
-        gh = 0.0
-        H = 0.0
+    gh, H = _entropy_term(g_ent_ptr, entropy_ptr, row, HAS_G_ENT)
     offs = tl.arange(0, BLOCK_V)
     if (gl == 0.0) & (gh == 0.0):
         # padding the loss masked out: zeros, without reading the row
