@@ -63,6 +63,40 @@ def test_every_isa(isa, level, dtype):
           loss_type="grpo", temperature=0.7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("V", [16 * 12, 16 * 5 + 7], ids=["aligned-rows", "unaligned-rows"])
+def test_streamed_gradient_rows_equal_plain_ones(isa, V, dtype):
+    """A separate gradient buffer (inplace=False, the log-prob backward) is written with streaming stores
+    where its rows are aligned, and padding rows with streaming zeros (row_kernels.h: put, stream_ok,
+    row_zero); in place, plain stores. The values are the same: bitwise equal gradients on every path,
+    with aligned rows (every row streamed) and unaligned ones (plain stores, zeros with unaligned ends)."""
+    inp = make_inputs(3, 5, V, dtype, seed=17)
+    kw = dict(advantages=inp["advantages"], old_logp=inp["old_logp"], completion_mask=inp["completion_mask"],
+              loss_type="dapo", temperature=0.8)
+    for entropy_coef in (0.0, 0.05):  # with the bonus: the row math of the log-prob backward, from the kept exps
+        grads = []
+        for inplace, backend in ((False, "cpu"), (True, "cpu"), (False, "torch")):
+            z = inp["logits"].clone().requires_grad_()
+            loss, _ = grpo_fast.grpo_loss(z, inp["ids"], backend=backend, inplace=inplace, entropy_coef=entropy_coef,
+                                          **kw)
+            loss.backward()
+            grads.append(z.grad.clone())
+        assert torch.equal(grads[0], grads[1])
+        assert bool((grads[0][1] == 0).all())  # the fully masked row: zeros (streamed with inplace=False)
+        torch.testing.assert_close(grads[0].float(), grads[2].float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                                   atol=1e-6)
+    # the log-prob backward into its own buffer, a masked row's upstream gradients 0: against the torch backend
+    m = inp["completion_mask"]
+    outs = []
+    for backend in ("cpu", "torch"):
+        z = inp["logits"].clone().requires_grad_()
+        lp, ent = grpo_fast.logprobs(z, inp["ids"], temperature=0.8, return_entropy=True, backend=backend)
+        ((lp * m).sum() + 0.3 * (ent * m).sum()).backward()
+        outs.append(z.grad.float())
+    assert bool((outs[0][1] == 0).all())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_deterministic_across_threads(level, dtype):

@@ -75,6 +75,8 @@ struct RowKernels {
                      float b, bool stream);
   void (*exp)(const float* x, float* y, int64_t n);
   void (*zero)(void* p, int64_t bytes);  // streaming zeros: a gradient row whose logits were not read
+  void (*grad_kept_lp[3])(const float* ebuf, const void* zrow, void* grow, int64_t V, float inv_tau, float xmax,
+                          float inv_s, float log_s, float a, float b, bool stream);
 };
 
 // ---- the row kernels, once per instruction set ----------------------------------------------------
@@ -172,11 +174,15 @@ static inline int64_t chunk_tokens(int64_t V) { return std::max<int64_t>(1, 1638
 // gl = ∂L/∂logp and gh = ∂L/∂H, with log p_j = (x_j − xmax) − log_s (the two lse parts) and lpy = log p_y
 // formed the same way: the backward of grpo_fast.logprobs, and the fused loss's rows with an entropy
 // bonus. One read of the row (grad_lp), then the target entry. grow may equal zrow (lpy is known).
+// ebuf (may be null): the row's e^(x − max) kept by stats_keep, with S their sum; then p_j = e_j/S and no
+// exp is recomputed (grad_kept_lp).
 static inline void write_row_grad_lp(const RowKernels& K, int32_t dtype, const void* zrow, void* grow, int64_t V,
                                      int64_t y, float inv_tau, float xmax, float log_s, float lpy, float gl, float gh,
-                                     float H) {
-  const float bb = -gh * inv_tau;
-  K.grad_lp[dtype](zrow, grow, V, inv_tau, xmax, log_s, -(gl + gh * H) * inv_tau, bb, /*stream=*/grow != zrow);
+                                     float H, const float* ebuf = nullptr, float sum = 0.f) {
+  const float bb = -gh * inv_tau, aa = -(gl + gh * H) * inv_tau;
+  const bool stream = grow != zrow;
+  if (ebuf) K.grad_kept_lp[dtype](ebuf, zrow, grow, V, inv_tau, xmax, 1.f / sum, log_s, aa, bb, stream);
+  else K.grad_lp[dtype](zrow, grow, V, inv_tau, xmax, log_s, aa, bb, stream);
   // Target: gl·(1 − p_y)/τ with 1 − p_y = −expm1(log p_y) (accurate when p_y is near 1), plus the
   // entropy term p_y·bb·(log p_y + H).
   const float py = expf(lpy);
@@ -194,8 +200,8 @@ static inline void write_row_grad_lp(const RowKernels& K, int32_t dtype, const v
 static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void* zrow, const float* ebuf, void* grow,
                                   int64_t V, int64_t y, float inv_tau, float xmax, float sum, float logp, float g,
                                   float gh, float H) {
-  if (gh != 0.f) {  // the entropy bonus: the log-prob primitive's backward row (reads the row, no kept exps)
-    write_row_grad_lp(K, dtype, zrow, grow, V, y, inv_tau, xmax, logf(sum), logp, g, gh, H);
+  if (gh != 0.f) {  // the entropy bonus: the log-prob backward's row math, from the kept exps when there are
+    write_row_grad_lp(K, dtype, zrow, grow, V, y, inv_tau, xmax, logf(sum), logp, g, gh, H, ebuf, sum);
     return;
   }
   // A separate gradient buffer is not in cache: streaming stores. In place, the row was just read.

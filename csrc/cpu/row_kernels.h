@@ -235,6 +235,39 @@ static void row_grad_lp(const void* zrow, void* grow, int64_t V, float inv_tau, 
   else row_grad_lp_impl<D, false>(zrow, grow, V, inv_tau, xmax, log_s, a, b);
 }
 
+// dz_j = p_j·(a + b·log p_j) as row_grad_lp, but p_j = e_j·(1/S) from the e_j that row_stats_keep stored
+// and log p_j = (x_j − xmax) − log S from the row, which was just read and sits in L2: the fused loss's rows
+// with an entropy bonus get their gradient without a second exp. grow may equal zrow (each vector is
+// read before it is written).
+template <class D, bool STREAM>
+static void row_grad_kept_lp_impl(const float* e, const void* zrow, void* grow, int64_t V, float inv_tau, float xmax,
+                                  float inv_s, float log_s, float a, float b) {
+  using T = typename D::T;
+  const D d{};
+  const T* z = static_cast<const T*>(zrow);
+  T* g = static_cast<T*>(grow);
+  const vf it = vset1(inv_tau), nm = vset1(-xmax), nl = vset1(-log_s), vis = vset1(inv_s), va = vset1(a),
+           vb = vset1(b), floor_t = vset1(-1000.f);
+  const int64_t v1 = V - V % W;
+  int64_t i = 0;
+  for (; i < v1; i += W) {
+    const vf t = vadd(vshift(vload(d, z + i), it, nm), nl);
+    put<D, STREAM>(d, g + i, vmul(vmul(vload(F32{}, e + i), vis), vfmadd(vb, vmax(floor_t, t), va)));
+  }
+  for (; i < V; ++i) {  // the tail, one entry at a time, the same operations
+    float t = (to_f32(d, z[i]) * inv_tau + (-xmax)) + (-log_s);
+    t = (t != t || t > -1000.f) ? t : -1000.f;  // a NaN stays NaN, as vmax keeps its second operand
+    g[i] = from_f32(d, (e[i] * inv_s) * fmaf(b, t, a));
+  }
+  if (STREAM) vfence();
+}
+template <class D>
+static void row_grad_kept_lp(const float* e, const void* zrow, void* grow, int64_t V, float inv_tau, float xmax,
+                             float inv_s, float log_s, float a, float b, bool stream) {
+  if (stream_ok<D>(stream, grow)) row_grad_kept_lp_impl<D, true>(e, zrow, grow, V, inv_tau, xmax, inv_s, log_s, a, b);
+  else row_grad_kept_lp_impl<D, false>(e, zrow, grow, V, inv_tau, xmax, inv_s, log_s, a, b);
+}
+
 // e^x of n floats through vexp (the tests check its accuracy and edge cases through this).
 static void exp_array(const float* x, float* y, int64_t n) {
   int64_t i = 0;
@@ -255,4 +288,5 @@ static const RowKernels kernels = {
     {&row_grad_lp<F32>, &row_grad_lp<BF16>, &row_grad_lp<F16>},
     &exp_array,
     &row_zero,
+    {&row_grad_kept_lp<F32>, &row_grad_kept_lp<BF16>, &row_grad_kept_lp<F16>},
 };
