@@ -355,8 +355,13 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
 #endif
       for (int64_t n = 0; n < N; ++n) {
         const int64_t b = n / T, t = n % T;
+        const float gh = a.entropy_weight ? -a.entropy_weight[n] : 0.f;
+        if (gtok[n] == 0.f && gh == 0.f) {  // masked or zero-advantage row: not read, and not in cache here
+          K.zero(grow_at(b, t), V * elem_size(dtype));  // (pass 1 swept every row since): streaming zeros
+          continue;
+        }
         write_row_grad(K, dtype, zrow_at(b, t), nullptr, grow_at(b, t), V, a.ids[n], inv_tau, xmax[n], ssum[n], logp[n],
-                       gtok[n], a.entropy_weight ? -a.entropy_weight[n] : 0.f, ent[n]);
+                       gtok[n], gh, ent[n]);
       }
     }
   }
