@@ -430,6 +430,7 @@ def fused_linear_logprobs(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     return_entropy: bool = False,
+    mask: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
@@ -451,6 +452,11 @@ def fused_linear_logprobs(
         logit_scale: > 0, multiplies the logits; logit_softcap: c > 0 or None, ``c·tanh(logits/c)``
             (both before the temperature, as in ``fused_linear_grpo_loss``).
         return_entropy: also return the per-token entropy (with its gradient).
+        mask: None, or the ids' shape, bool | integer | floating (nonzero = valid), as in ``logprobs``:
+            only the valid tokens' hidden states are gathered (one (N, H) read, one host sync for
+            their count) and walked by the chunk loop, so a masked token costs no matmul; its logp
+            and entropy are 0 and its ∂hidden row is 0 (whatever it holds). With a group: the same
+            mask on every rank. Not under torch.compile.
         chunk_size: tokens per chunk; None picks it from a 256 MiB budget (fused_linear.CHUNK_BUDGET_BYTES).
         cu_seqlens: packed rows, as in ``logprobs`` (hidden (N, H) or (1, N, H); temperature may be (S,)).
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which log-prob kernels run on each chunk.
@@ -470,16 +476,48 @@ def fused_linear_logprobs(
     if torch.compiler.is_compiling():  # the chunk loops as custom ops (grpo_fast/_ops.py)
         from . import _ops
 
+        if mask is not None:
+            raise NotImplementedError("grpo_fast.fused_linear_logprobs: mask= is not supported under torch.compile; "
+                                      "call it eagerly (torch.compiler.disable) or pass mask=None")
         return _ops.compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
                                                    return_entropy, chunk_size, cu_seqlens, backend, group, vocab_start)
     weight, group = _vp.unwrap(weight, group, "weight", 0)
     bias, group = _vp.unwrap(bias, group, "bias", 0)
     plan, hidden, layout = _linear_plan(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
                                         return_entropy, chunk_size, cu_seqlens, backend, group, vocab_start)
+    keep = _check_mask(mask, plan.out_shape, hidden.device)
     if layout is not None:  # ∂hidden is summed over the group
         hidden = _vp.reduce_gradient(hidden, layout)
+    if keep is not None:
+        return _masked_linear(plan, hidden, weight, bias, keep)
     out = _FusedLinearLogprobs.apply(hidden, weight, bias, plan)
     return out if return_entropy else (out, None)
+
+
+def _masked_linear(plan: _LinearPlan, hidden, weight, bias, keep: torch.Tensor):
+    """fused_linear_logprobs on the valid tokens only: their hidden states (and ids, τ) gathered, the
+    chunk loop run on them, the outputs scattered back into zeros. Autograd carries ∂hidden back through
+    the gather (zero rows for the masked tokens); a masked row's hidden state is never multiplied."""
+    N = plan.ids.shape[0]
+    idx = keep.reshape(N).nonzero().squeeze(1)
+    n = idx.numel()
+    if n == N:  # nothing masked: exactly the unmasked call
+        out = _FusedLinearLogprobs.apply(hidden, weight, bias, plan)
+        return out if plan.return_entropy else (out, None)
+    hidden_v = hidden.reshape(N, hidden.shape[-1])[idx]
+
+    def scatter(v):  # (n,) -> the ids' shape, zeros at the masked tokens (differentiable in v)
+        return torch.zeros(N, dtype=torch.float32, device=hidden.device).index_put((idx,), v).view(plan.out_shape)
+
+    if n == 0:  # every token masked: zeros, still attached to hidden (a zero gradient)
+        zero = scatter(hidden_v.sum().float().expand(0))
+        return zero, (zero.clone() if plan.return_entropy else None)
+    tau_k = plan.tau_k[idx].contiguous() if isinstance(plan.tau_k, torch.Tensor) else plan.tau_k
+    sub = dataclasses.replace(plan, ids=plan.ids[idx].contiguous(), tau_k=tau_k, out_shape=(n,))
+    out = _FusedLinearLogprobs.apply(hidden_v, weight, bias, sub)
+    if plan.return_entropy:
+        return scatter(out[0]), scatter(out[1])
+    return scatter(out), None
 
 
 def _linear_plan(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap, return_entropy: bool, chunk_size,
