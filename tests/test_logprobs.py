@@ -522,6 +522,24 @@ def test_fused_linear_mask_skips_masked_tokens(backend):
     assert torch.equal(a[0], m[0]) and torch.equal(a[1], m[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_token_logprobs_mask(backend):
+    z, ids = make((3, 4, 53))
+    mask = _mask_for(ids.shape, torch.float32)
+    keep = mask != 0
+    z[~keep] = float("nan")
+    for tau in (0.8, per_token_tau(ids.shape)):  # a float: the no-grad kernels; a tensor: the primitive's
+        logp, ent = grpo_fast.token_logprobs(z, ids, tau, return_entropy=True, mask=mask, backend=backend)
+        lo, eo = eager(z[keep].double(), ids[keep], tau[keep] if isinstance(tau, torch.Tensor) else tau)
+        assert bool((logp[~keep] == 0).all()) and bool((ent[~keep] == 0).all())
+        assert_close_scaled(logp[keep], lo, 1e-5, "logp")
+        assert_close_scaled(ent[keep], eo, 1e-5, "entropy")
+    clean, _ = make((3, 4, 53), seed=3)
+    a = grpo_fast.token_logprobs(clean, ids, 0.8, return_entropy=True, backend=backend)
+    m = grpo_fast.token_logprobs(clean, ids, 0.8, return_entropy=True, mask=torch.ones_like(mask), backend=backend)
+    assert torch.equal(a[0], m[0]) and torch.equal(a[1], m[1])
+
+
 @pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="the CPU extension is not built")
 def test_mask_with_packed_rows():
     z, ids = make((7, 53))
@@ -549,7 +567,8 @@ def test_bad_mask_is_named_before_any_kernel(monkeypatch):
     z, ids = make((2, 3, 53))
     z, ids = z.cpu(), ids.cpu()
     hidden, weight = torch.randn(2, 3, 8), torch.randn(53, 8)
-    for fn, args in ((grpo_fast.logprobs, (z, ids)), (grpo_fast.fused_linear_logprobs, (hidden, weight, ids))):
+    for fn, args in ((grpo_fast.logprobs, (z, ids)), (grpo_fast.fused_linear_logprobs, (hidden, weight, ids)),
+                     (grpo_fast.token_logprobs, (z, ids))):
         with pytest.raises(ValueError, match="mask must have the ids' shape"):
             fn(*args, mask=torch.ones(2, 4, dtype=torch.bool), backend="cpu")
         with pytest.raises(TypeError, match="mask must be a bool, integer or floating"):
