@@ -259,7 +259,7 @@ def logprobs(
 
     Example:
         >>> logp, ent = grpo_fast.logprobs(logits, ids, temperature=0.7, return_entropy=True, mask=mask)
-        >>> ratio = torch.exp(logp - old_logp)
+        >>> ratio = torch.exp((logp - old_logp) * mask)  # 1 on the padding (its logp is 0)
         >>> loss = -(torch.min(ratio * A, ratio.clamp(0.8, 1.2) * A) * mask).sum() / mask.sum() - 1e-3 * ent.mean()
         >>> loss.backward()
     """
