@@ -555,6 +555,18 @@ def test_mask_with_packed_rows():
     assert_close_scaled(ent[mask], eo, 1e-5, "entropy")
 
 
+def test_mask_under_torch_compile_is_refused_by_name():
+    z, ids = make((2, 3, 53))
+    mask = torch.ones(ids.shape, dtype=torch.bool, device=DEVICE)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(z, ids, mask):
+        return grpo_fast.logprobs(z, ids, mask=mask, backend="torch")[0]
+
+    with pytest.raises(Exception, match="mask= is not supported under torch.compile"):
+        f(z, ids, mask)
+
+
 def test_bad_mask_is_named_before_any_kernel(monkeypatch):
     from grpo_fast import backends
 
