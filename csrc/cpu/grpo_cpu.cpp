@@ -405,9 +405,10 @@ static void logprobs_fwd_impl(const LogprobArgs& a, int nthreads) {
     const float inv_tau = (float)(1.0 / (double)(a.tau_rows ? a.tau_rows[n] : tau0));
     // the row this thread most likely sweeps next, prefetched during the exp pass (as in the loss)
     const int64_t nn = n + (chunk > 1 && (n + 1) % chunk != 0 ? 1 : nthreads * chunk - chunk + 1);
-    const void* next = nn < N ? static_cast<const char*>(L.ptr) +
-                                    ((nn / T) * L.stride_b + (nn % T) * L.stride_t) * elem_size(L.dtype)
-                              : nullptr;
+    const bool fetch = nn < N && !(a.mask && a.mask[nn] == 0.f);  // a masked row is not read: not prefetched
+    const void* next = fetch ? static_cast<const char*>(L.ptr) +
+                                   ((nn / T) * L.stride_b + (nn % T) * L.stride_t) * elem_size(L.dtype)
+                             : nullptr;
     const RowStats rs = K.stats[L.dtype](zrow, V, inv_tau, a.ids[n], next);
     a.logp[n] = rs.logp;
     if (a.lse) {
