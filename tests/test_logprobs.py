@@ -555,6 +555,26 @@ def test_mask_with_packed_rows():
     assert_close_scaled(ent[mask], eo, 1e-5, "entropy")
 
 
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="the CPU extension is not built")
+def test_mask_leaves_the_primitive_losses_unchanged():
+    # verl's policy losses and TRL's primitive terms (the benchmark's primitive rows) mask every token
+    # term: with mask= (logp and entropy 0 on the padding) their loss and gradient are those without it.
+    from benchmarks import options
+
+    x = options._inputs(3, 16, 64, torch.float32)
+    for name, loss_fn in options.primitive_cases().items():
+        got = []
+        for mask in (None, x["mask"]):
+            z = x["logits"].clone().requires_grad_()
+            logp, ent = grpo_fast.logprobs(z, x["ids"], return_entropy=True, mask=mask, backend="cpu")
+            loss = loss_fn(logp, ent, x)
+            loss.backward()
+            got.append((loss.detach(), z.grad))
+        assert bool(torch.isfinite(got[1][0])), name
+        torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_mask_under_torch_compile_is_refused_by_name():
     z, ids = make((2, 3, 53))
     mask = torch.ones(ids.shape, dtype=torch.bool, device=DEVICE)
