@@ -10,7 +10,7 @@ The loss-coverage issue's speed rule, measured in one run on one shape:
   within 1.10. One more row, ``inplace=False``, shows what a fresh gradient buffer costs (the
   primitive path cannot write in place: its backward runs after other ops may have read the logits).
 * **primitive path** options (the loss written in torch on the per-token vectors of
-  ``grpo_fast.logprobs(..., return_entropy=True)``: verl's policy losses of ``grpo_fast.verl_losses``,
+  ``grpo_fast.logprobs(..., return_entropy=True, mask=mask)``, the padding not read: verl's policy losses of ``grpo_fast.verl_losses``,
   TRL's entropy bonus and off-policy mask): each row's time over the same ``dapo`` row must stay
   within 1.5.
 * **verl fused**: verl's token-level losses in the fused pass (``verl_losses.fused_policy_loss``,
@@ -166,7 +166,8 @@ def _primitive_fn(x, backend: str, loss_fn):
     import grpo_fast
 
     def run(z):
-        logp, ent = grpo_fast.logprobs(z, x["ids"], return_entropy=True, backend=backend)
+        # valid rows only, as a caller with a padded batch runs it: the padding's logits are not read
+        logp, ent = grpo_fast.logprobs(z, x["ids"], return_entropy=True, mask=x["mask"], backend=backend)
         loss_fn(logp, ent, x).backward()
 
     return run

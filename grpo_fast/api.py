@@ -411,17 +411,24 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
 
 
 @torch.no_grad()
-def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0, *, return_entropy: bool = False, backend: str = "auto"):
+def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0, *, return_entropy: bool = False, backend: str = "auto",
+                   mask: Optional[torch.Tensor] = None):
     """Per-token log-probs (B, T) float32 of ``completion_ids`` under softmax(logits / temperature).
 
     No gradient: this is for the old-policy and reference log-probs. With ``return_entropy=True``
     also returns the per-token entropy (B, T) float32. ``temperature``: a float, or a (B, T) / (B,)
-    tensor (one τ per token / per sequence; computed by ``grpo_fast.logprobs``' kernels).
+    tensor (one τ per token / per sequence; computed by ``grpo_fast.logprobs``' kernels). ``mask``:
+    None or (B, T) bool / integer / floating, nonzero = valid: a masked token's logits are not read
+    and its outputs are 0 (as ``grpo_fast.logprobs``' mask; not under torch.compile).
     """
     backend = check_backend(backend)
     logits = check_logits(logits)
     if torch.compiler.is_compiling():  # the log-prob primitive's forward op (grpo_fast/_ops.py)
         from . import _ops
+
+        if mask is not None:
+            raise NotImplementedError("grpo_fast.token_logprobs: mask= is not supported under torch.compile; call "
+                                      "it eagerly (torch.compiler.disable) or pass mask=None")
 
         logp, entropy = _ops.compiled_logprobs(logits, completion_ids, temperature, return_entropy, None, backend,
                                                None, None)
@@ -430,13 +437,16 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
         from .logprobs import logprobs
 
         logp, entropy = logprobs(logits, completion_ids, temperature=temperature, return_entropy=return_entropy,
-                                 backend=backend)
+                                 mask=mask, backend=backend)
         return (logp, entropy) if return_entropy else logp
+    from .logprobs import _check_mask
+
     B, T, V = logits.shape
     ids = check_ids(completion_ids, B, T, V, logits.device)
     temperature = check_temperature(temperature)
+    keep = _check_mask(mask, (B, T), logits.device)
     impl = _backends.resolve(backend, logits.device)
     if not impl.autograd and logits.stride(-1) != 1:  # the kernels read rows by raw pointer
         logits = logits.contiguous()
-    logp, entropy = impl.token_logprobs(logits, ids, temperature, return_entropy)
+    logp, entropy = impl.token_logprobs(logits, ids, temperature, return_entropy, mask=keep)
     return (logp, entropy) if return_entropy else logp

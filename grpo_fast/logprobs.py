@@ -108,6 +108,26 @@ def _check_temperature(temperature, lead: tuple, device: torch.device, name: str
     return float32_option(name, temperature, positive=True)  # > 0 and a normal float32, as everywhere
 
 
+_MASK_INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_mask(mask, lead: tuple, device: torch.device) -> Optional[torch.Tensor]:
+    """mask of the ids' shape ``lead``, bool / integer / floating (nonzero = a valid token): returned as
+    the (B, T) float32 0/1 contiguous tensor the kernels take (B = 1 for (N,)), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of the ids' shape {lead} or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"mask must have the ids' shape {lead}, got {_fmt_shape(mask)}")
+    if not (mask.dtype in _MASK_INT_DTYPES or mask.is_floating_point()):
+        raise TypeError(f"mask must be a bool, integer or floating-point tensor, got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the logits' device {device}, got {mask.device}")
+    keep = (mask.detach() != 0).to(torch.float32)
+    return keep.reshape(1, -1).contiguous() if len(lead) == 1 else keep.contiguous()
+
+
 def _packed_args(x, name: str, what: str, temperature, cu_seqlens):
     """With cu_seqlens: x (N, K) or (1, N, K) as (N, K), cu_seqlens checked against N, and a
     per-sequence (S,) temperature spread over its tokens (N,)."""
@@ -156,13 +176,14 @@ class _Logprobs(torch.autograd.Function):
     """logits -> (logp, entropy) through a backend's kernels; backward reads the saved logits once."""
 
     @staticmethod
-    def forward(ctx, logits, z, ids, tau, impl, return_entropy: bool):
-        # z: the (B, T, V) view (or, for stride(-1) != 1, a contiguous copy) of ``logits`` the kernels read
-        logp, entropy, lse = impl.logprobs_forward(z, ids, tau, return_entropy)
+    def forward(ctx, logits, z, ids, tau, impl, return_entropy: bool, mask=None):
+        # z: the (B, T, V) view (or, for stride(-1) != 1, a contiguous copy) of ``logits`` the kernels read;
+        # mask: (B, T) float32 0/1 or None: a masked row is not read (outputs 0)
+        logp, entropy, lse = impl.logprobs_forward(z, ids, tau, return_entropy, mask=mask)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: its term is skipped
         ctx.impl, ctx.shape = impl, logits.shape
         ctx.tau = tau if not isinstance(tau, torch.Tensor) else None
-        ctx.save_for_backward(z, ids, lse, entropy, tau if isinstance(tau, torch.Tensor) else None)
+        ctx.save_for_backward(z, ids, lse, entropy, tau if isinstance(tau, torch.Tensor) else None, mask)
         out_shape = ids.shape[1:] if logits.dim() == 2 else ids.shape
         logp = logp.view(out_shape)
         if return_entropy:
@@ -171,17 +192,22 @@ class _Logprobs(torch.autograd.Function):
 
     @_kernel_backward("logprobs")
     def backward(ctx, g_logp, g_entropy):
-        z, ids, lse, entropy, tau_t = ctx.saved_tensors
+        z, ids, lse, entropy, tau_t, mask = ctx.saved_tensors
         tau = ctx.tau if tau_t is None else tau_t
 
         def small(g):
-            return None if g is None else g.reshape(ids.shape).to(torch.float32).contiguous()
+            if g is None:
+                return None
+            g = g.reshape(ids.shape).to(torch.float32)
+            # a masked row gets zero upstream gradients: every backend writes its gradient row as zeros
+            # without reading its logits (whatever they hold; an upstream NaN there reaches nothing)
+            return (g if mask is None else torch.where(mask != 0, g, torch.zeros((), device=g.device))).contiguous()
 
         # the backend's allocator: on CPU huge pages and the reuse of a released gradient's buffer
         # (backends/cpu.py empty_grad); a fresh torch.empty faulted in 4 KiB pages every call
         grad = ctx.impl.empty_grad(z)
         ctx.impl.logprobs_backward(z, ids, tau, lse, entropy, small(g_logp), small(g_entropy), grad)
-        return grad.view(ctx.shape), None, None, None, None, None
+        return grad.view(ctx.shape), None, None, None, None, None, None
 
 
 def logprobs(
@@ -190,6 +216,7 @@ def logprobs(
     *,
     temperature: Union[float, torch.Tensor] = 1.0,
     return_entropy: bool = False,
+    mask: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     group=None,
@@ -208,6 +235,11 @@ def logprobs(
             (B, T, V) logits (one τ per sequence); a constant (no gradient flows to it).
         return_entropy: also return the entropy of each token's distribution, with its gradient
             ∂H/∂z_j = −p_j·(log p_j + H)/τ.
+        mask: None, or the ids' shape, bool | integer | floating (nonzero = a valid token): valid rows
+            only. A masked token's logits are never read (forward or backward), its logp and entropy
+            are 0 and its gradient row is 0, whatever the row holds (NaN, inf) and whatever upstream
+            gradient reaches it. With cu_seqlens: (N,) over the packed rows; with group: the same
+            mask on every rank. Not under torch.compile.
         cu_seqlens: packed rows (as in ``grpo_loss``): logits (N, V) or (1, N, V) holding S
             sequences; checked, and then ``temperature`` may also be (S,), one τ per sequence.
             Changes nothing per token otherwise.
@@ -226,8 +258,8 @@ def logprobs(
         Both carry gradients to ``logits`` (backward may run several times with retain_graph=True).
 
     Example:
-        >>> logp, ent = grpo_fast.logprobs(logits, ids, temperature=0.7, return_entropy=True)
-        >>> ratio = torch.exp(logp - old_logp)
+        >>> logp, ent = grpo_fast.logprobs(logits, ids, temperature=0.7, return_entropy=True, mask=mask)
+        >>> ratio = torch.exp((logp - old_logp) * mask)  # 1 on the padding (its logp is 0)
         >>> loss = -(torch.min(ratio * A, ratio.clamp(0.8, 1.2) * A) * mask).sum() / mask.sum() - 1e-3 * ent.mean()
         >>> loss.backward()
     """
@@ -236,16 +268,27 @@ def logprobs(
     if torch.compiler.is_compiling():  # the kernels as custom ops (grpo_fast/_ops.py)
         from . import _ops
 
+        if mask is not None:
+            raise NotImplementedError("grpo_fast.logprobs: mask= is not supported under torch.compile; call it "
+                                      "eagerly (torch.compiler.disable) or pass mask=None")
         return _ops.compiled_logprobs(logits, ids, temperature, return_entropy, cu_seqlens, backend, group,
                                       vocab_start)
     logits, group = _vp.unwrap(logits, group, "logits", -1)
     z, ids3, tau, impl, lead = _prepare(logits, ids, temperature, cu_seqlens, backend, group, vocab_start)
+    keep = _check_mask(mask, lead, z.device)
     if impl.autograd:
         tau_ref = tau if not isinstance(tau, torch.Tensor) else tau.view(lead)
-        logp, entropy = logprobs_reference(z.view(lead + (-1,)), ids3.view(lead), tau_ref,
-                                           return_entropy=return_entropy)
-        return logp.float(), (entropy.float() if entropy is not None else None)
-    out = _Logprobs.apply(logits, z, ids3, tau, impl, return_entropy)
+        zl = z.view(lead + (-1,))
+        if keep is not None:  # a masked row is replaced by zeros before the softmax: a NaN there reaches nothing
+            k = keep.view(lead) != 0
+            zl = torch.where(k.unsqueeze(-1), zl, torch.zeros((), dtype=zl.dtype, device=zl.device))
+        logp, entropy = logprobs_reference(zl, ids3.view(lead), tau_ref, return_entropy=return_entropy)
+        logp, entropy = logp.float(), (entropy.float() if entropy is not None else None)
+        if keep is not None:
+            logp = torch.where(k, logp, torch.zeros_like(logp))
+            entropy = torch.where(k, entropy, torch.zeros_like(entropy)) if entropy is not None else None
+        return logp, entropy
+    out = _Logprobs.apply(logits, z, ids3, tau, impl, return_entropy, keep)
     return out if return_entropy else (out, None)
 
 
@@ -387,6 +430,7 @@ def fused_linear_logprobs(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     return_entropy: bool = False,
+    mask: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
@@ -408,6 +452,11 @@ def fused_linear_logprobs(
         logit_scale: > 0, multiplies the logits; logit_softcap: c > 0 or None, ``c·tanh(logits/c)``
             (both before the temperature, as in ``fused_linear_grpo_loss``).
         return_entropy: also return the per-token entropy (with its gradient).
+        mask: None, or the ids' shape, bool | integer | floating (nonzero = valid), as in ``logprobs``:
+            only the valid tokens' hidden states are gathered (one (N, H) read, one host sync for
+            their count) and walked by the chunk loop, so a masked token costs no matmul; its logp
+            and entropy are 0 and its ∂hidden row is 0 (whatever it holds). With a group: the same
+            mask on every rank. Not under torch.compile.
         chunk_size: tokens per chunk; None picks it from a 256 MiB budget (fused_linear.CHUNK_BUDGET_BYTES).
         cu_seqlens: packed rows, as in ``logprobs`` (hidden (N, H) or (1, N, H); temperature may be (S,)).
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which log-prob kernels run on each chunk.
@@ -427,16 +476,48 @@ def fused_linear_logprobs(
     if torch.compiler.is_compiling():  # the chunk loops as custom ops (grpo_fast/_ops.py)
         from . import _ops
 
+        if mask is not None:
+            raise NotImplementedError("grpo_fast.fused_linear_logprobs: mask= is not supported under torch.compile; "
+                                      "call it eagerly (torch.compiler.disable) or pass mask=None")
         return _ops.compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
                                                    return_entropy, chunk_size, cu_seqlens, backend, group, vocab_start)
     weight, group = _vp.unwrap(weight, group, "weight", 0)
     bias, group = _vp.unwrap(bias, group, "bias", 0)
     plan, hidden, layout = _linear_plan(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
                                         return_entropy, chunk_size, cu_seqlens, backend, group, vocab_start)
+    keep = _check_mask(mask, plan.out_shape, hidden.device)
     if layout is not None:  # ∂hidden is summed over the group
         hidden = _vp.reduce_gradient(hidden, layout)
+    if keep is not None:
+        return _masked_linear(plan, hidden, weight, bias, keep)
     out = _FusedLinearLogprobs.apply(hidden, weight, bias, plan)
     return out if return_entropy else (out, None)
+
+
+def _masked_linear(plan: _LinearPlan, hidden, weight, bias, keep: torch.Tensor):
+    """fused_linear_logprobs on the valid tokens only: their hidden states (and ids, τ) gathered, the
+    chunk loop run on them, the outputs scattered back into zeros. Autograd carries ∂hidden back through
+    the gather (zero rows for the masked tokens); a masked row's hidden state is never multiplied."""
+    N = plan.ids.shape[0]
+    idx = keep.reshape(N).nonzero().squeeze(1)
+    n = idx.numel()
+    if n == N:  # nothing masked: exactly the unmasked call
+        out = _FusedLinearLogprobs.apply(hidden, weight, bias, plan)
+        return out if plan.return_entropy else (out, None)
+    hidden_v = hidden.reshape(N, hidden.shape[-1])[idx]
+
+    def scatter(v):  # (n,) -> the ids' shape, zeros at the masked tokens (differentiable in v)
+        return torch.zeros(N, dtype=torch.float32, device=hidden.device).index_put((idx,), v).view(plan.out_shape)
+
+    if n == 0:  # every token masked: zeros, still attached to hidden (a zero gradient)
+        zero = scatter(hidden_v.sum().float().expand(0))
+        return zero, (zero.clone() if plan.return_entropy else None)
+    tau_k = plan.tau_k[idx].contiguous() if isinstance(plan.tau_k, torch.Tensor) else plan.tau_k
+    sub = dataclasses.replace(plan, ids=plan.ids[idx].contiguous(), tau_k=tau_k, out_shape=(n,))
+    out = _FusedLinearLogprobs.apply(hidden_v, weight, bias, sub)
+    if plan.return_entropy:
+        return scatter(out[0]), scatter(out[1])
+    return scatter(out), None
 
 
 def _linear_plan(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap, return_entropy: bool, chunk_size,

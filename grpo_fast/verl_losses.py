@@ -5,7 +5,7 @@ policy, ``old_log_prob``, ``advantages``, ``response_mask`` and optional ``rollo
 module provides the same functions under verl's names and signatures, so that ``log_prob`` can come
 from grpo_fast's differentiable primitive and the loss trains through grpo_fast's kernels:
 
-    logp, ent = grpo_fast.logprobs(logits, ids, temperature=τ, return_entropy=True)   # or fused_linear_logprobs
+    logp, ent = grpo_fast.logprobs(logits, ids, temperature=τ, return_entropy=True, mask=response_mask)  # or fused_linear_logprobs
     loss, metrics = grpo_fast.verl_losses.get_policy_loss_fn("vanilla")(
         old_log_prob, logp, advantages, response_mask, "token-mean", actor_config)
     loss.backward()     # one fused backward over the logits (or the hidden states and the LM head)

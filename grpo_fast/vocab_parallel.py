@@ -193,9 +193,10 @@ class Kernels:
         own = (loc >= 0) & (loc < self.layout.size)
         return loc.clamp_(0, self.layout.size - 1).contiguous(), own
 
-    def logprobs_forward(self, logits, ids, temperature, return_entropy: bool):
+    def logprobs_forward(self, logits, ids, temperature, return_entropy: bool, mask=None):
         loc, own = self._local_ids(ids)
-        lp, ent, lse = self.local.logprobs_forward(logits, loc, temperature, return_entropy)
+        # mask (B, T) float32 or None, the same on every rank: the shard kernels do not read a masked row
+        lp, ent, lse = self.local.logprobs_forward(logits, loc, temperature, return_entropy, mask=mask)
         shift, log_d = lse[..., 0], lse[..., 1]
         ninf = torch.full_like(shift, float("-inf"))
         # a shard whose logits are all −inf (the kernels report shift = −inf or log_d = −inf) holds no mass
@@ -214,6 +215,10 @@ class Kernels:
         log_D = torch.log(sums[0])
         logp = sums[1] + (sums[2] - log_D)
         entropy = sums[3] / sums[0] + log_D if return_entropy else None
+        if mask is not None:  # a masked row's shard outputs are 0 (finite): its combined outputs are set to 0
+            keep = mask != 0
+            logp = torch.where(keep, logp, torch.zeros_like(logp))
+            entropy = torch.where(keep, entropy, torch.zeros_like(entropy)) if return_entropy else None
         return logp, entropy, torch.stack((g_max, log_D), -1).contiguous()
 
     def logprobs_backward(self, logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad):

@@ -92,8 +92,9 @@ def install_emulated_cuda(monkeypatch, ext) -> None:
     fake = types.SimpleNamespace(
         DEVICE_TYPES=("cpu",), unavailable_reason=lambda: None,
         fused_loss=lambda inp, grad: cuda_backend.fused_loss_with(ext, inp, grad, 0, 0),
-        token_logprobs=lambda z, y, temp, ent: cuda_backend.token_logprobs_with(ext, z, y, temp, ent, 0, 0),
-        logprobs_forward=lambda *a: cuda_backend.logprobs_forward_with(ext, *a, 0, 0),
+        token_logprobs=lambda z, y, temp, ent, mask=None: cuda_backend.token_logprobs_with(ext, z, y, temp, ent, 0, 0,
+                                                                                          mask=mask),
+        logprobs_forward=lambda *a, mask=None: cuda_backend.logprobs_forward_with(ext, *a, 0, 0, mask=mask),
         logprobs_backward=lambda *a: cuda_backend.logprobs_backward_with(ext, *a, 0, 0),
     )
     monkeypatch.setitem(backends.REGISTRY, "cuda", backends.Backend("cuda", fake))

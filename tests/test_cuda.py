@@ -69,7 +69,7 @@ def test_extension_rejects_unknown_or_missing_arguments():
         pytest.skip("grpo_fast._C_cuda is not built")
     with pytest.raises(KeyError, match="missing argument"):
         _C_cuda.token_logprobs(logits=0)
-    kw = dict(logits=0, dtype=0, B=1, T=1, V=1, stride_b=1, stride_t=1, ids=0, temperature=1.0, logp=0,
+    kw = dict(logits=0, dtype=0, B=1, T=1, V=1, stride_b=1, stride_t=1, ids=0, mask=0, temperature=1.0, logp=0,
               entropy=0, device=0, stream=0)
     with pytest.raises(TypeError, match="unexpected argument typo"):
         _C_cuda.token_logprobs(**kw, typo=1)

@@ -29,7 +29,7 @@ def test_cpu_allocation_failure_is_a_python_exception():
 def test_cpu_bad_arguments_are_python_exceptions():
     with pytest.raises(ValueError, match="grpo_fast._C_cpu: temperature must be > 0"):
         cpu_backend._C_cpu.token_logprobs(logits=4096, dtype=0, B=1, T=1, V=8, stride_b=8, stride_t=8, ids=4096,
-                                          temperature=0.0, logp=4096, entropy=0, nthreads=1)
+                                          mask=0, temperature=0.0, logp=4096, entropy=0, nthreads=1)
 
 
 @pytest.mark.skipif(_C_cuda is None, reason="the CUDA extension is not built (no nvcc at install time)")
@@ -41,15 +41,15 @@ def test_cuda_error_is_a_python_exception_with_the_cuda_message():
     # No device here: the first CUDA call fails; the extension must raise, naming the CUDA error.
     with pytest.raises(RuntimeError, match="CUDA"):
         _C_cuda.token_logprobs(logits=4096, dtype=0, B=1, T=1, V=8, stride_b=8, stride_t=8, ids=4096,
-                               temperature=1.0, logp=4096, entropy=0, device=0, stream=0)
+                               mask=0, temperature=1.0, logp=4096, entropy=0, device=0, stream=0)
 
 
 @pytest.mark.skipif(cpu_backend._C_cpu is None, reason="the CPU extension is not built")
 def test_cpu_keywords_are_strict():
     # One binding style with _C_cuda (csrc/common/grpo_bindings.h): a missing or misspelt keyword
     # fails loudly instead of leaving a field at zero.
-    kw = dict(logits=4096, dtype=0, B=1, T=1, V=8, stride_b=8, stride_t=8, ids=4096, temperature=1.0, logp=4096,
-              entropy=0, nthreads=1)
+    kw = dict(logits=4096, dtype=0, B=1, T=1, V=8, stride_b=8, stride_t=8, ids=4096, mask=0, temperature=1.0,
+              logp=4096, entropy=0, nthreads=1)
     with pytest.raises(KeyError, match="grpo_fast._C_cpu: missing argument nthreads"):
         cpu_backend._C_cpu.token_logprobs(**{k: v for k, v in kw.items() if k != "nthreads"})
     with pytest.raises(TypeError, match="grpo_fast._C_cpu: unexpected argument lse"):

@@ -424,6 +424,191 @@ def test_bad_inputs_name_the_argument():
         grpo_fast.fused_linear_logprobs(torch.randn(2, 3, 8), torch.randn(53, 8), ids, temperature=-1.0)
 
 
+# ---- mask=: valid rows only ----------------------------------------------------------------------------
+def _mask_for(lead, dtype, seed=7):
+    """A mask of ``lead`` with valid and masked tokens (row 0 fully valid, the last token masked)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(lead, generator=g) > 0.4
+    keep.view(-1)[0] = True
+    keep.view(-1)[-1] = False
+    if dtype is torch.bool:
+        return keep.to(DEVICE)
+    return (keep.to(dtype) * (3 if dtype is torch.int32 else 0.5)).to(DEVICE)  # nonzero = valid, any value
+
+
+MASK_CASES = [
+    pytest.param((2, 3, 53), 0.7, torch.bool, id="BTV-bool"),
+    pytest.param((9, 53), "token", torch.float32, id="NV-tau-per-token-float"),
+    pytest.param((3, 4, 53), "row", torch.int32, id="BTV-tau-per-row-int"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("shape,tau,mdtype", MASK_CASES)
+def test_mask_valid_rows_match_float64_and_masked_rows_are_zero(backend, shape, tau, mdtype):
+    # Masked rows hold NaN and +inf logits and get upstream gradients: none of it reaches any output.
+    z, ids = make(shape)
+    tau = _tau(tau, shape)
+    mask = _mask_for(ids.shape, mdtype)
+    keep = mask != 0
+    z[~keep] = float("nan")
+    z[..., 1][~keep] = float("inf")
+    x = z.clone().requires_grad_()
+    logp, ent = grpo_fast.logprobs(x, ids, temperature=tau, return_entropy=True, mask=mask, backend=backend)
+    gl, gh = upstream(ids.shape, "both")
+    backprop(logp, ent, gl, gh)
+    assert bool((logp[~keep] == 0).all()) and bool((ent[~keep] == 0).all())
+    assert bool((x.grad[~keep] == 0).all())
+    xo = z[keep].double().requires_grad_()
+    lo, eo = eager(xo, ids[keep], tau[keep] if isinstance(tau, torch.Tensor) and tau.shape == ids.shape
+                   else (tau[:, None].expand(ids.shape)[keep] if isinstance(tau, torch.Tensor) else tau))
+    backprop(lo, eo, gl[keep], gh[keep])
+    assert_close_scaled(logp[keep].detach(), lo, 1e-5, "logp")
+    assert_close_scaled(ent[keep].detach(), eo, 1e-5, "entropy")
+    assert_close_scaled(x.grad[keep], xo.grad, rtol_for(backend), "gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_mask_all_ones_is_no_mask_bitwise_and_all_zeros_gives_zeros(backend):
+    z, ids = make((2, 3, 53))
+    outs = []
+    for mask in (None, torch.ones(ids.shape, device=DEVICE)):
+        x = z.clone().requires_grad_()
+        logp, ent = grpo_fast.logprobs(x, ids, temperature=0.8, return_entropy=True, mask=mask, backend=backend)
+        backprop(logp, ent, *upstream(ids.shape, "both"))
+        outs.append((logp.detach(), ent.detach(), x.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    x = torch.full_like(z, float("nan")).requires_grad_()
+    logp, ent = grpo_fast.logprobs(x, ids, return_entropy=True, mask=torch.zeros(ids.shape, dtype=torch.bool,
+                                                                                  device=DEVICE), backend=backend)
+    backprop(logp, ent, *upstream(ids.shape, "both"))
+    assert bool((logp == 0).all()) and bool((ent == 0).all()) and bool((x.grad == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_fused_linear_mask_skips_masked_tokens(backend):
+    g = torch.Generator().manual_seed(11)
+    B, T, H, V = 2, 5, 16, 53
+    hidden = torch.randn(B, T, H, generator=g).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(DEVICE)
+    bias = torch.randn(V, generator=g).to(DEVICE)
+    ids = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    mask = _mask_for((B, T), torch.bool)
+    hidden[~mask] = float("nan")
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    logp, ent = grpo_fast.fused_linear_logprobs(h, w, ids, bias=b, temperature=0.9, logit_softcap=5.0, mask=mask,
+                                                return_entropy=True, chunk_size=3, backend=backend)
+    gl, gh = upstream((B, T), "both")
+    backprop(logp, ent, gl, gh)
+    assert bool((logp[~mask] == 0).all()) and bool((ent[~mask] == 0).all()) and bool((h.grad[~mask] == 0).all())
+    ho, wo, bo = hidden[mask].double().requires_grad_(), weight.double().requires_grad_(), bias.double().requires_grad_()
+    lo, eo = linear_oracle(ho, wo, bo, ids[mask], 0.9, cap=5.0)
+    backprop(lo, eo, gl[mask], gh[mask])
+    assert_close_scaled(logp[mask].detach(), lo, 1e-5, "logp")
+    assert_close_scaled(ent[mask].detach(), eo, 1e-5, "entropy")
+    for got, want, name in ((h.grad[mask], ho.grad, "hidden"), (w.grad, wo.grad, "weight"), (b.grad, bo.grad, "bias")):
+        assert_close_scaled(got, want, 5e-5, name)
+    # every token masked: zeros and a zero ∂hidden; none masked: the unmasked call exactly
+    h = hidden.clone().requires_grad_()
+    logp, ent = grpo_fast.fused_linear_logprobs(h, weight, ids, mask=torch.zeros(B, T, device=DEVICE),
+                                                return_entropy=True, backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    assert bool((logp == 0).all()) and bool((ent == 0).all()) and bool((h.grad == 0).all())
+    clean = torch.randn(B, T, H, generator=g).to(DEVICE)
+    a = grpo_fast.fused_linear_logprobs(clean, weight, ids, return_entropy=True, backend=backend)
+    m = grpo_fast.fused_linear_logprobs(clean, weight, ids, mask=torch.ones(B, T, device=DEVICE), return_entropy=True,
+                                        backend=backend)
+    assert torch.equal(a[0], m[0]) and torch.equal(a[1], m[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_token_logprobs_mask(backend):
+    z, ids = make((3, 4, 53))
+    mask = _mask_for(ids.shape, torch.float32)
+    keep = mask != 0
+    z[~keep] = float("nan")
+    for tau in (0.8, per_token_tau(ids.shape)):  # a float: the no-grad kernels; a tensor: the primitive's
+        logp, ent = grpo_fast.token_logprobs(z, ids, tau, return_entropy=True, mask=mask, backend=backend)
+        lo, eo = eager(z[keep].double(), ids[keep], tau[keep] if isinstance(tau, torch.Tensor) else tau)
+        assert bool((logp[~keep] == 0).all()) and bool((ent[~keep] == 0).all())
+        assert_close_scaled(logp[keep], lo, 1e-5, "logp")
+        assert_close_scaled(ent[keep], eo, 1e-5, "entropy")
+    clean, _ = make((3, 4, 53), seed=3)
+    a = grpo_fast.token_logprobs(clean, ids, 0.8, return_entropy=True, backend=backend)
+    m = grpo_fast.token_logprobs(clean, ids, 0.8, return_entropy=True, mask=torch.ones_like(mask), backend=backend)
+    assert torch.equal(a[0], m[0]) and torch.equal(a[1], m[1])
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="the CPU extension is not built")
+def test_mask_with_packed_rows():
+    z, ids = make((7, 53))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    z[~mask] = float("nan")
+    logp, ent = grpo_fast.logprobs(z, ids, temperature=torch.tensor([0.5, 2.0]), cu_seqlens=cu, mask=mask,
+                                   return_entropy=True, backend="cpu")
+    tau = torch.tensor([0.5] * 3 + [2.0] * 4)
+    lo, eo = eager(z[mask].double(), ids[mask], tau[mask].double())
+    assert bool((logp[~mask] == 0).all()) and bool((ent[~mask] == 0).all())
+    assert_close_scaled(logp[mask], lo, 1e-5, "logp")
+    assert_close_scaled(ent[mask], eo, 1e-5, "entropy")
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="the CPU extension is not built")
+def test_mask_leaves_the_primitive_losses_unchanged():
+    # verl's policy losses and TRL's primitive terms (the benchmark's primitive rows) mask every token
+    # term: with mask= (logp and entropy 0 on the padding) their loss and gradient are those without it.
+    from benchmarks import options
+
+    x = options._inputs(3, 16, 64, torch.float32)
+    for name, loss_fn in options.primitive_cases().items():
+        got = []
+        for mask in (None, x["mask"]):
+            z = x["logits"].clone().requires_grad_()
+            logp, ent = grpo_fast.logprobs(z, x["ids"], return_entropy=True, mask=mask, backend="cpu")
+            loss = loss_fn(logp, ent, x)
+            loss.backward()
+            got.append((loss.detach(), z.grad))
+        assert bool(torch.isfinite(got[1][0])), name
+        torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_mask_under_torch_compile_is_refused_by_name():
+    z, ids = make((2, 3, 53))
+    mask = torch.ones(ids.shape, dtype=torch.bool, device=DEVICE)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(z, ids, mask):
+        return grpo_fast.logprobs(z, ids, mask=mask, backend="torch")[0]
+
+    with pytest.raises(Exception, match="mask= is not supported under torch.compile"):
+        f(z, ids, mask)
+
+
+def test_bad_mask_is_named_before_any_kernel(monkeypatch):
+    from grpo_fast import backends
+
+    def no_kernel(*a, **k):
+        raise AssertionError("a kernel ran before the mask was checked")
+
+    monkeypatch.setitem(backends.REGISTRY, "cpu", backends.Backend("cpu", __import__("types").SimpleNamespace(
+        DEVICE_TYPES=("cpu",), unavailable_reason=lambda: None, fused_loss=no_kernel, token_logprobs=no_kernel,
+        logprobs_forward=no_kernel, logprobs_backward=no_kernel)))
+    z, ids = make((2, 3, 53))
+    z, ids = z.cpu(), ids.cpu()
+    hidden, weight = torch.randn(2, 3, 8), torch.randn(53, 8)
+    for fn, args in ((grpo_fast.logprobs, (z, ids)), (grpo_fast.fused_linear_logprobs, (hidden, weight, ids)),
+                     (grpo_fast.token_logprobs, (z, ids))):
+        with pytest.raises(ValueError, match="mask must have the ids' shape"):
+            fn(*args, mask=torch.ones(2, 4, dtype=torch.bool), backend="cpu")
+        with pytest.raises(TypeError, match="mask must be a bool, integer or floating"):
+            fn(*args, mask=torch.ones(2, 3, dtype=torch.complex64), backend="cpu")
+        with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+            fn(*args, mask=[[1, 1, 1], [1, 1, 1]], backend="cpu")
+
+
 # ---- the benchmark's own check ----------------------------------------------------------------------
 @pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="the CPU extension is not built")
 def test_benchmark_table_runs_and_agrees_with_float64():

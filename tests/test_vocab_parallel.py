@@ -89,6 +89,15 @@ def run_cases(x, shard, group, mesh=None):
         lp, ent = grpo_fast.logprobs(z, x["ids"], temperature=tau, return_entropy=True, backend=backend, **kw)
         primitive_loss(lp, ent).backward()
         out[f"logprobs_{backend}"] = dict(logp=lp, ent=ent, d_logits=z.grad)
+    # valid rows only: the masked token's logits are NaN and reach nothing, on either rank
+    z_nan = x["z"].clone()
+    z_nan[x["mask"] == 0] = float("nan")
+    for backend in ("cpu", "torch"):
+        z = sharded(z_nan)
+        lp, ent = grpo_fast.logprobs(z, x["ids"], temperature=TAU, return_entropy=True, mask=x["mask"],
+                                     backend=backend, **kw)
+        primitive_loss(lp, ent).backward()
+        out[f"logprobs_mask_{backend}"] = dict(logp=lp, ent=ent, d_logits=z.grad)
     # (N, V) rows and logp only (no entropy term in backward)
     z = sharded(x["z"].reshape(B * T, V))
     lp, _ = grpo_fast.logprobs(z, x["ids"].reshape(-1), backend="cpu", **kw)
@@ -100,6 +109,11 @@ def run_cases(x, shard, group, mesh=None):
                                               return_entropy=True, chunk_size=5, backend="cpu", **kw)
     primitive_loss(lp, ent).backward()
     out["fused_linear_logprobs"] = dict(logp=lp, ent=ent, d_hidden=h.grad, d_weight=w.grad, d_bias=b.grad)
+    h, w, b = _leaf(x["hidden"]), sharded(x["weight"], 0), sharded(x["bias"], 0)
+    lp, ent = grpo_fast.fused_linear_logprobs(h, w, x["ids"], bias=b, temperature=TAU, logit_softcap=3.0,
+                                              return_entropy=True, mask=x["mask"], chunk_size=5, backend="cpu", **kw)
+    primitive_loss(lp, ent).backward()
+    out["fused_linear_logprobs_mask"] = dict(logp=lp, ent=ent, d_hidden=h.grad, d_weight=w.grad, d_bias=b.grad)
 
     z = sharded(x["z"])
     loss, metrics = grpo_fast.grpo_loss(z, x["ids"], x["adv"], old_logp=x["old"], completion_mask=x["mask"], beta=0.0,
@@ -250,6 +264,16 @@ def test_two_ranks_match_one_process(ranks, single):
     assert bool((x["ids"] < SPLIT).any()) and bool((x["ids"] >= SPLIT).any())
     assert bool(torch.isinf(x["z"][0, 2, SPLIT:]).all()) and bool(torch.isinf(x["z"][1, 2, :SPLIT]).all())
     assert float(want["logprobs_cpu"]["d_logits"].abs().max()) > 0
+    # with a mask: the masked token's outputs and gradient row are 0, the others those without a mask
+    keep = x["mask"] != 0
+    for backend in ("cpu", "torch"):
+        m, u = want[f"logprobs_mask_{backend}"], want[f"logprobs_{backend}"]
+        assert bool((m["logp"][~keep] == 0).all()) and bool((m["d_logits"][~keep] == 0).all())
+    m, u = want["logprobs_mask_cpu"], want["logprobs_cpu"]
+    assert torch.equal(m["logp"][keep], u["logp"][keep]) and torch.equal(m["d_logits"][keep], u["d_logits"][keep])
+    m, u = want["fused_linear_logprobs_mask"], want["fused_linear_logprobs"]
+    assert bool((m["ent"][~keep] == 0).all()) and bool((m["d_hidden"][~keep] == 0).all())
+    torch.testing.assert_close(m["logp"][keep], u["logp"][keep], rtol=1e-5, atol=1e-6)
 
 
 def test_explicit_vocab_start_and_dtensor(ranks, single):

@@ -58,10 +58,12 @@ struct LossArgs {
 
 // Per-token log-probs (and entropy when entropy != null), both (B, T) float32; with lse != null also
 // each row's logsumexp of x = z/τ in two parts, (B, T, 2) float32: (max x, ln Σ exp(x − max)) (the
-// forward of grpo_fast.logprobs, which keeps them for the backward; never added up).
+// forward of grpo_fast.logprobs, which keeps them for the backward; never added up). With mask != null
+// ((B, T) float32, 0 = padding) a masked row is not read: its logp, entropy and both lse parts are 0.
 struct LogprobArgs {
   LogitsView logits;
   const int64_t* ids = nullptr;
+  const float* mask = nullptr;
   double temperature = 1.0;
   const float* tau_rows = nullptr;  // (B, T) per-token temperatures, or null: `temperature` everywhere
   float* logp = nullptr;

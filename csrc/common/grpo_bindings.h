@@ -137,6 +137,7 @@ inline LogprobArgs logprob_args(Kw& kw, bool with_lse) {
   LogprobArgs a;
   a.logits = logits_view(kw);
   a.ids = kw.ptr<const int64_t>("ids");
+  a.mask = kw.ptr<const float>("mask");
   a.temperature = kw.get<double>("temperature");
   if (with_lse) {
     a.tau_rows = kw.ptr<const float>("tau_rows");
@@ -164,10 +165,13 @@ inline LogprobGradArgs logprob_grad_args(Kw& kw) {
 constexpr const char* kFusedLossDoc =
     "The fused GRPO loss over logits (B, T, V): logp (B, T) f32, the stats sums (NUM_STATS,) f32 and, when "
     "grad != 0, d loss / d logits for grad_output = 1 (grpo_fast/backends/_native.py builds the keywords).";
-constexpr const char* kTokenLogprobsDoc = "Per-token log-probs (B, T) f32 and, when entropy != 0, entropies (B, T) f32.";
+constexpr const char* kTokenLogprobsDoc =
+    "Per-token log-probs (B, T) f32 and, when entropy != 0, entropies (B, T) f32; mask (B, T) f32 or 0: a "
+    "masked (0) row is not read and gets 0.";
 constexpr const char* kLogprobsFwdDoc =
     "grpo_fast.logprobs forward: per-token logp and (entropy != 0) entropy, (B, T) f32, and the lse in two "
-    "parts (B, T, 2) f32 (max x, ln Σ exp(x − max)); tau_rows: per-token temperatures (B, T) f32 or 0.";
+    "parts (B, T, 2) f32 (max x, ln Σ exp(x − max)); tau_rows: per-token temperatures (B, T) f32 or 0; mask "
+    "(B, T) f32 or 0: a masked (0) row is not read, all its outputs 0.";
 constexpr const char* kLogprobsBwdDoc =
     "grpo_fast.logprobs backward: grad (B, T, V) = (g_logp·(onehot − p) − g_entropy·p·(log p + H))/τ from the "
     "saved two-part lse (B, T, 2); g_logp / g_entropy (B, T) f32 or 0. grad may equal logits.";

@@ -387,7 +387,9 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
 // lse[2n + 1] = log S (S = Σ e^(x − max)), which is all the backward needs to form
 // p_j = e^((x_j − max) − log S) without a reduction. The parts are never added: x_j − (max + log S)
 // would lose an ulp of |x| (~1e-3 at logits near ±1e4) to cancellation. tau: per-token temperatures
-// (N,) or null (then tau0 for every token); lse may be null (token_logprobs).
+// (N,) or null (then tau0 for every token); lse may be null (token_logprobs). A masked row (mask != null,
+// mask[n] == 0: padding) is not read: logp, entropy and both lse parts 0 (the backward is then given zero
+// upstream gradients for it and writes a zero row, again without reading it).
 static void logprobs_fwd_impl(const LogprobArgs& a, int nthreads) {
   const RowKernels& K = *g_kernels.load();
   const LogitsView& L = a.logits;
@@ -397,14 +399,21 @@ static void logprobs_fwd_impl(const LogprobArgs& a, int nthreads) {
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
 #endif
   for (int64_t n = 0; n < N; ++n) {
+    if (a.mask && a.mask[n] == 0.f) {
+      a.logp[n] = 0.f;
+      if (a.lse) a.lse[2 * n] = a.lse[2 * n + 1] = 0.f;
+      if (a.entropy) a.entropy[n] = 0.f;
+      continue;
+    }
     const int64_t b = n / T, t = n % T;
     const void* zrow = static_cast<const char*>(L.ptr) + (b * L.stride_b + t * L.stride_t) * elem_size(L.dtype);
     const float inv_tau = (float)(1.0 / (double)(a.tau_rows ? a.tau_rows[n] : tau0));
     // the row this thread most likely sweeps next, prefetched during the exp pass (as in the loss)
     const int64_t nn = n + (chunk > 1 && (n + 1) % chunk != 0 ? 1 : nthreads * chunk - chunk + 1);
-    const void* next = nn < N ? static_cast<const char*>(L.ptr) +
-                                    ((nn / T) * L.stride_b + (nn % T) * L.stride_t) * elem_size(L.dtype)
-                              : nullptr;
+    const bool fetch = nn < N && !(a.mask && a.mask[nn] == 0.f);  // a masked row is not read: not prefetched
+    const void* next = fetch ? static_cast<const char*>(L.ptr) +
+                                   ((nn / T) * L.stride_b + (nn % T) * L.stride_t) * elem_size(L.dtype)
+                             : nullptr;
     const RowStats rs = K.stats[L.dtype](zrow, V, inv_tau, a.ids[n], next);
     a.logp[n] = rs.logp;
     if (a.lse) {

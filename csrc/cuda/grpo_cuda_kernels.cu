@@ -598,7 +598,8 @@ __global__ void __launch_bounds__(kMaxRowThreads) token_fused_kernel(const DevAr
 }
 
 // lse, logp and entropy of one token row per block (token_logprobs; sequence level pass 1).
-// With a.mask (the fused loss's sequence-level pass 1) a masked row is not read: all outputs 0.
+// With a.mask (the fused loss's sequence-level pass 1; token_logprobs / grpo_fast.logprobs with a mask)
+// a masked row is not read: all outputs 0.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a) {
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
@@ -609,7 +610,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) logprob_kernel(const DevArgs a
         if (a.entropy) a.entropy[n] = 0.f;
         if (a.rmax) a.rmax[n] = 0.f;
         if (a.log2s) a.log2s[n] = 0.f;
-        if (a.lse) a.lse[n] = 0.f;
+        if (a.lse) a.lse[2 * n] = a.lse[2 * n + 1] = 0.f;
       }
       continue;
     }
@@ -995,6 +996,7 @@ void token_logprobs(const LogprobArgs& a, const Context& c) {
   GF_REQUIRE(a.tau_rows != nullptr || a.temperature > 0.f, "temperature must be > 0");
   DeviceGuard guard(c.device);
   DevArgs d = dev_args(a.logits, a.ids, a.temperature, nullptr, 0, 0);
+  d.mask = a.mask;  // null: every row
   d.logp = a.logp;
   d.entropy = a.entropy;
   d.lse = a.lse;

@@ -115,11 +115,15 @@ class Backend:
     def fused_loss(self, inp, grad: Optional[torch.Tensor]):
         return self._kernels().fused_loss(inp, grad)
 
-    def token_logprobs(self, logits, ids, temperature, return_entropy: bool):
-        return self._kernels().token_logprobs(logits, ids, temperature, return_entropy)
+    def token_logprobs(self, logits, ids, temperature, return_entropy: bool, mask=None):
+        if mask is None:
+            return self._kernels().token_logprobs(logits, ids, temperature, return_entropy)
+        return self._kernels().token_logprobs(logits, ids, temperature, return_entropy, mask=mask)
 
-    def logprobs_forward(self, logits, ids, temperature, return_entropy: bool):
-        return self._kernels().logprobs_forward(logits, ids, temperature, return_entropy)
+    def logprobs_forward(self, logits, ids, temperature, return_entropy: bool, mask=None):
+        if mask is None:  # kernels installed by tests (REGISTRY) may not take a mask
+            return self._kernels().logprobs_forward(logits, ids, temperature, return_entropy)
+        return self._kernels().logprobs_forward(logits, ids, temperature, return_entropy, mask=mask)
 
     def logprobs_backward(self, logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad) -> None:
         self._kernels().logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad)

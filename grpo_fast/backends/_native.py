@@ -101,27 +101,31 @@ def fused_loss(ext, inp, grad: Optional[torch.Tensor], **context):
 
 
 def token_logprobs(ext, logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool,
-                   **context):
+                   mask: Optional[torch.Tensor] = None, **context):
     """Per-token log-probs (B, T) float32 [and entropies (B, T) float32, else None], no gradient.
 
-    logits: (B, T, V) fp32/bf16/fp16 with stride(-1) == 1 (any B/T strides); ids (B, T) integer.
+    logits: (B, T, V) fp32/bf16/fp16 with stride(-1) == 1 (any B/T strides); ids (B, T) integer;
+    mask: (B, T) float32 contiguous or None: a masked (0) row is not read, its outputs are 0.
     """
     B, T, _ = logits.shape
     dev = logits.device
     ids = ids.to(torch.int64).contiguous()
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
-    ext.token_logprobs(**logits_kwargs(logits), ids=ids.data_ptr(), temperature=float(temperature),
+    _check_side("mask", mask, dev)
+    ext.token_logprobs(**logits_kwargs(logits), ids=ids.data_ptr(), mask=ptr(mask), temperature=float(temperature),
                        logp=logp.data_ptr(), entropy=ptr(entropy), **context)
     return logp, entropy
 
 
-def logprobs_forward(ext, logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool, **context):
+def logprobs_forward(ext, logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool,
+                     mask: Optional[torch.Tensor] = None, **context):
     """Forward of grpo_fast.logprobs: (logp, entropy | None, lse); logp and entropy (B, T) float32, lse
     (B, T, 2) float32 in two parts (max x, log Σ exp(x − max)) (see grpo_fast/logprobs.py).
 
     ids: (B, T) int64 contiguous; temperature: a float > 0, or (B, T) float32 contiguous per-token
-    temperatures.
+    temperatures; mask: (B, T) float32 contiguous or None: a masked (0) row is not read, its logp,
+    entropy and lse parts are 0.
     """
     B, T, _ = logits.shape
     dev = logits.device
@@ -129,7 +133,8 @@ def logprobs_forward(ext, logits: torch.Tensor, ids: torch.Tensor, temperature, 
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
     lse = torch.empty((B, T, 2), dtype=torch.float32, device=dev)
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
-    ext.logprobs_fwd(**logits_kwargs(logits), ids=ids.data_ptr(), **_tau_kwargs(temperature, dev),
+    _check_side("mask", mask, dev)
+    ext.logprobs_fwd(**logits_kwargs(logits), ids=ids.data_ptr(), mask=ptr(mask), **_tau_kwargs(temperature, dev),
                      logp=logp.data_ptr(), entropy=ptr(entropy), lse=lse.data_ptr(), **context)
     return logp, entropy, lse
 

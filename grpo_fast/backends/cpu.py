@@ -154,16 +154,16 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
     return _native.fused_loss(_C_cpu, inp, grad, **_context())
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool):
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool, mask=None):
     """Per-token log-probs (B, T) float32 [and entropies (B, T) float32, else None], no gradient."""
     assert logits.device.type == "cpu"
-    return _native.token_logprobs(_C_cpu, logits, ids, temperature, return_entropy, **_context())
+    return _native.token_logprobs(_C_cpu, logits, ids, temperature, return_entropy, mask, **_context())
 
 
-def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool, mask=None):
     """Forward of grpo_fast.logprobs: (logp, entropy | None, lse) (see _native.logprobs_forward)."""
     assert logits.device.type == "cpu"
-    return _native.logprobs_forward(_C_cpu, logits, ids, temperature, return_entropy, **_context())
+    return _native.logprobs_forward(_C_cpu, logits, ids, temperature, return_entropy, mask, **_context())
 
 
 def logprobs_backward(logits: torch.Tensor, ids: torch.Tensor, temperature, lse: torch.Tensor,

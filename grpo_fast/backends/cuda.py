@@ -55,17 +55,19 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
         return fused_loss_with(_C_cuda, inp, grad, *_device_and_stream(inp.logits))
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool):
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool, mask=None):
     """(logp (B, T) float32, entropy (B, T) float32 or None) without gradient; ids (B, T) integer."""
     with torch.cuda.device(logits.device):
-        return token_logprobs_with(_C_cuda, logits, ids, temperature, return_entropy, *_device_and_stream(logits))
+        return token_logprobs_with(_C_cuda, logits, ids, temperature, return_entropy, *_device_and_stream(logits),
+                                   mask=mask)
 
 
-def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool, mask=None):
     """Forward of grpo_fast.logprobs: (logp, entropy | None, lse): (B, T) float32, lse (B, T, 2) float32 in
     two parts (see grpo_fast/logprobs.py)."""
     with torch.cuda.device(logits.device):
-        return logprobs_forward_with(_C_cuda, logits, ids, temperature, return_entropy, *_device_and_stream(logits))
+        return logprobs_forward_with(_C_cuda, logits, ids, temperature, return_entropy, *_device_and_stream(logits),
+                                     mask=mask)
 
 
 def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad) -> None:
@@ -80,8 +82,8 @@ def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy,
 # the same as the CPU extension's.
 
 
-def logprobs_forward_with(ext, logits, ids, temperature, return_entropy: bool, device: int, stream: int):
-    return _native.logprobs_forward(ext, logits, ids, temperature, return_entropy, device=device, stream=stream)
+def logprobs_forward_with(ext, logits, ids, temperature, return_entropy: bool, device: int, stream: int, mask=None):
+    return _native.logprobs_forward(ext, logits, ids, temperature, return_entropy, mask, device=device, stream=stream)
 
 
 def logprobs_backward_with(ext, logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad,
@@ -99,8 +101,8 @@ def fused_loss_with(ext, inp, grad: Optional[torch.Tensor], device: int, stream:
 
 
 def token_logprobs_with(ext, logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool,
-                        device: int, stream: int):
-    return _native.token_logprobs(ext, logits, ids, temperature, return_entropy, device=device, stream=stream)
+                        device: int, stream: int, mask=None):
+    return _native.token_logprobs(ext, logits, ids, temperature, return_entropy, mask, device=device, stream=stream)
 
 
 def token_terms(cfg: KernelConfig, logp, ref, adv, isr, ratio, *, on_device: bool, ext=None) -> torch.Tensor:

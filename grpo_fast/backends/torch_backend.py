@@ -51,9 +51,26 @@ def fused_loss(inp, grad: Optional[torch.Tensor]):
     return stats, logp.detach()
 
 
-def token_logprobs(logits, ids, temperature, return_entropy):
-    out = token_logprobs_reference(logits, ids, temperature, return_entropy=return_entropy)
-    return (out[0].float(), out[1].float()) if return_entropy else (out.float(), None)
+def _masked(logits, mask):
+    """The logits with a masked row (mask == 0) replaced by zeros before any softmax: whatever it holds
+    (NaN, inf) reaches nothing; its outputs are then set to 0 (``_zero_masked``)."""
+    if mask is None:
+        return logits
+    return torch.where((mask != 0).unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+
+
+def _zero_masked(mask, *outs):
+    if mask is None:
+        return outs
+    keep = mask != 0
+    return tuple(None if o is None else torch.where(keep if o.dim() == keep.dim() else keep.unsqueeze(-1), o,
+                                                    torch.zeros_like(o)) for o in outs)
+
+
+def token_logprobs(logits, ids, temperature, return_entropy, mask=None):
+    out = token_logprobs_reference(_masked(logits, mask), ids, temperature, return_entropy=return_entropy)
+    logp, entropy = (out[0].float(), out[1].float()) if return_entropy else (out.float(), None)
+    return _zero_masked(mask, logp, entropy)
 
 
 def _x(logits, temperature):
@@ -61,8 +78,8 @@ def _x(logits, temperature):
     return logits.float() / tau
 
 
-def logprobs_forward(logits, ids, temperature, return_entropy):
-    x = _x(logits, temperature)
+def logprobs_forward(logits, ids, temperature, return_entropy, mask=None):
+    x = _x(_masked(logits, mask), temperature)
     shift = x.amax(-1, keepdim=True)
     shift = torch.where(shift == float("-inf"), torch.zeros_like(shift), shift)
     t = x - shift
@@ -73,7 +90,7 @@ def logprobs_forward(logits, ids, temperature, return_entropy):
     if return_entropy:
         p = torch.exp(t - log_d.unsqueeze(-1))
         entropy = log_d - (p * torch.where(p > 0, t, torch.zeros_like(t))).sum(-1)
-    return logp, entropy, torch.stack((shift.squeeze(-1), log_d), -1)
+    return _zero_masked(mask, logp, entropy, torch.stack((shift.squeeze(-1), log_d), -1))
 
 
 def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy, grad):
@@ -86,4 +103,9 @@ def logprobs_backward(logits, ids, temperature, lse, entropy, g_logp, g_entropy,
     if g_logp is not None:
         d -= g_logp.unsqueeze(-1) * p
         d.scatter_add_(-1, ids.unsqueeze(-1), g_logp.unsqueeze(-1))
-    grad.copy_(d / tau)
+    # as the kernels: a token without upstream gradient (masked padding) gets a zero row whatever its logits
+    live = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    for g in (g_logp, g_entropy):
+        if g is not None:
+            live |= g != 0
+    grad.copy_(torch.where(live.unsqueeze(-1), d / tau, torch.zeros((), dtype=d.dtype, device=d.device)))

@@ -303,23 +303,25 @@ def _fused_loss(inp, grad, z, B, T, V, N, dev):
     return stats, logp
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool):
-    """logp (B, T) float32 of ids under softmax(logits / temperature), and the entropy (or None)."""
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool, mask=None):
+    """logp (B, T) float32 of ids under softmax(logits / temperature), and the entropy (or None);
+    mask (B, T) float32 contiguous or None: a masked (0) row is not read, its outputs are 0."""
     B, T, V = logits.shape
     assert logits.stride(-1) == 1
     with _device_guard(logits):
-        return _token_logprobs(logits, ids, temperature, return_entropy, B, T, V, logits.device)
+        return _token_logprobs(logits, ids, temperature, return_entropy, B, T, V, logits.device, mask)
 
 
-def _token_logprobs(logits, ids, temperature, return_entropy, B, T, V, dev):
+def _token_logprobs(logits, ids, temperature, return_entropy, B, T, V, dev, mask=None):
     ids = ids.to(torch.int64).contiguous()
     logp = torch.empty((B, T), dtype=torch.float32, device=dev)
     entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     _launch_v("_token_logprobs_kernel", (B * T,), dict(
-        logits_ptr=logits, ids_ptr=ids, mask_ptr=dummy, logp_ptr=logp, entropy_ptr=entropy if return_entropy else dummy,
+        logits_ptr=logits, ids_ptr=ids, mask_ptr=dummy if mask is None else mask, logp_ptr=logp,
+        entropy_ptr=entropy if return_entropy else dummy,
         lse_ptr=dummy, T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1),
-        temperature=float(temperature), HAS_MASK=False, STORE_ENTROPY=return_entropy, STORE_LSE=False,
+        temperature=float(temperature), HAS_MASK=mask is not None, STORE_ENTROPY=return_entropy, STORE_LSE=False,
     ), logits)
     return logp, entropy
 
@@ -335,9 +337,10 @@ def _tau_args(temperature, dummy):
     return dummy, float(temperature), False
 
 
-def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool):
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, return_entropy: bool, mask=None):
     """(logp, entropy | None, lse) in one sweep of each row of logits (B, T, V): logp and entropy (B, T)
-    float32, lse (B, T, 2) float32 in two parts (shift = max x, log_d = log Σ exp(x − shift))."""
+    float32, lse (B, T, 2) float32 in two parts (shift = max x, log_d = log Σ exp(x − shift)).
+    mask (B, T) float32 contiguous or None: a masked (0) row is not read, its outputs are all 0."""
     B, T, V = logits.shape
     assert logits.stride(-1) == 1 and ids.dtype == torch.int64 and ids.is_contiguous()
     dev = logits.device
@@ -348,10 +351,10 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature, retur
         lse = torch.empty((B, T, 2), dtype=torch.float32, device=dev)
         entropy = torch.empty((B, T), dtype=torch.float32, device=dev) if return_entropy else None
         _launch_v("_logprobs_fwd_kernel", (B * T,), dict(
-            logits_ptr=logits, ids_ptr=ids, tau_ptr=tau_ptr, logp_ptr=logp,
+            logits_ptr=logits, ids_ptr=ids, tau_ptr=tau_ptr, mask_ptr=dummy if mask is None else mask, logp_ptr=logp,
             entropy_ptr=entropy if return_entropy else dummy, lse_ptr=lse,
             T=T, V=V, stride_lb=logits.stride(0), stride_lt=logits.stride(1), temperature=tau0,
-            TAU_PER_ROW=per_row, STORE_ENTROPY=return_entropy,
+            TAU_PER_ROW=per_row, HAS_MASK=mask is not None, STORE_ENTROPY=return_entropy,
         ), logits)
     return logp, entropy, lse
 

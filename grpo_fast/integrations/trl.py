@@ -202,19 +202,22 @@ def _linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, *, logit
     return grpo_fast.grpo_loss(logits, completion_ids, advantages, inplace=inplace, **options)
 
 
-def _linear_logprobs(hidden, weight, bias, completion_ids, *, temperature, logit_scale, logit_softcap, backend, fused_linear, chunk_size):
+def _linear_logprobs(hidden, weight, bias, completion_ids, *, temperature, logit_scale, logit_softcap, backend, fused_linear,
+                     chunk_size, mask=None):
     """Per-token (logp, entropy) (B, T) float32, both differentiable in hidden, weight and bias: the
-    log-prob primitive, from the hidden states (fused_linear) or from projected logits."""
+    log-prob primitive, from the hidden states (fused_linear) or from projected logits. mask: the
+    completion mask; a masked token is not computed (logp and entropy 0 there, no gradient)."""
     if fused_linear:
         return grpo_fast.fused_linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
                                                logit_scale=logit_scale, logit_softcap=logit_softcap,
-                                               return_entropy=True, chunk_size=chunk_size, backend=backend)
+                                               return_entropy=True, mask=mask, chunk_size=chunk_size, backend=backend)
     logits = F.linear(hidden, weight, bias)
     if logit_scale != 1.0:
         logits = logits * logit_scale
     if logit_softcap is not None:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
-    return grpo_fast.logprobs(logits, completion_ids, temperature=temperature, return_entropy=True, backend=backend)
+    return grpo_fast.logprobs(logits, completion_ids, temperature=temperature, return_entropy=True, mask=mask,
+                              backend=backend)
 
 
 @torch.no_grad()
@@ -504,9 +507,10 @@ class GRPOTrainer(_TRLGRPOTrainer):
             ratio = isr
             if primitive:
                 with ctx:
+                    # the padding (mask 0) is not computed: its logits are not read, its rows get no gradient
                     logp, ent = _linear_logprobs(h, weight, bias, ids, temperature=opts["temperature"],
                                                  logit_scale=logit_scale, logit_softcap=softcap, backend=backend,
-                                                 fused_linear=fused_linear, chunk_size=chunk)
+                                                 fused_linear=fused_linear, chunk_size=chunk, mask=mask.to(h.device))
                 return self._grpo_fast_primitive_loss(logp, ent, inputs, mask, advantages, isr, opts, per_call,
                                                       scale, ga, mode, extra)
             with ctx:
@@ -566,6 +570,11 @@ class GRPOTrainer(_TRLGRPOTrainer):
         o = GRPOOptions(**opts)
         maskf = mask.to(logp.dtype)
         old = per_call["old_logp"]
+        if old is not None:
+            # The primitive gave logp = 0 on masked tokens; TRL's terms there (ratio exp(logp − old), …) are
+            # multiplied by the mask, but exp(0 − old) can overflow to inf and inf·0 is NaN: a masked token
+            # takes the old log-prob instead (ratio 1), a constant, so nothing reaches a gradient.
+            logp = torch.where(mask != 0, logp, old.to(logp.dtype))
         old_t = logp.detach() if old is None else old.to(logp.dtype)
         A2 = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # TRL's (B, 1) or (B, T)
         multiplier = None  # what multiplies the policy term before the KL is added, in TRL's order

@@ -698,28 +698,40 @@ def _row_tau(tau_ptr, row, temperature, TAU_PER_ROW: tl.constexpr):
 @triton.jit
 def _logprobs_fwd_kernel(
     # pointers
-    logits_ptr, ids_ptr, tau_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, ids_ptr, tau_ptr, mask_ptr, logp_ptr, entropy_ptr, lse_ptr,
     # sizes and strides (elements)
     T, V, stride_lb, stride_lt,
     # run-time floats
     temperature,
     # meta-parameters
-    TAU_PER_ROW: tl.constexpr, STORE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    TAU_PER_ROW: tl.constexpr, HAS_MASK: tl.constexpr, STORE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """logp[row] = (x[y] − shift) − log_d, the lse in its two parts (lse_ptr (N, 2): shift, log_d; see
-    _online_lse_entropy) for backward, and entropy[row] when STORE_ENTROPY, with x = z / τ."""
+    _online_lse_entropy) for backward, and entropy[row] when STORE_ENTROPY, with x = z / τ.
+    HAS_MASK: a masked row (mask_ptr[row] == 0, padding) is not read; all its outputs are 0."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
     z_row = logits_ptr + b * stride_lb + t * stride_lt
-    tau = _row_tau(tau_ptr, row, temperature, TAU_PER_ROW)
-    shift, log_d, entropy = _online_lse_entropy(z_row, V, tau, BLOCK_V)
-    y = tl.load(ids_ptr + row)
-    tl.store(logp_ptr + row, (tl.load(z_row + y).to(tl.float32) / tau - shift) - log_d)
-    tl.store(lse_ptr + 2 * row, shift)
-    tl.store(lse_ptr + 2 * row + 1, log_d)
-    if STORE_ENTROPY:
-        tl.store(entropy_ptr + row, entropy)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0.0
+    else:
+        keep = True
+    if keep:
+        tau = _row_tau(tau_ptr, row, temperature, TAU_PER_ROW)
+        shift, log_d, entropy = _online_lse_entropy(z_row, V, tau, BLOCK_V)
+        y = tl.load(ids_ptr + row)
+        tl.store(logp_ptr + row, (tl.load(z_row + y).to(tl.float32) / tau - shift) - log_d)
+        tl.store(lse_ptr + 2 * row, shift)
+        tl.store(lse_ptr + 2 * row + 1, log_d)
+        if STORE_ENTROPY:
+            tl.store(entropy_ptr + row, entropy)
+    else:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + 2 * row, 0.0)
+        tl.store(lse_ptr + 2 * row + 1, 0.0)
+        if STORE_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
 
 
 @triton.jit
