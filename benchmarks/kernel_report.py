@@ -252,7 +252,7 @@ def _sig_grad(ldt):
 
 
 def _sig_lp_fwd(ldt):
-    return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "tau_ptr": "*fp32", "logp_ptr": "*fp32",
+    return {"logits_ptr": _ptr(ldt), "ids_ptr": "*i64", "tau_ptr": "*fp32", "mask_ptr": "*fp32", "logp_ptr": "*fp32",
             "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "T": "i32", "V": "i32", "stride_lb": "i32",
             "stride_lt": "i32", "temperature": "fp32"}
 
@@ -263,7 +263,7 @@ def _sig_lp_bwd(ldt):
             "stride_lb": "i32", "stride_lt": "i32", "stride_gb": "i32", "stride_gt": "i32", "temperature": "fp32"}
 
 
-_LP_FWD_ALL = {"TAU_PER_ROW": True, "STORE_ENTROPY": True}
+_LP_FWD_ALL = {"TAU_PER_ROW": True, "HAS_MASK": True, "STORE_ENTROPY": True}
 _LP_BWD_ALL = {"TAU_PER_ROW": True, "HAS_G_LOGP": True, "HAS_G_ENT": True}
 
 
@@ -432,7 +432,8 @@ def variant_jobs():
         for flags in ({}, {"TAU_PER_ROW": True}, {"STORE_ENTROPY": True}, _LP_FWD_ALL):
             label = f"logits {dt}, " + (",".join(k for k in flags) or "no flags")
             out.append(("_logprobs_fwd_kernel", label, _sig_lp_fwd(dt),
-                        {"TAU_PER_ROW": False, "STORE_ENTROPY": False, **flags, "BLOCK_V": DEFAULT_BLOCK_V},
+                        {"TAU_PER_ROW": False, "HAS_MASK": False, "STORE_ENTROPY": False, **flags,
+                         "BLOCK_V": DEFAULT_BLOCK_V},
                         DEFAULT_WARPS, NUM_STAGES, dcfg))
         for flags in ({"HAS_G_LOGP": True}, {"HAS_G_ENT": True}, _LP_BWD_ALL):
             label = f"logits {dt}, " + ",".join(k for k in flags)

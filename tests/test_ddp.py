@@ -94,6 +94,7 @@ def worker(out_dir: str) -> None:
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     both = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(both, flat)
+    dist.barrier()  # no rank tears its process group down while the other is still in a collective
     dist.destroy_process_group()
     if rank == 0:
         torch.save(torch.stack(both), os.path.join(out_dir, "run_params.pt"))

@@ -106,6 +106,7 @@ def worker(out_dir: str) -> None:
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][k].full_tensor(), saved[n][k]), (n, k)
     tr.train(_tiny_run_cfg(tr, os.path.join(out_dir, "resumed"), resume=cfg.out, steps=3), task=task)
+    dist.barrier()  # no rank tears its process group down while the other is still in a collective
     dist.destroy_process_group()
 
 
