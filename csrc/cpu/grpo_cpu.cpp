@@ -170,6 +170,22 @@ static inline uint8_t pack_flags(const TokenTerms& tt) {
 // Tokens per OpenMP work item: about 16k logits, so tiny vocabularies do not pay per-row overhead.
 static inline int64_t chunk_tokens(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
 
+// grow[y] = v in the row's dtype: the target entry, rewritten after the row kernel.
+static inline void store_entry(int32_t dtype, void* grow, int64_t y, float v) {
+  char* gy = static_cast<char*>(grow) + y * elem_size(dtype);
+  if (dtype == DTYPE_F32) *reinterpret_cast<float*>(gy) = v;
+  else if (dtype == DTYPE_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(v);
+  else *reinterpret_cast<uint16_t*>(gy) = f32_to_f16(v);
+}
+
+// The row a thread most likely sweeps after row n (rows are handed out `chunk` at a time in order, so
+// about nthreads·chunk rows ahead once its chunk is done; a wrong guess only warms another core's row),
+// for the prefetch of row_stats; N when there is none.
+static inline int64_t likely_next_row(int64_t n, int64_t N, int64_t chunk, int nthreads) {
+  const int64_t nn = n + (chunk > 1 && (n + 1) % chunk != 0 ? 1 : nthreads * chunk - chunk + 1);
+  return nn < N ? nn : N;
+}
+
 // One row's ∂L/∂z_j = [gl·(1[j = y] − p_j) − gh·p_j·(log p_j + H)] / τ from the upstream gradients
 // gl = ∂L/∂logp and gh = ∂L/∂H, with log p_j = (x_j − xmax) − log_s (the two lse parts) and lpy = log p_y
 // formed the same way: the backward of grpo_fast.logprobs, and the fused loss's rows with an entropy
@@ -188,18 +204,17 @@ static inline void write_row_grad_lp(const RowKernels& K, int32_t dtype, const v
   const float py = expf(lpy);
   float vy = gl * inv_tau * -expm1f(lpy);
   if (gh != 0.f && py > 0.f) vy += py * bb * (lpy + H);
-  char* gy = static_cast<char*>(grow) + y * elem_size(dtype);
-  if (dtype == DTYPE_F32) *reinterpret_cast<float*>(gy) = vy;
-  else if (dtype == DTYPE_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
-  else *reinterpret_cast<uint16_t*>(gy) = f32_to_f16(vy);
+  store_entry(dtype, grow, y, vy);
 }
 
 // Writes ∂loss/∂z of one row given g = ∂loss/∂logp (already including the aggregation weight) and
 // gh = ∂loss/∂H (the entropy bonus, −w_H; 0 without it) with H the row's entropy.
 // ebuf: the row's e^(x − max) kept by stats_keep, or null (then they are recomputed from the logits).
+// row_cached: the row was just read (token level, pass 1); else (sequence level, pass 2) it is not in
+// cache, and a zero row is written with streaming stores even in place.
 static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void* zrow, const float* ebuf, void* grow,
                                   int64_t V, int64_t y, float inv_tau, float xmax, float sum, float logp, float g,
-                                  float gh, float H) {
+                                  float gh, float H, bool row_cached) {
   if (gh != 0.f) {  // the entropy bonus: the log-prob backward's row math, from the kept exps when there are
     write_row_grad_lp(K, dtype, zrow, grow, V, y, inv_tau, xmax, logf(sum), logp, g, gh, H, ebuf, sum);
     return;
@@ -207,7 +222,7 @@ static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void
   // A separate gradient buffer is not in cache: streaming stores. In place, the row was just read.
   const bool stream = grow != zrow;
   if (g == 0.f) {  // masked, clipped or zero-advantage token: the whole row is 0 (no exp needed)
-    if (stream) K.zero(grow, V * elem_size(dtype));
+    if (stream || !row_cached) K.zero(grow, V * elem_size(dtype));
     else memset(grow, 0, (size_t)(V * elem_size(dtype)));
     return;
   }
@@ -215,11 +230,7 @@ static inline void write_row_grad(const RowKernels& K, int32_t dtype, const void
   if (ebuf) K.grad_kept[dtype](ebuf, grow, V, -gt / sum, stream);  // −(g/τ)·p_j
   else K.grad[dtype](zrow, grow, V, inv_tau, -xmax, -gt / sum, stream);
   // Target: (g/τ)·(1 − p_y), with 1 − p_y = −expm1(logp) accurate even when p_y is close to 1.
-  const float vy = gt * -expm1f(logp);
-  char* gy = static_cast<char*>(grow) + y * elem_size(dtype);
-  if (dtype == DTYPE_F32) *reinterpret_cast<float*>(gy) = vy;
-  else if (dtype == DTYPE_BF16) *reinterpret_cast<uint16_t*>(gy) = f32_to_bf16(vy);
-  else *reinterpret_cast<uint16_t*>(gy) = f32_to_f16(vy);
+  store_entry(dtype, grow, y, gt * -expm1f(logp));
 }
 
 static void fused_loss_impl(const LossArgs& a, int nthreads) {
@@ -264,7 +275,6 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
 
   // Pass 1 (token level: the only pass): row statistics, per-token terms, gradient.
   const bool keep = a.grad && !seq;  // the gradient follows right away: keep the row's exps
-  (void)nthreads;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nthreads)
 #endif
@@ -289,9 +299,7 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
         continue;
       }
       const void* zrow = zrow_at(b, t);
-      // the row this thread most likely sweeps next: rows are handed out one chunk at a time in
-      // order, so about nthreads·chunk rows ahead (a guess: a wrong one only warms another core's row)
-      const int64_t nn = n + (chunk > 1 && (n + 1) % chunk != 0 ? 1 : nthreads * chunk - chunk + 1);
+      const int64_t nn = likely_next_row(n, N, chunk, nthreads);  // prefetched during this row's exp pass
       const void* next = (nn < N && a.mask[nn] != 0.f) ? zrow_at(nn / T, nn % T) : nullptr;
       const RowStats rs = keep ? K.stats_keep[dtype](zrow, V, inv_tau, a.ids[n], ebuf.data(), next)
                                : K.stats[dtype](zrow, V, inv_tau, a.ids[n], next);
@@ -311,7 +319,7 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
       if (a.grad) {
         const float g = a.weight[n] * (tt.d_logp + r * tt.d_ratio);
         write_row_grad(K, dtype, zrow, ebuf.data(), grow_at(b, t), V, a.ids[n], inv_tau, rs.xmax, rs.sum, rs.logp, g,
-                       a.entropy_weight ? -a.entropy_weight[n] : 0.f, rs.entropy);
+                       a.entropy_weight ? -a.entropy_weight[n] : 0.f, rs.entropy, /*row_cached=*/true);
       }
     }
   }
@@ -355,13 +363,9 @@ static void fused_loss_impl(const LossArgs& a, int nthreads) {
 #endif
       for (int64_t n = 0; n < N; ++n) {
         const int64_t b = n / T, t = n % T;
-        const float gh = a.entropy_weight ? -a.entropy_weight[n] : 0.f;
-        if (gtok[n] == 0.f && gh == 0.f) {  // masked or zero-advantage row: not read, and not in cache here
-          K.zero(grow_at(b, t), V * elem_size(dtype));  // (pass 1 swept every row since): streaming zeros
-          continue;
-        }
+        // pass 1 swept every row since: this one is not in cache (a zero row gets streaming stores)
         write_row_grad(K, dtype, zrow_at(b, t), nullptr, grow_at(b, t), V, a.ids[n], inv_tau, xmax[n], ssum[n], logp[n],
-                       gtok[n], gh, ent[n]);
+                       gtok[n], a.entropy_weight ? -a.entropy_weight[n] : 0.f, ent[n], /*row_cached=*/false);
       }
     }
   }
@@ -408,8 +412,7 @@ static void logprobs_fwd_impl(const LogprobArgs& a, int nthreads) {
     const int64_t b = n / T, t = n % T;
     const void* zrow = static_cast<const char*>(L.ptr) + (b * L.stride_b + t * L.stride_t) * elem_size(L.dtype);
     const float inv_tau = (float)(1.0 / (double)(a.tau_rows ? a.tau_rows[n] : tau0));
-    // the row this thread most likely sweeps next, prefetched during the exp pass (as in the loss)
-    const int64_t nn = n + (chunk > 1 && (n + 1) % chunk != 0 ? 1 : nthreads * chunk - chunk + 1);
+    const int64_t nn = likely_next_row(n, N, chunk, nthreads);  // prefetched during this row's exp pass
     const bool fetch = nn < N && !(a.mask && a.mask[nn] == 0.f);  // a masked row is not read: not prefetched
     const void* next = fetch ? static_cast<const char*>(L.ptr) +
                                    ((nn / T) * L.stride_b + (nn % T) * L.stride_t) * elem_size(L.dtype)

@@ -198,6 +198,9 @@ static void row_grad_kept(const float* e, void* grow, int64_t V, float c, bool s
 // before the product: a banned (−inf) logit has e = 0 and must give 0, never 0·(−inf) = NaN (any
 // t < ln(FLT_MIN) ≈ −87.3 already has e = 0, so the clamp changes no other term). A NaN logit stays
 // NaN (it is max's second operand). grow may equal zrow: each vector is read before it is written.
+// p·(a + b·max(t, −1000)): one vector of the log-prob row gradient, t = log p (both kernels below).
+static inline vf lp_term(vf p, vf t, vf va, vf vb, vf floor_t) { return vmul(p, vfmadd(vb, vmax(floor_t, t), va)); }
+
 template <class D, bool STREAM>
 static void row_grad_lp_impl(const void* zrow, void* grow, int64_t V, float inv_tau, float xmax, float log_s, float a,
                              float b) {
@@ -211,19 +214,17 @@ static void row_grad_lp_impl(const void* zrow, void* grow, int64_t V, float inv_
   int64_t i = 0;
   for (; i < v2; i += 2 * W) {
     const vf t0 = vadd(vshift(vload(d, z + i), it, nm), nl), t1 = vadd(vshift(vload(d, z + i + W), it, nm), nl);
-    const vf r0 = vmul(vexp(t0), vfmadd(vb, vmax(floor_t, t0), va));
-    const vf r1 = vmul(vexp(t1), vfmadd(vb, vmax(floor_t, t1), va));
-    put<D, STREAM>(d, g + i, r0);
-    put<D, STREAM>(d, g + i + W, r1);
+    put<D, STREAM>(d, g + i, lp_term(vexp(t0), t0, va, vb, floor_t));
+    put<D, STREAM>(d, g + i + W, lp_term(vexp(t1), t1, va, vb, floor_t));
   }
   for (; i < v1; i += W) {
     const vf t0 = vadd(vshift(vload(d, z + i), it, nm), nl);
-    put<D, STREAM>(d, g + i, vmul(vexp(t0), vfmadd(vb, vmax(floor_t, t0), va)));
+    put<D, STREAM>(d, g + i, lp_term(vexp(t0), t0, va, vb, floor_t));
   }
   if (i < V) {
     alignas(64) float buf[W];
     const vf t0 = vadd(vshift(load_tail(d, z + i, V - i, -INFINITY), it, nm), nl);
-    vstore(F32{}, buf, vmul(vexp(t0), vfmadd(vb, vmax(floor_t, t0), va)));
+    vstore(F32{}, buf, lp_term(vexp(t0), t0, va, vb, floor_t));
     for (int64_t k = 0; k < V - i; ++k) g[i + k] = from_f32(d, buf[k]);
   }
   if (STREAM) vfence();
@@ -252,12 +253,13 @@ static void row_grad_kept_lp_impl(const float* e, const void* zrow, void* grow, 
   int64_t i = 0;
   for (; i < v1; i += W) {
     const vf t = vadd(vshift(vload(d, z + i), it, nm), nl);
-    put<D, STREAM>(d, g + i, vmul(vmul(vload(F32{}, e + i), vis), vfmadd(vb, vmax(floor_t, t), va)));
+    put<D, STREAM>(d, g + i, lp_term(vmul(vload(F32{}, e + i), vis), t, va, vb, floor_t));
   }
-  for (; i < V; ++i) {  // the tail, one entry at a time, the same operations
-    float t = (to_f32(d, z[i]) * inv_tau + (-xmax)) + (-log_s);
-    t = (t != t || t > -1000.f) ? t : -1000.f;  // a NaN stays NaN, as vmax keeps its second operand
-    g[i] = from_f32(d, (e[i] * inv_s) * fmaf(b, t, a));
+  if (i < V) {  // the tail through an fp32 buffer (padding lanes: e = 0, t = −inf), the same operations
+    alignas(64) float buf[W];
+    const vf t = vadd(vshift(load_tail(d, z + i, V - i, -INFINITY), it, nm), nl);
+    vstore(F32{}, buf, lp_term(vmul(load_tail(F32{}, e + i, V - i, 0.f), vis), t, va, vb, floor_t));
+    for (int64_t k = 0; k < V - i; ++k) g[i + k] = from_f32(d, buf[k]);
   }
   if (STREAM) vfence();
 }
