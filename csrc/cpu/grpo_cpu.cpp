@@ -59,6 +59,7 @@ namespace cpu {
 struct RowStats {
   float xmax;     // max_j x_j
   float sum;      // S = Σ_j e^(x_j − xmax), so lse = xmax + log S
+  float log_s;    // log S, formed without losing the small terms of a peaked row (row_stats_impl)
   float logp;     // x_y − lse
   float entropy;  // lse − Σ_j p_j x_j
 };
@@ -421,7 +422,7 @@ static void logprobs_fwd_impl(const LogprobArgs& a, int nthreads) {
     a.logp[n] = rs.logp;
     if (a.lse) {
       a.lse[2 * n] = rs.xmax;
-      a.lse[2 * n + 1] = logf(rs.sum);  // the log S that rs.logp and rs.entropy were formed with
+      a.lse[2 * n + 1] = rs.log_s;  // the log S that rs.logp and rs.entropy were formed with
     }
     if (a.entropy) a.entropy[n] = rs.entropy;
   }

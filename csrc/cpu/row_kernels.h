@@ -56,7 +56,7 @@ static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64
 
   const float nxmax = -(zmax * inv_tau);  // τ > 0: the max of x is the max of z, scaled
   const vf it = vset1(inv_tau), nm = vset1(nxmax), lowest = vset1(-3.402823466e38f);
-  vf s0 = vzero(), s1 = s0, q0 = s0, q1 = s0;
+  vf s0 = vzero(), s1 = s0, q0 = s0, q1 = s0, r0 = s0, r1 = s0;
   for (i = 0; i < v2; i += 2 * W) {
     if (pf)
       for (int64_t off = 0; off < kStep; off += 64) __builtin_prefetch(pf + i * (int64_t)sizeof(T) + off, 0, 3);
@@ -65,6 +65,8 @@ static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64
     if (KEEP) { vstore(F32{}, ebuf + i, e0); vstore(F32{}, ebuf + i + W, e1); }
     s0 = vadd(s0, e0);
     s1 = vadd(s1, e1);
+    r0 = vadd(r0, vkeep_nonzero(t0, e0));
+    r1 = vadd(r1, vkeep_nonzero(t1, e1));
     q0 = vfmadd(e0, vmax(lowest, t0), q0);
     q1 = vfmadd(e1, vmax(lowest, t1), q1);
   }
@@ -73,6 +75,7 @@ static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64
     const vf e0 = vexp(t0);
     if (KEEP) vstore(F32{}, ebuf + i, e0);
     s0 = vadd(s0, e0);
+    r0 = vadd(r0, vkeep_nonzero(t0, e0));
     q0 = vfmadd(e0, vmax(lowest, t0), q0);
   }
   if (i < V) {  // padding lanes: t = −inf, e = 0, e·t = 0
@@ -84,14 +87,20 @@ static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64
       for (int64_t k = 0; k < V - i; ++k) ebuf[i + k] = buf[k];
     }
     s1 = vadd(s1, e1);
+    r1 = vadd(r1, vkeep_nonzero(t1, e1));
     q1 = vfmadd(e1, vmax(lowest, t1), q1);
   }
-  const float S = vhsum(vadd(s0, s1)), Q = vhsum(vadd(q0, q1));
-  const float logS = logf(S);
+  // S = k + R: k maxima (t = 0, e = 1 exactly) and the rest R. A lane holding a 1 absorbs the tiny
+  // terms added to it (1 + 6e-8 is 1 in fp32), so log S is formed as log k + log1p(R/k) from R summed
+  // apart: a peaked row keeps the digits of its entropy on every path, whatever the lane count.
+  const float Sall = vhsum(vadd(s0, s1)), R = vhsum(vadd(r0, r1)), Q = vhsum(vadd(q0, q1));
+  const float k = rintf(Sall - R);  // an integer >= 1; the rounding of Sall is far below 0.5
+  const float S = k + R, logS = logf(k) + log1pf(R / k);
 
   RowStats o;
   o.xmax = -nxmax;
   o.sum = S;
+  o.log_s = logS;
   o.logp = (to_f32(d, z[y]) * inv_tau + nxmax) - logS;  // (x_y − max) − log S: no large-lse cancellation
   o.entropy = logS - Q / S;
   return o;
