@@ -56,13 +56,16 @@ def unpack_config(codes: List[int], numbers: Tensor) -> KernelConfig:
 
 @torch.library.custom_op("grpo_fast::check_values", mutates_args=())
 def check_values(ids: Tensor, vocab: int, mask: Tensor, rewards: Optional[Tensor], advantages: Optional[Tensor],
-                 codes: List[int], numbers: Tensor, num_items: Optional[Tensor]) -> Tensor:
+                 codes: List[int], numbers: Tensor, num_items: Optional[Tensor], entropy_coef: Tensor) -> Tensor:
     """Raises ValueError on out-of-range ids, non-finite rewards/advantages, mask values other than
     0/1, or a bad value of a
     numeric option (``codes, numbers``: pack_config's; ``num_items``: num_items_in_batch as a 0-d
-    tensor, or None); returns the mask."""
-    from .validation import check_number_values, check_token_values
+    tensor, or None; ``entropy_coef`` as a 0-d float64 tensor); returns the mask."""
+    from .validation import _finite_number, _float32_value, check_number_values, check_token_values
 
+    coef = float(entropy_coef)
+    _finite_number("entropy_coef", coef)
+    _float32_value("entropy_coef", coef)
     cfg = unpack_config(codes, numbers)
     check_number_values(
         _LOSS_TYPE_NAMES[cfg.loss_type], temperature=cfg.temperature, epsilon_low=cfg.eps_low,
@@ -74,7 +77,7 @@ def check_values(ids: Tensor, vocab: int, mask: Tensor, rewards: Optional[Tensor
 
 
 @check_values.register_fake
-def _(ids, vocab, mask, rewards, advantages, codes, numbers, num_items):
+def _(ids, vocab, mask, rewards, advantages, codes, numbers, num_items, entropy_coef):
     return torch.empty_like(mask)
 
 
@@ -82,9 +85,10 @@ def _(ids, vocab, mask, rewards, advantages, codes, numbers, num_items):
 def fused_loss(
     logits: Tensor, ids: Tensor, mask: Tensor, weight: Tensor, advantages: Optional[Tensor],
     rewards: Optional[Tensor], old_logp: Optional[Tensor], ref_logp: Optional[Tensor], isr: Optional[Tensor],
-    codes: List[int], numbers: Tensor, backend: str, need_grad: bool,
+    entropy_weight: Optional[Tensor], codes: List[int], numbers: Tensor, backend: str, need_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """(stats (NUM_STATS,) float32 sums, grad (B, T, V) in the logits' dtype, or (0,) without grad)."""
+    """(stats (NUM_STATS,) float32 sums, grad (B, T, V) in the logits' dtype, or (0,) without grad).
+    ``entropy_weight``: the entropy bonus's per-token weights (LossInputs.entropy_weight), or None."""
     from . import backends
     from .validation import LossInputs
 
@@ -92,14 +96,15 @@ def fused_loss(
     inp = LossInputs(logits=logits, ids=ids, mask=mask, advantages=advantages, rewards=rewards, old_logp=old_logp,
                      ref_logp=ref_logp, isr=isr, weight=weight, cfg=unpack_config(codes, numbers), loss_type="", kl_estimator="",
                      level="", scale_rewards="", epsilon_high=0.0, delta=None, max_completion_length=0,
-                     num_items_in_batch=None)
+                     num_items_in_batch=None, entropy_weight=entropy_weight)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if need_grad else None
     stats, _ = impl.fused_loss(inp, grad)
     return stats, grad if grad is not None else logits.new_empty(0)
 
 
 @fused_loss.register_fake
-def _(logits, ids, mask, weight, advantages, rewards, old_logp, ref_logp, isr, codes, numbers, backend, need_grad):
+def _(logits, ids, mask, weight, advantages, rewards, old_logp, ref_logp, isr, entropy_weight, codes, numbers, backend,
+      need_grad):
     stats = logits.new_empty(NUM_STATS, dtype=torch.float32)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if need_grad else logits.new_empty(0)
     return stats, grad
@@ -124,7 +129,7 @@ def register_precomputed_gradients(op, n_inputs: int, n_grads: int, message: str
     op.register_autograd(backward, setup_context=setup_context)
 
 
-register_precomputed_gradients(fused_loss, 13, 1, _SECOND_ORDER)
+register_precomputed_gradients(fused_loss, 14, 1, _SECOND_ORDER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,17 +302,18 @@ _LAYOUT_FIELDS = ("rank", "world", "start", "size", "total", "max_size")
 @torch.library.custom_op("grpo_fast::logprobs_forward", mutates_args=())
 def logprobs_forward(
     logits: Tensor, ids: Tensor, temperature: Optional[Tensor], tau_number: Tensor, cu_seqlens: Optional[Tensor],
-    backend: str, return_entropy: bool, group: Optional[str], vocab_start: Optional[int],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mask: Optional[Tensor], backend: str, return_entropy: bool, group: Optional[str], vocab_start: Optional[int],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """logprobs' checks and forward kernel: (logp (B, T), entropy (B, T) or (0,), lse (B, T, 2), the
     checked ids (B, T) int64, τ ((B, T) float32, or the float as a 0-d float64 tensor), the shard
-    layout (6,) int64 or (0,)), (B, T) being (1, N) for (N, V) logits. ``temperature``: a tensor τ,
-    else ``tau_number`` holds the float."""
-    from .logprobs import _prepare
+    layout (6,) int64 or (0,), the checked mask (B, T) float32 0/1 or (0,) without one), (B, T) being
+    (1, N) for (N, V) logits. ``temperature``: a tensor τ, else ``tau_number`` holds the float."""
+    from .logprobs import _check_mask, _prepare
 
     tau_in = temperature if temperature is not None else float(tau_number)
-    z, ids3, tau, impl, _ = _prepare(logits, ids, tau_in, cu_seqlens, backend, resolve_group(group), vocab_start)
-    logp, entropy, lse = impl.logprobs_forward(z, ids3, tau, return_entropy)
+    z, ids3, tau, impl, lead = _prepare(logits, ids, tau_in, cu_seqlens, backend, resolve_group(group), vocab_start)
+    keep = _check_mask(mask, lead, z.device)  # before any kernel, as eager
+    logp, entropy, lse = impl.logprobs_forward(z, ids3, tau, return_entropy, mask=keep)
     if isinstance(tau, Tensor):
         tau_out = _fresh(tau, temperature)
     else:
@@ -316,7 +322,7 @@ def logprobs_forward(
     if group is not None:
         layout = torch.tensor([getattr(impl.layout, f) for f in _LAYOUT_FIELDS], dtype=torch.int64)
     return (logp.view(ids3.shape), entropy.view(ids3.shape) if return_entropy else logp.new_empty(0), lse,
-            _fresh(ids3, ids), tau_out, layout)
+            _fresh(ids3, ids), tau_out, layout, keep if keep is not None else logp.new_empty(0))
 
 
 def _bt(logits: Tensor) -> Tuple[int, int]:
@@ -324,22 +330,24 @@ def _bt(logits: Tensor) -> Tuple[int, int]:
 
 
 @logprobs_forward.register_fake
-def _(logits, ids, temperature, tau_number, cu_seqlens, backend, return_entropy, group, vocab_start):
+def _(logits, ids, temperature, tau_number, cu_seqlens, mask, backend, return_entropy, group, vocab_start):
     B, T = _bt(logits)
     f32 = dict(dtype=torch.float32, device=logits.device)
     tau = torch.empty((B, T), **f32) if temperature is not None else torch.empty((), dtype=torch.float64)
     layout = torch.empty(len(_LAYOUT_FIELDS) if group is not None else 0, dtype=torch.int64)
     return (torch.empty((B, T), **f32), torch.empty((B, T) if return_entropy else (0,), **f32),
-            torch.empty((B, T, 2), **f32), torch.empty((B, T), dtype=torch.int64, device=logits.device), tau, layout)
+            torch.empty((B, T, 2), **f32), torch.empty((B, T), dtype=torch.int64, device=logits.device), tau, layout,
+            torch.empty((B, T) if mask is not None else (0,), **f32))
 
 
 @torch.library.custom_op("grpo_fast::logprobs_backward", mutates_args=())
 def logprobs_backward(
     logits: Tensor, ids: Tensor, tau: Tensor, lse: Tensor, entropy: Optional[Tensor], g_logp: Optional[Tensor],
-    g_entropy: Optional[Tensor], backend: str, group: Optional[str], layout: Tensor,
+    g_entropy: Optional[Tensor], backend: str, group: Optional[str], layout: Tensor, keep: Tensor,
 ) -> Tensor:
     """The logits' gradient (their shape and dtype) from the upstream gradients of logp and entropy:
-    the backend's backward kernel on what logprobs_forward returned."""
+    the backend's backward kernel on what logprobs_forward returned. ``keep``: its checked mask, or
+    (0,): a masked row gets zero upstream gradients, so the kernel writes it as zeros unread."""
     from . import backends
     from .vocab_parallel import Kernels, ShardLayout
 
@@ -352,7 +360,10 @@ def logprobs_backward(
     tau_k = float(tau) if tau.dim() == 0 else tau
 
     def small(g):
-        return None if g is None else g.reshape(ids.shape).to(torch.float32).contiguous()
+        if g is None:
+            return None
+        g = g.reshape(ids.shape).to(torch.float32)
+        return (torch.where(keep != 0, g, torch.zeros((), device=g.device)) if keep.numel() else g).contiguous()
 
     grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     impl.logprobs_backward(z, ids, tau_k, lse, entropy, small(g_logp), small(g_entropy), grad)
@@ -360,31 +371,32 @@ def logprobs_backward(
 
 
 @logprobs_backward.register_fake
-def _(logits, ids, tau, lse, entropy, g_logp, g_entropy, backend, group, layout):
+def _(logits, ids, tau, lse, entropy, g_logp, g_entropy, backend, group, layout, keep):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _logprobs_setup_context(ctx, inputs, output):
-    logits, _ids, _temperature, _tau_number, _cu, backend, return_entropy, group, _vs = inputs
-    _logp, entropy, lse, ids3, tau, layout = output
+    logits, _ids, _temperature, _tau_number, _cu, _mask, backend, return_entropy, group, _vs = inputs
+    _logp, entropy, lse, ids3, tau, layout, keep = output
     ctx.backend, ctx.group, ctx.return_entropy = backend, group, return_entropy
-    ctx.save_for_backward(logits, ids3, tau, lse, entropy, layout)
+    ctx.save_for_backward(logits, ids3, tau, lse, entropy, layout, keep)
 
 
 def _logprobs_backward_formula(ctx, g_logp, g_entropy, *_):
     if torch.is_grad_enabled():
         raise RuntimeError('grpo_fast.logprobs: the kernel backends are differentiable once; create_graph=True '
                            '(higher-order gradients) needs backend="torch" outside torch.compile')
-    logits, ids3, tau, lse, entropy, layout = ctx.saved_tensors
+    logits, ids3, tau, lse, entropy, layout, keep = ctx.saved_tensors
     grad = logprobs_backward(logits, ids3, tau, lse, entropy if ctx.return_entropy else None, g_logp,
-                             g_entropy if ctx.return_entropy else None, ctx.backend, ctx.group, layout)
-    return (grad,) + (None,) * 8
+                             g_entropy if ctx.return_entropy else None, ctx.backend, ctx.group, layout, keep)
+    return (grad,) + (None,) * 9
 
 
 logprobs_forward.register_autograd(_logprobs_backward_formula, setup_context=_logprobs_setup_context)
 
 
-def compiled_logprobs(logits, ids, temperature, return_entropy: bool, cu_seqlens, backend: str, group, vocab_start):
+def compiled_logprobs(logits, ids, temperature, return_entropy: bool, cu_seqlens, backend: str, group, vocab_start,
+                      mask=None):
     """grpo_fast.logprobs under torch.compile: logprobs_forward / logprobs_backward. The checks that
     shape the outputs (the logits' rank) run while tracing; all others inside the forward op."""
     from .logprobs import _check_logits_nd
@@ -402,7 +414,7 @@ def compiled_logprobs(logits, ids, temperature, return_entropy: bool, cu_seqlens
     one = torch.ones((), dtype=torch.float64)
     tau_n = one if tau_t is not None else (temperature.detach().to("cpu", torch.float64).reshape(())
                                             if isinstance(temperature, Tensor) else one * temperature)
-    logp, entropy, *_ = logprobs_forward(logits, ids, tau_t, tau_n, cu_seqlens, backend, return_entropy,
+    logp, entropy, *_ = logprobs_forward(logits, ids, tau_t, tau_n, cu_seqlens, mask, backend, return_entropy,
                                          group_name(group), vocab_start)
     return logp.view(lead), (entropy.view(lead) if return_entropy else None)
 
@@ -511,35 +523,47 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def fused_linear_logprobs_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, temperature: Optional[Tensor],
     tau_number: Tensor, transform: Tensor, has_softcap: bool, return_entropy: bool,
-    chunk_size: Optional[int], cu_seqlens: Optional[Tensor], backend: str, group: Optional[str],
-    vocab_start: Optional[int],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    chunk_size: Optional[int], cu_seqlens: Optional[Tensor], mask: Optional[Tensor], backend: str,
+    group: Optional[str], vocab_start: Optional[int],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fused_linear_logprobs' checks and forward chunk loop: (logp (N,), entropy (N,) or (0,), lse (N, 2),
     the checked ids (N,) int64, the kernels' τ ((N,) float32, or the float as a 0-d float64 tensor), the
-    shard layout (6,) int64 or (0,), [chunk, compute dtype index] int64)."""
-    from .logprobs import _linear_forward, _linear_plan
+    shard layout (6,) int64 or (0,), [chunk, compute dtype index] int64, the checked mask (N,) float32 0/1
+    or (0,)). With a mask only the valid tokens' rows are walked (as eager); the others' outputs are 0."""
+    from .logprobs import _check_mask, _linear_forward, _linear_plan, valid_plan
 
     tau_in = temperature if temperature is not None else float(tau_number)
     plan, rows, layout = _linear_plan(hidden, weight, ids, bias, tau_in, *transform_values(transform, has_softcap),
                                       return_entropy, chunk_size, cu_seqlens, backend, resolve_group(group),
                                       vocab_start)
-    logp, entropy, lse = _linear_forward(plan, rows, weight, bias)
+    keep = _check_mask(mask, plan.out_shape, hidden.device)
+    sub, idx = valid_plan(plan, keep) if keep is not None else (plan, None)
+    if idx is None:
+        logp, entropy, lse = _linear_forward(plan, rows, weight, bias)
+    else:  # the valid rows gathered, their outputs scattered into zeros
+        lp_v, ent_v, lse_v = _linear_forward(sub, rows.reshape(-1, rows.shape[-1])[idx], weight, bias)
+        N = plan.ids.shape[0]
+        logp = lp_v.new_zeros(N).index_copy_(0, idx, lp_v)
+        lse = lse_v.new_zeros((N, 2)).index_copy_(0, idx, lse_v)
+        entropy = None if ent_v is None else ent_v.new_zeros(N).index_copy_(0, idx, ent_v)
     tau_k = plan.tau_k if isinstance(plan.tau_k, Tensor) else torch.tensor(plan.tau_k, dtype=torch.float64)
     lay = (torch.tensor([getattr(layout, f) for f in _LAYOUT_FIELDS], dtype=torch.int64) if layout is not None
            else torch.empty(0, dtype=torch.int64))
     return (logp, entropy if entropy is not None else logp.new_empty(0), lse, _fresh(plan.ids, ids),
-            _fresh(tau_k, temperature), lay, torch.tensor([plan.chunk, _DTYPES.index(plan.dtype)]))
+            _fresh(tau_k, temperature), lay, torch.tensor([plan.chunk, _DTYPES.index(plan.dtype)]),
+            keep.reshape(-1) if keep is not None else logp.new_empty(0))
 
 
 @fused_linear_logprobs_forward.register_fake
 def _(hidden, weight, bias, ids, temperature, tau_number, transform, has_softcap, return_entropy, chunk_size,
-      cu_seqlens, backend, group, vocab_start):
+      cu_seqlens, mask, backend, group, vocab_start):
     n = hidden.numel() // hidden.shape[-1]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     tau = torch.empty(n, **f32) if temperature is not None else torch.empty((), dtype=torch.float64)
     lay = torch.empty(len(_LAYOUT_FIELDS) if group is not None else 0, dtype=torch.int64)
     return (torch.empty(n, **f32), torch.empty(n if return_entropy else 0, **f32), torch.empty((n, 2), **f32),
-            torch.empty(n, dtype=torch.int64, device=hidden.device), tau, lay, torch.empty(2, dtype=torch.int64))
+            torch.empty(n, dtype=torch.int64, device=hidden.device), tau, lay, torch.empty(2, dtype=torch.int64),
+            torch.empty(n if mask is not None else 0, **f32))
 
 
 @torch.library.custom_op("grpo_fast::fused_linear_logprobs_backward", mutates_args=())
@@ -547,14 +571,16 @@ def fused_linear_logprobs_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
     g_logp: Optional[Tensor], g_entropy: Optional[Tensor], ids: Tensor, tau_k: Tensor, layout: Tensor,
     plan_ints: Tensor, transform: Tensor, has_softcap: bool, backend: str, group: Optional[str], needs: List[bool],
+    keep: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(∂hidden, ∂weight, ∂bias), each (0,) when not wanted: the chunk loop's backward on what
-    fused_linear_logprobs_forward returned; ∂hidden all-reduced over the group."""
+    fused_linear_logprobs_forward returned; ∂hidden all-reduced over the group. ``keep``: the checked
+    mask (N,) or (0,): then only the valid tokens' rows are walked, and a masked token's ∂hidden row is 0."""
     import torch.distributed as dist
 
     from . import backends
     from .fused_linear import _Transform
-    from .logprobs import _LinearPlan, _linear_backward
+    from .logprobs import _LinearPlan, _linear_backward, valid_plan
     from .vocab_parallel import Kernels, ShardLayout
 
     rows = hidden.reshape(-1, hidden.shape[-1])
@@ -567,7 +593,18 @@ def fused_linear_logprobs_backward(
                        dtype=_DTYPES[dtype], ids=ids, tau_k=float(tau_k) if tau_k.dim() == 0 else tau_k,
                        return_entropy=entropy is not None, out_shape=tuple(ids.shape))
     needs = (needs[0], needs[1], bias is not None and needs[2])
-    dh, dw, db = _linear_backward(plan, rows, weight, bias, lse, entropy, g_logp, g_entropy, needs)
+    sub, idx = valid_plan(plan, keep) if keep.numel() else (plan, None)
+    if idx is None:
+        dh, dw, db = _linear_backward(plan, rows, weight, bias, lse, entropy, g_logp, g_entropy, needs)
+    else:  # the valid tokens only, as the forward walked them; a masked token's upstream gradients are dropped
+
+        def pick(t):  # (N,) per-token values of the valid tokens
+            return None if t is None else t.reshape(-1)[idx]
+
+        dh, dw, db = _linear_backward(sub, rows[idx], weight, bias, lse[idx], pick(entropy), pick(g_logp),
+                                      pick(g_entropy), needs)
+        if dh is not None:
+            dh = dh.new_zeros(rows.shape).index_copy_(0, idx, dh.reshape(-1, rows.shape[-1]))
     if dh is not None and pg is not None:
         dist.all_reduce(dh, group=pg)
     out = []
@@ -581,7 +618,7 @@ def fused_linear_logprobs_backward(
 
 @fused_linear_logprobs_backward.register_fake
 def _(hidden, weight, bias, lse, entropy, g_logp, g_entropy, ids, tau_k, layout, plan_ints, transform, has_softcap,
-      backend, group, needs):
+      backend, group, needs, keep):
     # which gradients come back depends on the upstream gradients' values (none for a token without
     # one): the fake has the shapes of the wanted ones, and the real op zero-fills the others
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None and n
@@ -591,32 +628,33 @@ def _(hidden, weight, bias, lse, entropy, g_logp, g_entropy, ids, tau_k, layout,
 def _linear_lp_setup_context(ctx, inputs, output):
     hidden, weight, bias = inputs[:3]
     transform, has_softcap, return_entropy = inputs[6:9]
-    backend, group = inputs[11], inputs[12]
-    _logp, entropy, lse, ids, tau_k, layout, plan_ints = output
+    backend, group = inputs[12], inputs[13]
+    _logp, entropy, lse, ids, tau_k, layout, plan_ints, keep = output
     ctx.consts = (has_softcap, return_entropy, backend, group, bias is not None)
     ctx.save_for_backward(hidden, weight, bias if bias is not None else hidden.new_empty(0), lse, entropy, ids, tau_k,
-                          layout, plan_ints, transform)
+                          layout, plan_ints, transform, keep)
 
 
 def _linear_lp_backward(ctx, g_logp, g_entropy, *_):
     if torch.is_grad_enabled():
         raise RuntimeError("grpo_fast.fused_linear_logprobs: the kernel backends are differentiable once; "
                            "create_graph=True (higher-order gradients) is not supported")
-    hidden, weight, bias, lse, entropy, ids, tau_k, layout, plan_ints, transform = ctx.saved_tensors
+    hidden, weight, bias, lse, entropy, ids, tau_k, layout, plan_ints, transform, keep = ctx.saved_tensors
     has_softcap, return_entropy, backend, group, has_bias = ctx.consts
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), has_bias and bool(ctx.needs_input_grad[2])]
     grads = fused_linear_logprobs_backward(
         hidden, weight, bias if has_bias else None, lse, entropy if return_entropy else None, g_logp,
         g_entropy if return_entropy else None, ids, tau_k, layout, plan_ints, transform, has_softcap, backend,
-        group, needs)
-    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 11
+        group, needs, keep)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 12
 
 
 fused_linear_logprobs_forward.register_autograd(_linear_lp_backward, setup_context=_linear_lp_setup_context)
 
 
 def compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
-                                   return_entropy: bool, chunk_size, cu_seqlens, backend: str, group, vocab_start):
+                                   return_entropy: bool, chunk_size, cu_seqlens, backend: str, group, vocab_start,
+                                   mask=None):
     """fused_linear_logprobs under torch.compile: the two ops above."""
     from .packed import packed_rows
     from .vocab_parallel import is_dtensor
@@ -637,5 +675,6 @@ def compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit
                                             if isinstance(temperature, Tensor) else one * temperature)
     logp, entropy, *_ = fused_linear_logprobs_forward(hidden, weight, bias, ids, tau_t, tau_n,
                                                       *transform_args(logit_scale, logit_softcap), return_entropy,
-                                                      chunk_size, cu_seqlens, backend, group_name(group), vocab_start)
+                                                      chunk_size, cu_seqlens, mask, backend, group_name(group),
+                                                      vocab_start)
     return logp.view(lead), (entropy.view(lead) if return_entropy else None)

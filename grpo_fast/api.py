@@ -17,7 +17,7 @@ from . import backends as _backends
 from . import vocab_parallel as _vp
 from ._config import LOSS_TABLE, METRIC_STAT_INDEX, SCALE_REWARDS, STAT_LOSS, metric_names
 from .options import Execution, GRPOOptions, LossTensors, with_options
-from .reference import grpo_loss_reference, group_advantages_reference, row_level_flags
+from .reference import grpo_loss_reference, group_advantages_reference, logprobs_reference, row_level_flags
 from .validation import (
     LossInputs,
     _choice,
@@ -301,20 +301,19 @@ def _compiled_path(logits: torch.Tensor, inp: LossInputs, backend: str):
     """
     from . import _ops
 
-    if inp.entropy_weight is not None:
-        raise NotImplementedError("grpo_loss with entropy_coef != 0 is not supported under torch.compile yet; "
-                                  "call it eagerly (torch.compiler.disable) or set entropy_coef=0")
     codes, numbers = _ops.pack_config(inp.cfg)
     n_items = inp.num_items_in_batch
     if n_items is not None and not isinstance(n_items, torch.Tensor):
         n_items = torch.ones((), dtype=torch.float64) * n_items
-    inp.mask = _ops.check_values(inp.ids, logits.shape[-1], inp.mask, inp.rewards, inp.advantages, codes, numbers, n_items)
+    coef = torch.ones((), dtype=torch.float64) * inp.options.entropy_coef  # ones·c: a symbolic c stays an input
+    inp.mask = _ops.check_values(inp.ids, logits.shape[-1], inp.mask, inp.rewards, inp.advantages, codes, numbers, n_items,
+                                 coef)
     resolved = _resolve_name_const(backend, logits.device.type)
     if _backends.REGISTRY[resolved].autograd:  # the name is a trace-time constant, and so is this
         return _reference_from_inputs(logits, inp)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     stats, _ = _ops.fused_loss(inp.logits, inp.ids, inp.mask, inp.weight, inp.advantages, inp.rewards, inp.old_logp,
-                               inp.ref_logp, inp.isr, codes, numbers, resolved, need_grad)
+                               inp.ref_logp, inp.isr, inp.entropy_weight, codes, numbers, resolved, need_grad)
     return stats[STAT_LOSS], metrics_from_sums(stats.detach(), inp)
 
 
@@ -326,6 +325,9 @@ def _reference_from_inputs(logits: torch.Tensor, inp: LossInputs):
     # reference then normalizes by this call's token count and the loss is rescaled here.
     rescale = torch.compiler.is_compiling() and n_items is not None and LOSS_TABLE[inp.loss_type].uses_num_items
     options = inp.options
+    bonus = rescale and inp.entropy_weight is not None
+    if bonus:  # the entropy bonus is a mean over this call's tokens, not num_items_in_batch's: added after the rescale
+        options = dataclasses.replace(options, entropy_coef=0.0)
     if torch.compiler.is_compiling():
         # The clip bounds as 0-d tensors, which the reference's clamps and comparisons take as well:
         # a symbolic float there is specialized by aot_eager (a recompile per value) and miscompiled
@@ -341,6 +343,11 @@ def _reference_from_inputs(logits: torch.Tensor, inp: LossInputs):
     if rescale:
         n = n_items.to(inp.mask.device) if isinstance(n_items, torch.Tensor) else torch.ones((), dtype=torch.float64) * n_items
         loss = loss * (inp.mask.sum(dtype=torch.float64).clamp(min=1.0) / n.clamp(min=1.0)).to(loss.dtype)
+    if bonus:  # −Σ w_H·H, H differentiable, a masked row's logits replaced by zeros (as the reference does)
+        valid = inp.mask != 0
+        z = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+        _, entropy = logprobs_reference(z, inp.ids, options.temperature, return_entropy=True)
+        loss = loss - (inp.entropy_weight * torch.where(valid, entropy, torch.zeros_like(entropy))).sum().to(loss.dtype)
     return loss, metrics
 
 
@@ -419,19 +426,15 @@ def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     also returns the per-token entropy (B, T) float32. ``temperature``: a float, or a (B, T) / (B,)
     tensor (one τ per token / per sequence; computed by ``grpo_fast.logprobs``' kernels). ``mask``:
     None or (B, T) bool / integer / floating, nonzero = valid: a masked token's logits are not read
-    and its outputs are 0 (as ``grpo_fast.logprobs``' mask; not under torch.compile).
+    and its outputs are 0 (as ``grpo_fast.logprobs``' mask).
     """
     backend = check_backend(backend)
     logits = check_logits(logits)
     if torch.compiler.is_compiling():  # the log-prob primitive's forward op (grpo_fast/_ops.py)
         from . import _ops
 
-        if mask is not None:
-            raise NotImplementedError("grpo_fast.token_logprobs: mask= is not supported under torch.compile; call "
-                                      "it eagerly (torch.compiler.disable) or pass mask=None")
-
         logp, entropy = _ops.compiled_logprobs(logits, completion_ids, temperature, return_entropy, None, backend,
-                                               None, None)
+                                               None, None, mask)
         return (logp, entropy) if return_entropy else logp
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         from .logprobs import logprobs

@@ -727,6 +727,7 @@ def fused_linear_token_logprobs(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    mask: Optional[torch.Tensor] = None,
 ):
     """Per-token log-probs (B, T) float32 of ``completion_ids`` under the LM head, chunk by chunk.
 
@@ -735,7 +736,10 @@ def fused_linear_token_logprobs(
     per-token entropy (B, T) float32.
 
     ``temperature``: a float, or a (B, T) / (B,) tensor (one τ per token / per sequence; computed by
-    ``grpo_fast.fused_linear_logprobs``' chunk loop).
+    ``grpo_fast.fused_linear_logprobs``' chunk loop). ``mask``: None or (B, T) bool / integer /
+    floating, nonzero = valid: only the valid tokens' hidden states are multiplied (the completion mask
+    of a padded batch: the padding costs no matmul), a masked token's outputs are 0 (as
+    ``grpo_fast.fused_linear_logprobs``' mask).
 
     Example:
         >>> ref_logp = grpo_fast.fused_linear_token_logprobs(ref_hidden, ref_model.lm_head.weight, completion_ids)
@@ -747,15 +751,17 @@ def fused_linear_token_logprobs(
         _check_linear(hidden, weight, bias, mixed_ok=_compute_dtype(hidden)[1])  # (B, T, H) here, as below
         logp, entropy = _ops.compiled_fused_linear_logprobs(hidden, weight, completion_ids, bias, temperature,
                                                             logit_scale, logit_softcap, return_entropy, chunk_size,
-                                                            None, backend, None, None)
+                                                            None, backend, None, None, mask)
         return (logp, entropy) if return_entropy else logp
-    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+    if (isinstance(temperature, torch.Tensor) and temperature.dim() > 0) or mask is not None:
+        # one τ per token, or valid rows only: fused_linear_logprobs' chunk loop (here without a graph)
         from .logprobs import fused_linear_logprobs
 
         _check_linear(hidden, weight, bias, mixed_ok=_compute_dtype(hidden)[1])  # (B, T, H) here, as below
         logp, entropy = fused_linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
                                               logit_scale=logit_scale, logit_softcap=logit_softcap,
-                                              return_entropy=return_entropy, chunk_size=chunk_size, backend=backend)
+                                              return_entropy=return_entropy, mask=mask, chunk_size=chunk_size,
+                                              backend=backend)
         return (logp, entropy) if return_entropy else logp
     cdtype, autocast = _compute_dtype(hidden)
     B, T, H, V = _check_linear(hidden, weight, bias, mixed_ok=autocast)

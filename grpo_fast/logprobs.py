@@ -239,7 +239,7 @@ def logprobs(
             only. A masked token's logits are never read (forward or backward), its logp and entropy
             are 0 and its gradient row is 0, whatever the row holds (NaN, inf) and whatever upstream
             gradient reaches it. With cu_seqlens: (N,) over the packed rows; with group: the same
-            mask on every rank. Not under torch.compile.
+            mask on every rank.
         cu_seqlens: packed rows (as in ``grpo_loss``): logits (N, V) or (1, N, V) holding S
             sequences; checked, and then ``temperature`` may also be (S,), one τ per sequence.
             Changes nothing per token otherwise.
@@ -268,11 +268,8 @@ def logprobs(
     if torch.compiler.is_compiling():  # the kernels as custom ops (grpo_fast/_ops.py)
         from . import _ops
 
-        if mask is not None:
-            raise NotImplementedError("grpo_fast.logprobs: mask= is not supported under torch.compile; call it "
-                                      "eagerly (torch.compiler.disable) or pass mask=None")
         return _ops.compiled_logprobs(logits, ids, temperature, return_entropy, cu_seqlens, backend, group,
-                                      vocab_start)
+                                      vocab_start, mask)
     logits, group = _vp.unwrap(logits, group, "logits", -1)
     z, ids3, tau, impl, lead = _prepare(logits, ids, temperature, cu_seqlens, backend, group, vocab_start)
     keep = _check_mask(mask, lead, z.device)
@@ -368,7 +365,7 @@ def _linear_backward(plan: _LinearPlan, hidden, weight, bias, lse, entropy, g_lo
     hidden2d = hidden.reshape(N, H)
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
-    if g_logp is None and g_entropy is None:
+    if (g_logp is None and g_entropy is None) or N == 0:  # no token carries a gradient (N = 0: all masked)
         return None, None, None
     gl = None if g_logp is None else g_logp.reshape(N).to(torch.float32).contiguous()
     gh = None if g_entropy is None else g_entropy.reshape(N).to(torch.float32).contiguous()
@@ -456,7 +453,7 @@ def fused_linear_logprobs(
             only the valid tokens' hidden states are gathered (one (N, H) read, one host sync for
             their count) and walked by the chunk loop, so a masked token costs no matmul; its logp
             and entropy are 0 and its ∂hidden row is 0 (whatever it holds). With a group: the same
-            mask on every rank. Not under torch.compile.
+            mask on every rank.
         chunk_size: tokens per chunk; None picks it from a 256 MiB budget (fused_linear.CHUNK_BUDGET_BYTES).
         cu_seqlens: packed rows, as in ``logprobs`` (hidden (N, H) or (1, N, H); temperature may be (S,)).
         backend: "auto" | "cpu" | "triton" | "cuda" | "torch" — which log-prob kernels run on each chunk.
@@ -476,11 +473,9 @@ def fused_linear_logprobs(
     if torch.compiler.is_compiling():  # the chunk loops as custom ops (grpo_fast/_ops.py)
         from . import _ops
 
-        if mask is not None:
-            raise NotImplementedError("grpo_fast.fused_linear_logprobs: mask= is not supported under torch.compile; "
-                                      "call it eagerly (torch.compiler.disable) or pass mask=None")
         return _ops.compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
-                                                   return_entropy, chunk_size, cu_seqlens, backend, group, vocab_start)
+                                                   return_entropy, chunk_size, cu_seqlens, backend, group, vocab_start,
+                                                   mask)
     weight, group = _vp.unwrap(weight, group, "weight", 0)
     bias, group = _vp.unwrap(bias, group, "bias", 0)
     plan, hidden, layout = _linear_plan(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap,
@@ -499,11 +494,11 @@ def _masked_linear(plan: _LinearPlan, hidden, weight, bias, keep: torch.Tensor):
     chunk loop run on them, the outputs scattered back into zeros. Autograd carries ∂hidden back through
     the gather (zero rows for the masked tokens); a masked row's hidden state is never multiplied."""
     N = plan.ids.shape[0]
-    idx = keep.reshape(N).nonzero().squeeze(1)
-    n = idx.numel()
-    if n == N:  # nothing masked: exactly the unmasked call
+    sub, idx = valid_plan(plan, keep)
+    if idx is None:  # nothing masked: exactly the unmasked call
         out = _FusedLinearLogprobs.apply(hidden, weight, bias, plan)
         return out if plan.return_entropy else (out, None)
+    n = idx.numel()
     hidden_v = hidden.reshape(N, hidden.shape[-1])[idx]
 
     def scatter(v):  # (n,) -> the ids' shape, zeros at the masked tokens (differentiable in v)
@@ -512,12 +507,22 @@ def _masked_linear(plan: _LinearPlan, hidden, weight, bias, keep: torch.Tensor):
     if n == 0:  # every token masked: zeros, still attached to hidden (a zero gradient)
         zero = scatter(hidden_v.sum().float().expand(0))
         return zero, (zero.clone() if plan.return_entropy else None)
-    tau_k = plan.tau_k[idx].contiguous() if isinstance(plan.tau_k, torch.Tensor) else plan.tau_k
-    sub = dataclasses.replace(plan, ids=plan.ids[idx].contiguous(), tau_k=tau_k, out_shape=(n,))
     out = _FusedLinearLogprobs.apply(hidden_v, weight, bias, sub)
     if plan.return_entropy:
         return scatter(out[0]), scatter(out[1])
     return scatter(out), None
+
+
+def valid_plan(plan: _LinearPlan, keep: torch.Tensor):
+    """The chunk plan of the valid tokens (``keep`` != 0, the checked mask) and their indices (n,) into the
+    N tokens; (plan, None) when every token is valid. One host sync (the count)."""
+    N = plan.ids.shape[0]
+    idx = keep.reshape(N).nonzero().squeeze(1)
+    n = idx.numel()
+    if n == N:
+        return plan, None
+    tau_k = plan.tau_k[idx].contiguous() if isinstance(plan.tau_k, torch.Tensor) else plan.tau_k
+    return dataclasses.replace(plan, ids=plan.ids[idx].contiguous(), tau_k=tau_k, out_shape=(n,)), idx
 
 
 def _linear_plan(hidden, weight, ids, bias, temperature, logit_scale, logit_softcap, return_entropy: bool, chunk_size,

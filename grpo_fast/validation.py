@@ -401,8 +401,10 @@ def validate_loss_args(
     sapo_neg = _number("sapo_temperature_neg", sapo_temperature_neg, check_value=check_values)
     n_items = _number("num_items_in_batch", num_items_in_batch, allow_none=True, check_value=check_values,
                       keep_tensor=not check_values)
-    entropy_coef = float32_option("entropy_coef", entropy_coef)
+    # under compile a symbolic number: its value is checked at run time (grpo_fast::check_values)
+    entropy_coef = _number("entropy_coef", entropy_coef, check_value=check_values)
     if check_values:
+        _float32_value("entropy_coef", entropy_coef)
         check_number_values(loss_type, temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                             delta=delta, beta=beta, adv_eps=adv_eps, sapo_temperature_pos=sapo_pos,
                             sapo_temperature_neg=sapo_neg, num_items_in_batch=n_items)

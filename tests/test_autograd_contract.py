@@ -206,7 +206,7 @@ def test_compiled_path_formula_has_no_silent_second_order():
                              completion_mask=kw["completion_mask"],
                              options=GRPOOptions(beta=kw["beta"], loss_type=kw["loss_type"]))
     stats, _ = _ops.fused_loss(inp.logits, inp.ids, inp.mask, inp.weight, inp.advantages, inp.rewards, inp.old_logp,
-                               inp.ref_logp, inp.isr, *_ops.pack_config(inp.cfg), "cpu", True)
+                               inp.ref_logp, inp.isr, None, *_ops.pack_config(inp.cfg), "cpu", True)
     with pytest.raises(RuntimeError, match=SECOND_ORDER):
         torch.autograd.grad(stats[0], zz, create_graph=True)
     (g,) = torch.autograd.grad(stats[0], zz)  # first order, as before

@@ -177,6 +177,53 @@ def test_logprobs_compile_fullgraph(backend):
         _assert_same(_run(compiled, z, *args), _run(_logprobs_step, z, *args), f"case {i}")
 
 
+def _masked_step(z, h, w, b, ids, mask, tau, cu, backend, c_lp, c_ent):
+    lp, ent = grpo_fast.logprobs(z, ids, temperature=tau, return_entropy=True, mask=mask, cu_seqlens=cu,
+                                 backend=backend)
+    lp2, ent2 = grpo_fast.fused_linear_logprobs(h, w, ids, bias=b, temperature=tau, return_entropy=True, mask=mask,
+                                                cu_seqlens=cu, chunk_size=4, backend=backend)
+    loss = (c_lp * (lp + lp2)).sum() + (c_ent * (ent + ent2)).sum()
+    return loss, {"logp": lp.detach(), "entropy": ent.detach(), "linear logp": lp2.detach(),
+                  "linear entropy": ent2.detach()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_primitives_compile_fullgraph(backend):
+    """mask= (valid rows only) under torch.compile: logprobs and fused_linear_logprobs compiled == eager
+    (values and every gradient), a NaN in a masked row reaching nothing, bool and float masks, packed
+    rows, a τ tensor; and the masked rows' outputs and gradient rows exactly 0."""
+    x, lin = _packed_inputs(9), _linear_inputs()
+    z, h = x["z"].clone(), lin["hidden"].clone()
+    masked = [4, 11, 12]
+    z[4, 2], h[11, 0] = float("nan"), float("nan")
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[masked] = False
+    torch._dynamo.reset()
+    compiled = torch.compile(_masked_step, fullgraph=True, backend="aot_eager")
+    cases = [(keep, 0.7, None), (keep.float(), x["tau_tok"], None), (keep, x["tau_seq"], CU),
+             (torch.zeros(N), 0.9, None)]
+    for i, (mask, tau, cu) in enumerate(cases):
+        res = []
+        for fn in (compiled, _masked_step):
+            leaves = [t.clone().requires_grad_() for t in (z, h, lin["weight"], lin["bias"])]
+            loss, metrics = fn(*leaves, x["ids"], mask, tau, cu, backend, x["c_lp"], x["c_ent"])
+            loss.backward()
+            res.append((loss.detach(), metrics, [t.grad for t in leaves]))
+        (loss_c, met_c, g_c), (loss_e, met_e, g_e) = res
+        assert bool(torch.isfinite(loss_c)), i
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6, msg=lambda m: f"case {i} loss: {m}")
+        for k in met_e:
+            torch.testing.assert_close(met_c[k], met_e[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"case {i} {k}: {m}")
+            assert bool((met_c[k][mask == 0] == 0).all()), (i, k)
+        for name, a, b, t in zip(("d logits", "d hidden", "d weight", "d bias"), g_c, g_e, (z, h, lin["weight"],
+                                                                                          lin["bias"])):
+            # no token with a gradient (every one masked): eager leaves the head's gradient None, the op zeros
+            a, b = (torch.zeros_like(t) if g is None else g for g in (a, b))
+            assert bool(torch.isfinite(a).all()), (i, name)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"case {i} {name}: {m}")
+        assert bool((g_c[0][mask == 0] == 0).all()) and bool((g_c[1][mask == 0] == 0).all()), i
+
+
 def test_bad_input_under_compile_raises_eagers_error():
     x = _packed_inputs()
     backend = BACKENDS[-1]
@@ -275,23 +322,25 @@ def test_fused_linear_forms_compile_fullgraph():
                             f"fused_linear_logprobs case {i}")
 
 
-def _no_grad_step(z, h, w, b, ids, tau, backend):
-    return (grpo_fast.token_logprobs(z, ids, tau, return_entropy=True, backend=backend)
+def _no_grad_step(z, h, w, b, ids, tau, backend, mask=None):
+    return (grpo_fast.token_logprobs(z, ids, tau, return_entropy=True, backend=backend, mask=mask)
             + grpo_fast.fused_linear_token_logprobs(h, w, ids, bias=b, temperature=tau, logit_softcap=3.0,
-                                                    return_entropy=True, chunk_size=5, backend=backend))
+                                                    return_entropy=True, chunk_size=5, backend=backend, mask=mask))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_logprob_helpers_compile_fullgraph(backend):
     """token_logprobs and fused_linear_token_logprobs (the old / reference log-probs) through the
-    primitives' forward ops: compiled == eager, a float τ and a τ per row."""
+    primitives' forward ops: compiled == eager, a float τ and a τ per row, with and without a mask."""
     x, lin = _packed_inputs(7), _linear_inputs()
     z, ids = x["z"][:12].reshape(3, 4, V), x["ids"][:12].reshape(3, 4)
     h = lin["hidden"][:12].reshape(3, 4, H)
+    mask = x["mask"][:12].reshape(3, 4).clone()
+    mask[2, 1:] = 0
     torch._dynamo.reset()
     compiled = torch.compile(_no_grad_step, fullgraph=True, backend="aot_eager")
-    for tau in (0.7, x["tau_seq"][:3]):
-        args = (z.clone().requires_grad_(), h.clone().requires_grad_(), lin["weight"], lin["bias"], ids, tau, backend)
+    for tau, m in ((0.7, None), (x["tau_seq"][:3], None), (0.7, mask), (x["tau_seq"][:3], mask.bool())):
+        args = (z.clone().requires_grad_(), h.clone().requires_grad_(), lin["weight"], lin["bias"], ids, tau, backend, m)
         for got, want, name in zip(compiled(*args), _no_grad_step(*args), ("logp", "entropy", "linear logp",
                                                                              "linear entropy")):
             assert not got.requires_grad  # no graph: these are constants of the loss
@@ -311,6 +360,8 @@ def _split_cases(x, shard, group, backend):
     return {
         "logprobs": (_split_logprobs, x["z"][:, shard], (x["ids"], x["tau_tok"], x["c_lp"], x["c_ent"], backend, group)),
         "logprobs_float_tau": (_split_logprobs, x["z"][:, shard], (x["ids"], 0.8, x["c_lp"], x["c_ent"], backend, group)),
+        "logprobs_masked": (_split_logprobs, x["z"][:, shard], (x["ids"], 0.8, x["c_lp"], x["c_ent"], backend, group,
+                                                                 x["mask"])),
         "grpo_loss": (_split_loss, z3, (ids3, x["rewards"][:2], old3, mask3, 0.9, backend, group, "token")),
         "grpo_loss_seq_tau": (_split_loss, z3, (ids3, x["rewards"][:2], old3, mask3, x["tau_seq"][:2], backend, group,
                                                 "sequence")),
@@ -324,13 +375,15 @@ def _split_linear_cases(x, lin, shard, group, backend):
     return {
         "fused_linear_logprobs": (_split_linear_logprobs, (lin["hidden"], w, b),
                                   (x["ids"], x["tau_tok"], x["c_lp"], x["c_ent"], backend, group)),
+        "fused_linear_logprobs_masked": (_split_linear_logprobs, (lin["hidden"], w, b),
+                                         (x["ids"], 0.8, x["c_lp"], x["c_ent"], backend, group, x["mask"])),
         "fused_linear_grpo_loss": (_split_linear_loss, (h3, w, b), (ids3, x["rewards"][:2], old3, mask3, backend, group)),
     }
 
 
-def _split_linear_logprobs(h, w, b, ids, tau, c_lp, c_ent, backend, group):
+def _split_linear_logprobs(h, w, b, ids, tau, c_lp, c_ent, backend, group, mask=None):
     lp, ent = grpo_fast.fused_linear_logprobs(h, w, ids, bias=b, temperature=tau, return_entropy=True, chunk_size=4,
-                                              backend=backend, group=group)
+                                              backend=backend, group=group, mask=mask)
     return (c_lp * lp).sum() + (c_ent * ent).sum(), {"logp": lp.detach(), "entropy": ent.detach()}
 
 
@@ -340,8 +393,8 @@ def _split_linear_loss(h, w, b, ids, rewards, old, mask, backend, group):
                                             group=group)
 
 
-def _split_logprobs(z, ids, tau, c_lp, c_ent, backend, group):
-    lp, ent = grpo_fast.logprobs(z, ids, temperature=tau, return_entropy=True, backend=backend, group=group)
+def _split_logprobs(z, ids, tau, c_lp, c_ent, backend, group, mask=None):
+    lp, ent = grpo_fast.logprobs(z, ids, temperature=tau, return_entropy=True, backend=backend, group=group, mask=mask)
     return (c_lp * lp).sum() + (c_ent * ent).sum(), {"logp": lp.detach(), "entropy": ent.detach()}
 
 
@@ -379,7 +432,7 @@ def test_vocab_split_compile_fullgraph_two_ranks(tmp_path):
     run_two_processes(__file__, tmp_path)
     for rank in (0, 1):
         res = torch.load(tmp_path / f"rank{rank}.pt")
-        assert len(res) == 6
+        assert len(res) == 8
         for name, (got, want) in res.items():
             check = _assert_same_linear if name.startswith("fused_linear") else _assert_same
             check(got, want, f"rank {rank} {name}")

@@ -137,18 +137,51 @@ def test_bad_values_are_named(value, err):
     assert z.grad is None
 
 
-def test_torch_compile_fullgraph_names_the_option():
-    """Not under torch.compile yet: a fullgraph compile fails with the NotImplementedError that names
-    entropy_coef (without fullgraph, dynamo breaks the graph and the call runs eagerly, correctly)."""
-    z = torch.randn(2, 3, 7, requires_grad=True)
-    y = torch.zeros(2, 3, dtype=torch.long)
+def _compiled_bonus_step(z, y, adv, old, mask, coef, n_items, backend, loss_type):
+    return grpo_fast.grpo_loss(z, y, adv, old_logp=old, completion_mask=mask, entropy_coef=coef,
+                               num_items_in_batch=n_items, loss_type=loss_type, temperature=0.8, backend=backend)
 
-    def f(z):
-        return grpo_fast.grpo_loss(z, y, torch.ones(2), entropy_coef=0.1, backend="cpu")[0]
 
-    with pytest.raises(Exception) as info:
-        torch.compile(f, backend="eager", fullgraph=True)(z)
-    assert "entropy_coef" in str(info.value)
+@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_torch_compile_fullgraph_equals_eager(backend_name, loss_type):
+    """Under torch.compile(fullgraph=True) the bonus's weights reach the fused kernel (the custom op's
+    entropy_weight): loss, metrics and gradient equal eager's, for a coefficient and a num_items_in_batch
+    that change between calls (symbolic: one recompile, not one per value). backend="torch" under compile
+    rescales dapo's loss to num_items_in_batch after the reference: the bonus (a mean over this call's
+    tokens) must not be rescaled with it. A bad coefficient is still named, at run time."""
+    if backend_name == "cpu" and grpo_fast.backends.unavailable_reason("cpu", torch.device("cpu")):
+        pytest.skip("the CPU extension is not built")
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    g = torch.Generator().manual_seed(11)
+    z0 = torch.randn(3, 5, 11, generator=g) * 2
+    y = torch.randint(0, 11, (3, 5), generator=g)
+    adv, old = torch.randn(3, generator=g), torch.randn(3, 5, generator=g) * 0.1 - 2.0
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(_compiled_bonus_step, fullgraph=True, backend="aot_eager")
+    for coef, n_items in ((COEF, None), (0.05, 40), (-0.2, 17)):
+        got, want = [], []
+        for fn, out in ((compiled, got), (_compiled_bonus_step, want)):
+            z = z0.clone().requires_grad_()
+            loss, metrics = fn(z, y, adv, old, mask, coef, n_items, backend_name, loss_type)
+            loss.backward()
+            out.extend([loss.detach(), metrics, z.grad])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7, msg=lambda m: f"c={coef} loss: {m}")
+        assert sorted(got[1]) == sorted(want[1])
+        for k in want[1]:
+            torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-7, msg=lambda m: f"c={coef} grad: {m}")
+    off = _compiled_bonus_step(z0.clone(), y, adv, old, mask, 0.0, 17, backend_name, loss_type)[0]
+    assert float((want[0] - off).abs()) > 1e-3  # the bonus moved the loss
+    assert len(_debug_get_cache_entry_list(_compiled_bonus_step.__code__)) <= 3  # not one graph per value
+    for bad, err in ((float("nan"), "entropy_coef must be finite"), (1e39, "entropy_coef must be finite as a float32")):
+        z = z0.clone().requires_grad_()
+        with pytest.raises(ValueError, match=err):
+            compiled(z, y, adv, old, mask, bad, None, backend_name, loss_type)
+        assert z.grad is None
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])

@@ -575,18 +575,6 @@ def test_mask_leaves_the_primitive_losses_unchanged():
         torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_mask_under_torch_compile_is_refused_by_name():
-    z, ids = make((2, 3, 53))
-    mask = torch.ones(ids.shape, dtype=torch.bool, device=DEVICE)
-
-    @torch.compile(backend="eager", fullgraph=True)
-    def f(z, ids, mask):
-        return grpo_fast.logprobs(z, ids, mask=mask, backend="torch")[0]
-
-    with pytest.raises(Exception, match="mask= is not supported under torch.compile"):
-        f(z, ids, mask)
-
-
 def test_bad_mask_is_named_before_any_kernel(monkeypatch):
     from grpo_fast import backends
 

@@ -222,6 +222,10 @@ def test_old_and_ref_logprobs_match_the_logits_path(tmp_path):
     with torch.no_grad():
         z = lm(batch["input_ids"], batch["attention_mask"], T).double() / 0.7
     want = torch.log_softmax(z, -1).gather(-1, batch["completion_ids"][..., None])[..., 0]
+    # valid rows only: a padding token is not computed and gets 0 (the loss never reads it)
+    valid = batch["completion_mask"] != 0
+    assert 0 < int(valid.sum()) < valid.numel()  # the batch has padding: the mask is exercised
+    want = torch.where(valid, want, torch.zeros_like(want))
     torch.testing.assert_close(auto, want.float(), atol=1e-5, rtol=1e-5)
     logits_path = tr.sequence_logprobs(lm, batch, dataclasses.replace(cfg, loss_path="logits"), 5)
     torch.testing.assert_close(logits_path, want.float(), atol=1e-5, rtol=1e-5)

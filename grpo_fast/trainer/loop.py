@@ -362,7 +362,8 @@ def sequence_logprobs(lm: CausalLM, batch: dict, cfg: TrainConfig, micro: int) -
     """Per-token log-probs (B, T) of the batch's completions under ``lm`` (no grad; old / ref policy).
 
     From the hidden states and the LM head when the fused-linear path is available (the (B, T, V)
-    logits are never built), else from the logits; ``micro`` rows at a time.
+    logits are never built), else from the logits; ``micro`` rows at a time. Valid rows only: a padding
+    token (completion_mask 0) is not computed and gets 0, which the loss never reads.
     """
     out = []
     B, T = batch["completion_ids"].shape
@@ -372,30 +373,31 @@ def sequence_logprobs(lm: CausalLM, batch: dict, cfg: TrainConfig, micro: int) -
               and cfg.loss_backend != "torch")
     for s in range(0, B, micro):
         ids, am, y = batch["input_ids"][s:s + micro], batch["attention_mask"][s:s + micro], batch["completion_ids"][s:s + micro]
+        m = batch["completion_mask"][s:s + micro]
         if split is not None:  # the head's rows on this rank: the primitives with its group (the same (B, T) everywhere)
             if use_fl:
-                out.append(head_logprobs(lm, lm(ids, am, T, hidden=True), y, cfg.temperature, cfg.loss_backend))
+                out.append(head_logprobs(lm, lm(ids, am, T, hidden=True), y, cfg.temperature, cfg.loss_backend, mask=m))
             else:
                 out.append(grpo_fast.logprobs(lm(ids, am, T), y, temperature=cfg.temperature, backend=cfg.loss_backend,
-                                              **split.kwargs())[0])
+                                              mask=m, **split.kwargs())[0])
         elif use_fl:
             hidden = lm(ids, am, T, hidden=True)
             out.append(grpo_fast.fused_linear_token_logprobs(hidden, head.weight, y, bias=head.bias, logit_scale=lm.logit_scale,
                                                              logit_softcap=lm.logit_softcap, temperature=cfg.temperature,
-                                                             backend=cfg.loss_backend))
+                                                             backend=cfg.loss_backend, mask=m))
         else:
-            out.append(grpo_fast.token_logprobs(lm(ids, am, T), y, cfg.temperature, backend=cfg.loss_backend))
+            out.append(grpo_fast.token_logprobs(lm(ids, am, T), y, cfg.temperature, backend=cfg.loss_backend, mask=m))
     return torch.cat(out)
 
 
 def head_logprobs(lm: CausalLM, hidden: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, T) log-probs of ``ids`` from the hidden states through ``lm``'s LM head (its rows on this rank
     and their group with ``--vocab-parallel``), never building the logits; differentiable."""
     head = lm.lm_head()
     return grpo_fast.fused_linear_logprobs(hidden, head.weight, ids, bias=head.bias, temperature=temperature,
                                            logit_scale=lm.logit_scale, logit_softcap=lm.logit_softcap, backend=backend,
-                                           **tp.split_kwargs(head))[0]
+                                           mask=mask, **tp.split_kwargs(head))[0]
 
 
 def advantages_for_rank(rewards: torch.Tensor, cfg: TrainConfig, rank: int, world: int, group=None) -> torch.Tensor:
