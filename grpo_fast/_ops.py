@@ -284,7 +284,8 @@ def compiled_grpo_loss(logits, completion_ids, advantages, tensors, opts: GRPOOp
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     values, _ = grpo_loss_eager(logits, completion_ids, advantages, *per_call, cu_seqlens, tau, fmt, numbers, backend,
                                 group_name(group), vocab_start, len(names) + 1, need_grad)
-    return values[0], {n: values[i + 1].detach() for i, n in enumerate(names)}
+    # clones: no output may alias another where an input is a tensor subclass (a DTensor)
+    return values[0], {n: values[i + 1].detach().clone() for i, n in enumerate(names)}
 
 
 # ---- grpo_fast.logprobs: forward and backward kernels as two ops, the formula between them
@@ -401,11 +402,9 @@ def compiled_logprobs(logits, ids, temperature, return_entropy: bool, cu_seqlens
     shape the outputs (the logits' rank) run while tracing; all others inside the forward op."""
     from .logprobs import _check_logits_nd
     from .packed import packed_rows
-    from .vocab_parallel import is_dtensor
+    from .vocab_parallel import unwrap
 
-    if is_dtensor(logits):
-        raise NotImplementedError("grpo_fast.logprobs: DTensor logits are not supported under torch.compile; pass "
-                                  "the local shard (logits.to_local()) and group=")
+    logits, group = unwrap(logits, group, "logits", -1)  # a Shard(-1) DTensor: its shard and its mesh's group
     if cu_seqlens is not None:
         logits = packed_rows(logits, "logits", "V")
     _check_logits_nd(logits)
@@ -497,11 +496,11 @@ def compiled_fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advant
                                     logit_scale, logit_softcap, chunk_size, cu_seqlens, backend: str, group,
                                     vocab_start):
     """fused_linear_grpo_loss under torch.compile: fused_linear_grpo_loss_eager."""
-    from .vocab_parallel import is_dtensor
+    from .vocab_parallel import unwrap
 
-    if is_dtensor(weight) or is_dtensor(bias):
-        raise NotImplementedError("fused_linear_grpo_loss: a DTensor LM head is not supported under torch.compile; "
-                                  "pass the local rows (weight.to_local()) and group=")
+    # a Shard(0) DTensor head: its rows and its mesh's group (the gradient returns as a DTensor through to_local)
+    weight, group = unwrap(weight, group, "weight", 0)
+    bias, group = unwrap(bias, group, "bias", 0)
     names = _loss_names(opts)
     fmt, numbers = pack_options(opts)
     per_call, tau = _loss_tensor_args(tensors, opts)
@@ -511,7 +510,8 @@ def compiled_fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advant
         hidden, weight, bias, completion_ids, advantages, *per_call, cu_seqlens, tau, fmt, numbers,
         *transform_args(logit_scale, logit_softcap), chunk_size, backend, group_name(group), vocab_start,
         len(names) + 1, needs)
-    return values[0], {n: values[i + 1].detach() for i, n in enumerate(names)}
+    # clones: no output may alias another where an input is a tensor subclass (a DTensor)
+    return values[0], {n: values[i + 1].detach().clone() for i, n in enumerate(names)}
 
 
 # ---- grpo_fast.fused_linear_logprobs: the chunk loop's forward and backward as two ops
@@ -657,11 +657,10 @@ def compiled_fused_linear_logprobs(hidden, weight, ids, bias, temperature, logit
                                    mask=None):
     """fused_linear_logprobs under torch.compile: the two ops above."""
     from .packed import packed_rows
-    from .vocab_parallel import is_dtensor
+    from .vocab_parallel import unwrap
 
-    if is_dtensor(weight) or is_dtensor(bias):
-        raise NotImplementedError("grpo_fast.fused_linear_logprobs: a DTensor LM head is not supported under "
-                                  "torch.compile; pass the local rows (weight.to_local()) and group=")
+    weight, group = unwrap(weight, group, "weight", 0)  # as compiled_fused_linear_grpo_loss
+    bias, group = unwrap(bias, group, "bias", 0)
     if cu_seqlens is not None:
         hidden = packed_rows(hidden, "hidden", "H")
     if not isinstance(hidden, Tensor) or hidden.dim() not in (2, 3):

@@ -166,10 +166,9 @@ def grpo_loss(
     tensors = LossTensors.pop(kwargs)
     opts = GRPOOptions.from_kwargs("grpo_loss", kwargs)
     tau_tensor = isinstance(opts.temperature, torch.Tensor) and opts.temperature.dim() > 0
+    if compiling:  # a Shard(-1) DTensor: its shard and its mesh's group (the gradient returns as a DTensor)
+        logits, group = _vp.unwrap(logits, group, "logits", -1)
     if compiling and (group is not None or cu_seqlens is not None or tau_tensor):
-        if _vp.is_dtensor(logits):
-            raise NotImplementedError("grpo_loss: DTensor logits are not supported under torch.compile; pass the "
-                                      "local shard (logits.to_local()) and group=")
         from . import _ops
 
         # Shapes that depend on data (cu_seqlens' layout, the shard offsets): eager's code in one custom op

@@ -4,7 +4,7 @@
 still raises eager's named error, at run time. The vocab split runs under torchrun with 2 gloo ranks
 (``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_compile_paths.py OUT``),
 each rank comparing compiled with eager on its own shard (eager's split is checked against one
-process in tests/test_vocab_parallel.py). Small shapes, aot_eager (the ops are opaque: inductor sees
+process in tests/test_vocab_parallel.py), with plain shards and group=, and with DTensor inputs. Small shapes, aot_eager (the ops are opaque: inductor sees
 the same graph around them; one inductor case), each compiled function reused across its cases.
 """
 import os
@@ -422,8 +422,63 @@ def worker(out_dir: str) -> None:
     for name, (fn, tensors, args) in _split_linear_cases(x, _linear_inputs(), shard, group, BACKENDS[-1]).items():
         res[name] = (_run_linear(torch.compile(fn, fullgraph=True, backend="aot_eager"), *tensors, *args),
                      _run_linear(fn, *tensors, *args))
+    res.update(_dtensor_cases(x, _linear_inputs(), BACKENDS[-1]))
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
     dist.destroy_process_group()
+
+
+def _local(t):
+    return t.to_local() if t is not None and hasattr(t, "to_local") else t
+
+
+def _dtensor_cases(x, lin, backend):
+    """DTensor inputs under torch.compile: logits placed Shard(-1), the LM head Shard(0), on a 1-D mesh of
+    the 2 ranks, no group= (the mesh's); compiled == eager, and each gradient a DTensor of its placement."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    B, T = 2, 7
+    ids3, old3, mask3 = x["ids"].reshape(B, T), x["old"].reshape(B, T), x["mask"].reshape(B, T)
+    out = {}
+
+    def run(fn, leaves, args):
+        got = []
+        for f in (torch.compile(fn, fullgraph=True, backend="aot_eager"), fn):
+            ls = [distribute_tensor(t, mesh, [pl]).requires_grad_() for t, pl in leaves]
+            loss, metrics = f(*ls, *args)
+            loss.backward()
+            for t, (_, pl) in zip(ls, leaves):
+                assert isinstance(t.grad, DTensor) and tuple(t.grad.placements) == (pl,), fn.__name__
+            got.append((loss.detach(), metrics, tuple(_local(t.grad) for t in ls)))
+        return got
+
+    def lp_step(z, ids, mask, c_lp, c_ent):
+        lp, ent = grpo_fast.logprobs(z, ids, temperature=0.8, return_entropy=True, mask=mask, backend=backend)
+        return (c_lp * lp).sum() + (c_ent * ent).sum(), {"logp": lp.detach(), "entropy": ent.detach()}
+
+    def loss_step(z, ids, rewards, old, mask):
+        return grpo_fast.grpo_loss(z, ids, rewards=rewards, group_size=2, old_logp=old, completion_mask=mask,
+                                   temperature=0.9, loss_type="grpo", backend=backend)
+
+    def linear_lp_step(w, b, h, ids, c_lp, c_ent):
+        lp, ent = grpo_fast.fused_linear_logprobs(h, w, ids, bias=b, temperature=0.8, return_entropy=True,
+                                                  chunk_size=4, backend=backend)
+        return (c_lp * lp).sum() + (c_ent * ent).sum(), {"logp": lp.detach(), "entropy": ent.detach()}
+
+    def linear_loss_step(w, b, h, ids, rewards, old, mask):
+        return grpo_fast.fused_linear_grpo_loss(h, w, ids, bias=b, rewards=rewards, group_size=2, old_logp=old,
+                                                completion_mask=mask, temperature=0.9, chunk_size=4, backend=backend)
+
+    out["dtensor logprobs"] = run(lp_step, [(x["z"], Shard(1))], (x["ids"], x["mask"], x["c_lp"], x["c_ent"]))
+    out["dtensor grpo_loss"] = run(loss_step, [(x["z"].reshape(B, T, V), Shard(2))],
+                                   (ids3, x["rewards"][:2], old3, mask3))
+    head = [(lin["weight"], Shard(0)), (lin["bias"], Shard(0))]
+    out["dtensor fused_linear_logprobs"] = run(linear_lp_step, head, (lin["hidden"], x["ids"], x["c_lp"], x["c_ent"]))
+    out["dtensor fused_linear_grpo_loss"] = run(linear_loss_step, head, (lin["hidden"].reshape(B, T, H), ids3,
+                                                                         x["rewards"][:2], old3, mask3))
+    return out
 
 
 def test_vocab_split_compile_fullgraph_two_ranks(tmp_path):
@@ -432,8 +487,12 @@ def test_vocab_split_compile_fullgraph_two_ranks(tmp_path):
     run_two_processes(__file__, tmp_path)
     for rank in (0, 1):
         res = torch.load(tmp_path / f"rank{rank}.pt")
-        assert len(res) == 8
+        assert len(res) == 12
         for name, (got, want) in res.items():
+            if name.startswith("dtensor"):
+                for i, (g_c, g_e) in enumerate(zip(got[2], want[2])):
+                    _assert_same((got[0], got[1], g_c), (want[0], want[1], g_e), f"rank {rank} {name} grad {i}")
+                continue
             check = _assert_same_linear if name.startswith("fused_linear") else _assert_same
             check(got, want, f"rank {rank} {name}")
 
