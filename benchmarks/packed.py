@@ -15,6 +15,11 @@ The primitives issue's target: the packed and masked paths take ≤ 0.8x the all
 padding (the work left is 70%). Time: median of ``--repeats`` runs after one warm-up, the three
 interleaved (round-robin); in-place runs (the gradient written into the logits) restore their
 input untimed before each run.
+
+``--path fused-linear``: the same three arms through ``grpo_fast.fused_linear_grpo_loss`` from hidden
+states (B, T, H) (``--hidden``) and an LM head (V, H), gradients of hidden, weight and bias; there the
+GEMMs (three per token) dominate, and a masked token costs none at token level (sequence level still
+multiplies every token of the (B, T) grid; packed rows hold only the valid ones).
 """
 from __future__ import annotations
 
@@ -102,6 +107,61 @@ def run(shape, dtype: str, backend: str, padding: float, repeats: int, levels=("
     return rows, x["padding"]
 
 
+LINEAR_SHAPE = (8, 256, 32000)
+LINEAR_QUICK = (4, 16, 512)
+
+
+def run_linear(shape, dtype: str, backend: str, padding: float, repeats: int, H: int,
+               levels=("token", "sequence")):
+    """The three arms through fused_linear_grpo_loss (fwd+bwd: ∂hidden, ∂weight, ∂bias)."""
+    import grpo_fast
+
+    B, T, V = shape
+    x = _batch(B, T, 8, padding, torch.float32)  # the layout, ids and advantages; logits replaced below
+    g = torch.Generator().manual_seed(1)
+    dt = common.DTYPES[dtype]
+    hidden = torch.randn(B, T, H, generator=g).to(dt)
+    weight = (torch.randn(V, H, generator=g) * H ** -0.5).to(dt)
+    bias = (torch.randn(V, generator=g) * 0.1).to(dt)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    old = -5.0 + 0.2 * torch.randn(B, T, generator=g)
+    valid = x["mask"].bool()
+    ones = torch.ones_like(x["mask"])
+    rows = []
+    for level in levels:
+        kw = {"importance_sampling_level": level, "backend": backend}
+        arms = {
+            "padded, all rows swept": (hidden, lambda h, w, b: grpo_fast.fused_linear_grpo_loss(
+                h, w, ids, x["adv"], bias=b, old_logp=old, completion_mask=ones, **kw)),
+            "padded, masked": (hidden, lambda h, w, b: grpo_fast.fused_linear_grpo_loss(
+                h, w, ids, x["adv"], bias=b, old_logp=old, completion_mask=x["mask"], **kw)),
+            "packed (cu_seqlens)": (hidden[valid].contiguous(), lambda h, w, b: grpo_fast.fused_linear_grpo_loss(
+                h, w, ids[valid], x["adv"], bias=b, old_logp=old[valid], cu_seqlens=x["packed"]["cu"], **kw)),
+        }
+
+        def step(k):
+            src, fn = arms[k]
+
+            def f():
+                leaves = [t.detach().requires_grad_() for t in (src, weight, bias)]
+                fn(*leaves)[0].backward()
+            return f
+
+        times = {k: [] for k in arms}
+        for k in arms:
+            step(k)()  # warm-up
+        for _ in range(repeats):
+            for k in arms:
+                times[k].extend(common.time_fn(step(k), repeats=1, warmup=0).times)
+        base = sorted(times["padded, all rows swept"])[repeats // 2]
+        for k in arms:
+            med = sorted(times[k])[repeats // 2]
+            rows.append({"level": level, "layout": k, "ms": med * 1e3,
+                         "spread": (max(times[k]) - min(times[k])) / med if med else 0.0,
+                         "vs_all_rows": med / base})
+    return rows, x["padding"]
+
+
 COLUMNS = [("level", "level", ""), ("layout", "layout", ""), ("ms", "fwd+bwd ms", ".1f"),
            ("spread", "spread", ".0%"), ("vs_all_rows", "vs all rows", lambda v: f"{v:.2f}x")]
 
@@ -110,18 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks packed", description=__doc__.split("\n\n")[0])
     common.add_shape_args(p, FULL_SHAPE, QUICK_SHAPE)
     p.add_argument("--padding", type=float, default=0.3, help="fraction of the (B, T) grid that is padding")
+    p.add_argument("--path", default="logits", choices=["logits", "fused-linear"],
+                   help=f"fused-linear: hidden states and the LM head (default shape {LINEAR_SHAPE})")
+    p.add_argument("--hidden", type=int, default=256, help="H of the fused-linear path")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    shape, repeats = common.shape_and_repeats(args, FULL_SHAPE, QUICK_SHAPE)
-    rows, pad = run(shape, args.dtype, args.backend, args.padding, repeats)
-    print(f"B,T,V = {shape}, {args.dtype}, backend={args.backend}, padding {pad:.1%} of the (B, T) grid")
+    if args.path == "fused-linear":
+        shape, repeats = common.shape_and_repeats(args, LINEAR_SHAPE, LINEAR_QUICK)
+        H = 16 if args.quick else args.hidden
+        rows, pad = run_linear(shape, args.dtype, args.backend, args.padding, repeats, H)
+        what = f"fused_linear_grpo_loss, H = {H}"
+    else:
+        shape, repeats = common.shape_and_repeats(args, FULL_SHAPE, QUICK_SHAPE)
+        rows, pad = run(shape, args.dtype, args.backend, args.padding, repeats)
+        what = "grpo_loss, in place"
+    print(f"B,T,V = {shape}, {args.dtype}, backend={args.backend}, padding {pad:.1%} of the (B, T) grid; {what}")
     print(common.format_table(rows, COLUMNS))
-    print(f"time: median of {repeats} fwd+bwd runs (in place), layouts interleaved; target: masked and packed "
+    print(f"time: median of {repeats} fwd+bwd runs, layouts interleaved; target: masked and packed "
           f"<= {TARGET}x the all-rows time at 30% padding.")
-    common.save_rows(args, f"packed_{args.backend}_{args.dtype}", {"shape": shape, "padding": pad, "rows": rows})
+    name = "packed" if args.path == "logits" else "packed_linear"
+    common.save_rows(args, f"{name}_{args.backend}_{args.dtype}", {"shape": shape, "padding": pad, "rows": rows})
     return 0
 
 

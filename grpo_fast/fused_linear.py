@@ -296,6 +296,7 @@ class _Plan:
     T: int
     V: int
     loss_scale: float = 1.0  # folded into inp.weight (_autograd.fold_scale): the gradients are of loss_scale·loss
+    all_valid: bool = False  # every token's mask is nonzero (the valid tokens gathered): no masked row to zero
 
 
 def _chunk_inputs(plan: _Plan, buf: torch.Tensor, s: int, e: int, rows: bool) -> LossInputs:
@@ -421,7 +422,7 @@ def _run_chunks(plan: _Plan, hidden, weight, bias, needs):
     hidden2d = hidden.reshape(N, hidden.shape[-1])
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
-    grads = _Grads(hidden2d, weight, bias, needs, plan.dtype, live=plan.inp.mask != 0)
+    grads = _Grads(hidden2d, weight, bias, needs, plan.dtype, live=None if plan.all_valid else plan.inp.mask != 0)
     weight, bias = _cast(weight, plan.dtype), _cast(bias, plan.dtype)  # once (V·H), autocast only
     sequence = plan.inp.cfg.level == 1
     rows = sequence and plan.chunk >= T
@@ -646,9 +647,15 @@ def fused_linear_grpo_loss(
 
 
 def _linear_loss(hidden, weight, bias, inp: LossInputs, impl, transform: _Transform, chunk: Optional[int],
-                 cdtype: torch.dtype, loss_scale: float):
+                 cdtype: torch.dtype, loss_scale: float, valid_only: bool = True):
     """(loss, stats) of the chunked fused pass on validated inputs (their logits a (B, T, V) stand-in);
-    ``impl``: the resolved backend (or an object with its entry points and ``autograd``)."""
+    ``impl``: the resolved backend (or an object with its entry points and ``autograd``). At token level
+    the chunk loop walks the valid tokens only (``_valid_tokens``; ``valid_only=False``: already so)."""
+    if valid_only and inp.cfg.level == 0:
+        valid = _valid_tokens(hidden, inp, cdtype)
+        if valid is not None:
+            hidden_v, flat = valid
+            return _linear_loss(hidden_v, weight, bias, flat, impl, transform, chunk, cdtype, loss_scale, False)
     B, T, V = inp.logits.shape
     if chunk is None:
         chunk = _auto_chunk(B * T, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
@@ -658,8 +665,29 @@ def _linear_loss(hidden, weight, bias, inp: LossInputs, impl, transform: _Transf
         A = group_advantages_reference(inp.rewards, inp.cfg.group_size, inp.scale_rewards, inp.cfg.adv_eps)
     _ag.fold_scale(inp, loss_scale)
     plan = _Plan(inp=inp, A=A, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
-                 grad_enabled=torch.is_grad_enabled(), B=B, T=T, V=V, loss_scale=loss_scale)
+                 grad_enabled=torch.is_grad_enabled(), B=B, T=T, V=V, loss_scale=loss_scale,
+                 all_valid=not valid_only)
     return _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
+
+
+def _valid_tokens(hidden, inp: LossInputs, cdtype: torch.dtype):
+    """Token level with masked tokens (padding): (hidden of the valid tokens (1, n, H), their inputs as one
+    (1, n) row), so that a masked token costs no GEMM (forward, ∂hidden or ∂weight) and no kernel row;
+    ∂hidden of a masked token is 0 through the gather. None when every token is valid or none is (the
+    chunk loop as it is). The per-token weights, advantages, ratios and the entropy bonus's weights
+    were formed on the whole (B, T) batch and are gathered, so the loss is that of the whole batch.
+    One host sync (the count of valid tokens)."""
+    from . import packed as _pk
+
+    B, T, V = inp.logits.shape
+    N = B * T
+    idx = torch.nonzero(inp.mask.reshape(N) != 0).squeeze(1)
+    n = idx.numel()
+    if n == N or n == 0:
+        return None
+    lay = _pk.Layout(cu=None, S=B, T=T, N=n, row=idx // T, col=idx % T)
+    flat = _pk.flat_inputs(inp, lay, _standin_logits(1, n, V, cdtype, hidden.device))
+    return hidden.reshape(N, hidden.shape[-1])[idx].unsqueeze(0), flat
 
 
 def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
@@ -687,13 +715,8 @@ def _packed_fused_linear(hidden, weight, bias, completion_ids, advantages, rewar
         return loss, metrics_from_sums(stats.detach(), inp)
     flat = _pk.flat_inputs(inp, lay, _standin_logits(1, N, V, cdtype, hidden.device))
     impl = _backends.resolve(backend, hidden.device)
-    if chunk is None:
-        chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
-                            impl.autograd)
-    _ag.fold_scale(flat, loss_scale)
-    plan = _Plan(inp=flat, A=flat.advantages, impl=impl, transform=transform, chunk=chunk, dtype=cdtype,
-                 grad_enabled=torch.is_grad_enabled(), B=1, T=N, V=V, loss_scale=loss_scale)
-    loss, stats = _FusedLinearGRPOLoss.apply(hidden, weight, bias, plan)
+    # the chunk loop over the one (1, N) row, walking its valid tokens only (a masked token: no GEMM)
+    loss, stats = _linear_loss(hidden, weight, bias, flat, impl, transform, chunk, cdtype, loss_scale)
     return loss, metrics_from_sums(stats, flat)
 
 

@@ -734,8 +734,14 @@ class _KeepLogp:
         self.parts.append(logp.reshape(-1))
         return stats, logp
 
-    def logp(self, B: int, T: int) -> torch.Tensor:
-        return torch.cat(self.parts).view(B, T)
+    def logp(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T): the kept log-probs at their tokens; the loop walked the valid tokens only (mask != 0, in
+        row-major order) when there were fewer parts than tokens, and a masked token gets 0 (as the kernels
+        give a masked row)."""
+        lp = torch.cat(self.parts)
+        if lp.numel() == mask.numel():
+            return lp.view(mask.shape)
+        return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter_(mask != 0, lp)
 
 
 def _fused_inputs(logits, responses, old_log_prob, advantages, response_mask, loss_mode, loss_agg_mode, config,
@@ -833,7 +839,7 @@ def fused_policy_loss(logits, responses, old_log_prob, advantages, response_mask
         _ag.fold_scale(inp, loss_scale)
         keeper = _KeepLogp(impl)
         loss, _ = _FusedGRPOLoss.apply(logits, inp, keeper, inplace, need_grad, loss_scale)
-        logp = keeper.logp(*inp.mask.shape)
+        logp = keeper.logp(inp.mask)
     return loss, _fused_metrics(loss_mode, inp, old_log_prob, logp, agg_mode, config, isw)
 
 
@@ -862,7 +868,7 @@ def fused_linear_policy_loss(hidden, weight, responses, old_log_prob, advantages
                                        rollout_is_weights, temperature)
     keeper = _KeepLogp(_backends.resolve(backend, hidden.device))
     loss, _ = _linear_loss(hidden, weight, bias, inp, keeper, _Transform(scale, cap), chunk, cdtype, loss_scale)
-    return loss, _fused_metrics(loss_mode, inp, old_log_prob, keeper.logp(B, T), agg_mode, config, isw)
+    return loss, _fused_metrics(loss_mode, inp, old_log_prob, keeper.logp(inp.mask), agg_mode, config, isw)
 
 def get_policy_loss_fn(name: str) -> Callable:
     """The policy loss verl registers under ``name`` (``POLICY_LOSSES``); ValueError for any other."""

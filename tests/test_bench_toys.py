@@ -27,3 +27,15 @@ def test_packed_benchmark_runs_every_layout():
     assert {(r["level"], r["layout"]) for r in rows} == {
         (lv, k) for lv in ("token", "sequence")
         for k in ("padded, all rows swept", "padded, masked", "packed (cu_seqlens)")}
+
+
+def test_packed_benchmark_fused_linear_path():
+    from benchmarks import packed as bench
+
+    rows, pad = bench.run_linear((4, 10, 64), "fp32", "cpu", 0.3, repeats=1, H=8)
+    assert abs(pad - 0.3) < 0.03
+    assert {(r["level"], r["layout"]) for r in rows} == {
+        (lv, k) for lv in ("token", "sequence")
+        for k in ("padded, all rows swept", "padded, masked", "packed (cu_seqlens)")}
+    assert all(r["ms"] > 0 for r in rows)
+    assert bench.main(["--path", "fused-linear", "--quick", "--repeats", "1", "--no-save"]) == 0

@@ -400,9 +400,12 @@ def test_never_more_than_a_chunk_of_logits(monkeypatch, level, chunk, softcap):
     kw = _side_kwargs(side, mask, loss_type="grpo", level=level)
     _assert_fp32("torch", h, w, b, ids, chunk_size=chunk, softcap=softcap, **kw)
     assert rows and max(rows) <= chunk < B * T
-    # one logits GEMM per token (three matmuls in all), two at sequence level when a row is longer than a chunk
+    # one logits GEMM per token (three matmuls in all), two at sequence level when a row is longer than a chunk;
+    # at token level only the valid tokens are multiplied (a masked one costs no GEMM)
     passes = 2 if (level == "sequence" and chunk < T) else 1
-    assert sum(rows) == passes * B * T
+    tokens = int((mask != 0).sum()) if level == "token" else B * T
+    assert 0 < int((mask != 0).sum()) < B * T
+    assert sum(rows) == passes * tokens
 
 
 def test_auto_chunk_rule():
