@@ -9,7 +9,7 @@ Providers (each skipped, with the reason printed, when it cannot run here):
                     build of forward and backward takes minutes on a small machine; on by default on CUDA)
     cpu             grpo_loss(backend="cpu"), inplace=False: the C++/OpenMP kernel
     cpu-inplace     the same with inplace=True: the gradient overwrites the logits
-    cpu[-inplace]-avx2, cpu[-inplace]-avx512, cpu[-inplace]-generic
+    cpu[-inplace]-avx2, cpu[-inplace]-avx512, cpu[-inplace]-avx512bf16, cpu[-inplace]-generic
                     the same on one instruction-set path of the extension (switched per call, like
                     GRPO_FAST_CPU_ISA): compare the paths back to back in one run
     triton[-inplace], cuda[-inplace]   the GPU kernels (--device cuda)
@@ -238,7 +238,7 @@ PROVIDERS = {p.name: p for p in [
     Provider("cuda-inplace", backend="cuda", inplace=True, devices=("cuda",)),
     Provider("trl", peer=True),
 ] + [Provider(f"cpu{ip}-{isa}", backend="cpu", inplace=bool(ip), devices=("cpu",), isa=isa)
-     for isa in ("avx512", "avx2", "generic") for ip in ("", "-inplace")]}
+     for isa in ("avx512bf16", "avx512", "avx2", "generic") for ip in ("", "-inplace")]}
 # eager's backend is "torch": not a fused kernel (Provider.fused is False for it).
 
 

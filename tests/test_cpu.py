@@ -53,6 +53,31 @@ def test_vexp(isa):
     assert float(y[x == 0.0][0]) == 1.0
 
 
+def test_bf16_stores_round_as_torch(isa):
+    """The vector fp32 -> bf16 conversion of every gradient store equals torch's rounding bit for bit on each
+    path: nearest even at the halfway cases, ±0, ±inf, NaN made quiet, and denormals (AVX512_BF16's
+    instruction flushes those: its path sends a vector holding one down the integer conversion)."""
+    g = torch.Generator().manual_seed(5)
+    tiny = torch.finfo(torch.float32).tiny
+    u = torch.randint(0, 2 ** 31 - 1, (4099,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([
+        torch.randn(20000, generator=g) * torch.logspace(-40, 38, 20000, dtype=torch.float64).float(),
+        u.view(torch.float32),  # random bit patterns: every exponent, NaNs and infs included
+        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), tiny, -tiny, tiny / 3, -tiny / 7, 1e-45,
+                      1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -8 + 2 ** -20, 3.3895314e38]),
+    ])
+    x[100] = tiny / 5  # a denormal inside an aligned vector of normal values
+    y = torch.empty(x.numel(), dtype=torch.int16)
+    _C.to_bf16(x.data_ptr(), y.data_ptr(), x.numel())
+    want = x.to(torch.bfloat16).view(torch.int16)
+    nan = torch.isnan(x)
+    assert torch.equal(y[~nan], want[~nan]), f"{isa}: {int((y[~nan] != want[~nan]).sum())} values differ"
+    # a NaN stays a NaN (quiet, sign and top payload kept), as torch's
+    assert bool(torch.isnan(y[nan].view(torch.bfloat16).float()).all())
+    assert torch.equal(y[nan] | 0x40, y[nan]) and torch.equal(y[nan] & ~0x40, (x[nan].view(torch.int32) >> 16).to(
+        torch.int16) & ~0x40)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_every_isa(isa, level, dtype):

@@ -78,6 +78,7 @@ struct RowKernels {
   void (*zero)(void* p, int64_t bytes);  // streaming zeros: a gradient row whose logits were not read
   void (*grad_kept_lp[3])(const float* ebuf, const void* zrow, void* grow, int64_t V, float inv_tau, float xmax,
                           float inv_s, float log_s, float a, float b, bool stream);
+  void (*bf16)(const float* x, uint16_t* y, int64_t n);  // the vector fp32 -> bf16 stores' conversion (tests)
 };
 
 // ---- the row kernels, once per instruction set ----------------------------------------------------
@@ -124,6 +125,32 @@ namespace avx512 {
 #else
 #pragma GCC pop_options
 #endif
+
+// AVX-512 with AVX512_BF16 (AMD Zen 4 and later, Intel Cooper Lake / Sapphire Rapids and later): the same
+// kernels, bf16 stores in one conversion instruction (simd_avx512.h, to_16bit). Compilers older than
+// GCC 10 / clang 9 lack the target: that build has the three paths above only.
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define GF_HAS_AVX512_BF16 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#endif
+namespace avx512bf16 {
+#define ISA_NAME "avx512bf16"
+#define GF_AVX512_BF16 1
+#include "simd_avx512.h"
+#include "row_kernels.h"
+#undef GF_AVX512_BF16
+#undef ISA_NAME
+}  // namespace avx512bf16
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // AVX512_BF16 target
 #endif  // GF_X86
 
 // ---- run-time choice of the instruction set ------------------------------------------------------
@@ -133,15 +160,24 @@ static bool isa_supported(const std::string& name) {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (name == "avx2") return avx2;  // every AVX2 CPU has F16C
-  if (name == "avx512")
-    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (name == "avx512") return avx512;
+#if defined(GF_HAS_AVX512_BF16)
+  if (name == "avx512bf16") return avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
 #endif
   return false;
 }
 
+// Every path, widest first.
+static const char* const kIsas[] = {"avx512bf16", "avx512", "avx2", "generic"};
+
 static const RowKernels* kernels_by_name(const std::string& name) {
 #if defined(GF_X86)
+#if defined(GF_HAS_AVX512_BF16)
+  if (name == "avx512bf16") return &avx512bf16::kernels;
+#endif
   if (name == "avx512") return &avx512::kernels;
   if (name == "avx2") return &avx2::kernels;
 #endif
@@ -150,10 +186,10 @@ static const RowKernels* kernels_by_name(const std::string& name) {
 }
 
 static const RowKernels* best_kernels() {
-  // GRPO_FAST_CPU_ISA=avx2|generic forces a narrower path (debugging, comparing paths).
+  // GRPO_FAST_CPU_ISA=avx512|avx2|generic forces a narrower path (debugging, comparing paths).
   const char* env = getenv("GRPO_FAST_CPU_ISA");
   if (env && *env && isa_supported(env) && kernels_by_name(env)) return kernels_by_name(env);
-  for (const char* name : {"avx512", "avx2"})
+  for (const char* name : kIsas)
     if (isa_supported(name) && kernels_by_name(name)) return kernels_by_name(name);
   return &generic::kernels;
 }
@@ -529,7 +565,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   bindings::def_kernel_calls<CpuCalls>(m, kModule);
 
   m.def("isa", []() { return std::string(g_kernels.load()->name); },
-        "The instruction set the row kernels use now: 'avx512', 'avx2' or 'generic'.");
+        "The instruction set the row kernels use now: 'avx512bf16', 'avx512', 'avx2' or 'generic'.");
   m.def(
       "set_isa",
       [](const std::string& name) {
@@ -539,12 +575,13 @@ PYBIND11_MODULE(_C_cpu, m) {
         g_kernels.store(k);
         return prev;
       },
-      py::arg("name"), "Switch the row kernels to 'avx512', 'avx2' or 'generic' (tests); returns the previous one.");
+      py::arg("name"),
+      "Switch the row kernels to 'avx512bf16', 'avx512', 'avx2' or 'generic' (tests); returns the previous one.");
   m.def(
       "supported_isas",
       []() {
         py::list out;
-        for (const char* name : {"avx512", "avx2", "generic"})
+        for (const char* name : kIsas)
           if (kernels_by_name(name) && isa_supported(name)) out.append(name);
         return out;
       },
@@ -553,4 +590,9 @@ PYBIND11_MODULE(_C_cpu, m) {
       "vexp",
       [](uintptr_t x, uintptr_t y, int64_t n) { g_kernels.load()->exp(ptr<const float>(x), ptr<float>(y), n); },
       py::arg("x"), py::arg("y"), py::arg("n"), "y = e^x for n floats with the active vectorized exp (tests).");
+  m.def(
+      "to_bf16",
+      [](uintptr_t x, uintptr_t y, int64_t n) { g_kernels.load()->bf16(ptr<const float>(x), ptr<uint16_t>(y), n); },
+      py::arg("x"), py::arg("y"), py::arg("n"),
+      "y = bf16 of n floats with the active path's vector conversion, the gradient stores' (tests).");
 }

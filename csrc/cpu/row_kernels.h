@@ -290,6 +290,18 @@ static void exp_array(const float* x, float* y, int64_t n) {
   }
 }
 
+// bf16 of n floats through vstore(BF16): the conversion every bf16 gradient store makes (tests check it
+// bitwise against torch's rounding on every path).
+static void bf16_array(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore(BF16{}, y + i, vload(F32{}, x + i));
+  if (i < n) {
+    alignas(64) uint16_t buf[W];
+    vstore(BF16{}, buf, load_tail(F32{}, x + i, n - i, 0.f));
+    for (int64_t k = 0; k < n - i; ++k) y[i + k] = buf[k];
+  }
+}
+
 static const RowKernels kernels = {
     ISA_NAME,
     {&row_stats<F32>, &row_stats<BF16>, &row_stats<F16>},
@@ -300,4 +312,5 @@ static const RowKernels kernels = {
     &exp_array,
     &row_zero,
     {&row_grad_kept_lp<F32>, &row_grad_kept_lp<BF16>, &row_grad_kept_lp<F16>},
+    &bf16_array,
 };

@@ -29,7 +29,7 @@ static inline vf vload(F16, const uint16_t* p) { return _mm512_cvtph_ps(_mm256_l
 
 // fp32 -> 16 bf16 / fp16, round to nearest even (as torch). bf16 works on the integer bits; a NaN
 // becomes a quiet NaN, not an inf.
-static inline __m256i to_16bit(BF16, vf v) {
+static inline __m256i to_bf16_bits(vf v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
@@ -37,6 +37,17 @@ static inline __m256i to_16bit(BF16, vf v) {
   r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
   return _mm512_cvtepi32_epi16(r);
 }
+#if defined(GF_AVX512_BF16)
+// AVX512_BF16's vcvtneps2bf16 rounds the same way (nearest even, a NaN made quiet) in one instruction
+// instead of seven, but flushes a denormal input to ±0, which torch's rounding keeps: a vector holding a
+// denormal (a gradient below 1.2e-38: rare) takes the integer path, so the bits are torch's on every lane.
+static inline __m256i to_16bit(BF16, vf v) {
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) != 0, 0)) return to_bf16_bits(v);  // 0x20: denormal
+  return (__m256i)_mm512_cvtneps_pbh(v);
+}
+#else
+static inline __m256i to_16bit(BF16, vf v) { return to_bf16_bits(v); }
+#endif
 static inline __m256i to_16bit(F16, vf v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 static inline void vstore(F32, float* p, vf v) { _mm512_storeu_ps(p, v); }
