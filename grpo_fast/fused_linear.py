@@ -641,9 +641,39 @@ def fused_linear_grpo_loss(
                                     loss_scale)
     inp = validate_loss_args(_standin_logits(B, T, V, cdtype, hidden.device), completion_ids, advantages,
                              **tensors._asdict(), options=opts)
-    loss, stats = _linear_loss(hidden, weight, bias, inp, _backends.resolve(backend, hidden.device),
-                               _Transform(scale, cap), chunk, cdtype, loss_scale)
+    impl = _backends.resolve(backend, hidden.device)
+    transform = _Transform(scale, cap)
+    if inp.cfg.level == 1 and _sequence_on_valid_tokens(inp, impl, transform, chunk, cdtype):
+        from . import packed as _pk
+        from .logprobs import fused_linear_logprobs
+
+        # the valid tokens' log-probs through the primitive (a masked token: no GEMM), the loss in torch
+        logp, entropy = fused_linear_logprobs(hidden, weight, inp.ids, bias=bias, temperature=inp.cfg.temperature,
+                                              logit_scale=logit_scale, logit_softcap=logit_softcap,
+                                              return_entropy=True, mask=inp.mask, chunk_size=chunk, backend=backend)
+        loss, stats = _pk.loss_from_logp(logp, entropy, inp, None)
+        return loss, metrics_from_sums(stats.detach(), inp)
+    loss, stats = _linear_loss(hidden, weight, bias, inp, impl, transform, chunk, cdtype, loss_scale)
     return loss, metrics_from_sums(stats, inp)
+
+
+def _sequence_on_valid_tokens(inp: LossInputs, impl, transform: _Transform, chunk: Optional[int],
+                              cdtype: torch.dtype) -> bool:
+    """Sequence level on a padded batch: whether the log-prob primitive on the valid tokens (n of the N:
+    4 GEMMs and 3 sweeps of the logits each) costs less than the chunk loop over every token. With the
+    log-prob pre-pass (a row longer than a chunk) the loop does the same work per token: the primitive
+    wins whenever a token is masked. When a chunk holds whole rows the loop does 3 GEMMs and 2 sweeps per
+    token: the primitive measured 1.43x of it per token (benchmarks/packed.py --path fused-linear), so it
+    takes over below 60% valid tokens. One host sync (the count)."""
+    B, T, V = inp.logits.shape
+    N = B * T
+    n = int((inp.mask != 0).sum())
+    if n == N or n == 0:
+        return False
+    if chunk is None:
+        chunk = _auto_chunk(N, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers, impl.autograd,
+                            row=T)
+    return 5 * n < 3 * N if chunk >= T else n < N
 
 
 def _linear_loss(hidden, weight, bias, inp: LossInputs, impl, transform: _Transform, chunk: Optional[int],

@@ -208,10 +208,11 @@ def valid_logprobs(fn, rows: torch.Tensor, inp: LossInputs, lay: Layout, eager: 
     """(logp, entropy) (N,) of the packed rows through the primitive ``fn`` (logprobs or
     fused_linear_logprobs). ``eager`` (backend="torch", autograd through the eager softmax, where
     0·NaN would carry a masked row's NaN into its gradient): only the valid rows are evaluated and
-    the others get 0; the kernel backends take every row (their backward skips zero rows)."""
+    the others get 0; the kernel backends take the mask (a masked row is not read, and on the
+    fused-linear path not multiplied)."""
     ids = lay.unpad(inp.ids)[0]
     if not eager:
-        return fn(rows, ids, return_entropy=True, **kw)
+        return fn(rows, ids, return_entropy=True, mask=lay.unpad(inp.mask)[0], **kw)
     idx = torch.nonzero(lay.unpad(inp.mask)[0] != 0, as_tuple=True)[0]
     lp_v, ent_v = fn(rows[idx], ids[idx], return_entropy=True, **kw)
     zeros = torch.zeros(lay.N, dtype=lp_v.dtype, device=lp_v.device)
