@@ -92,19 +92,26 @@ def run(shape, dtype: str, backend: str, padding: float, repeats: int, levels=("
         def step(fn):
             return lambda z: fn(z)[0].backward()
 
-        times = {k: [] for k in arms}
-        for k, (_, fn) in arms.items():
-            step(fn)(setup(k)())  # warm-up
-        for _ in range(repeats):
-            for k, (_, fn) in arms.items():
-                times[k].extend(common.time_fn(step(fn), setup=setup(k), repeats=1, warmup=0).times)
-        base = sorted(times["padded, all rows swept"])[repeats // 2]
-        for k in arms:
-            med = sorted(times[k])[repeats // 2]
-            rows.append({"level": level, "layout": k, "ms": med * 1e3,
-                         "spread": (max(times[k]) - min(times[k])) / med if med else 0.0,
-                         "vs_all_rows": med / base})
+        rows += _time_arms(level, {k: (step(fn), setup(k)) for k, (_, fn) in arms.items()}, repeats)
     return rows, x["padding"]
+
+
+def _time_arms(level: str, arms: dict, repeats: int) -> list:
+    """Rows of the table for ``arms`` {layout: (fn(inputs), setup() -> inputs)}: one warm-up each, then
+    ``repeats`` rounds in turn (round-robin), the median against the all-rows arm's."""
+    times = {k: [] for k in arms}
+    for fn, setup in arms.values():
+        fn(setup())  # warm-up
+    for _ in range(repeats):
+        for k, (fn, setup) in arms.items():
+            times[k].extend(common.time_fn(fn, setup=setup, repeats=1, warmup=0).times)
+    base = sorted(times["padded, all rows swept"])[repeats // 2]
+    rows = []
+    for k in arms:
+        med = sorted(times[k])[repeats // 2]
+        rows.append({"level": level, "layout": k, "ms": med * 1e3,
+                     "spread": (max(times[k]) - min(times[k])) / med if med else 0.0, "vs_all_rows": med / base})
+    return rows
 
 
 LINEAR_SHAPE = (8, 256, 32000)
@@ -139,26 +146,13 @@ def run_linear(shape, dtype: str, backend: str, padding: float, repeats: int, H:
                 h, w, ids[valid], x["adv"], bias=b, old_logp=old[valid], cu_seqlens=x["packed"]["cu"], **kw)),
         }
 
-        def step(k):
-            src, fn = arms[k]
+        def leaves(src):  # fresh leaves each run (untimed): the gradients of hidden, weight and bias
+            return lambda: [t.detach().requires_grad_() for t in (src, weight, bias)]
 
-            def f():
-                leaves = [t.detach().requires_grad_() for t in (src, weight, bias)]
-                fn(*leaves)[0].backward()
-            return f
+        def step(fn):
+            return lambda ls: fn(*ls)[0].backward()
 
-        times = {k: [] for k in arms}
-        for k in arms:
-            step(k)()  # warm-up
-        for _ in range(repeats):
-            for k in arms:
-                times[k].extend(common.time_fn(step(k), repeats=1, warmup=0).times)
-        base = sorted(times["padded, all rows swept"])[repeats // 2]
-        for k in arms:
-            med = sorted(times[k])[repeats // 2]
-            rows.append({"level": level, "layout": k, "ms": med * 1e3,
-                         "spread": (max(times[k]) - min(times[k])) / med if med else 0.0,
-                         "vs_all_rows": med / base})
+        rows += _time_arms(level, {k: (step(fn), leaves(src)) for k, (src, fn) in arms.items()}, repeats)
     return rows, x["padding"]
 
 
