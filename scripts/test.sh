@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
-# torch on the same line: an extra's dependency may not replace it (pip fails instead).
-$PY -m pip install -q --disable-pip-version-check -e ".[test,trl,verl]" torch==2.13.0
+# torch on the same line: an extra's dependency may not replace it (pip fails instead). transformers pinned to
+# the release the suite was last run with: with 5.25.0, Liger 0.8.5's RMSNorm kernel no longer runs in
+# TRL 1.16's own trainer with use_liger_kernel=True (tests/test_trl_liger.py compares against that trainer).
+$PY -m pip install -q --disable-pip-version-check -e ".[test,trl,verl]" torch==2.13.0 transformers==5.24.0
 # verl for tests/test_verl_losses.py, which run verl's own losses: without its dependencies (its pins would
 # replace transformers); the verl extra above has what importing its losses needs (~80 MB, mostly ray).
 $PY -m pip install -q --disable-pip-version-check --no-deps verl==0.9.1
