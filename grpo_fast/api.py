@@ -254,8 +254,8 @@ def _tau_tensor_loss(logits, completion_ids, advantages, rewards, old_logp, ref_
                      importance_sampling_ratio, num_items_in_batch, backend, opts, tau):
     """grpo_loss on a padded (B, T, V) batch with a temperature tensor (B,) or (B, T): the loss in
     torch on the log-probs of grpo_fast.logprobs (which takes per-token τ), like packed sequence
-    level. Kernel backends: the primitive's forward reads every row (a masked row's values are
-    dropped with where), its backward skips masked rows; backend="torch" evaluates only valid rows."""
+    level. Kernel backends: the primitive with the completion mask (a masked row is not read, forward
+    or backward); backend="torch" evaluates only valid rows."""
     from . import packed as _pk
     from .logprobs import _check_temperature
     from .logprobs import logprobs as _logprobs
@@ -273,7 +273,8 @@ def _tau_tensor_loss(logits, completion_ids, advantages, rewards, old_logp, ref_
         where = torch.nonzero(valid, as_tuple=True)
         logp, entropy = zeros.index_put(where, lp_v), zeros.index_put(where, ent_v)
     else:
-        logp, entropy = _logprobs(logits, inp.ids, temperature=tau, return_entropy=True, backend=backend)
+        logp, entropy = _logprobs(logits, inp.ids, temperature=tau, return_entropy=True, mask=inp.mask,
+                                  backend=backend)
     loss, stats = _pk.loss_from_logp(logp, entropy, inp, None)
     return loss, metrics_from_sums(stats.detach(), inp)
 

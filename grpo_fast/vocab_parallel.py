@@ -297,8 +297,9 @@ def grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, c
                              rewards=rewards, old_logp=old_logp, ref_logp=ref_logp, completion_mask=completion_mask,
                              importance_sampling_ratio=importance_sampling_ratio,
                              num_items_in_batch=num_items_in_batch, options=opts)
+    # valid rows only: a masked row's shard is not read (the mask is the same on every rank, as every argument)
     logp, entropy = logprobs(logits, inp.ids, temperature=inp.cfg.temperature if tau is None else tau,
-                             return_entropy=True, backend=backend, group=layout)
+                             return_entropy=True, mask=inp.mask, backend=backend, group=layout)
     loss, stats = _pk.loss_from_logp(logp, entropy, inp, None)
     return loss, metrics_from_sums(stats.detach(), inp)
 
@@ -306,9 +307,9 @@ def grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, c
 def fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp,
                            completion_mask, importance_sampling_ratio, num_items_in_batch, logit_scale, logit_softcap,
                            chunk_size, backend, opts, group, vocab_start):
-    """fused_linear_grpo_loss through ``fused_linear_logprobs`` and the loss in torch on its (B, T)
-    log-probs: with the vocabulary split over ``group`` (weight (V_r, H) on each rank), and for a
-    temperature tensor (group None)."""
+    """fused_linear_grpo_loss through ``fused_linear_logprobs`` (on the valid tokens: a masked one costs no
+    GEMM) and the loss in torch on its (B, T) log-probs: with the vocabulary split over ``group`` (weight
+    (V_r, H) on each rank), and for a temperature tensor (group None)."""
     from . import packed as _pk
     from .api import metrics_from_sums
     from .fused_linear import _check_linear, _compute_dtype, _standin_logits
@@ -333,6 +334,6 @@ def fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, rew
     logp, entropy = fused_linear_logprobs(hidden, weight, inp.ids, bias=bias,
                                           temperature=inp.cfg.temperature if tau is None else tau,
                                           logit_scale=logit_scale, logit_softcap=logit_softcap, return_entropy=True,
-                                          chunk_size=chunk_size, backend=backend, group=layout)
+                                          mask=inp.mask, chunk_size=chunk_size, backend=backend, group=layout)
     loss, stats = _pk.loss_from_logp(logp, entropy, inp, None)
     return loss, metrics_from_sums(stats.detach(), inp)
