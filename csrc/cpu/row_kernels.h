@@ -65,8 +65,8 @@ static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64
     if (KEEP) { vstore(F32{}, ebuf + i, e0); vstore(F32{}, ebuf + i + W, e1); }
     s0 = vadd(s0, e0);
     s1 = vadd(s1, e1);
-    r0 = vadd(r0, vkeep_nonzero(t0, e0));
-    r1 = vadd(r1, vkeep_nonzero(t1, e1));
+    r0 = vadd_nonzero(r0, t0, e0);
+    r1 = vadd_nonzero(r1, t1, e1);
     q0 = vfmadd(e0, vmax(lowest, t0), q0);
     q1 = vfmadd(e1, vmax(lowest, t1), q1);
   }
@@ -75,7 +75,7 @@ static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64
     const vf e0 = vexp(t0);
     if (KEEP) vstore(F32{}, ebuf + i, e0);
     s0 = vadd(s0, e0);
-    r0 = vadd(r0, vkeep_nonzero(t0, e0));
+    r0 = vadd_nonzero(r0, t0, e0);
     q0 = vfmadd(e0, vmax(lowest, t0), q0);
   }
   if (i < V) {  // padding lanes: t = −inf, e = 0, e·t = 0
@@ -87,7 +87,7 @@ static RowStats row_stats_impl(const void* zrow, int64_t V, float inv_tau, int64
       for (int64_t k = 0; k < V - i; ++k) ebuf[i + k] = buf[k];
     }
     s1 = vadd(s1, e1);
-    r1 = vadd(r1, vkeep_nonzero(t1, e1));
+    r1 = vadd_nonzero(r1, t1, e1);
     q1 = vfmadd(e1, vmax(lowest, t1), q1);
   }
   // S = k + R: k maxima (t = 0, e = 1 exactly) and the rest R. A lane holding a 1 absorbs the tiny

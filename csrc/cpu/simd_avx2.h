@@ -13,8 +13,8 @@ static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 // max(a, b) returns b when either is NaN (maxps semantics): callers put the value to keep second.
 static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
-// e where t != 0 (a NaN t included), 0 where t == 0 (see simd_avx512.h)
-static inline vf vkeep_nonzero(vf t, vf e) { return _mm256_and_ps(_mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_NEQ_UQ), e); }
+// acc + e where t != 0 (a NaN t included), acc where t == 0 (see simd_avx512.h)
+static inline vf vadd_nonzero(vf acc, vf t, vf e) { return _mm256_add_ps(acc, _mm256_and_ps(_mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_NEQ_UQ), e)); }
 static inline float vhsum(vf a) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -16,8 +16,8 @@ static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }  
 static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 static inline float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
-// e where t != 0 (a NaN t included), 0 where t == 0: the terms of a row's sum other than its maxima
-static inline vf vkeep_nonzero(vf t, vf e) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_NEQ_UQ), e); }
+// acc + e where t != 0 (a NaN t included), acc where t == 0: sums the terms of a row other than its maxima
+static inline vf vadd_nonzero(vf acc, vf t, vf e) { return _mm512_mask_add_ps(acc, _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_NEQ_UQ), acc, e); }
 
 // ---- loads / stores in the storage dtype (unaligned: rows start anywhere) -------------------------
 static inline vf vload(F32, const float* p) { return _mm512_loadu_ps(p); }

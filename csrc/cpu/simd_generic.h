@@ -8,8 +8,8 @@ struct vf { float v[W]; };
 
 static inline vf vset1(float a) { vf r; for (int i = 0; i < W; ++i) r.v[i] = a; return r; }
 static inline vf vzero() { return vset1(0.f); }
-// e where t != 0 (a NaN t included), 0 where t == 0 (see simd_avx512.h)
-static inline vf vkeep_nonzero(vf t, vf e) { for (int i = 0; i < W; ++i) e.v[i] = t.v[i] == 0.f ? 0.f : e.v[i]; return e; }
+// acc + e where t != 0 (a NaN t included), acc where t == 0 (see simd_avx512.h)
+static inline vf vadd_nonzero(vf acc, vf t, vf e) { for (int i = 0; i < W; ++i) acc.v[i] += t.v[i] == 0.f ? 0.f : e.v[i]; return acc; }
 static inline vf vadd(vf a, vf b) { for (int i = 0; i < W; ++i) a.v[i] += b.v[i]; return a; }
 static inline vf vmul(vf a, vf b) { for (int i = 0; i < W; ++i) a.v[i] *= b.v[i]; return a; }
 static inline vf vfmadd(vf a, vf b, vf c) { for (int i = 0; i < W; ++i) c.v[i] = fmaf(a.v[i], b.v[i], c.v[i]); return c; }
