@@ -128,8 +128,8 @@ namespace avx512 {
 
 // AVX-512 with AVX512_BF16 (AMD Zen 4 and later, Intel Cooper Lake / Sapphire Rapids and later): the same
 // kernels, bf16 stores in one conversion instruction (simd_avx512.h, to_16bit). Compilers older than
-// GCC 10 / clang 9 lack the target: that build has the three paths above only.
-#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+// GCC 11 / clang 12 (the target and its __builtin_cpu_supports name) get the three paths above only.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
 #define GF_HAS_AVX512_BF16 1
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))), apply_to = function)
