@@ -680,12 +680,13 @@ def _linear_loss(hidden, weight, bias, inp: LossInputs, impl, transform: _Transf
                  cdtype: torch.dtype, loss_scale: float, valid_only: bool = True):
     """(loss, stats) of the chunked fused pass on validated inputs (their logits a (B, T, V) stand-in);
     ``impl``: the resolved backend (or an object with its entry points and ``autograd``). At token level
-    the chunk loop walks the valid tokens only (``_valid_tokens``; ``valid_only=False``: already so)."""
+    the chunk loop walks the valid tokens only (``_valid_tokens``; ``valid_only=False``: the inputs are
+    the valid tokens already)."""
     if valid_only and inp.cfg.level == 0:
         valid = _valid_tokens(hidden, inp, cdtype)
-        if valid is not None:
-            hidden_v, flat = valid
-            return _linear_loss(hidden_v, weight, bias, flat, impl, transform, chunk, cdtype, loss_scale, False)
+        if valid is not None:  # the valid tokens (every token when none is masked): no masked row left to zero
+            hidden, inp = valid
+            valid_only = False
     B, T, V = inp.logits.shape
     if chunk is None:
         chunk = _auto_chunk(B * T, V, torch.empty((), dtype=cdtype).element_size(), transform.n_buffers,
@@ -703,17 +704,19 @@ def _linear_loss(hidden, weight, bias, inp: LossInputs, impl, transform: _Transf
 def _valid_tokens(hidden, inp: LossInputs, cdtype: torch.dtype):
     """Token level with masked tokens (padding): (hidden of the valid tokens (1, n, H), their inputs as one
     (1, n) row), so that a masked token costs no GEMM (forward, ∂hidden or ∂weight) and no kernel row;
-    ∂hidden of a masked token is 0 through the gather. None when every token is valid or none is (the
-    chunk loop as it is). The per-token weights, advantages, ratios and the entropy bonus's weights
-    were formed on the whole (B, T) batch and are gathered, so the loss is that of the whole batch.
-    One host sync (the count of valid tokens)."""
+    ∂hidden of a masked token is 0 through the gather. (hidden, inp) as they are when every token is
+    valid; None when none is (the chunk loop zeros every row). The per-token weights, advantages, ratios
+    and the entropy bonus's weights were formed on the whole (B, T) batch and are gathered, so the loss
+    is that of the whole batch. One host sync (the count of valid tokens)."""
     from . import packed as _pk
 
     B, T, V = inp.logits.shape
     N = B * T
     idx = torch.nonzero(inp.mask.reshape(N) != 0).squeeze(1)
     n = idx.numel()
-    if n == N or n == 0:
+    if n == N:
+        return hidden, inp
+    if n == 0:
         return None
     lay = _pk.Layout(cu=None, S=B, T=T, N=n, row=idx // T, col=idx % T)
     flat = _pk.flat_inputs(inp, lay, _standin_logits(1, n, V, cdtype, hidden.device))
