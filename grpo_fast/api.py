@@ -143,7 +143,8 @@ def grpo_loss(
         group, vocab_start: the vocabulary split over a ``torch.distributed`` process group, as in
             ``grpo_fast.logprobs``: logits (B, T, V_r) are this rank's shard (or a DTensor placed
             Shard(-1)), every other argument is the same on every rank. The loss then goes through the
-            log-prob primitive (grpo_fast/vocab_parallel.py); ``inplace`` is ignored, cu_seqlens refused.
+            log-prob kernels with a few all-reduces per token (grpo_fast/vocab_parallel.py), the shard's
+            gradient computed in forward (into the logits with ``inplace``); cu_seqlens refused.
         The loss options (below) are TRL's GRPOConfig options of the same name.
 
     Returns:
@@ -175,7 +176,8 @@ def grpo_loss(
         return _ops.compiled_grpo_loss(logits, completion_ids, advantages, tensors, opts, cu_seqlens, backend, group,
                                        vocab_start)
     if group is not None or _vp.is_dtensor(logits):
-        return _vp.grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, backend, opts, group, vocab_start)
+        return _vp.grpo_loss(logits, completion_ids, advantages, *tensors, cu_seqlens, backend, opts, group, vocab_start,
+                             inplace, loss_scale)
     tau = None
     if tau_tensor:  # one τ per row or per token: through the log-prob primitive (see _tau_tensor_loss)
         tau, opts = opts.temperature, dataclasses.replace(opts, temperature=1.0)

@@ -276,13 +276,56 @@ def _split_temperature(opts):
     return None, opts
 
 
+class _SplitLoss:
+    """The loss on this rank's shard as a fused-loss backend for ``api._FusedGRPOLoss``: the log-prob
+    forward kernel with its all-reduces, the policy loss in torch on the (B, T) log-probs (autograd on
+    those small tensors gives ∂loss/∂logp and ∂loss/∂H), then the log-prob backward kernel writes the
+    shard's gradient, in forward as the fused kernels do: into the logits themselves with inplace=True
+    (no (B, T, V_r) buffer), else into the backend's buffer. ``tau``: the kernels' temperature (a float
+    or (B, T) float32)."""
+
+    autograd = False
+
+    def __init__(self, kernels: "Kernels", tau):
+        self.kernels, self.tau = kernels, tau
+
+    def empty_grad(self, logits):
+        return self.kernels.empty_grad(logits)
+
+    def fused_loss(self, inp, grad):
+        from . import packed as _pk
+
+        keep = (inp.mask != 0).to(torch.float32).contiguous()  # a masked row's shard is read by no kernel
+        logp, entropy, lse = self.kernels.logprobs_forward(inp.logits, inp.ids, self.tau, True, mask=keep)
+        with torch.enable_grad():
+            lp = logp.detach().requires_grad_(grad is not None)
+            ent = entropy.detach().requires_grad_(grad is not None and inp.entropy_weight is not None)
+            loss, stats = _pk.loss_from_logp(lp, ent, inp, None)
+            if grad is not None:
+                wanted = [t for t in (lp, ent) if t.requires_grad]
+                got = dict(zip([id(t) for t in wanted], torch.autograd.grad(loss, wanted, allow_unused=True)))
+        if grad is not None:
+            def upstream(t):  # a masked row gets zero upstream gradients: the kernel writes it as zeros, unread
+                g = got.get(id(t))
+                return None if g is None else torch.where(keep != 0, g.float(), torch.zeros((), device=g.device))
+
+            self.kernels.logprobs_backward(inp.logits, inp.ids, self.tau, lse, entropy, upstream(lp), upstream(ent),
+                                           grad)
+        return stats.detach(), logp
+
+
 def grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, completion_mask,
-              importance_sampling_ratio, num_items_in_batch, cu_seqlens, backend, opts, group, vocab_start):
-    """grpo_loss with the vocabulary split over ``group`` (logits (B, T, V_r) on each rank)."""
+              importance_sampling_ratio, num_items_in_batch, cu_seqlens, backend, opts, group, vocab_start,
+              inplace=False, loss_scale=1.0):
+    """grpo_loss with the vocabulary split over ``group`` (logits (B, T, V_r) on each rank). Kernel
+    backends: the gradient is computed in forward (``_SplitLoss``), into the logits with ``inplace``;
+    backend="torch": autograd through the log-prob primitive."""
+    from . import _autograd as _ag
+    from . import backends as _backends
     from . import packed as _pk
-    from .api import metrics_from_sums
+    from .api import _FusedGRPOLoss, _self_overlapping, metrics_from_sums
     from .fused_linear import _standin_logits
-    from .logprobs import logprobs
+    from .logprobs import _check_temperature, logprobs
     from .validation import check_logits, validate_loss_args
 
     if cu_seqlens is not None:
@@ -298,10 +341,22 @@ def grpo_loss(logits, completion_ids, advantages, rewards, old_logp, ref_logp, c
                              importance_sampling_ratio=importance_sampling_ratio,
                              num_items_in_batch=num_items_in_batch, options=opts)
     # valid rows only: a masked row's shard is not read (the mask is the same on every rank, as every argument)
-    logp, entropy = logprobs(logits, inp.ids, temperature=inp.cfg.temperature if tau is None else tau,
-                             return_entropy=True, mask=inp.mask, backend=backend, group=layout)
-    loss, stats = _pk.loss_from_logp(logp, entropy, inp, None)
-    return loss, metrics_from_sums(stats.detach(), inp)
+    impl = _backends.resolve(backend, z.device)
+    if impl.autograd:
+        logp, entropy = logprobs(logits, inp.ids, temperature=inp.cfg.temperature if tau is None else tau,
+                                 return_entropy=True, mask=inp.mask, backend=backend, group=layout)
+        loss, stats = _pk.loss_from_logp(logp, entropy, inp, None)
+        return loss, metrics_from_sums(stats.detach(), inp)
+    tau_k = inp.cfg.temperature if tau is None else _check_temperature(tau, (B, T), z.device)
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    inp = dataclasses.replace(inp, logits=z)
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
+    inplace = inplace and need_grad and not _self_overlapping(z)
+    _ag.fold_scale(inp, loss_scale)
+    loss, stats = _FusedGRPOLoss.apply(logits, inp, _SplitLoss(Kernels(impl, layout), tau_k), inplace, need_grad,
+                                       loss_scale)
+    return loss, metrics_from_sums(stats, inp)
 
 
 def fused_linear_grpo_loss(hidden, weight, bias, completion_ids, advantages, rewards, old_logp, ref_logp,

@@ -120,6 +120,16 @@ def run_cases(x, shard, group, mesh=None):
                                         loss_type="grpo", temperature=TAU, backend="cpu", **kw)
     loss.backward()
     out["grpo_loss"] = dict(loss=loss, entropy=metrics["entropy"], clip=metrics["clip_ratio"], d_logits=z.grad)
+    # inplace=True: the shard's gradient is written into the logits themselves (no (B, T, V_r) buffer), in
+    # forward; loss_scale folded into it (the gradient of a backward with grad_output 1 is the loss's own)
+    z = sharded(x["z"])
+    loss, metrics = grpo_fast.grpo_loss(z, x["ids"], x["adv"], old_logp=x["old"], completion_mask=x["mask"], beta=0.04,
+                                        ref_logp=x["old"] - 0.1, loss_type="grpo", temperature=TAU, inplace=True,
+                                        loss_scale=0.25, backend="cpu", **kw)
+    loss.backward()
+    if mesh is None:  # the gradient handed out is the logits' own storage (a DTensor's backward wraps it anew)
+        assert z.grad.data_ptr() == z.data_ptr(), "inplace=True did not hand out the logits' storage"
+    out["grpo_loss_inplace"] = dict(loss=loss, kl=metrics["kl"], clip=metrics["clip_ratio"], d_logits=z.grad)
     # TRL's entropy bonus: across ranks through the primitive's entropy gradient, in one process in the kernel
     z = sharded(x["z"])
     loss, metrics = grpo_fast.grpo_loss(z, x["ids"], x["adv"], old_logp=x["old"], completion_mask=x["mask"],
