@@ -107,6 +107,13 @@ step "fused-linear bf16 -> fp32 addmm fast path" addmm.txt $PY -m benchmarks.gpu
 
 # 9. benchmarks (measured), then the model at the measured copy bandwidth
 step "benchmarks (cuda)" bench.txt $PY -m benchmarks --device cuda --out-dir "$OUT/bench"
+# issue 12's open question: log-probs + entropy with gradients against the fused loss (the loss-<k> rows) in
+# bf16, where the CPU is bound by its exps and a GPU by bytes (the table above is fp32)
+step "log-probs vs the fused loss, bf16 (cuda)" logprobs_bf16.txt $PY -m benchmarks logprobs --device cuda --dtype bf16 \
+    --shapes 4096,32000 1024,151936 8192,151936 --out-dir "$OUT/bench"
+if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  step "vocabulary split, 2 GPUs (cuda)" vocab_parallel.txt $PY -m benchmarks vocab-parallel --device cuda --out-dir "$OUT/bench"
+fi
 step "roofline model" roofline.txt $PY -m benchmarks roofline
 
 echo "results in $OUT" | tee -a "$OUT/summary.txt"
