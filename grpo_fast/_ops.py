@@ -350,6 +350,7 @@ def logprobs_backward(
     the backend's backward kernel on what logprobs_forward returned. ``keep``: its checked mask, or
     (0,): a masked row gets zero upstream gradients, so the kernel writes it as zeros unread."""
     from . import backends
+    from .logprobs import upstream_gradient
     from .vocab_parallel import Kernels, ShardLayout
 
     z = logits.unsqueeze(0) if logits.dim() == 2 else logits
@@ -361,10 +362,7 @@ def logprobs_backward(
     tau_k = float(tau) if tau.dim() == 0 else tau
 
     def small(g):
-        if g is None:
-            return None
-        g = g.reshape(ids.shape).to(torch.float32)
-        return (torch.where(keep != 0, g, torch.zeros((), device=g.device)) if keep.numel() else g).contiguous()
+        return upstream_gradient(g, ids.shape, keep if keep.numel() else None)
 
     grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     impl.logprobs_backward(z, ids, tau_k, lse, entropy, small(g_logp), small(g_entropy), grad)

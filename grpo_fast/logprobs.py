@@ -172,6 +172,19 @@ def _kernel_backward(name: str):
     return wrap
 
 
+def upstream_gradient(g, shape, keep):
+    """An upstream gradient of logp or entropy as the backward kernels take it: ``shape`` float32
+    contiguous, and 0 at a masked row (``keep`` == 0; ``keep`` None: none is masked), so that every
+    backend writes that row's gradient as zeros without reading its logits (whatever they hold; an
+    upstream NaN there reaches nothing). None stays None (no such term)."""
+    if g is None:
+        return None
+    g = g.reshape(shape).to(torch.float32)
+    if keep is not None:
+        g = torch.where(keep != 0, g, torch.zeros((), device=g.device))
+    return g.contiguous()
+
+
 class _Logprobs(torch.autograd.Function):
     """logits -> (logp, entropy) through a backend's kernels; backward reads the saved logits once."""
 
@@ -196,12 +209,7 @@ class _Logprobs(torch.autograd.Function):
         tau = ctx.tau if tau_t is None else tau_t
 
         def small(g):
-            if g is None:
-                return None
-            g = g.reshape(ids.shape).to(torch.float32)
-            # a masked row gets zero upstream gradients: every backend writes its gradient row as zeros
-            # without reading its logits (whatever they hold; an upstream NaN there reaches nothing)
-            return (g if mask is None else torch.where(mask != 0, g, torch.zeros((), device=g.device))).contiguous()
+            return upstream_gradient(g, ids.shape, mask)
 
         # the backend's allocator: on CPU huge pages and the reuse of a released gradient's buffer
         # (backends/cpu.py empty_grad); a fresh torch.empty faulted in 4 KiB pages every call

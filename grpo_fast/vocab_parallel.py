@@ -294,23 +294,20 @@ class _SplitLoss:
 
     def fused_loss(self, inp, grad):
         from . import packed as _pk
+        from .logprobs import upstream_gradient
 
         keep = (inp.mask != 0).to(torch.float32).contiguous()  # a masked row's shard is read by no kernel
         logp, entropy, lse = self.kernels.logprobs_forward(inp.logits, inp.ids, self.tau, True, mask=keep)
         with torch.enable_grad():
             lp = logp.detach().requires_grad_(grad is not None)
-            ent = entropy.detach().requires_grad_(grad is not None and inp.entropy_weight is not None)
-            loss, stats = _pk.loss_from_logp(lp, ent, inp, None)
-            if grad is not None:
-                wanted = [t for t in (lp, ent) if t.requires_grad]
-                got = dict(zip([id(t) for t in wanted], torch.autograd.grad(loss, wanted, allow_unused=True)))
+            loss, stats = _pk.loss_from_logp(lp, entropy, inp, None)
+            g_lp = torch.autograd.grad(loss, lp, allow_unused=True)[0] if grad is not None else None
         if grad is not None:
-            def upstream(t):  # a masked row gets zero upstream gradients: the kernel writes it as zeros, unread
-                g = got.get(id(t))
-                return None if g is None else torch.where(keep != 0, g.float(), torch.zeros((), device=g.device))
-
-            self.kernels.logprobs_backward(inp.logits, inp.ids, self.tau, lse, entropy, upstream(lp), upstream(ent),
-                                           grad)
+            # the entropy bonus −Σ w_H·H: ∂loss/∂H = −w_H (as fused_linear's pre-pass forms it)
+            g_ent = None if inp.entropy_weight is None else -inp.entropy_weight
+            self.kernels.logprobs_backward(inp.logits, inp.ids, self.tau, lse, entropy,
+                                           upstream_gradient(g_lp, inp.ids.shape, keep),
+                                           upstream_gradient(g_ent, inp.ids.shape, keep), grad)
         return stats.detach(), logp
 
 
